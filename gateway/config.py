@@ -1,0 +1,555 @@
+"""Lab configuration: YAML in, frozen typed models out, or a ConfigError naming every problem.
+
+A lab file describes the lab, its devices and its points. A *profile* file can ``extends:``
+another lab file and override parts of it (e.g. point the same lab at the local simulators);
+overrides are merged key by key, so every reported line number still names the file that
+holds the offending key.
+
+Validation runs in two passes: pydantic checks each field (types, ranges, known units); a
+second pass checks what spans entries (device references, duplicate addresses, a status
+point for every control point, type compatibility). Both passes report into one list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError, ConfigIssue
+
+__all__ = [
+    "QUANTITY_UNITS",
+    "Device",
+    "Direction",
+    "Iec104Address",
+    "LabConfig",
+    "Point",
+    "load_config",
+]
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary
+
+
+class Direction(enum.StrEnum):
+    MONITOR = "monitor"
+    CONTROL = "control"
+
+
+#: Quantities the gateway knows and the units each may be given in. "1" is dimensionless.
+QUANTITY_UNITS: Mapping[str, tuple[str, ...]] = {
+    "voltage": ("V", "kV"),
+    "current": ("A", "kA"),
+    "active_power": ("W", "kW", "MW"),
+    "reactive_power": ("var", "kvar", "Mvar"),
+    "apparent_power": ("VA", "kVA", "MVA"),
+    "power_factor": ("1",),
+    "frequency": ("Hz",),
+    "active_energy": ("Wh", "kWh", "MWh"),
+    "reactive_energy": ("varh", "kvarh", "Mvarh"),
+    "temperature": ("degC", "K"),
+    "breaker_position": ("1",),
+    "breaker_command": ("1",),
+    "switch_state": ("1",),
+    "switch_command": ("1",),
+    "active_power_setpoint": ("W", "kW", "MW", "%"),
+    "reactive_power_setpoint": ("var", "kvar", "Mvar", "%"),
+    "ratio": ("1", "%"),
+}
+KNOWN_UNITS: frozenset[str] = frozenset(u for units in QUANTITY_UNITS.values() for u in units)
+
+#: IEC 104 ASDU types the adapter and the simulator handle, by kind.
+IEC104_MONITOR_TYPES = {
+    "M_SP_NA_1": "single",
+    "M_SP_TB_1": "single",
+    "M_DP_NA_1": "double",
+    "M_DP_TB_1": "double",
+    "M_ME_NA_1": "measured",
+    "M_ME_NB_1": "measured",
+    "M_ME_NC_1": "measured",
+    "M_ME_TD_1": "measured",
+    "M_ME_TE_1": "measured",
+    "M_ME_TF_1": "measured",
+}
+IEC104_CONTROL_TYPES = {
+    "C_SC_NA_1": "single",
+    "C_SC_TA_1": "single",
+    "C_DC_NA_1": "double",
+    "C_DC_TA_1": "double",
+    "C_SE_NA_1": "measured",
+    "C_SE_NB_1": "measured",
+    "C_SE_NC_1": "measured",
+    "C_SE_TA_1": "measured",
+    "C_SE_TB_1": "measured",
+    "C_SE_TC_1": "measured",
+}
+IEC104_TYPES = {**IEC104_MONITOR_TYPES, **IEC104_CONTROL_TYPES}
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------
+# Devices
+
+
+class Iec104Timers(_Frozen):
+    """IEC 60870-5-104 timers in whole seconds (c104 takes seconds) and window sizes."""
+
+    t0_s: Annotated[int, Field(ge=1, le=255)] = 30
+    t1_s: Annotated[int, Field(ge=1, le=255)] = 15
+    t2_s: Annotated[int, Field(ge=1, le=255)] = 10
+    t3_s: Annotated[int, Field(ge=1, le=172800)] = 20
+    k: Annotated[int, Field(ge=1, le=32767)] = 12
+    w: Annotated[int, Field(ge=1, le=32767)] = 8
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Iec104Timers:
+        # IEC 60870-5-104 5.1: acknowledge (t2) before the peer's send timeout (t1) expires;
+        # acknowledge at the latest after w frames, and w must not exceed two thirds of k.
+        if self.t2_s >= self.t1_s:
+            raise ValueError(f"t2_s ({self.t2_s}) must be smaller than t1_s ({self.t1_s})")
+        if self.w > self.k:
+            raise ValueError(f"w ({self.w}) must not exceed k ({self.k})")
+        return self
+
+
+class TlsSettings(_Frozen):
+    """Transport security toward a device; files are PEM paths."""
+
+    enabled: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+
+
+class ReconnectPolicy(_Frozen):
+    """Capped exponential backoff with full jitter between reconnect attempts."""
+
+    initial_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
+class SimulatorSettings(_Frozen):
+    """How the simulator standing in for this device behaves (ignored for real devices)."""
+
+    nominal_voltage_v: Annotated[float, Field(gt=0)] = 230.0
+    mean_load_kw: Annotated[float, Field(ge=0)] = 60.0
+    power_factor: Annotated[float, Field(gt=0, le=1)] = 0.95
+    noise: Annotated[float, Field(ge=0, le=0.5)] = 0.005
+    period_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    breaker_travel_s: Annotated[float, Field(ge=0, le=10)] = 0.06
+    select_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    seed: int | None = None
+
+
+class Device(_Frozen):
+    """A field device (or a front end such as a COM600) the gateway talks to."""
+
+    name: str
+    protocol: str
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+    common_address: Annotated[int, Field(ge=1, le=65534)] = 1
+    originator_address: Annotated[int, Field(ge=0, le=255)] = 0
+    timers: Iec104Timers = Iec104Timers()
+    gi_period_s: Annotated[float, Field(ge=0)] = 60.0
+    command_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    reconnect: ReconnectPolicy = ReconnectPolicy()
+    tls: TlsSettings = TlsSettings()
+    simulator: SimulatorSettings = SimulatorSettings()
+    read_only: bool = False
+
+
+# ---------------------------------------------------------------------------------------
+# Points
+
+
+class Iec104Address(_Frozen):
+    """Where a point lives in an IEC 104 station: information object address and ASDU type."""
+
+    ioa: Annotated[int, Field(ge=1, le=16777215)]
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        if v not in IEC104_TYPES:
+            raise ValueError(f"unknown IEC 104 type {v!r}{_suggest(v, IEC104_TYPES)}")
+        return v
+
+    @property
+    def kind(self) -> str:
+        """single / double / measured: what value the point carries."""
+        return IEC104_TYPES[self.type]
+
+    @property
+    def is_control(self) -> bool:
+        return self.type.startswith("C_")
+
+
+#: Address model per protocol; adding a protocol adds its address model here.
+ADDRESS_MODELS: Mapping[str, type[_Frozen]] = {"iec104": Iec104Address}
+
+
+class Point(_Frozen):
+    """A configured point: meaning (quantity, unit, phase), place (device, address), handling."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    device: str
+    quantity: str
+    unit: str
+    phase: Literal["L1", "L2", "L3", "N", "L1L2", "L2L3", "L3L1", "total"] | None = None
+    address: Iec104Address
+    direction: Direction = Direction.MONITOR
+    scale: float = 1.0
+    offset: float = 0.0
+    deadband: Annotated[float, Field(ge=0)] = 0.0
+    status_point: str | None = None
+    select_before_operate: bool = False
+    confirm_timeout_s: Annotated[float, Field(gt=0, le=600)] | None = None
+    confirm_tolerance: Annotated[float, Field(ge=0)] = 0.0
+    min_value: float | None = None
+    max_value: float | None = None
+    description: str = ""
+
+    @field_validator("quantity")
+    @classmethod
+    def _known_quantity(cls, v: str) -> str:
+        if v not in QUANTITY_UNITS:
+            raise ValueError(f"unknown quantity {v!r}{_suggest(v, QUANTITY_UNITS)}")
+        return v
+
+    @field_validator("unit")
+    @classmethod
+    def _known_unit(cls, v: str) -> str:
+        if v not in KNOWN_UNITS:
+            raise ValueError(
+                f"unknown unit {v!r}{_suggest(v, KNOWN_UNITS)}; known: {', '.join(sorted(KNOWN_UNITS))}"
+            )
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _nonzero_scale(cls, v: float) -> float:
+        if v == 0:
+            raise ValueError("scale must not be 0 (a set-point could not be converted back)")
+        return v
+
+    def to_engineering(self, raw: float) -> float:
+        """Protocol value -> engineering value in ``unit``."""
+        return raw * self.scale + self.offset
+
+    def to_raw(self, engineering: float) -> float:
+        """Engineering value -> protocol value (for set-points)."""
+        return (engineering - self.offset) / self.scale
+
+
+# ---------------------------------------------------------------------------------------
+# Lab
+
+
+class RedisSettings(_Frozen):
+    """Where live state goes. No ``url``: the gateway starts its own redis-server."""
+
+    url: str | None = None
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] = "mgms"
+    history_maxlen: Annotated[int, Field(ge=10)] = 10_000
+    changes_maxlen: Annotated[int, Field(ge=10)] = 100_000
+    buffer_max: Annotated[int, Field(ge=100)] = 100_000
+    batch_max: Annotated[int, Field(ge=1)] = 2_000
+
+
+class LabInfo(_Frozen):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str = ""
+    site: str = ""
+
+
+class LabConfig(_Frozen):
+    """A whole validated lab: look points up by name with :meth:`point`."""
+
+    lab: LabInfo
+    devices: dict[str, Device]
+    points: tuple[Point, ...]
+    redis: RedisSettings = RedisSettings()
+    source: str = ""
+
+    def point(self, name: str) -> Point:
+        for p in self.points:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def points_of(self, device: str) -> tuple[Point, ...]:
+        return tuple(p for p in self.points if p.device == device)
+
+    def with_overrides(self, **changes: Any) -> LabConfig:
+        """A copy with top-level fields replaced (tests and CLI flags use this)."""
+        return self.model_copy(update=changes)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    file: str
+    line: int
+
+
+Path_ = tuple[str | int, ...]
+
+
+def _compose(text: str, file: str) -> tuple[Any, dict[Path_, _Origin]]:
+    """Parse YAML keeping the line of every key, so errors can name it."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(
+            [ConfigIssue(file, "", f"not valid YAML: {getattr(exc, 'problem', exc)}", line)]
+        ) from exc
+    origins: dict[Path_, _Origin] = {}
+
+    def walk(n: yaml.Node | None, path: Path_) -> None:
+        if n is None:
+            return
+        origins.setdefault(path, _Origin(file, n.start_mark.line + 1))
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = k.value
+                origins[(*path, key)] = _Origin(file, k.start_mark.line + 1)
+                walk(v, (*path, key))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, (*path, i))
+
+    walk(node, ())
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # compose succeeded, so this is a constructor problem
+        raise ConfigError([ConfigIssue(file, "", f"not valid YAML: {exc}")]) from exc
+    return data, origins
+
+
+def _merge(
+    base: Any, over: Any, path: Path_, origins: dict[Path_, _Origin], over_origins: dict[Path_, _Origin]
+) -> Any:
+    """Deep-merge ``over`` into ``base``. Mappings merge by key; lists of points merge by name."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(base.get(k), v, (*path, k), origins, over_origins) if k in base else v
+            if k not in base:
+                _copy_origins(over_origins, (*path, k), origins, (*path, k))
+        return out
+    if path == ("points",) and isinstance(base, list) and isinstance(over, list):
+        out_list = list(base)
+        index = {p.get("name"): i for i, p in enumerate(base) if isinstance(p, dict)}
+        for j, p in enumerate(over):
+            name = p.get("name") if isinstance(p, dict) else None
+            if name in index:
+                i = index[name]
+                out_list[i] = _merge(base[i], p, ("points", i), origins, _shift(over_origins, ("points", j), ("points", i)))
+            else:
+                out_list.append(p)
+                _copy_origins(over_origins, ("points", j), origins, ("points", len(out_list) - 1))
+        return out_list
+    _copy_origins(over_origins, path, origins, path)
+    return over
+
+
+def _shift(origins: dict[Path_, _Origin], old: Path_, new: Path_) -> dict[Path_, _Origin]:
+    n = len(old)
+    return {(*new, *p[n:]) if p[:n] == old else p: o for p, o in origins.items()}
+
+
+def _copy_origins(src: dict[Path_, _Origin], src_path: Path_, dst: dict[Path_, _Origin], dst_path: Path_) -> None:
+    n = len(src_path)
+    for p, o in src.items():
+        if p[:n] == src_path:
+            dst[(*dst_path, *p[n:])] = o
+
+
+def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> tuple[Any, dict[Path_, _Origin]]:
+    file = str(path)
+    if path in seen:
+        raise ConfigError([ConfigIssue(file, "extends", "circular 'extends' chain")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(file, "", f"cannot read file: {exc.strerror}")]) from exc
+    data, origins = _compose(text, file)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(file, "", "the top level must be a mapping", 1)])
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, origins
+    if not isinstance(parent, str):
+        line = origins.get(("extends",))
+        raise ConfigError([ConfigIssue(file, "extends", "must be a file path", line.line if line else None)])
+    base_path = (path.parent / parent).resolve()
+    base, base_origins = _read_layered(base_path, (*seen, path))
+    merged = _merge(base, data, (), base_origins, origins)
+    return merged, base_origins
+
+
+def _key_text(loc: Path_, data: Any) -> str:
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and 0 <= item < len(node):
+                node = node[item]
+                if isinstance(node, dict) and isinstance(node.get("name"), str):
+                    label = f"[{item}]({node['name']})"
+            else:
+                node = None
+            parts.append(label)
+        else:
+            node = node.get(item) if isinstance(node, dict) else None
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _line_for(loc: Path_, origins: dict[Path_, _Origin], default_file: str) -> tuple[str, int | None]:
+    for cut in range(len(loc), -1, -1):
+        o = origins.get(tuple(loc[:cut]))
+        if o is not None:
+            return o.file, o.line
+    return default_file, None
+
+
+def load_config(path: str | os.PathLike[str]) -> LabConfig:
+    """Load and validate a lab file (following ``extends``); raise ConfigError listing all issues."""
+    p = Path(path)
+    file = str(p)
+    data, origins = _read_layered(p.resolve() if p.exists() else p)
+    # Devices are a mapping keyed by name: the name goes into the model.
+    devices = data.get("devices")
+    if isinstance(devices, dict):
+        data["devices"] = {
+            k: ({"name": k, **v} if isinstance(v, dict) else v) for k, v in devices.items()
+        }
+    issues: list[ConfigIssue] = []
+
+    def add(loc: Path_, reason: str) -> None:
+        f, line = _line_for(loc, origins, file)
+        issues.append(ConfigIssue(f, _key_text(loc, data), reason, line))
+
+    try:
+        cfg = LabConfig.model_validate({**data, "source": file})
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc: Path_ = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+            # the devices dict injects 'name': errors about it are the key's fault
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key{_suggest(str(loc[-1]), _known_fields(loc, data))}"
+            add(loc, msg)
+        raise ConfigError(issues) from exc
+    _check_semantics(cfg, add)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def _known_fields(loc: Path_, data: Any) -> list[str]:
+    """Field names valid at ``loc``'s parent, for 'did you mean' on an unknown key."""
+    models: dict[str, type[BaseModel]] = {
+        "": LabConfig,
+        "lab": LabInfo,
+        "redis": RedisSettings,
+        "timers": Iec104Timers,
+        "tls": TlsSettings,
+        "reconnect": ReconnectPolicy,
+        "simulator": SimulatorSettings,
+        "address": Iec104Address,
+    }
+    parent = loc[:-1]
+    if not parent:
+        model: type[BaseModel] = LabConfig
+    elif parent[0] == "devices" and len(parent) == 2:
+        model = Device
+    elif parent[0] == "points" and len(parent) == 2:
+        model = Point
+    else:
+        model = models.get(str(parent[-1]), LabConfig)
+    return list(model.model_fields)
+
+
+def _check_semantics(cfg: LabConfig, add: Any) -> None:
+    """Checks that span entries: references, duplicates, control/status pairing, protocols."""
+    for name, dev in cfg.devices.items():
+        if dev.protocol not in ADDRESS_MODELS:
+            add(("devices", name, "protocol"), f"unknown protocol {dev.protocol!r}{_suggest(dev.protocol, ADDRESS_MODELS)}; supported: {', '.join(ADDRESS_MODELS)}")
+        tls = dev.tls
+        if tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
+            add(("devices", name, "tls"), "cert_file and key_file go together")
+    endpoints: dict[tuple[str, int, int], str] = {}
+    for name, dev in cfg.devices.items():
+        key = (dev.host, dev.port, dev.common_address)
+        if key in endpoints:
+            add(("devices", name, "common_address"), f"same host, port and common address as device {endpoints[key]!r}")
+        endpoints[key] = name
+    by_name: dict[str, int] = {}
+    addresses: dict[tuple[str, int], str] = {}
+    for i, pt in enumerate(cfg.points):
+        if pt.name in by_name:
+            add(("points", i, "name"), f"duplicate point name (first at points[{by_name[pt.name]}])")
+        by_name.setdefault(pt.name, i)
+        if pt.device not in cfg.devices:
+            add(("points", i, "device"), f"unknown device {pt.device!r}{_suggest(pt.device, cfg.devices)}; devices: {', '.join(cfg.devices) or 'none'}")
+            continue
+        allowed = QUANTITY_UNITS[pt.quantity]
+        if pt.unit not in allowed:
+            add(("points", i, "unit"), f"unit {pt.unit!r} does not fit quantity {pt.quantity!r} (use one of {', '.join(allowed)})")
+        akey = (pt.device, pt.address.ioa)
+        if akey in addresses:
+            add(("points", i, "address", "ioa"), f"duplicate address: ioa {pt.address.ioa} on device {pt.device!r} is already used by point {addresses[akey]!r}")
+        addresses.setdefault(akey, pt.name)
+        if pt.address.is_control != (pt.direction is Direction.CONTROL):
+            add(("points", i, "address", "type"), f"type {pt.address.type} does not fit direction {pt.direction.value!r} (C_* types are control, M_* monitor)")
+    for i, pt in enumerate(cfg.points):
+        if pt.direction is Direction.CONTROL:
+            if pt.status_point is None:
+                add(("points", i, "status_point"), "a control point needs the status point that confirms it")
+                continue
+            if pt.status_point not in by_name:
+                add(("points", i, "status_point"), f"unknown point {pt.status_point!r}{_suggest(pt.status_point, by_name)}")
+                continue
+            st = cfg.points[by_name[pt.status_point]]
+            if st.direction is not Direction.MONITOR:
+                add(("points", i, "status_point"), f"{st.name!r} is a control point; the status must be monitored")
+            elif st.address.kind != pt.address.kind:
+                add(("points", i, "status_point"), f"{st.name!r} is a {st.address.kind} point but {pt.address.type} needs a {pt.address.kind} status")
+        elif pt.status_point is not None:
+            add(("points", i, "status_point"), "only control points take a status point")

@@ -1,0 +1,22 @@
+"""Field-protocol adapters, one package per protocol, all behind :class:`Adapter`.
+
+Only this package (and the simulators) import protocol libraries. The core asks
+:func:`create_adapter` for an adapter by the device's ``protocol`` and never sees c104,
+libiec61850 or gurux types.
+"""
+
+from __future__ import annotations
+
+from gateway.config import Device, Point
+from gateway.protocols.base import Adapter, LinkState, LinkStateChange
+
+__all__ = ["Adapter", "LinkState", "LinkStateChange", "create_adapter"]
+
+
+def create_adapter(device: Device, points: tuple[Point, ...]) -> Adapter:
+    """Build the adapter for ``device``; the import is lazy so a lab without 104 needs no c104."""
+    if device.protocol == "iec104":
+        from gateway.protocols.iec104 import Iec104Adapter
+
+        return Iec104Adapter(device, points)
+    raise ValueError(f"{device.name}: no adapter for protocol {device.protocol!r}")
