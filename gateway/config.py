@@ -246,9 +246,7 @@ class Point(_Frozen):
     @classmethod
     def _known_unit(cls, v: str) -> str:
         if v not in KNOWN_UNITS:
-            raise ValueError(
-                f"unknown unit {v!r}{_suggest(v, KNOWN_UNITS)}; known: {', '.join(sorted(KNOWN_UNITS))}"
-            )
+            raise ValueError(f"unknown unit {v!r}{_suggest(v, KNOWN_UNITS)}; known: {', '.join(sorted(KNOWN_UNITS))}")
         return v
 
     @field_validator("scale")
@@ -331,9 +329,7 @@ def _compose(text: str, file: str) -> tuple[Any, dict[Path_, _Origin]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(
-            [ConfigIssue(file, "", f"not valid YAML: {getattr(exc, 'problem', exc)}", line)]
-        ) from exc
+        raise ConfigError([ConfigIssue(file, "", f"not valid YAML: {getattr(exc, 'problem', exc)}", line)]) from exc
     origins: dict[Path_, _Origin] = {}
 
     def walk(n: yaml.Node | None, path: Path_) -> None:
@@ -357,9 +353,7 @@ def _compose(text: str, file: str) -> tuple[Any, dict[Path_, _Origin]]:
     return data, origins
 
 
-def _merge(
-    base: Any, over: Any, path: Path_, origins: dict[Path_, _Origin], over_origins: dict[Path_, _Origin]
-) -> Any:
+def _merge(base: Any, over: Any, path: Path_, origins: dict[Path_, _Origin], over_origins: dict[Path_, _Origin]) -> Any:
     """Deep-merge ``over`` into ``base``. Mappings merge by key; lists of points merge by name."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
@@ -375,7 +369,9 @@ def _merge(
             name = p.get("name") if isinstance(p, dict) else None
             if name in index:
                 i = index[name]
-                out_list[i] = _merge(base[i], p, ("points", i), origins, _shift(over_origins, ("points", j), ("points", i)))
+                out_list[i] = _merge(
+                    base[i], p, ("points", i), origins, _shift(over_origins, ("points", j), ("points", i))
+                )
             else:
                 out_list.append(p)
                 _copy_origins(over_origins, ("points", j), origins, ("points", len(out_list) - 1))
@@ -456,9 +452,7 @@ def load_config(path: str | os.PathLike[str]) -> LabConfig:
     # Devices are a mapping keyed by name: the name goes into the model.
     devices = data.get("devices")
     if isinstance(devices, dict):
-        data["devices"] = {
-            k: ({"name": k, **v} if isinstance(v, dict) else v) for k, v in devices.items()
-        }
+        data["devices"] = {k: ({"name": k, **v} if isinstance(v, dict) else v) for k, v in devices.items()}
     issues: list[ConfigIssue] = []
 
     def add(loc: Path_, reason: str) -> None:
@@ -510,7 +504,11 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
     """Checks that span entries: references, duplicates, control/status pairing, protocols."""
     for name, dev in cfg.devices.items():
         if dev.protocol not in ADDRESS_MODELS:
-            add(("devices", name, "protocol"), f"unknown protocol {dev.protocol!r}{_suggest(dev.protocol, ADDRESS_MODELS)}; supported: {', '.join(ADDRESS_MODELS)}")
+            add(
+                ("devices", name, "protocol"),
+                f"unknown protocol {dev.protocol!r}{_suggest(dev.protocol, ADDRESS_MODELS)};"
+                f" supported: {', '.join(ADDRESS_MODELS)}",
+            )
         tls = dev.tls
         if tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
             add(("devices", name, "tls"), "cert_file and key_file go together")
@@ -527,29 +525,50 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
             add(("points", i, "name"), f"duplicate point name (first at points[{by_name[pt.name]}])")
         by_name.setdefault(pt.name, i)
         if pt.device not in cfg.devices:
-            add(("points", i, "device"), f"unknown device {pt.device!r}{_suggest(pt.device, cfg.devices)}; devices: {', '.join(cfg.devices) or 'none'}")
+            add(
+                ("points", i, "device"),
+                f"unknown device {pt.device!r}{_suggest(pt.device, cfg.devices)};"
+                f" devices: {', '.join(cfg.devices) or 'none'}",
+            )
             continue
         allowed = QUANTITY_UNITS[pt.quantity]
         if pt.unit not in allowed:
-            add(("points", i, "unit"), f"unit {pt.unit!r} does not fit quantity {pt.quantity!r} (use one of {', '.join(allowed)})")
+            add(
+                ("points", i, "unit"),
+                f"unit {pt.unit!r} does not fit quantity {pt.quantity!r} (use one of {', '.join(allowed)})",
+            )
         akey = (pt.device, pt.address.ioa)
         if akey in addresses:
-            add(("points", i, "address", "ioa"), f"duplicate address: ioa {pt.address.ioa} on device {pt.device!r} is already used by point {addresses[akey]!r}")
+            add(
+                ("points", i, "address", "ioa"),
+                f"duplicate address: ioa {pt.address.ioa} on device {pt.device!r}"
+                f" is already used by point {addresses[akey]!r}",
+            )
         addresses.setdefault(akey, pt.name)
         if pt.address.is_control != (pt.direction is Direction.CONTROL):
-            add(("points", i, "address", "type"), f"type {pt.address.type} does not fit direction {pt.direction.value!r} (C_* types are control, M_* monitor)")
+            add(
+                ("points", i, "address", "type"),
+                f"type {pt.address.type} does not fit direction {pt.direction.value!r}"
+                " (C_* types are control, M_* monitor)",
+            )
     for i, pt in enumerate(cfg.points):
         if pt.direction is Direction.CONTROL:
             if pt.status_point is None:
                 add(("points", i, "status_point"), "a control point needs the status point that confirms it")
                 continue
             if pt.status_point not in by_name:
-                add(("points", i, "status_point"), f"unknown point {pt.status_point!r}{_suggest(pt.status_point, by_name)}")
+                add(
+                    ("points", i, "status_point"),
+                    f"unknown point {pt.status_point!r}{_suggest(pt.status_point, by_name)}",
+                )
                 continue
             st = cfg.points[by_name[pt.status_point]]
             if st.direction is not Direction.MONITOR:
                 add(("points", i, "status_point"), f"{st.name!r} is a control point; the status must be monitored")
             elif st.address.kind != pt.address.kind:
-                add(("points", i, "status_point"), f"{st.name!r} is a {st.address.kind} point but {pt.address.type} needs a {pt.address.kind} status")
+                add(
+                    ("points", i, "status_point"),
+                    f"{st.name!r} is a {st.address.kind} point but {pt.address.type} needs a {pt.address.kind} status",
+                )
         elif pt.status_point is not None:
             add(("points", i, "status_point"), "only control points take a status point")
