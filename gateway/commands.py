@@ -156,7 +156,7 @@ async def confirm(
     control: Point,
     status: Point,
     engineering: float | int | bool,
-    send: asyncio.Future[None] | asyncio.Task[None],
+    send: asyncio.Future[float] | asyncio.Task[float],
     outcome: CommandOutcome,
     timeout_s: float,
     latest_status: PointUpdate | None,
@@ -166,14 +166,13 @@ async def confirm(
     fut = watcher.watch(status.name, expected, tol, outcome.sent_ts or now())
     try:
         try:
-            await send
+            outcome.ack_ts = await send
         except CommandError as exc:
             outcome.result, outcome.reason = exc.result, exc.reason
             return outcome
         except GatewayError as exc:
             outcome.result, outcome.reason = "failed", str(exc)
             return outcome
-        outcome.ack_ts = now()
         try:
             async with asyncio.timeout(timeout_s):
                 upd = await fut

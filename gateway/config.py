@@ -304,9 +304,14 @@ class LabConfig(_Frozen):
     def points_of(self, device: str) -> tuple[Point, ...]:
         return tuple(p for p in self.points if p.device == device)
 
-    def with_overrides(self, **changes: Any) -> LabConfig:
-        """A copy with top-level fields replaced (tests and CLI flags use this)."""
-        return self.model_copy(update=changes)
+    def with_device(self, name: str, **changes: Any) -> LabConfig:
+        """A copy with some fields of one device replaced (simulator ports, test timers).
+
+        The result is validated again, so an override cannot produce a config that
+        :func:`load_config` would have refused field by field.
+        """
+        dev = Device.model_validate({**self.devices[name].model_dump(), **changes})
+        return self.model_copy(update={"devices": {**self.devices, name: dev}})
 
 
 # ---------------------------------------------------------------------------------------

@@ -77,10 +77,10 @@ class Adapter(abc.ABC):
         """Ask the device for all its values (104 general interrogation); answers arrive as events."""
 
     @abc.abstractmethod
-    async def command(self, request: CommandRequest) -> None:
+    async def command(self, request: CommandRequest) -> float:
         """Send a command and wait for the device's own confirmation (104 ACTCON).
 
-        Returns when the device accepted it; raises CommandRejected on a negative answer,
+        Returns the time (``points.now()`` clock) the device's acceptance arrived; raises CommandRejected on a negative answer,
         CommandTimeout when none came within the device's ``command_timeout_s``, LinkError
         when there is no link.
         """

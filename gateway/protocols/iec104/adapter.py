@@ -88,6 +88,7 @@ class Confirmation:
     cot: int
     negative: bool
     select: bool
+    received_at: float = 0.0
 
     @property
     def reason(self) -> str:
@@ -117,7 +118,7 @@ def parse_confirmation(apdu: bytes) -> Confirmation | None:
     (ca,) = struct.unpack_from("<H", apdu, 10)
     ioa = apdu[12] | apdu[13] << 8 | apdu[14] << 16
     negative = bool(apdu[8] & 0x40) or cot in COT_UNKNOWN
-    return Confirmation(type_id, ioa, ca, cot, negative, select)
+    return Confirmation(type_id, ioa, ca, cot, negative, select, now())
 
 
 class _ThreadBridge:
@@ -156,6 +157,10 @@ class _ThreadBridge:
     def _wake(self) -> None:
         self._wake_due = False
         self._event.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
 
     def wake(self) -> None:
         """From the loop: make a waiting consumer look again (e.g. at close)."""
@@ -202,6 +207,7 @@ class Iec104Adapter(Adapter):
         self._supervisor: asyncio.Task[None] | None = None
         self._gi_task: asyncio.Task[None] | None = None
         self._muted_since: float | None = None
+        self._background: set[asyncio.Future[bool]] = set()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -230,6 +236,8 @@ class Iec104Adapter(Adapter):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._background:  # c104 transmit() calls still waiting for ACTTERM
+            await asyncio.wait(self._background, timeout=self.device.command_timeout_s)
         if self._client is not None:
             await asyncio.to_thread(self._client.stop)
         for fut in self._pending.values():
@@ -253,11 +261,10 @@ class Iec104Adapter(Adapter):
         assert self._bridge is not None, "start() first"
         bridge = self._bridge
         while True:
-            batch = await bridge.get_batch()
-            for item in batch:
+            if self._closing and not bridge.pending:
+                return  # closed and drained: the stream ends
+            for item in await bridge.get_batch():
                 yield item
-            if not batch and self._closing:
-                return
 
     # ----------------------------------------------------------------- c104 wiring
 
@@ -523,7 +530,7 @@ class Iec104Adapter(Adapter):
             return c104.NormalizedFloat(float(value))
         return float(value)
 
-    async def command(self, request: CommandRequest) -> None:
+    async def command(self, request: CommandRequest) -> float:
         pt = self._control.get(request.point)
         if pt is None:
             raise CommandInvalid(request.point, f"not a control point of device {self.device.name}")
@@ -542,6 +549,10 @@ class Iec104Adapter(Adapter):
         self._counters["commands"] += 1
         timeout_s = self.device.command_timeout_s
         tx = asyncio.ensure_future(asyncio.to_thread(cp.transmit, cause=c104.Cot.ACTIVATION))
+        # c104's transmit() may block until ACTTERM (or its own timeout): it is not awaited
+        # past the device's answer but kept and collected in close().
+        self._background.add(tx)
+        tx.add_done_callback(self._background.discard)
         try:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -557,13 +568,11 @@ class Iec104Adapter(Adapter):
                 conf = fut.result()  # LinkError raised here when the link dropped
                 if conf.negative:
                     raise CommandRejected(pt.name, conf.reason)
-                return
+                return conf.received_at
             if tx.result():
-                return  # c104 saw the positive confirmation we could not attribute
+                return now()  # c104 saw a positive confirmation we could not attribute
             raise CommandRejected(pt.name, "device did not confirm the command (c104 transmit failed)")
         finally:
             self._pending.pop(ioa, None)
             if not fut.done():
                 fut.cancel()
-            with contextlib.suppress(Exception):
-                await tx

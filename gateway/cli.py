@@ -1,0 +1,199 @@
+"""``mgms``: the gateway's command line.
+
+Exit codes: 0 success; 1 the operation ran but failed (command rejected, timed out);
+2 bad input (config invalid, bad arguments); 3 an external service was unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import LabConfig, load_config
+from gateway.errors import ConfigError, GatewayError
+
+__all__ = ["main"]
+
+DEFAULT_STATE_DIR = Path(".mgms")
+
+
+def _state_dir(args: argparse.Namespace, cfg: LabConfig) -> Path:
+    base = Path(args.data_dir) if getattr(args, "data_dir", None) else DEFAULT_STATE_DIR
+    return base / cfg.lab.name
+
+
+def resolve_redis_url(args: argparse.Namespace, cfg: LabConfig) -> str | None:
+    """--redis-url, else the config's url, else the url a running embedded gateway wrote down."""
+    if getattr(args, "redis_url", None):
+        return str(args.redis_url)
+    if cfg.redis.url:
+        return cfg.redis.url
+    marker = _state_dir(args, cfg) / "redis.url"
+    if marker.exists():
+        return marker.read_text().strip()
+    return None
+
+
+def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=config_required, help="lab config file (YAML)")
+    p.add_argument("--redis-url", help="Redis URL (overrides the config's redis.url)")
+    p.add_argument("--data-dir", help=f"where the embedded Redis keeps its data (default {DEFAULT_STATE_DIR}/<lab>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mgms", description="Microgrid lab integration gateway (MGMS)")
+    ap.add_argument("--version", action="version", version=f"mgms {__version__}")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a lab config and print a summary")
+    p.add_argument("file")
+
+    p = sub.add_parser("run", help="run the gateway until SIGINT/SIGTERM")
+    _add_common(p)
+
+    p = sub.add_parser("command", help="operate a control point through the running gateway")
+    _add_common(p)
+    p.add_argument("point")
+    p.add_argument("value", help="open/close, on/off, or a number in the point's unit")
+    p.add_argument("--by", default="cli", help="who asks (goes into the command log)")
+    p.add_argument("--timeout-s", type=float, default=15.0, help="how long to wait for the result")
+
+    p = sub.add_parser("watch", help="show the live points from Redis in the terminal")
+    _add_common(p)
+    p.add_argument("--once", action="store_true", help="print the table once and exit")
+
+    p = sub.add_parser("demo", help="the lab on simulators: Redis, simulator, gateway, breaker operations")
+    p.add_argument("--config", "-c", default=str(_default_sim_config()), help="simulator profile of the lab")
+    p.add_argument("--operations", type=int, default=3, help="open/close cycles to time")
+    return ap
+
+
+def _default_sim_config() -> Path:
+    return Path(__file__).resolve().parent.parent / "lab_configs" / "multipower-sim.yaml"
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file)
+    print(f"{args.file}: OK - lab {cfg.lab.name!r}: {len(cfg.devices)} device(s), {len(cfg.points)} point(s)")
+    for name, dev in cfg.devices.items():
+        pts = cfg.points_of(name)
+        ctl = [p for p in pts if p.direction.value == "control"]
+        print(f"  {name}: {dev.protocol} {dev.host}:{dev.port} CA {dev.common_address}: "
+              f"{len(pts) - len(ctl)} monitored, {len(ctl)} control")
+        for p in ctl:
+            print(f"    {p.name} -> confirmed by {p.status_point}{' (SBO)' if p.select_before_operate else ''}")
+    print(f"  redis: {cfg.redis.url or 'embedded (started by the gateway)'}")
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from gateway.runtime import Gateway, run_until_signal
+    from gateway.services import RedisServer
+    from gateway.store import RedisStore
+
+    cfg = load_config(args.config)
+    url = args.redis_url or cfg.redis.url
+    server: RedisServer | None = None
+    state = _state_dir(args, cfg)
+    if url is None:
+        # No Redis named: start our own, keeping its AOF under the state dir so a restarted
+        # gateway finds its state (and pending command requests) again.
+        state.mkdir(parents=True, exist_ok=True)
+        server = RedisServer(data_dir=state / "redis")
+        await asyncio.to_thread(server.start)
+        url = server.url
+        (state / "redis.url").write_text(url + "\n")
+        logging.getLogger("mgms").info("embedded redis-server at %s (data in %s)", url, state / "redis")
+    try:
+        store = RedisStore.from_url(cfg, url)
+        await store.write_meta(str(args.config))
+        await run_until_signal(Gateway(cfg, store))
+    finally:
+        if server is not None:
+            (state / "redis.url").unlink(missing_ok=True)
+            await asyncio.to_thread(server.close)
+    return 0
+
+
+async def _command(args: argparse.Namespace) -> int:
+    from gateway.commands import parse_command_value
+    from gateway.store import RedisStore
+
+    cfg = load_config(args.config)
+    try:
+        parse_command_value(cfg.point(args.point), args.value)
+    except KeyError:
+        print(f"error: no point {args.point!r} in {args.config}", file=sys.stderr)
+        return 2
+    url = resolve_redis_url(args, cfg)
+    if url is None:
+        print("error: no Redis to talk to: is `mgms run` running? (or give --redis-url)", file=sys.stderr)
+        return 3
+    store = RedisStore.from_url(cfg, url)
+    try:
+        rid = await store.submit_command(args.point, args.value, args.by)
+        reply = await store.wait_reply(rid, args.timeout_s)
+    finally:
+        await store.aclose()
+    if reply is None:
+        print(f"{args.point} = {args.value}: no answer from the gateway within {args.timeout_s:g} s (request {rid})")
+        return 1
+    print(json.dumps(reply.to_dict(), indent=2, sort_keys=True))
+    return 0 if reply.result == "confirmed" else 1
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from gateway.store import RedisStore
+    from gateway.watch import watch
+
+    cfg = load_config(args.config)
+    url = resolve_redis_url(args, cfg)
+    if url is None:
+        print("error: no Redis to watch: is `mgms run` running? (or give --redis-url)", file=sys.stderr)
+        return 3
+    store = RedisStore.from_url(cfg, url)
+    try:
+        await watch(cfg, store, once=args.once, out=sys.stdout)
+    finally:
+        await store.aclose()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "check-config":
+            return cmd_check_config(args)
+        if args.cmd == "run":
+            return asyncio.run(_run(args))
+        if args.cmd == "command":
+            return asyncio.run(_command(args))
+        if args.cmd == "watch":
+            return asyncio.run(_watch(args))
+        if args.cmd == "demo":
+            from gateway.demo import run_demo
+
+            return asyncio.run(run_demo(Path(args.config), operations=args.operations))
+    except ConfigError as exc:
+        print(f"config error ({len(exc.issues)} issue{'s' if len(exc.issues) > 1 else ''}):", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3 if exc.retryable else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

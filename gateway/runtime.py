@@ -1,0 +1,200 @@
+"""The gateway core: wires adapters to the Redis store and serves command requests.
+
+One task per device pumps adapter events into the store (values, link changes); one task
+serves operator command requests from Redis. Everything the gateway holds is in the
+:class:`Gateway` object; dependencies (store, adapters) come in through the constructor so
+tests can hand in their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.commands import CommandOutcome, StatusWatcher, build_request, confirm
+from gateway.config import Direction, LabConfig
+from gateway.errors import CommandInvalid
+from gateway.points import PointUpdate, Quality, UpdateCause, now
+from gateway.protocols import Adapter, LinkState, LinkStateChange, create_adapter
+from gateway.store import CommandRequestEntry, RedisStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Gateway"]
+
+STALE = Quality.NOT_TOPICAL | Quality.INVALID
+
+
+class Gateway:
+    """A running MGMS for one lab.
+
+    ``run(stop)`` returns after ``stop`` is set and everything was shut down and flushed.
+    """
+
+    def __init__(
+        self,
+        config: LabConfig,
+        store: RedisStore,
+        adapters: Mapping[str, Adapter] | None = None,
+        *,
+        max_parallel_commands: int = 16,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.adapters: dict[str, Adapter] = dict(adapters) if adapters is not None else {
+            name: create_adapter(dev, config.points_of(name)) for name, dev in config.devices.items()
+        }
+        self._watcher = StatusWatcher()
+        self._latest: dict[str, PointUpdate] = {}
+        self._monitor_points = {
+            dev: [p for p in config.points_of(dev) if p.direction is Direction.MONITOR] for dev in config.devices
+        }
+        self._command_slots = asyncio.Semaphore(max_parallel_commands)
+        self._ready = asyncio.Event()
+        self.counters: dict[str, int] = {"updates": 0, "link_changes": 0, "commands": 0}
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.store.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, adapter in self.adapters.items():
+                    await adapter.start()
+                    tg.create_task(self._pump(adapter), name=f"pump:{name}")
+                requests = tg.create_task(self._serve_requests(), name="command-requests")
+                self._ready.set()
+                log.info("gateway %s running: %d devices, %d points", self.config.lab.name,
+                         len(self.adapters), len(self.config.points))
+                await stop.wait()
+                log.info("gateway %s stopping", self.config.lab.name)
+                requests.cancel()
+                for adapter in self.adapters.values():
+                    await adapter.close()
+        finally:
+            await self.store.close()
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        """Return once every adapter has a link (LinkError otherwise)."""
+        await self.wait_ready()
+        async with asyncio.TaskGroup() as tg:
+            for adapter in self.adapters.values():
+                tg.create_task(adapter.wait_connected(timeout_s))
+
+    async def _pump(self, adapter: Adapter) -> None:
+        store_put = self.store.put
+        feed = self._watcher.feed
+        latest = self._latest
+        async for ev in adapter.events():
+            if isinstance(ev, PointUpdate):
+                latest[ev.point] = ev
+                store_put(ev)
+                feed(ev)
+                self.counters["updates"] += 1
+            elif isinstance(ev, LinkStateChange):
+                self.counters["link_changes"] += 1
+                await self._on_link(ev)
+
+    async def _on_link(self, ev: LinkStateChange) -> None:
+        try:
+            await self.store.set_link_state(ev.device, ev.state.value, ev.reason, ev.time)
+        except Exception as exc:  # a Redis outage must not stop the pump
+            log.warning("could not record link state of %s: %s", ev.device, exc)
+        if ev.state in (LinkState.DOWN, LinkState.CLOSED):
+            self._mark_stale(ev.device, ev.time)
+
+    def _mark_stale(self, device: str, at: float) -> None:
+        """Link gone: every point of the device keeps its last value but is flagged NT|IV."""
+        for pt in self._monitor_points.get(device, ()):
+            last = self._latest.get(pt.name)
+            if last is not None and STALE in last.quality:
+                continue
+            upd = PointUpdate(
+                pt.name,
+                last.value if last is not None else None,
+                (last.quality if last is not None else Quality.GOOD) | STALE,
+                last.source_time if last is not None else None,
+                at,
+                UpdateCause.LINK_LOST,
+            )
+            self._latest[pt.name] = upd
+            self.store.put(upd)
+
+    # ----------------------------------------------------------------- commands
+
+    async def execute(
+        self, point: str, value: str | float | int | bool, requested_by: str = "operator", request_id: str = ""
+    ) -> CommandOutcome:
+        """Run one command to its end (confirmed / rejected / timeout / invalid / failed) and log it."""
+        self.counters["commands"] += 1
+        outcome = CommandOutcome(request_id or CommandOutcome.new_id(), point, value, requested_by)  # type: ignore[arg-type]
+        try:
+            control, status, req, eng = build_request(self.config, point, value, requested_by, outcome.request_id)
+            outcome.value = eng
+            dev = self.config.devices[control.device]
+            if dev.read_only:
+                raise CommandInvalid(point, f"device {dev.name} is read-only (read_only: true in the lab config)")
+        except CommandInvalid as exc:
+            outcome.result, outcome.reason = exc.result, exc.reason
+            log.info("command %s %s=%r by %s: invalid: %s", outcome.request_id, point, value, requested_by, exc.reason)
+            return outcome
+        adapter = self.adapters[control.device]
+        outcome.sent_ts = now()
+        send = asyncio.ensure_future(adapter.command(req))
+        await confirm(
+            self._watcher,
+            control,
+            status,
+            eng,
+            send,
+            outcome,
+            control.confirm_timeout_s or dev.command_timeout_s,
+            self._latest.get(status.name),
+        )
+        log.info(
+            "command %s %s=%r by %s: %s%s (%.1f ms)",
+            outcome.request_id, point, eng, requested_by, outcome.result,
+            f": {outcome.reason}" if outcome.reason else "", outcome.duration_ms or 0.0,
+        )
+        return outcome
+
+    async def _serve_requests(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            async for entry in self.store.command_requests():
+                await self._command_slots.acquire()
+                tg.create_task(self._handle_request(entry), name=f"command:{entry.request_id}")
+
+    async def _handle_request(self, entry: CommandRequestEntry) -> None:
+        try:
+            outcome = await self.execute(entry.point, entry.value, entry.requested_by, entry.request_id)
+            await self.store.log_command(outcome, entry.stream_id)
+        except Exception:
+            log.exception("command request %s could not be completed; it stays pending", entry.request_id)
+        finally:
+            self._command_slots.release()
+
+    # ----------------------------------------------------------------- diagnostics
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        for name, adapter in self.adapters.items():
+            out[name] = {"link": adapter.link_state.value, **adapter.stats()}
+        return out
+
+
+async def run_until_signal(gateway: Gateway) -> None:
+    """Run until SIGINT or SIGTERM, then shut down cleanly."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await gateway.run(stop)

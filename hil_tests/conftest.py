@@ -1,0 +1,62 @@
+"""HIL fixtures: a real redis-server, the IEC 104 simulator and the gateway, all on loopback.
+
+See hilkit.py for running the suites against a real lab (MGMS_HIL_CONFIG).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from hilkit import DEVICE, REAL_CONFIG, SIM_CONFIG, Lab, start_lab
+
+from gateway.config import LabConfig, load_config
+from gateway.iedsim.iec104.server import Iec104Outstation
+from gateway.services import RedisServer
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.hil)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(data_dir=tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def base_config() -> LabConfig:
+    if REAL_CONFIG:
+        return load_config(REAL_CONFIG)
+    return load_config(SIM_CONFIG)
+
+
+@pytest.fixture
+async def sim(base_config: LabConfig) -> AsyncIterator[Iec104Outstation | None]:
+    if REAL_CONFIG:
+        yield None
+        return
+    outstation = Iec104Outstation(base_config, DEVICE, host="127.0.0.1", port=0, seed=7)
+    await outstation.start()
+    try:
+        yield outstation
+    finally:
+        await outstation.close()
+
+
+@pytest.fixture
+async def lab(base_config: LabConfig, redis_server: RedisServer, sim: Iec104Outstation | None) -> AsyncIterator[Lab]:
+    running = await start_lab(base_config, redis_server, sim)
+    try:
+        yield running
+    finally:
+        await running.shutdown()
+        await running.reader.aclose()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the gateway needs on a fresh Debian machine (idempotent, quiet when done).
+# redis-server and mosquitto come from Debian; the Python side from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "installing ${missing[*]} (apt-get)" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# Debian starts a system redis-server on 6379 after install; the gateway never uses it
+# (it starts its own on a free port), so it is left alone.
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import gateway, c104, redis, yaml, pydantic, pytest_asyncio, pytest_timeout" >/dev/null 2>&1 \
+   || [ "${MGMS_REINSTALL:-0}" = 1 ]; then
+  echo "installing the gateway and its Python dependencies (pip)" >&2
+  "$PY" -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E '^WARNING: Running pip as' || true
+fi
+"$PY" -c "import gateway, c104, redis" || { echo "setup failed: Python packages missing" >&2; exit 1; }

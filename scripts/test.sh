@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test suite, exactly as CI runs it: lint, then unit and HIL tests (simulators, real
+# redis-server on free loopback ports). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY="${PYTHON:-python3}"
+"$PY" -m ruff check .
+exec "$PY" -m pytest "$@"
