@@ -1,0 +1,142 @@
+"""``iedsim``: run IED simulators from a lab config.
+
+One subcommand per protocol (``iec104`` now; ``dlms`` and ``iec61850`` join the same table
+later), so a lab starts exactly the devices its config describes. The process prints one
+ready line per station on stdout (scripts and HIL fixtures wait for it), logs to stderr,
+and stops cleanly on SIGINT/SIGTERM or after ``--duration-s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+from gateway.config import LabConfig, load_config
+from gateway.errors import ConfigError
+
+__all__ = ["main"]
+
+_log = logging.getLogger(__name__)
+
+Runner = Callable[[argparse.Namespace, LabConfig, asyncio.Event], Awaitable[int]]
+
+
+def _pick_device(config: LabConfig, protocol: str, wanted: str | None) -> str:
+    if wanted is not None:
+        if wanted not in config.devices:
+            raise SystemExit(f"iedsim: no device {wanted!r} in {config.source}; devices: {', '.join(config.devices)}")
+        if config.devices[wanted].protocol != protocol:
+            raise SystemExit(f"iedsim: device {wanted!r} speaks {config.devices[wanted].protocol}, not {protocol}")
+        return wanted
+    names = [n for n, d in config.devices.items() if d.protocol == protocol]
+    if len(names) != 1:
+        found = ", ".join(names) or "none"
+        raise SystemExit(f"iedsim: name the device with --device ({protocol} devices: {found})")
+    return names[0]
+
+
+# -- iec104 --------------------------------------------------------------------------------
+
+
+def _add_iec104(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("iec104", help="IEC 60870-5-104 outstation (REF615 behind a COM600)")
+    p.add_argument("--device", help="device name in the config (default: the only iec104 device)")
+    p.add_argument("--host", help="listen address (default: the device's host)")
+    p.add_argument("--port", type=int, help="listen port (default: the device's port; 0 = any free port)")
+    p.add_argument("--stations", type=int, default=1, help="run N stations on consecutive ports (scale tests)")
+    p.add_argument("--control-port", type=int, help="line-based fault-injection channel on 127.0.0.1:PORT")
+    p.add_argument("--seed", type=int, help="random seed of the feeder model (default: simulator.seed)")
+    p.set_defaults(run=_run_iec104)
+
+
+async def _run_iec104(args: argparse.Namespace, config: LabConfig, stop: asyncio.Event) -> int:
+    from gateway.iedsim.iec104.server import ControlChannel, Iec104Outstation, serve_many
+
+    device = _pick_device(config, "iec104", args.device)
+    if args.stations < 1:
+        raise SystemExit("iedsim: --stations must be at least 1")
+    port = args.port if args.port is not None else config.devices[device].port
+    if args.stations == 1:
+        one = Iec104Outstation(config, device, host=args.host, port=port, seed=args.seed)
+        await one.start()
+        stations = [one]
+    else:
+        stations = await serve_many(config, device, port, args.stations, host=args.host, seed=args.seed)
+    control: ControlChannel | None = None
+    try:
+        if args.control_port is not None:
+            control = ControlChannel(stations, port=args.control_port)
+            await control.start()
+        for o in stations:
+            print(f"iec104 simulator {o.name} listening on {o.host}:{o.port} ({len(o.points)} points)")
+        if control is not None:
+            print(f"control channel listening on 127.0.0.1:{control.port}")
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        if control is not None:
+            await control.close()
+        for o in stations:
+            await o.close()
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+_PROTOCOLS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (_add_iec104,)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iedsim", description="IED simulators driven by an MGMS lab config.")
+    parser.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
+    sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    for add in _PROTOCOLS:
+        add(sub)
+    for p in sub.choices.values():
+        p.add_argument("--config", required=True, help="lab config file (YAML)")
+        p.add_argument("--duration-s", type=float, help="exit by itself after this many seconds")
+    return parser
+
+
+async def _main(args: argparse.Namespace, config: LabConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    timer = loop.call_later(args.duration_s, stop.set) if args.duration_s is not None else None
+    run: Runner = args.run
+    try:
+        return await run(args, config, stop)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"iedsim: invalid config:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_main(args, config))
+    except OSError as exc:  # typically the port is taken
+        print(f"iedsim: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1074 @@
+"""IEC 60870-5-104 outstation standing in for a REF615 behind a COM600.
+
+Why raw asyncio instead of ``c104.Server``: a value handed to ``c104.Server`` from outside a
+callback waits for the connection thread's next wake-up (0-100 ms, median ~50 ms), which
+would swamp the latency the gateway is meant to measure. Here every value, confirmation and
+breaker position is encoded and passed to ``transport.write`` in the same call that caused
+it; the periodic task only decides *when the feeder changes*, never when bytes leave.
+
+One :class:`Iec104Outstation` serves one configured device (its monitor and control points,
+its common address) to any number of clients. Each connection is a :class:`_Session`
+protocol with its own sequence numbers, k/w windows and t1/t2/t3 timers; monitor values go
+to every started session. Fault injection (:meth:`Iec104Outstation.stall`, ``drop``,
+``refuse_commands``, ``set_value``) is a plain method call in-process and a line command on
+the optional :class:`ControlChannel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.config import Direction, Iec104Timers, LabConfig, Point
+from gateway.iedsim.dynamics import FeederModel
+from gateway.iedsim.iec104.codec import (
+    SEQ_MODULO,
+    Asdu,
+    AsduError,
+    Cot,
+    Cp56Time,
+    DoubleCommand,
+    DoublePointInfo,
+    Element,
+    FloatInfo,
+    FloatSetpoint,
+    FrameDecoder,
+    FrameError,
+    IFrame,
+    InfoObject,
+    NormalizedInfo,
+    NormalizedSetpoint,
+    ScaledInfo,
+    ScaledSetpoint,
+    SFrame,
+    SingleCommand,
+    SinglePointInfo,
+    TypeId,
+    UFrame,
+    UFunction,
+    asdu_size,
+    decode_asdu,
+    encode_asdu,
+    encode_frame,
+    mirror,
+    object_size,
+)
+from gateway.points import DoublePoint, Quality
+
+__all__ = [
+    "ControlChannel",
+    "FrameRecord",
+    "Iec104Outstation",
+    "MonitorValue",
+    "OutstationStats",
+    "serve_many",
+]
+
+_log = logging.getLogger(__name__)
+
+_BROADCAST_CA = 0xFFFF
+_MAX_OBJECTS = 127
+_ASDU_LIMIT = 249
+_DEFAULT_QUEUE_MAX = 10_000
+
+CommandElement = SingleCommand | DoubleCommand | NormalizedSetpoint | ScaledSetpoint | FloatSetpoint
+
+_MONITOR_ELEMENT: dict[str, type] = {
+    "M_SP_NA_1": SinglePointInfo,
+    "M_SP_TB_1": SinglePointInfo,
+    "M_DP_NA_1": DoublePointInfo,
+    "M_DP_TB_1": DoublePointInfo,
+    "M_ME_NA_1": NormalizedInfo,
+    "M_ME_TD_1": NormalizedInfo,
+    "M_ME_NB_1": ScaledInfo,
+    "M_ME_TE_1": ScaledInfo,
+    "M_ME_NC_1": FloatInfo,
+    "M_ME_TF_1": FloatInfo,
+}
+_TIMED = frozenset({TypeId.M_SP_TB_1, TypeId.M_DP_TB_1, TypeId.M_ME_TD_1, TypeId.M_ME_TE_1, TypeId.M_ME_TF_1})
+_F32_MAX = 3.4028234663852886e38
+
+
+@dataclass(slots=True)
+class OutstationStats:
+    """Counters since start; a snapshot is returned by :meth:`Iec104Outstation.stats`."""
+
+    connections_accepted: int = 0
+    active_connections: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    i_frames_in: int = 0
+    i_frames_out: int = 0
+    commands: int = 0
+    negative_confirmations: int = 0
+    spontaneous_objects: int = 0
+    #: ASDUs lost because a session's send queue (k window full) overflowed.
+    drops: int = 0
+    #: ASDUs not sent because the outstation was stalled on purpose.
+    suppressed: int = 0
+    protocol_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRecord:
+    """One frame as it crossed the wire, kept for diagnostics and tests."""
+
+    time: float
+    direction: str  # "in" or "out"
+    peer: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorValue:
+    """What the outstation reports for one monitor point right now."""
+
+    point: str
+    value: float
+    raw: float | int | bool
+    quality: Quality
+    time: float
+
+
+@dataclass(slots=True)
+class _Monitor:
+    point: Point
+    type_id: TypeId
+    value: float
+    raw: float | int | bool
+    quality: Quality
+    forced_quality: Quality
+    time: float
+
+
+@dataclass(slots=True)
+class _Selection:
+    session: _Session
+    deadline: float
+
+
+class Iec104Outstation:
+    """An IEC 104 controlled station for one device of a lab config.
+
+    ``host``/``port`` override the device's address (port 0 picks a free port; read
+    :attr:`port` after :meth:`start`). ``seed`` overrides ``simulator.seed``; ``timers``
+    overrides the device's k/w/t1/t2/t3 as used on the outstation side.
+    """
+
+    def __init__(
+        self,
+        config: LabConfig,
+        device: str,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        seed: int | None = None,
+        timers: Iec104Timers | None = None,
+        queue_max: int = _DEFAULT_QUEUE_MAX,
+        frame_log: int = 256,
+    ) -> None:
+        if device not in config.devices:
+            raise KeyError(f"unknown device {device!r}; devices: {', '.join(config.devices)}")
+        dev = config.devices[device]
+        if dev.protocol != "iec104":
+            raise ValueError(f"device {device!r} speaks {dev.protocol}, not iec104")
+        self.device = dev
+        self.settings = dev.simulator
+        self.timers = timers or dev.timers
+        self.common_address = dev.common_address
+        self._host = host if host is not None else dev.host
+        self._port_wanted = port if port is not None else dev.port
+        self._queue_max = queue_max
+        self._points = config.points_of(device)
+        self.model = FeederModel(self.settings, self._points, seed=seed, start_time=time.time())
+        now = time.time()
+        self._monitors: dict[str, _Monitor] = {}
+        self._monitor_by_ioa: dict[int, _Monitor] = {}
+        self._controls: dict[int, Point] = {}
+        for p in self._points:
+            if p.direction is Direction.MONITOR:
+                m = _Monitor(p, TypeId[p.address.type], 0.0, 0, Quality.GOOD, Quality.GOOD, now)
+                self._update(m, self.model.value(p.name), now)
+                self._monitors[p.name] = m
+                self._monitor_by_ioa[p.address.ioa] = m
+            else:
+                self._controls[p.address.ioa] = p
+        self._sessions: set[_Session] = set()
+        self._selections: dict[str, _Selection] = {}
+        self._travelling: dict[str, asyncio.TimerHandle] = {}
+        self._breaker_travel_s = self.settings.breaker_travel_s
+        self._stats = OutstationStats()
+        self._frames: collections.deque[FrameRecord] = collections.deque(maxlen=frame_log)
+        self._stalled = False
+        self._refuse = False
+        self._server: asyncio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._bound: tuple[str, int] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start the periodic feeder task; returns once clients can connect."""
+        if self._server is not None:
+            raise RuntimeError("already started")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Session(self), self._host, self._port_wanted, reuse_address=True
+        )
+        sock = self._server.sockets[0].getsockname()
+        self._bound = (str(sock[0]), int(sock[1]))
+        self._ticker = asyncio.create_task(self._tick_forever(), name=f"iedsim-104-{self.name}-tick")
+        _log.info(
+            "%s: IEC 104 outstation on %s:%d, common address %d, %d monitor / %d control points",
+            self.name,
+            *self._bound,
+            self.common_address,
+            len(self._monitors),
+            len(self._controls),
+        )
+
+    async def close(self) -> None:
+        """Stop listening, close every connection, cancel timers and the feeder task."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for s in list(self._sessions):
+            s.abort()
+        for h in self._travelling.values():
+            h.cancel()
+        self._travelling.clear()
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        if server is not None:
+            await server.wait_closed()
+        await asyncio.sleep(0)  # let connection_lost callbacks of aborted transports run
+
+    async def __aenter__(self) -> Iec104Outstation:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def name(self) -> str:
+        return self.device.name
+
+    @property
+    def host(self) -> str:
+        return self._bound[0] if self._bound else self._host
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when 0 was asked for)."""
+        return self._bound[1] if self._bound else self._port_wanted
+
+    @property
+    def points(self) -> tuple[Point, ...]:
+        return self._points
+
+    @property
+    def stalled(self) -> bool:
+        return self._stalled
+
+    # -- fault injection and inspection ------------------------------------------------
+
+    def stall(self) -> None:
+        """Stop reading, answering and sending on every connection; keep them open.
+
+        Like a hung device whose TCP stack is still alive: the client only notices through
+        its own t1/t3 supervision.
+        """
+        if self._stalled:
+            return
+        self._stalled = True
+        _log.info("%s: stalled", self.name)
+        for s in self._sessions:
+            s.pause()
+
+    def resume(self) -> None:
+        """Undo :meth:`stall`; frames the clients sent meanwhile are processed now."""
+        if not self._stalled:
+            return
+        self._stalled = False
+        _log.info("%s: resumed", self.name)
+        for s in list(self._sessions):
+            s.unpause()
+
+    def drop(self) -> None:
+        """Close every client connection at once (RST); the listener stays open."""
+        _log.info("%s: dropping %d connection(s)", self.name, len(self._sessions))
+        for s in list(self._sessions):
+            s.abort()
+
+    def refuse_commands(self, refuse: bool) -> None:
+        """While on, every command gets a negative ACTCON."""
+        self._refuse = refuse
+        _log.info("%s: refuse commands %s", self.name, "on" if refuse else "off")
+
+    def set_breaker_travel(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("travel time must not be negative")
+        self._breaker_travel_s = seconds
+
+    def set_value(self, point: str, value: float, quality: Quality | None = None) -> float:
+        """Force a monitor point and send it spontaneously now; return ``time.time()`` of the write.
+
+        The value is in engineering units; a breaker position moves the model's breaker and
+        a set-point read-back changes the model's limit. Other points stay pinned until
+        :meth:`release`. ``quality`` (QDS bits) sticks until given again.
+        """
+        m = self._monitors.get(point)
+        if m is None:
+            raise KeyError(f"{self.name}: no monitor point {point!r}")
+        if quality is not None:
+            m.forced_quality = Quality(quality)
+        return self._force(m, value)
+
+    def release(self, point: str) -> None:
+        """Let the feeder model drive a point forced by :meth:`set_value` again."""
+        self.model.release(point)
+        if point in self._monitors:
+            self._monitors[point].forced_quality = Quality.GOOD
+
+    def values(self) -> dict[str, MonitorValue]:
+        """The value, raw value, quality and change time the outstation reports per point."""
+        return {name: MonitorValue(name, m.value, m.raw, m.quality, m.time) for name, m in self._monitors.items()}
+
+    def recent_frames(self) -> list[FrameRecord]:
+        """The last ``frame_log`` frames in and out, oldest first (what a capture would show)."""
+        return list(self._frames)
+
+    def stats(self) -> OutstationStats:
+        snap = dataclasses.replace(self._stats)
+        snap.active_connections = len(self._sessions)
+        return snap
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _update(self, m: _Monitor, value: float, now: float, *, force: bool = False) -> bool:
+        """Take a new engineering value; True when it is a reportable change."""
+        raw, overflow = _to_raw(m.point, m.type_id, value)
+        quality = (m.forced_quality | Quality.OVERFLOW) if overflow else m.forced_quality
+        if m.point.address.kind == "measured":
+            moved = abs(value - m.value) > m.point.deadband and raw != m.raw
+        else:
+            moved = raw != m.raw
+        if not (moved or force or quality != m.quality):
+            return False
+        m.value, m.raw, m.quality, m.time = value, raw, quality, now
+        return True
+
+    def _refresh_all(self, now: float, exclude: str | None = None) -> list[_Monitor]:
+        values = self.model.values()
+        return [m for name, m in self._monitors.items() if name != exclude and self._update(m, values[name], now)]
+
+    def _asdus(self, monitors: Sequence[_Monitor], cot: Cot) -> list[bytes]:
+        """Pack monitors into as few ASDUs as the 249-octet limit allows, grouped by type."""
+        by_type: dict[TypeId, list[_Monitor]] = collections.defaultdict(list)
+        for m in monitors:
+            by_type[m.type_id].append(m)
+        out: list[bytes] = []
+        for type_id, ms in by_type.items():
+            per = min(_MAX_OBJECTS, (_ASDU_LIMIT - asdu_size(type_id, 0)) // object_size(type_id))
+            ms.sort(key=lambda m: m.point.address.ioa)
+            for i in range(0, len(ms), per):
+                objects = tuple(_info_object(m) for m in ms[i : i + per])
+                out.append(encode_asdu(Asdu(type_id, cot, self.common_address, objects)))
+        return out
+
+    def _send_spontaneous(self, monitors: Sequence[_Monitor]) -> float:
+        if monitors:
+            self._stats.spontaneous_objects += len(monitors)
+            for asdu in self._asdus(monitors, Cot.SPONTANEOUS):
+                self._broadcast(asdu)
+        return time.time()
+
+    def _broadcast(self, asdu: bytes) -> None:
+        if self._stalled:
+            self._stats.suppressed += 1
+            return
+        for s in self._sessions:
+            if s.started:
+                s.send_asdu(asdu)
+
+    def _reply(self, session: _Session, asdu: bytes, *, negative: bool = False) -> None:
+        if negative:
+            self._stats.negative_confirmations += 1
+        session.send_asdu(asdu)
+
+    # -- periodic feeder ---------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        period = self.settings.period_s
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + period
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += period
+            if next_at < loop.time():  # fell behind (suspended host): do not burst
+                next_at = loop.time() + period
+            now = time.time()
+            try:
+                self.model.step(now)
+                self._send_spontaneous(self._refresh_all(now))
+            except Exception:  # a bad step must not end the simulation; it is logged each time
+                _log.exception("%s: feeder step failed", self.name)
+
+    # -- incoming ASDUs ----------------------------------------------------------------
+
+    def handle_asdu(self, session: _Session, raw: bytes) -> None:
+        """Dispatch one received ASDU; every answer is written before this returns."""
+        try:
+            asdu = decode_asdu(raw)
+        except AsduError as exc:
+            if exc.reply_cot is not None and len(raw) >= 6:
+                _log.info("%s: %s -> negative COT %d", self.name, exc, exc.reply_cot)
+                self._reply(session, mirror(raw, exc.reply_cot, negative=True), negative=True)
+            else:
+                self._stats.protocol_errors += 1
+                _log.warning("%s: malformed ASDU %s: %s", self.name, raw.hex(" "), exc)
+            return
+        if asdu.common_address not in (self.common_address, _BROADCAST_CA):
+            _log.info("%s: %s for unknown common address %d", self.name, asdu.type_id.name, asdu.common_address)
+            self._reply(session, mirror(raw, Cot.UNKNOWN_CA, negative=True), negative=True)
+            return
+        reply = _own_ca(raw, self.common_address)
+        t = asdu.type_id
+        if not t.is_command:
+            _log.info("%s: %s in control direction from %s refused", self.name, t.name, session.peer)
+            self._reply(session, mirror(reply, Cot.UNKNOWN_TYPE_ID, negative=True), negative=True)
+        elif t is TypeId.C_IC_NA_1:
+            self._interrogation(session, reply, asdu)
+        elif t is TypeId.C_RD_NA_1:
+            self._read(session, reply, asdu)
+        elif t in (TypeId.C_CS_NA_1, TypeId.C_TS_TA_1):
+            if asdu.cot is not Cot.ACTIVATION:
+                self._reply(session, mirror(reply, Cot.UNKNOWN_COT, negative=True), negative=True)
+            else:
+                _log.info("%s: %s acknowledged", self.name, t.name)
+                self._reply(session, mirror(reply, Cot.ACTIVATION_CON))
+        else:
+            self._command(session, reply, asdu)
+
+    def _interrogation(self, session: _Session, raw: bytes, asdu: Asdu) -> None:
+        qoi = getattr(asdu.objects[0].element, "qoi", 0)
+        if asdu.cot is Cot.DEACTIVATION:
+            self._reply(session, mirror(raw, Cot.DEACTIVATION_CON))
+            return
+        if asdu.cot is not Cot.ACTIVATION:
+            self._reply(session, mirror(raw, Cot.UNKNOWN_COT, negative=True), negative=True)
+            return
+        if not 20 <= qoi <= 36:
+            _log.info("%s: interrogation with QOI %d refused", self.name, qoi)
+            self._reply(session, mirror(raw, Cot.ACTIVATION_CON, negative=True), negative=True)
+            return
+        _log.info("%s: general interrogation (QOI %d) from %s", self.name, qoi, session.peer)
+        self._reply(session, mirror(raw, Cot.ACTIVATION_CON))
+        if qoi == 20:  # no point is in a group, so group interrogations return nothing
+            now = time.time()
+            values = self.model.values()
+            for name, m in self._monitors.items():
+                self._update(m, values[name], now)
+            for a in self._asdus(list(self._monitors.values()), Cot.INTERROGATED_BY_STATION):
+                session.send_asdu(a)
+        self._reply(session, mirror(raw, Cot.ACTIVATION_TERMINATION))
+
+    def _read(self, session: _Session, raw: bytes, asdu: Asdu) -> None:
+        ioa = asdu.objects[0].ioa
+        m = self._monitor_by_ioa.get(ioa)
+        if asdu.cot is not Cot.REQUEST:
+            self._reply(session, mirror(raw, Cot.UNKNOWN_COT, negative=True), negative=True)
+        elif m is None:
+            _log.info("%s: read of unknown ioa %d", self.name, ioa)
+            self._reply(session, mirror(raw, Cot.UNKNOWN_IOA, negative=True), negative=True)
+        else:
+            self._update(m, self.model.value(m.point.name), time.time())
+            session.send_asdu(self._asdus([m], Cot.REQUEST)[0])
+
+    def _command(self, session: _Session, raw: bytes, asdu: Asdu) -> None:
+        self._stats.commands += 1
+        obj = asdu.objects[0]
+        element = obj.element
+        assert isinstance(element, CommandElement)  # the type id decides the element class
+        control = self._controls.get(obj.ioa)
+        kind = "select" if element.select else "execute"
+        what = f"{asdu.type_id.name} {kind} ioa {obj.ioa} value {element.value!r}"
+
+        def refuse(reason: str, cot: Cot = Cot.ACTIVATION_CON) -> None:
+            _log.info("%s: %s from %s refused: %s", self.name, what, session.peer, reason)
+            confirm = Cot.DEACTIVATION_CON if asdu.cot is Cot.DEACTIVATION and cot is Cot.ACTIVATION_CON else cot
+            self._reply(session, mirror(raw, confirm, negative=True), negative=True)
+
+        if asdu.cot not in (Cot.ACTIVATION, Cot.DEACTIVATION):
+            return refuse(f"cause {asdu.cot.name}", Cot.UNKNOWN_COT)
+        if control is None:
+            where = "a monitor point" if obj.ioa in self._monitor_by_ioa else "no point"
+            return refuse(f"ioa {obj.ioa} is {where}", Cot.UNKNOWN_IOA)
+        what = f"{what} ({control.name})"
+        if asdu.type_id.name != control.address.type:
+            return refuse(f"configured as {control.address.type}")
+        if len(asdu.objects) != 1:
+            return refuse("a command carries exactly one object")
+        if asdu.cot is Cot.DEACTIVATION:
+            sel = self._selections.get(control.name)
+            if sel is None or sel.session is not session:
+                return refuse("nothing selected")
+            del self._selections[control.name]
+            _log.info("%s: %s from %s: selection cancelled", self.name, what, session.peer)
+            self._reply(session, mirror(raw, Cot.DEACTIVATION_CON))
+            return None
+        if self._refuse:
+            return refuse("commands refused (fault injection)")
+        problem = self._check_value(control, element)
+        if problem:
+            return refuse(problem)
+        status = self._monitors.get(control.status_point or "")
+        if status is not None and status.point.name in self._travelling:
+            return refuse("still travelling")
+        mono = time.monotonic()
+        if element.select:
+            self._selections[control.name] = _Selection(session, mono + self.settings.select_timeout_s)
+            _log.info("%s: %s from %s: selected", self.name, what, session.peer)
+            self._reply(session, mirror(raw, Cot.ACTIVATION_CON))
+            return None
+        sel = self._selections.pop(control.name, None)
+        selected = sel is not None and sel.session is session and sel.deadline >= mono
+        if control.select_before_operate and not selected:
+            expired = sel is not None and sel.deadline < mono
+            return refuse("select expired" if expired else "execute without select")
+        _log.info("%s: %s from %s: executing", self.name, what, session.peer)
+        self._reply(session, mirror(raw, Cot.ACTIVATION_CON))
+        self._execute(session, raw, control, element, status)
+        return None
+
+    def _check_value(self, control: Point, element: CommandElement) -> str | None:
+        if isinstance(element, DoubleCommand):
+            return None if element.value in (1, 2) else f"double command state {element.value}"
+        if isinstance(element, SingleCommand):
+            return None
+        eng = control.to_engineering(float(element.value))
+        if not math.isfinite(eng):
+            return "value is not finite"
+        if control.min_value is not None and eng < control.min_value:
+            return f"{eng:g} below min_value {control.min_value:g}"
+        if control.max_value is not None and eng > control.max_value:
+            return f"{eng:g} above max_value {control.max_value:g}"
+        return None
+
+    def _execute(
+        self, session: _Session, raw: bytes, control: Point, element: CommandElement, status: _Monitor | None
+    ) -> None:
+        term = mirror(raw, Cot.ACTIVATION_TERMINATION)
+        if status is None:  # status point on another device: nothing to move here
+            session.send_asdu(term)
+            return
+        if isinstance(element, DoubleCommand) and status.point.address.kind == "double":
+            target = DoublePoint(element.value)
+            if int(status.value) == target:
+                session.send_asdu(term)
+                return
+            self._force(status, DoublePoint.INTERMEDIATE)
+            travel = self._breaker_travel_s
+
+            def arrive() -> None:
+                self._travelling.pop(status.point.name, None)
+                self._force(status, target)
+                _log.info("%s: %s now %s", self.name, status.point.name, target.name)
+                if session.started:
+                    session.send_asdu(term)
+
+            if travel <= 0:
+                arrive()
+            else:
+                loop = asyncio.get_running_loop()
+                self._travelling[status.point.name] = loop.call_later(travel, arrive)
+            return
+        if isinstance(element, SingleCommand | DoubleCommand):
+            on = element.value == 2 if isinstance(element, DoubleCommand) else bool(element.value)
+            if status.point.address.kind == "double":
+                self._force(status, DoublePoint.ON if on else DoublePoint.OFF)
+            else:
+                self._force(status, 1.0 if on else 0.0)
+        else:
+            eng = control.to_engineering(float(element.value))
+            self.model.apply_setpoint(control, eng)
+            if status.point.quantity == control.quantity:
+                now = time.time()
+                if self._update(status, self.model.value(status.point.name), now, force=True):
+                    self._send_spontaneous([status])
+            else:
+                self._force(status, eng)
+        session.send_asdu(term)
+
+    def _force(self, m: _Monitor, value: float) -> float:
+        """Set a point through the model and send it now; return the time of the write.
+
+        The point itself leaves first; what it changed in the feeder (an opened breaker
+        takes currents and powers with it) follows in further ASDUs, so the latency of the
+        forced value does not include refreshing the rest.
+        """
+        moved_feeder = self.model.set_value(m.point.name, value)
+        now = time.time()
+        self._update(m, self.model.value(m.point.name), now, force=True)
+        sent = self._send_spontaneous([m])
+        if moved_feeder:
+            self._send_spontaneous(self._refresh_all(now, exclude=m.point.name))
+        return sent
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _session_opened(self, s: _Session) -> None:
+        self._sessions.add(s)
+        self._stats.connections_accepted += 1
+        _log.info("%s: connection from %s (%d open)", self.name, s.peer, len(self._sessions))
+
+    def _session_closed(self, s: _Session, reason: str) -> None:
+        self._sessions.discard(s)
+        for name in [n for n, sel in self._selections.items() if sel.session is s]:
+            del self._selections[name]
+        _log.info("%s: connection from %s closed: %s (%d open)", self.name, s.peer, reason, len(self._sessions))
+
+
+def _own_ca(raw: bytes, ca: int) -> bytes:
+    """Answers to a broadcast (CA 65535) carry the station's own common address."""
+    if raw[4:6] == ca.to_bytes(2, "little"):
+        return raw
+    return raw[:4] + ca.to_bytes(2, "little") + raw[6:]
+
+
+def _to_raw(point: Point, type_id: TypeId, value: float) -> tuple[float | int | bool, bool]:
+    """Engineering -> protocol value for the point's type, and whether it overflowed."""
+    kind = point.address.kind
+    if kind == "single":
+        return bool(round(value)), False
+    if kind == "double":
+        return int(value) & 0x03, False
+    raw = point.to_raw(value)
+    if type_id in (TypeId.M_ME_NA_1, TypeId.M_ME_TD_1):
+        clamped = max(-1.0, min(32767 / 32768, raw))
+        return round(clamped * 32768) / 32768, clamped != raw
+    if type_id in (TypeId.M_ME_NB_1, TypeId.M_ME_TE_1):
+        if not math.isfinite(raw):
+            return 0, True
+        r = round(raw)
+        clamped_i = max(-32768, min(32767, r))
+        return clamped_i, clamped_i != r
+    return raw, not abs(raw) <= _F32_MAX
+
+
+def _info_object(m: _Monitor) -> InfoObject:
+    cls = _MONITOR_ELEMENT[m.type_id.name]
+    element: Element = cls(m.raw, m.quality)
+    t = Cp56Time.from_timestamp(m.time) if m.type_id in _TIMED else None
+    return InfoObject(m.point.address.ioa, element, t)
+
+
+class _Session(asyncio.Protocol):
+    """One client connection: APCI state machine, flow control and link supervision."""
+
+    def __init__(self, outstation: Iec104Outstation) -> None:
+        self.o = outstation
+        t = outstation.timers
+        self.k, self.w = t.k, t.w
+        self.t1, self.t2, self.t3 = float(t.t1_s), float(t.t2_s), float(t.t3_s)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.decoder = FrameDecoder()
+        self.started = False
+        self.vs = 0  # next N(S) to send
+        self.vr = 0  # next N(S) expected
+        self.acked = 0  # oldest of our I-frames not yet acknowledged
+        self.unacked_at: collections.deque[float] = collections.deque()
+        self.recv_unacked = 0
+        self.pending: collections.deque[bytes] = collections.deque()
+        self.last_rx = time.monotonic()
+        self.testfr_at: float | None = None
+        self._t1: asyncio.TimerHandle | None = None
+        self._t2: asyncio.TimerHandle | None = None
+        self._t3: asyncio.TimerHandle | None = None
+        self._dropped_logged = 0
+        self._close_reason = "peer closed"
+
+    # asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.o._session_opened(self)
+        self._t3 = asyncio.get_running_loop().call_later(self.t3, self._t3_check)
+        if self.o.stalled:
+            transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for h in (self._t1, self._t2, self._t3):
+            if h is not None:
+                h.cancel()
+        self.transport = None
+        self.started = False
+        self.pending.clear()
+        reason = self._close_reason if exc is None else f"{self._close_reason} ({exc})"
+        self.o._session_closed(self, reason)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for frame in self.decoder.feed(data):
+                if self.transport is None or self.transport.is_closing():
+                    return
+                self._on_frame(frame)
+        except FrameError as exc:
+            self._protocol_error(f"framing: {exc}")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # frames ----------------------------------------------------------------------------
+
+    def _on_frame(self, frame: IFrame | SFrame | UFrame) -> None:
+        st = self.o._stats
+        st.frames_in += 1
+        self.last_rx = time.monotonic()
+        data = encode_frame(frame)  # the decoder keeps no copy; the frame re-encodes exactly
+        self.o._frames.append(FrameRecord(time.time(), "in", self.peer, data))
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s <- %s %s", self.o.name, self.peer, data.hex(" "))
+        if isinstance(frame, UFrame):
+            self._on_u(frame.function)
+        elif isinstance(frame, SFrame):
+            self._on_ack(frame.recv_seq)
+        else:
+            st.i_frames_in += 1
+            if frame.send_seq != self.vr:
+                self._protocol_error(f"N(S) {frame.send_seq}, expected {self.vr}")
+                return
+            self.vr = (self.vr + 1) % SEQ_MODULO
+            if not self._on_ack(frame.recv_seq):
+                return
+            self.recv_unacked += 1
+            if self.started:
+                self.o.handle_asdu(self, frame.asdu)
+            else:
+                _log.info("%s: I-frame from %s before STARTDT ignored", self.o.name, self.peer)
+            if self.recv_unacked >= self.w:
+                self._send_s()
+            elif self.recv_unacked and self._t2 is None:
+                self._t2 = asyncio.get_running_loop().call_later(self.t2, self._t2_expired)
+
+    def _on_u(self, fn: UFunction) -> None:
+        if fn is UFunction.STARTDT_ACT:
+            self.started = True
+            self._write(encode_frame(UFrame(UFunction.STARTDT_CON)))
+            _log.info("%s: STARTDT from %s", self.o.name, self.peer)
+            self._flush()
+        elif fn is UFunction.STOPDT_ACT:
+            self.started = False
+            self.pending.clear()
+            if self.recv_unacked:
+                self._send_s()
+            self._write(encode_frame(UFrame(UFunction.STOPDT_CON)))
+            _log.info("%s: STOPDT from %s", self.o.name, self.peer)
+        elif fn is UFunction.TESTFR_ACT:
+            self._write(encode_frame(UFrame(UFunction.TESTFR_CON)))
+        elif fn is UFunction.TESTFR_CON:
+            self.testfr_at = None
+        # STARTDT_CON / STOPDT_CON are answers to acts we never send: ignore them.
+
+    def _on_ack(self, nr: int) -> bool:
+        """Take the peer's N(R); False (and the link closed) when it acknowledges nonsense."""
+        outstanding = (self.vs - self.acked) % SEQ_MODULO
+        n = (nr - self.acked) % SEQ_MODULO
+        if n > outstanding:
+            self._protocol_error(f"N(R) {nr} outside {self.acked}..{self.vs}")
+            return False
+        for _ in range(n):
+            self.unacked_at.popleft()
+        self.acked = nr
+        if n and self.pending:
+            self._flush()
+        return True
+
+    # sending ---------------------------------------------------------------------------
+
+    def send_asdu(self, asdu: bytes) -> None:
+        """Send now if the k window allows, else queue (bounded; overflow is counted)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.o.stalled:
+            self.o._stats.suppressed += 1
+            return
+        if not self.pending and len(self.unacked_at) < self.k:
+            self._write_i(asdu)
+        elif len(self.pending) < self.o._queue_max:
+            self.pending.append(asdu)
+        else:
+            self.o._stats.drops += 1
+            self._dropped_logged += 1
+            if self._dropped_logged == 1 or self._dropped_logged % 1000 == 0:
+                _log.warning(
+                    "%s: send queue to %s full (%d): %d ASDU(s) dropped so far",
+                    self.o.name,
+                    self.peer,
+                    self.o._queue_max,
+                    self._dropped_logged,
+                )
+
+    def _flush(self) -> None:
+        while self.pending and len(self.unacked_at) < self.k and self.started:
+            self._write_i(self.pending.popleft())
+
+    def _write_i(self, asdu: bytes) -> None:
+        frame = encode_frame(IFrame(self.vs, self.vr, asdu))
+        self.vs = (self.vs + 1) % SEQ_MODULO
+        self.unacked_at.append(time.monotonic())
+        self._acknowledged()
+        self.o._stats.i_frames_out += 1
+        self._write(frame)
+        if self._t1 is None:
+            self._t1 = asyncio.get_running_loop().call_later(self.t1, self._t1_check)
+
+    def _send_s(self) -> None:
+        self._acknowledged()
+        self._write(encode_frame(SFrame(self.vr)))
+
+    def _acknowledged(self) -> None:
+        self.recv_unacked = 0
+        if self._t2 is not None:
+            self._t2.cancel()
+            self._t2 = None
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        self.o._stats.frames_out += 1
+        self.o._frames.append(FrameRecord(time.time(), "out", self.peer, data))
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%s -> %s %s", self.o.name, self.peer, data.hex(" "))
+
+    # supervision -----------------------------------------------------------------------
+
+    def _t1_check(self) -> None:
+        self._t1 = None
+        if self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.o.stalled:
+            self._t1 = loop.call_later(self.t1, self._t1_check)
+            return
+        oldest = [t for t in (self.unacked_at[0] if self.unacked_at else None, self.testfr_at) if t is not None]
+        if not oldest:
+            return
+        deadline = min(oldest) + self.t1
+        now = time.monotonic()
+        if now >= deadline:
+            self._close_reason = "t1 expired (no acknowledgement)"
+            _log.warning("%s: t1 expired on %s, closing", self.o.name, self.peer)
+            self.abort()
+            return
+        self._t1 = loop.call_later(deadline - now, self._t1_check)
+
+    def _t2_expired(self) -> None:
+        self._t2 = None
+        if self.transport is not None and self.recv_unacked and not self.o.stalled:
+            self._send_s()
+
+    def _t3_check(self) -> None:
+        self._t3 = None
+        if self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        idle = now - self.last_rx
+        if not self.o.stalled and idle >= self.t3 and self.testfr_at is None:
+            self.testfr_at = now
+            self._write(encode_frame(UFrame(UFunction.TESTFR_ACT)))
+            if self._t1 is None:
+                self._t1 = loop.call_later(self.t1, self._t1_check)
+            idle = 0.0
+        self._t3 = loop.call_later(max(0.05, self.t3 - idle), self._t3_check)
+
+    # control -----------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def unpause(self) -> None:
+        if self.transport is None:
+            return
+        now = time.monotonic()
+        self.last_rx = now
+        self.unacked_at = collections.deque(now for _ in self.unacked_at)
+        if self.testfr_at is not None:
+            self.testfr_at = now
+        self.transport.resume_reading()
+        if self.recv_unacked and self._t2 is None:
+            self._t2 = asyncio.get_running_loop().call_later(self.t2, self._t2_expired)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            if self._close_reason == "peer closed":
+                self._close_reason = "closed by outstation"
+            self.transport.abort()
+
+    def _protocol_error(self, reason: str) -> None:
+        self.o._stats.protocol_errors += 1
+        self._close_reason = f"protocol error: {reason}"
+        _log.warning("%s: protocol error from %s: %s; closing", self.o.name, self.peer, reason)
+        self.abort()
+
+
+# ---------------------------------------------------------------------------------------
+# Many stations, control channel
+
+
+async def serve_many(
+    config: LabConfig,
+    device: str,
+    base_port: int,
+    count: int,
+    *,
+    host: str | None = None,
+    seed: int | None = None,
+) -> list[Iec104Outstation]:
+    """Start ``count`` outstations of one device on ports base_port, base_port+1, ...
+
+    All run in the calling event loop; base_port 0 gives each a free port. Station i gets
+    seed ``seed + i`` so the feeders do not move in lockstep. On failure the ones already
+    started are closed again.
+    """
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    started: list[Iec104Outstation] = []
+    try:
+        for i in range(count):
+            o = Iec104Outstation(
+                config,
+                device,
+                host=host,
+                port=0 if base_port == 0 else base_port + i,
+                seed=None if seed is None else seed + i,
+            )
+            await o.start()
+            started.append(o)
+    except BaseException:
+        for o in started:
+            await o.close()
+        raise
+    return started
+
+
+class ControlChannel:
+    """A line-based remote for fault injection, on loopback TCP.
+
+    Commands (one per line, answers ``ok ...`` or ``err <reason>``): ``stall``, ``resume``,
+    ``drop``, ``refuse on|off``, ``set NAME VALUE [QDS]`` (answers ``ok <time.time() of the
+    write>``, of the first station), ``release NAME``, ``travel SECONDS``, ``stats`` (one
+    JSON object per station), ``quit`` (closes this control connection). Every command
+    applies to every station given.
+    """
+
+    def __init__(self, outstations: Sequence[Iec104Outstation], *, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not outstations:
+            raise ValueError("a control channel needs at least one outstation")
+        self._targets = list(outstations)
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        _log.info("control channel on %s:%d", self._host, self.port)
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for w in list(self._clients):
+            w.close()
+        await server.wait_closed()
+
+    async def __aenter__(self) -> ControlChannel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients.add(writer)
+        try:
+            while line := await reader.readline():
+                words = line.decode("utf-8", "replace").split()
+                if not words:
+                    continue
+                if words[0] == "quit":
+                    writer.write(b"ok bye\n")
+                    break
+                writer.write((self.execute(words) + "\n").encode())
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def execute(self, words: Sequence[str]) -> str:
+        """Run one command line (already split); returns the answer line without newline."""
+        cmd, args = words[0].lower(), list(words[1:])
+        try:
+            if cmd == "stall" and not args:
+                for o in self._targets:
+                    o.stall()
+            elif cmd == "resume" and not args:
+                for o in self._targets:
+                    o.resume()
+            elif cmd == "drop" and not args:
+                for o in self._targets:
+                    o.drop()
+            elif cmd == "refuse" and args in (["on"], ["off"]):
+                for o in self._targets:
+                    o.refuse_commands(args[0] == "on")
+            elif cmd == "set" and len(args) in (2, 3):
+                quality = Quality(int(args[2], 0)) if len(args) == 3 else None
+                times = [o.set_value(args[0], float(args[1]), quality) for o in self._targets]
+                return f"ok {times[0]:.6f}"
+            elif cmd == "release" and len(args) == 1:
+                for o in self._targets:
+                    o.release(args[0])
+            elif cmd == "travel" and len(args) == 1:
+                for o in self._targets:
+                    o.set_breaker_travel(float(args[0]))
+            elif cmd == "stats" and not args:
+                rows = [{"station": o.name, "port": o.port, **o.stats().as_dict()} for o in self._targets]
+                return "ok " + json.dumps(rows)
+            else:
+                return f"err unknown command or wrong arguments: {' '.join(words)}"
+        except (KeyError, ValueError) as exc:
+            return f"err {exc}"
+        return "ok"
