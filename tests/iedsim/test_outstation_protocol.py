@@ -144,13 +144,14 @@ async def test_gi_packs_many_points_within_the_asdu_limit(
         await client.close()
 
 
-async def test_group_interrogation_is_empty_and_bad_qoi_negative(raw_client: Any) -> None:
+async def test_group_interrogation_is_empty_and_bad_qoi_negative(outstation: Iec104Outstation, raw_client: Any) -> None:
     raw_client.send_asdu(gi(qoi=21))
     assert (await raw_client.recv_asdu()).cot is Cot.ACTIVATION_CON
     assert (await raw_client.recv_asdu()).cot is Cot.ACTIVATION_TERMINATION
     raw_client.send_asdu(gi(qoi=5))
     neg = await raw_client.recv_asdu()
     assert (neg.cot, neg.negative) == (Cot.ACTIVATION_CON, True)
+    assert outstation.stats().interrogations == 2
 
 
 async def test_broadcast_interrogation_answers_with_own_address(raw_client: Any) -> None:
@@ -277,7 +278,8 @@ async def test_sbo_sequence_and_return_information(outstation: Iec104Outstation,
     raw_client.send_asdu(command(dc, BREAKER_CMD, DoubleCommand(1)))
     await _expect(raw_client, dc, Cot.ACTIVATION_CON)
     await _expect(raw_client, dc, Cot.ACTIVATION_TERMINATION)
-    assert outstation.stats().commands == 4
+    stats = outstation.stats()
+    assert (stats.commands, stats.selects, stats.negative_confirmations) == (4, 2, 0)
 
 
 async def test_execute_without_select_is_refused(raw_client: Any) -> None:

@@ -107,7 +107,12 @@ class OutstationStats:
     frames_out: int = 0
     i_frames_in: int = 0
     i_frames_out: int = 0
+    #: Command ASDUs received (selects, executes, deactivations), refused ones included.
     commands: int = 0
+    #: Of those, selects (S/E = 1): tells SBO from direct operation apart.
+    selects: int = 0
+    #: Interrogation commands received (activation), answered or not.
+    interrogations: int = 0
     negative_confirmations: int = 0
     spontaneous_objects: int = 0
     #: ASDUs lost because a session's send queue (k window full) overflowed.
@@ -473,6 +478,7 @@ class Iec104Outstation:
         if asdu.cot is not Cot.ACTIVATION:
             self._reply(session, mirror(raw, Cot.UNKNOWN_COT, negative=True), negative=True)
             return
+        self._stats.interrogations += 1
         if not 20 <= qoi <= 36:
             _log.info("%s: interrogation with QOI %d refused", self.name, qoi)
             self._reply(session, mirror(raw, Cot.ACTIVATION_CON, negative=True), negative=True)
@@ -505,6 +511,8 @@ class Iec104Outstation:
         obj = asdu.objects[0]
         element = obj.element
         assert isinstance(element, CommandElement)  # the type id decides the element class
+        if element.select:
+            self._stats.selects += 1
         control = self._controls.get(obj.ioa)
         kind = "select" if element.select else "execute"
         what = f"{asdu.type_id.name} {kind} ioa {obj.ioa} value {element.value!r}"
