@@ -85,8 +85,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for name, dev in cfg.devices.items():
         pts = cfg.points_of(name)
         ctl = [p for p in pts if p.direction.value == "control"]
-        print(f"  {name}: {dev.protocol} {dev.host}:{dev.port} CA {dev.common_address}: "
-              f"{len(pts) - len(ctl)} monitored, {len(ctl)} control")
+        print(
+            f"  {name}: {dev.protocol} {dev.host}:{dev.port} CA {dev.common_address}: "
+            f"{len(pts) - len(ctl)} monitored, {len(ctl)} control"
+        )
         for p in ctl:
             print(f"    {p.name} -> confirmed by {p.status_point}{' (SBO)' if p.select_before_operate else ''}")
     print(f"  redis: {cfg.redis.url or 'embedded (started by the gateway)'}")

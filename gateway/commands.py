@@ -115,7 +115,9 @@ class StatusWatcher:
     def __init__(self) -> None:
         self._waiters: dict[str, list[tuple[float | int | bool, float, float, asyncio.Future[PointUpdate]]]] = {}
 
-    def watch(self, status: str, expected: float | int | bool, tolerance: float, after: float) -> asyncio.Future[PointUpdate]:
+    def watch(
+        self, status: str, expected: float | int | bool, tolerance: float, after: float
+    ) -> asyncio.Future[PointUpdate]:
         fut: asyncio.Future[PointUpdate] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(status, []).append((expected, tolerance, after, fut))
         return fut
@@ -187,7 +189,9 @@ async def confirm(
                 outcome.result, outcome.reason = "confirmed", "status already at the requested value"
                 outcome.confirm_ts = now()
                 return outcome
-            exc2 = CommandTimeout(control.name, f"status {status.name} did not reach {expected!r} within {timeout_s:g} s")
+            exc2 = CommandTimeout(
+                control.name, f"status {status.name} did not reach {expected!r} within {timeout_s:g} s"
+            )
             outcome.result, outcome.reason = exc2.result, exc2.reason
             return outcome
         outcome.result = "confirmed"
@@ -199,7 +203,9 @@ async def confirm(
             fut.cancel()
 
 
-def build_request(cfg: LabConfig, point_name: str, value: str | float | int | bool, requested_by: str, request_id: str = "") -> tuple[Point, Point, CommandRequest, float | int | bool]:
+def build_request(
+    cfg: LabConfig, point_name: str, value: str | float | int | bool, requested_by: str, request_id: str = ""
+) -> tuple[Point, Point, CommandRequest, float | int | bool]:
     """Validate an operator request against the config; CommandInvalid names what is wrong."""
     try:
         control = cfg.point(point_name)
@@ -209,5 +215,7 @@ def build_request(cfg: LabConfig, point_name: str, value: str | float | int | bo
     if control.status_point is None:  # config validation forbids it; keep mypy and readers sure
         raise CommandInvalid(point_name, "control point has no status point")
     status = cfg.point(control.status_point)
-    req = CommandRequest(point_name, raw, requested_by, request_id or CommandOutcome.new_id(), control.select_before_operate)
+    req = CommandRequest(
+        point_name, raw, requested_by, request_id or CommandOutcome.new_id(), control.select_before_operate
+    )
     return control, status, req, eng

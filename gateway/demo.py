@@ -10,14 +10,13 @@ stream), prints every step with its timing, and shuts everything down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from gateway.config import Direction, LabConfig, load_config
+from gateway.iedsim.launch import SimProcess
 from gateway.runtime import Gateway
 from gateway.services import RedisServer, free_port
 from gateway.store import RedisStore
@@ -36,52 +35,6 @@ class _Clock:
 
     def ms(self) -> str:
         return f"{(time.monotonic() - self.t0) * 1000:8.1f} ms"
-
-
-class SimProcess:
-    """``iedsim iec104`` as a child process, with its line-based control channel."""
-
-    def __init__(self, config_file: Path, device: str, port: int, control_port: int) -> None:
-        self.args = [
-            sys.executable, "-m", "gateway.iedsim.cli", "--log-level", "WARNING", "iec104",
-            "--config", str(config_file), "--device", device, "--host", "127.0.0.1",
-            "--port", str(port), "--control-port", str(control_port),
-        ]
-        self.control_port = control_port
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, timeout_s: float = 15.0) -> str:
-        self.proc = await asyncio.create_subprocess_exec(*self.args, stdout=asyncio.subprocess.PIPE)
-        assert self.proc.stdout is not None
-        first = ""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                line = (await self.proc.stdout.readline()).decode().strip()
-                if not line:
-                    raise RuntimeError(f"simulator exited (code {await self.proc.wait()})")
-                first = first or line
-                if line.startswith("control channel"):
-                    return first
-
-    async def control(self, line: str) -> str:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.control_port)
-        try:
-            writer.write(line.encode() + b"\n")
-            await writer.drain()
-            return (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
 
 
 async def _wait_all_points(reader: RedisStore, cfg: LabConfig, timeout_s: float) -> int:
@@ -125,8 +78,10 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
             try:
                 t = time.monotonic()
                 await gateway.wait_connected(15)
-                _say(f"[{clock.ms()}] gateway connected to {device} over IEC 104 "
-                     f"(STARTDT + general interrogation) in {(time.monotonic() - t) * 1000:.1f} ms")
+                _say(
+                    f"[{clock.ms()}] gateway connected to {device} over IEC 104 "
+                    f"(STARTDT + general interrogation) in {(time.monotonic() - t) * 1000:.1f} ms"
+                )
                 n = await _wait_all_points(reader, lab, 10)
                 _say(f"[{clock.ms()}] all {n} monitored points are in Redis")
                 _say("")
@@ -136,14 +91,18 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                 failures += await _value_latency(sim, reader, clock)
                 failures += await _commands(reader, clock, operations)
                 _say("")
-                _say("command log (Redis stream mgms:%s:cmd:log), newest last:" % lab.lab.name)
+                _say(f"command log (Redis stream {lab.redis.key_prefix}:{lab.lab.name}:cmd:log), newest last:")
                 for rec in await reader.command_log(6):
-                    _say(f"  {rec.point:<26} {rec.value:>6} by {rec.requested_by:<6} {rec.result.value:<9} "
-                         f"{(rec.duration_ms or 0):7.1f} ms {rec.reason}")
+                    _say(
+                        f"  {rec.point:<26} {rec.value:>6} by {rec.requested_by:<6} {rec.result.value:<9} "
+                        f"{(rec.duration_ms or 0):7.1f} ms {rec.reason}"
+                    )
                 stats = store.stats()
                 _say("")
-                _say(f"store: {stats.get('updates_stored', 0)} updates written, "
-                     f"{stats.get('updates_dropped', 0)} dropped; gateway: {gateway.stats()['updates']} values received")
+                _say(
+                    f"store: {stats.get('updates_stored', 0)} updates written, "
+                    f"{stats.get('updates_dropped', 0)} dropped; gateway: {gateway.stats()['updates']} values received"
+                )
             finally:
                 stop.set()
                 await asyncio.wait_for(task, 15)
@@ -179,16 +138,20 @@ async def _value_latency(sim: SimProcess, reader: RedisStore, clock: _Clock, sam
             _say(f"  value {value} did not reach Redis within 2 s")
             return 1
     await sim.control("release feeder.voltage.l1")
-    _say(f"[{clock.ms()}] value change in the simulator -> stored in Redis, {samples} samples: "
-         f"median {statistics.median(lat):.2f} ms, max {max(lat):.2f} ms (IEC 104, spontaneous M_ME_TF_1)")
+    _say(
+        f"[{clock.ms()}] value change in the simulator -> stored in Redis, {samples} samples: "
+        f"median {statistics.median(lat):.2f} ms, max {max(lat):.2f} ms (IEC 104, spontaneous M_ME_TF_1)"
+    )
     return 0
 
 
 async def _commands(reader: RedisStore, clock: _Clock, operations: int) -> int:
     failures = 0
     _say("")
-    _say("operating the breaker through the Redis command stream (SBO double command, confirmed by "
-         "the position read back):")
+    _say(
+        "operating the breaker through the Redis command stream (SBO double command, confirmed by "
+        "the position read back):"
+    )
     for _ in range(operations):
         for word in ("open", "close"):
             rid = await reader.submit_command("feeder.breaker.command", word, by="demo")
@@ -198,8 +161,10 @@ async def _commands(reader: RedisStore, clock: _Clock, operations: int) -> int:
                 failures += 1
                 continue
             ack = (rec.ack_ts - rec.sent_ts) * 1000 if rec.ack_ts and rec.sent_ts else float("nan")
-            _say(f"[{clock.ms()}]   {word:<5} -> {rec.result.value} in {(rec.duration_ms or 0):6.1f} ms "
-                 f"(ACTCON after {ack:5.2f} ms; includes the simulated breaker travel)")
+            _say(
+                f"[{clock.ms()}]   {word:<5} -> {rec.result.value} in {(rec.duration_ms or 0):6.1f} ms "
+                f"(ACTCON after {ack:5.2f} ms; includes the simulated breaker travel)"
+            )
             failures += rec.result.value != "confirmed"
     for point, value, expect in (
         ("feeder.p_limit.setpoint", "45", "confirmed"),
@@ -210,7 +175,8 @@ async def _commands(reader: RedisStore, clock: _Clock, operations: int) -> int:
         rec = await reader.wait_reply(rid, 15)
         result = rec.result.value if rec is not None else "no reply"
         why = f" ({rec.reason})" if rec is not None and rec.reason else ""
-        _say(f"[{clock.ms()}]   {point} = {value} -> {result}{why}"
-             f"{'' if result == expect else f'  [expected {expect}]'}")
+        _say(
+            f"[{clock.ms()}]   {point} = {value} -> {result}{why}{'' if result == expect else f'  [expected {expect}]'}"
+        )
         failures += result != expect
     return failures

@@ -41,12 +41,16 @@ class Gateway:
         adapters: Mapping[str, Adapter] | None = None,
         *,
         max_parallel_commands: int = 16,
+        drain_timeout_s: float = 30.0,
     ) -> None:
+        self.drain_timeout_s = drain_timeout_s
         self.config = config
         self.store = store
-        self.adapters: dict[str, Adapter] = dict(adapters) if adapters is not None else {
-            name: create_adapter(dev, config.points_of(name)) for name, dev in config.devices.items()
-        }
+        self.adapters: dict[str, Adapter] = (
+            dict(adapters)
+            if adapters is not None
+            else {name: create_adapter(dev, config.points_of(name)) for name, dev in config.devices.items()}
+        )
         self._watcher = StatusWatcher()
         self._latest: dict[str, PointUpdate] = {}
         self._monitor_points = {
@@ -54,6 +58,7 @@ class Gateway:
         }
         self._command_slots = asyncio.Semaphore(max_parallel_commands)
         self._ready = asyncio.Event()
+        self._stopping = asyncio.Event()
         self.counters: dict[str, int] = {"updates": 0, "link_changes": 0, "commands": 0}
 
     # ----------------------------------------------------------------- running
@@ -67,11 +72,18 @@ class Gateway:
                     tg.create_task(self._pump(adapter), name=f"pump:{name}")
                 requests = tg.create_task(self._serve_requests(), name="command-requests")
                 self._ready.set()
-                log.info("gateway %s running: %d devices, %d points", self.config.lab.name,
-                         len(self.adapters), len(self.config.points))
+                log.info(
+                    "gateway %s running: %d devices, %d points",
+                    self.config.lab.name,
+                    len(self.adapters),
+                    len(self.config.points),
+                )
                 await stop.wait()
                 log.info("gateway %s stopping", self.config.lab.name)
-                requests.cancel()
+                # No new command requests; commands under way finish (their devices still
+                # connected) before the links close, so none ends as failed by our own hand.
+                self._stopping.set()
+                await asyncio.wait({requests}, timeout=self.drain_timeout_s)
                 for adapter in self.adapters.values():
                     await adapter.close()
         finally:
@@ -159,14 +171,19 @@ class Gateway:
         )
         log.info(
             "command %s %s=%r by %s: %s%s (%.1f ms)",
-            outcome.request_id, point, eng, requested_by, outcome.result,
-            f": {outcome.reason}" if outcome.reason else "", outcome.duration_ms or 0.0,
+            outcome.request_id,
+            point,
+            eng,
+            requested_by,
+            outcome.result,
+            f": {outcome.reason}" if outcome.reason else "",
+            outcome.duration_ms or 0.0,
         )
         return outcome
 
     async def _serve_requests(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            async for entry in self.store.command_requests():
+            async for entry in self.store.command_requests(block_ms=250, stop=self._stopping):
                 await self._command_slots.acquire()
                 tg.create_task(self._handle_request(entry), name=f"command:{entry.request_id}")
 

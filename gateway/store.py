@@ -1136,6 +1136,7 @@ class RedisStore:
         count: int = 10,
         claim_idle_ms: int = 0,
         max_age_s: float | None = None,
+        stop: asyncio.Event | None = None,
     ) -> AsyncIterator[CommandRequestEntry]:
         """Operator requests, for the command executor; runs until the store is closed.
 
@@ -1145,12 +1146,16 @@ class RedisStore:
         gateway died comes back here after a restart. Requests without ``point`` or
         ``value``, and those older than ``max_age_s``, are logged as ``invalid`` here and
         not yielded. Redis outages are ridden out with backoff.
+
+        ``stop`` ends the stream within ``block_ms`` once set. Stop it this way rather than
+        by cancelling the consumer: a cancelled blocking XREADGROUP can leave redis-py's
+        connection in a state where the cancellation never completes (seen in tests).
         """
         key = self.keys.cmd_requests
         pending = True
         pending_from = "0"
         attempt = 0
-        while not self._closed:
+        while not self._closed and not (stop is not None and stop.is_set()):
             try:
                 if pending:
                     if pending_from == "0":

@@ -48,7 +48,9 @@ def render(cfg: LabConfig, values: dict[str, StoredValue], links: dict[str, str]
     return "\n".join(lines)
 
 
-async def watch(cfg: LabConfig, store: RedisStore, *, once: bool = False, out: TextIO, max_rate_hz: float = 5.0) -> None:
+async def watch(
+    cfg: LabConfig, store: RedisStore, *, once: bool = False, out: TextIO, max_rate_hz: float = 5.0
+) -> None:
     """Print the table; unless ``once``, redraw it on every change (at most ``max_rate_hz``)."""
     values = await store.latest_all()
     links = {}

@@ -129,15 +129,19 @@ async def test_select_before_operate_and_direct(lab: Lab, base_config: LabConfig
             )
         }
     )
-    lab2 = await start_lab(direct_cfg, redis_server, sim)
+    # a device configured for direct operate (it refuses an execute without select otherwise)
+    sim2 = Iec104Outstation(direct_cfg, DEVICE, host="127.0.0.1", port=0, seed=5)
+    await sim2.start()
+    lab2 = await start_lab(direct_cfg, redis_server, sim2)
     try:
-        selects = sim.stats().as_dict()["selects"]
-        out = await lab2.gateway.execute("feeder.breaker.command", "close")
+        out = await lab2.gateway.execute("feeder.breaker.command", "open")
         assert out.result == "confirmed", out.reason
-        assert sim.stats().as_dict()["selects"] == selects
+        stats = sim2.stats().as_dict()
+        assert stats["selects"] == 0 and stats["commands"] == 1
     finally:
         await lab2.shutdown()
         await lab2.reader.aclose()
+        await sim2.close()
 
 
 async def test_setpoint_confirmed_by_readback(lab: Lab) -> None:

@@ -115,6 +115,8 @@ class OutstationStats:
     interrogations: int = 0
     negative_confirmations: int = 0
     spontaneous_objects: int = 0
+    #: Monitor information objects actually written to clients (any cause): the loss reference.
+    objects_out: int = 0
     #: ASDUs lost because a session's send queue (k window full) overflowed.
     drops: int = 0
     #: ASDUs not sent because the outstation was stalled on purpose.
@@ -331,7 +333,7 @@ class Iec104Outstation:
         self._breaker_travel_s = seconds
 
     def set_value(self, point: str, value: float, quality: Quality | None = None) -> float:
-        """Force a monitor point and send it spontaneously now; return ``time.time()`` of the write.
+        """Force a monitor point and send it spontaneously now; return ``time.time()`` of the change.
 
         The value is in engineering units; a breaker position moves the model's breaker and
         a set-point read-back changes the model's limit. Other points stay pinned until
@@ -624,19 +626,21 @@ class Iec104Outstation:
         session.send_asdu(term)
 
     def _force(self, m: _Monitor, value: float) -> float:
-        """Set a point through the model and send it now; return the time of the write.
+        """Set a point through the model and send it now; return the time of the change.
 
-        The point itself leaves first; what it changed in the feeder (an opened breaker
-        takes currents and powers with it) follows in further ASDUs, so the latency of the
-        forced value does not include refreshing the rest.
+        The time is taken before the value is encoded and written, so a latency measured
+        from it includes the simulator's own share (the issue's "within 1 ms of the
+        change"). The point itself leaves first; what it changed in the feeder (an opened
+        breaker takes currents and powers with it) follows in further ASDUs, so the latency
+        of the forced value does not include refreshing the rest.
         """
-        moved_feeder = self.model.set_value(m.point.name, value)
         now = time.time()
+        moved_feeder = self.model.set_value(m.point.name, value)
         self._update(m, self.model.value(m.point.name), now, force=True)
-        sent = self._send_spontaneous([m])
+        self._send_spontaneous([m])
         if moved_feeder:
             self._send_spontaneous(self._refresh_all(now, exclude=m.point.name))
-        return sent
+        return now
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -846,6 +850,8 @@ class _Session(asyncio.Protocol):
         self.unacked_at.append(time.monotonic())
         self._acknowledged()
         self.o._stats.i_frames_out += 1
+        if asdu[0] < 45:  # monitor-direction types only: not command or GI confirmations
+            self.o._stats.objects_out += asdu[1] & 0x7F  # VSQ: number of information objects
         self._write(frame)
         if self._t1 is None:
             self._t1 = asyncio.get_running_loop().call_later(self.t1, self._t1_check)

@@ -208,6 +208,7 @@ class Iec104Adapter(Adapter):
         self._gi_task: asyncio.Task[None] | None = None
         self._muted_since: float | None = None
         self._background: set[asyncio.Future[bool]] = set()
+        self._tx_by_ioa: dict[int, asyncio.Future[bool]] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -540,6 +541,11 @@ class Iec104Adapter(Adapter):
         if ioa in self._pending:
             raise CommandRejected(pt.name, "another command on this point is still in progress")
         assert self._loop is not None
+        previous = self._tx_by_ioa.get(ioa)
+        if previous is not None and not previous.done():
+            # c104 refuses a second transmit on a point while the first one still waits for
+            # its ACTTERM (SBO transmit() blocks through the whole breaker travel).
+            await asyncio.wait({previous}, timeout=self.device.command_timeout_s)
         cp = self._c104_cmd[pt.name]
         sbo = pt.select_before_operate or request.select_before_operate
         cp.command_mode = c104.CommandMode.SELECT_AND_EXECUTE if sbo else c104.CommandMode.DIRECT
@@ -553,6 +559,7 @@ class Iec104Adapter(Adapter):
         # past the device's answer but kept and collected in close().
         self._background.add(tx)
         tx.add_done_callback(self._background.discard)
+        self._tx_by_ioa[ioa] = tx
         try:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -569,6 +576,8 @@ class Iec104Adapter(Adapter):
                 if conf.negative:
                     raise CommandRejected(pt.name, conf.reason)
                 return conf.received_at
+            if tx.exception() is not None:
+                raise CommandRejected(pt.name, f"c104 refused to send: {tx.exception()}")
             if tx.result():
                 return now()  # c104 saw a positive confirmation we could not attribute
             raise CommandRejected(pt.name, "device did not confirm the command (c104 transmit failed)")
