@@ -20,7 +20,6 @@ Writes ``report.json`` and ``samples.csv`` into --out and prints a Markdown tabl
 ``from __future__ import annotations``: c104 rejects string annotations on callbacks.)
 """
 
-
 import argparse
 import asyncio
 import csv
@@ -94,13 +93,17 @@ class BareClient:
         self.breaker = station.get_point(io_address=bp.address.ioa)
         self.breaker.command_mode = c104.CommandMode.SELECT_AND_EXECUTE
 
-    def _on_receive(self, point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage) -> c104.ResponseState:
+    def _on_receive(
+        self, point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage
+    ) -> c104.ResponseState:
         t = time.time()
         if point.io_address == self.watch_ioa:
             v = point.value
             v = v.value if hasattr(v, "value") and not isinstance(v, float) else v
-            if self.watch_value is None or v == self.watch_value or (
-                isinstance(v, float) and abs(v - float(self.watch_value)) < 1e-3
+            if (
+                self.watch_value is None
+                or v == self.watch_value
+                or (isinstance(v, float) and abs(v - float(self.watch_value)) < 1e-3)
             ):
                 self.seen[point.io_address] = (t, v)
                 self.event.set()
@@ -123,7 +126,9 @@ class BareClient:
         self.client.stop()
 
 
-async def next_change(reader: RedisStore, last_id: str, point: str, value: float, timeout_s: float = 3.0) -> tuple[str, float]:
+async def next_change(
+    reader: RedisStore, last_id: str, point: str, value: float, timeout_s: float = 3.0
+) -> tuple[str, float]:
     """Block on the change feed until ``point`` shows ``value``; returns (stream id, store time)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -136,7 +141,9 @@ async def next_change(reader: RedisStore, last_id: str, point: str, value: float
     raise TimeoutError(f"{point}={value} not in the change feed")
 
 
-async def value_latency(sim: SimProcess, reader: RedisStore, bare: BareClient, cfg: LabConfig, n: int) -> dict[str, Any]:
+async def value_latency(
+    sim: SimProcess, reader: RedisStore, bare: BareClient, cfg: LabConfig, n: int
+) -> dict[str, Any]:
     pt = cfg.point("feeder.voltage.l1")
     raw_ioa = pt.address.ioa
     gw_ms: list[float] = []
@@ -157,8 +164,9 @@ async def value_latency(sim: SimProcess, reader: RedisStore, bare: BareClient, c
     return {"gateway": gw_ms, "floor": floor_ms}
 
 
-async def command_latency(sim: SimProcess, gateway: Gateway, reader: RedisStore, bare: BareClient, cfg: LabConfig,
-                          n: int) -> dict[str, Any]:
+async def command_latency(
+    sim: SimProcess, gateway: Gateway, reader: RedisStore, bare: BareClient, cfg: LabConfig, n: int
+) -> dict[str, Any]:
     await sim.control("travel 0")
     ack_ms: list[float] = []
     stored_ms: list[float] = []
@@ -208,8 +216,12 @@ def scale_config(base: LabConfig, stations: int, base_port: int, period_s: float
             if "status_point" in q:
                 q["status_point"] = f"{name}.{p['status_point']}"
             points.append(q)
-    doc = {"lab": {"name": f"scale{stations}"}, "devices": devices, "points": points,
-           "redis": {"history_maxlen": 1000, "changes_maxlen": 10000}}
+    doc = {
+        "lab": {"name": f"scale{stations}"},
+        "devices": devices,
+        "points": points,
+        "redis": {"history_maxlen": 1000, "changes_maxlen": 10000},
+    }
     path = tmp / f"scale{stations}.yaml"
     path.write_text(yaml.safe_dump(doc))
     # the simulator serves the first device's points on every port
@@ -269,17 +281,22 @@ async def ingest(stations: int, duration_s: float, period_s: float, redis: Redis
         "received_total": received_total,
         "stored_total": stored_total,
         "lossless": written_total == received_total == stored_total and drops == 0,
-        "gateway_dropped": store.stats().get("updates_dropped", 0) + gateway.adapters["st000"].stats().get("events_dropped", 0),
+        "gateway_dropped": store.stats().get("updates_dropped", 0)
+        + gateway.adapters["st000"].stats().get("events_dropped", 0),
     }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything is timed
     cfg0 = load_config(SIM_CONFIG)
     results: dict[str, Any] = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "c104": getattr(c104, "__version__", "?")},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "c104": getattr(c104, "__version__", "?"),
+        },
         "samples": args.samples,
     }
     with tempfile.TemporaryDirectory(prefix="mgms-bench-") as tmpdir:
@@ -312,20 +329,43 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await reader.aclose()
                 await sim.stop()
             results["routes"] = [
-                {"name": "feeder voltage, simulator -> MGMS Redis", "protocol": "IEC 104", "direction": "monitoring",
-                 **summary(v["gateway"]), "floor_median_ms": summary(v["floor"])["median_ms"],
-                 "floor": summary(v["floor"]), "heila_ms": 483},
-                {"name": "breaker command -> ACTCON", "protocol": "IEC 104", "direction": "control",
-                 **summary(c["ack"]), "floor_median_ms": None, "heila_ms": None},
-                {"name": "breaker command -> confirmed position in Redis (travel 0)", "protocol": "IEC 104",
-                 "direction": "control", **summary(c["stored"]),
-                 "floor_median_ms": summary(c["floor"])["median_ms"], "floor": summary(c["floor"]), "heila_ms": 584},
+                {
+                    "name": "feeder voltage, simulator -> MGMS Redis",
+                    "protocol": "IEC 104",
+                    "direction": "monitoring",
+                    **summary(v["gateway"]),
+                    "floor_median_ms": summary(v["floor"])["median_ms"],
+                    "floor": summary(v["floor"]),
+                    "heila_ms": 483,
+                },
+                {
+                    "name": "breaker command -> ACTCON",
+                    "protocol": "IEC 104",
+                    "direction": "control",
+                    **summary(c["ack"]),
+                    "floor_median_ms": None,
+                    "heila_ms": None,
+                },
+                {
+                    "name": "breaker command -> confirmed position in Redis (travel 0)",
+                    "protocol": "IEC 104",
+                    "direction": "control",
+                    **summary(c["stored"]),
+                    "floor_median_ms": summary(c["floor"])["median_ms"],
+                    "floor": summary(c["floor"]),
+                    "heila_ms": 584,
+                },
             ]
             with (out / "samples.csv").open("w", newline="") as fh:
                 w = csv.writer(fh)
                 w.writerow(["route", "i", "ms"])
-                for key, series in (("value_gateway", v["gateway"]), ("value_floor", v["floor"]),
-                                    ("cmd_ack", c["ack"]), ("cmd_stored", c["stored"]), ("cmd_floor", c["floor"])):
+                for key, series in (
+                    ("value_gateway", v["gateway"]),
+                    ("value_floor", v["floor"]),
+                    ("cmd_ack", c["ack"]),
+                    ("cmd_stored", c["stored"]),
+                    ("cmd_floor", c["floor"]),
+                ):
                     for i, ms in enumerate(series):
                         w.writerow([key, i, f"{ms:.4f}"])
             results["ingest"] = []
@@ -339,18 +379,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    lines = ["| route | n | mean | median | p95 | p99 | max | floor median | HEILA mean |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| route | n | mean | median | p95 | p99 | max | floor median | HEILA mean |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for x in r["routes"]:
         floor = f"{x['floor_median_ms']:.3f}" if x.get("floor_median_ms") is not None else "-"
         heila = f"{x['heila_ms']}" if x.get("heila_ms") is not None else "-"
-        lines.append(f"| {x['name']} | {x['n']} | {x['mean_ms']:.3f} | {x['median_ms']:.3f} | {x['p95_ms']:.3f} | "
-                     f"{x['p99_ms']:.3f} | {x['max_ms']:.3f} | {floor} | {heila} |")
-    lines += ["", "| stations | sent/s | received/s | stored/s | sent total | received total | stored total | lossless |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {x['name']} | {x['n']} | {x['mean_ms']:.3f} | {x['median_ms']:.3f} | {x['p95_ms']:.3f} | "
+            f"{x['p99_ms']:.3f} | {x['max_ms']:.3f} | {floor} | {heila} |"
+        )
+    lines += [
+        "",
+        "| stations | sent/s | received/s | stored/s | sent total | received total | stored total | lossless |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for g in r["ingest"]:
-        lines.append(f"| {g['stations']} | {g['sent_per_s']} | {g['received_per_s']} | {g['stored_per_s']} | "
-                     f"{g['objects_written_total']} | {g['received_total']} | {g['stored_total']} | {g['lossless']} |")
+        lines.append(
+            f"| {g['stations']} | {g['sent_per_s']} | {g['received_per_s']} | {g['stored_per_s']} | "
+            f"{g['objects_written_total']} | {g['received_total']} | {g['stored_total']} | {g['lossless']} |"
+        )
     m = r["machine"]
     lines += ["", f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}"]
     return "\n".join(lines)

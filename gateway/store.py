@@ -97,6 +97,19 @@ _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 5.0
 
 
+def _reraise_lost_cancel() -> None:
+    """Re-raise a cancellation that redis-py swallowed.
+
+    Seen with redis-py 8.1 on Python 3.11: a task cancelled while a command was answered
+    with an error reply (XGROUP CREATE -> BUSYGROUP) gets the ResponseError instead of the
+    CancelledError, and a loop around it then never ends. The task still counts the request
+    in ``cancelling()``, so each loop here checks it once per round.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _backoff(attempt: int) -> float:
     """Capped exponential backoff with jitter, 0.1 s .. 5 s; jitter spreads reconnect storms."""
     cap = min(_BACKOFF_MAX_S, _BACKOFF_MIN_S * 2 ** max(0, attempt - 1))
@@ -759,6 +772,7 @@ class RedisStore:
         failures = 0
         down_since = 0.0
         while True:
+            _reraise_lost_cancel()
             if not self._buf and self._side_written >= self._side_gen:
                 self._progress.set()
                 self._wake.clear()
@@ -1078,6 +1092,7 @@ class RedisStore:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            _reraise_lost_cancel()  # this is where redis-py was seen to swallow one
         self._group_ready = True
 
     async def submit_command(
@@ -1114,6 +1129,7 @@ class RedisStore:
         deadline = time.monotonic() + timeout_s
         attempt = 0
         while True:
+            _reraise_lost_cancel()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -1147,15 +1163,16 @@ class RedisStore:
         ``value``, and those older than ``max_age_s``, are logged as ``invalid`` here and
         not yielded. Redis outages are ridden out with backoff.
 
-        ``stop`` ends the stream within ``block_ms`` once set. Stop it this way rather than
-        by cancelling the consumer: a cancelled blocking XREADGROUP can leave redis-py's
-        connection in a state where the cancellation never completes (seen in tests).
+        ``stop`` ends the stream within ``block_ms`` once set, between two requests: the
+        graceful way. Cancelling the consuming task works too (see _reraise_lost_cancel for
+        why that needed care).
         """
         key = self.keys.cmd_requests
         pending = True
         pending_from = "0"
         attempt = 0
         while not self._closed and not (stop is not None and stop.is_set()):
+            _reraise_lost_cancel()
             try:
                 if pending:
                     if pending_from == "0":
@@ -1267,6 +1284,7 @@ class RedisStore:
         deadline = time.monotonic() + timeout_s
         attempt = 0
         while True:
+            _reraise_lost_cancel()
             try:
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.xadd(keys.cmd_log, _fields(record.to_fields()))

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.config import Direction, load_config
 from gateway.errors import ConfigError
@@ -61,7 +62,7 @@ def test_good_config_loads_into_typed_frozen_models(tmp_path: Path) -> None:
     cmd = cfg.point("cmd")
     assert cmd.direction is Direction.CONTROL and cmd.status_point == "pos"
     assert cmd.address.kind == "double"
-    with pytest.raises(Exception):  # frozen: pydantic raises ValidationError on assignment
+    with pytest.raises(ValidationError, match="frozen"):
         cmd.scale = 2.0  # type: ignore[misc]
 
 

@@ -80,9 +80,9 @@ class Adapter(abc.ABC):
     async def command(self, request: CommandRequest) -> float:
         """Send a command and wait for the device's own confirmation (104 ACTCON).
 
-        Returns the time (``points.now()`` clock) the device's acceptance arrived; raises CommandRejected on a negative answer,
-        CommandTimeout when none came within the device's ``command_timeout_s``, LinkError
-        when there is no link.
+        Returns the time (``points.now()`` clock) the device's acceptance arrived; raises
+        CommandRejected on a negative answer, CommandTimeout when none came within the
+        device's ``command_timeout_s``, LinkError when there is no link.
         """
 
     @property

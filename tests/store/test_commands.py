@@ -226,3 +226,41 @@ async def test_commands_with_a_client_that_does_not_decode(
         await store.close()
     finally:
         await raw.aclose()
+
+
+async def test_cancelling_the_consumer_ends_it(store: RedisStore) -> None:
+    """Cancelled at any point (group creation, pending scan, blocking read), the task ends.
+
+    redis-py was seen to swallow a cancellation that arrived during XGROUP CREATE; the
+    iterator must not then loop on forever.
+    """
+
+    async def consume() -> None:
+        async for _ in store.command_requests(block_ms=1000):
+            pass
+
+    for i in range(60):
+        task = asyncio.create_task(consume())
+        await asyncio.sleep((i % 12) * 0.002)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert done, f"consumer did not end after cancel (round {i})"
+
+
+async def test_stop_event_ends_the_stream(store: RedisStore) -> None:
+    stop = asyncio.Event()
+    got: list[CommandRequestEntry] = []
+
+    async def consume() -> None:
+        async for req in store.command_requests(block_ms=100, stop=stop):
+            got.append(req)
+
+    task = asyncio.create_task(consume())
+    rid = await store.submit_command(POINT, 1)
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert [r.request_id for r in got] == [rid]
