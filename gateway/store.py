@@ -1052,6 +1052,31 @@ class RedisStore:
         kind = self._kind(name)
         return [HistoryEntry.from_fields(sid, name, f, kind) for sid, f in reversed(_stream_entries(raw))]
 
+    async def changes_tail(self) -> str:
+        """Id of the newest change-feed entry ("0-0" if empty): start :meth:`changes` here."""
+        try:
+            raw = await self.redis.xrevrange(self.keys.changes, count=1)
+        except _ANY_REDIS as exc:
+            raise StoreError(f"cannot read {self.keys.changes}: {exc}") from exc
+        entries = _stream_entries(raw)
+        return entries[0][0] if entries else "0-0"
+
+    async def changes(self, after: str, *, block_ms: int = 1000, count: int = 1000) -> list[HistoryEntry]:
+        """Change-feed entries after stream id ``after`` (blocking up to ``block_ms``), oldest first.
+
+        The same read an operator does with ``XREAD BLOCK``: pass the last entry's ``id``
+        back in to follow the feed without polling.
+        """
+        try:
+            raw = await self.redis.xread({self.keys.changes: after}, block=block_ms, count=count)
+        except _ANY_REDIS as exc:
+            raise StoreError(f"cannot read {self.keys.changes}: {exc}") from exc
+        out = []
+        for sid, f in _stream_entries(raw):
+            name = f.get("point", "")
+            out.append(HistoryEntry.from_fields(sid, name, f, self._kind(name)))
+        return out
+
     async def link(self, device: str) -> DeviceLink | None:
         """The stored link state of a device."""
         try:
