@@ -48,12 +48,6 @@ SIM_CONFIG = ROOT / "lab_configs" / "multipower-sim.yaml"
 DEVICE = "ref615"
 
 
-async def feed_position(reader: RedisStore) -> str:
-    """Id of the newest change-feed entry, so the next XREAD sees only what comes after."""
-    last = await reader.redis.xrevrange(reader.keys.changes, count=1)
-    return last[0][0] if last else "0-0"
-
-
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     if not s:
@@ -129,15 +123,13 @@ class BareClient:
 async def next_change(
     reader: RedisStore, last_id: str, point: str, value: float, timeout_s: float = 3.0
 ) -> tuple[str, float]:
-    """Block on the change feed until ``point`` shows ``value``; returns (stream id, store time)."""
+    """Follow the change feed until ``point`` shows ``value``; returns (stream id, store time)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        reply = await reader.redis.xread({reader.keys.changes: last_id}, block=int(timeout_s * 1000), count=100)
-        for _stream, entries in reply or []:
-            for sid, f in entries:
-                last_id = sid
-                if f.get("point") == point and abs(float(f["v"]) - value) < 1e-3:
-                    return last_id, float(f["st"])
+        for e in await reader.changes(last_id, block_ms=int(timeout_s * 1000), count=100):
+            last_id = e.id
+            if e.point == point and e.value is not None and abs(float(e.value) - value) < 1e-3:
+                return last_id, e.store_ts
     raise TimeoutError(f"{point}={value} not in the change feed")
 
 
@@ -148,7 +140,7 @@ async def value_latency(
     raw_ioa = pt.address.ioa
     gw_ms: list[float] = []
     floor_ms: list[float] = []
-    last_id = await feed_position(reader)
+    last_id = await reader.changes_tail()
     for i in range(n):
         value = 225.0 + (i % 20) * 1.0 + 0.25  # steps of 1 V: above the 0.5 V deadband
         bare.arm(raw_ioa, pt.to_raw(value))
@@ -172,7 +164,7 @@ async def command_latency(
     stored_ms: list[float] = []
     floor_ms: list[float] = []
     pos = cfg.point("feeder.breaker.position")
-    last_id = await feed_position(reader)
+    last_id = await reader.changes_tail()
     for i in range(n):
         word, state = ("open", 1) if i % 2 == 0 else ("close", 2)
         out = await gateway.execute("feeder.breaker.command", word, requested_by="bench")

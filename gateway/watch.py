@@ -60,7 +60,7 @@ async def watch(
     if once:
         out.write(render(cfg, values, links, time.time()) + "\n")
         return
-    last_id = "$"
+    last_id = await store.changes_tail()
     min_gap = 1.0 / max_rate_hz
     drawn = 0.0
     dirty = True
@@ -70,15 +70,13 @@ async def watch(
             out.flush()
             drawn, dirty = time.monotonic(), False
         try:
-            reply = await store.redis.xread({store.keys.changes: last_id}, block=int(min_gap * 1000), count=1000)
-        except (StoreError, OSError, ConnectionError) as exc:
+            entries = await store.changes(last_id, block_ms=int(min_gap * 1000))
+        except StoreError as exc:
             out.write(f"\nRedis unavailable ({exc}); retrying\n")
             await asyncio.sleep(1.0)
             continue
-        for _stream, entries in reply or []:
-            for sid, _fields in entries:
-                last_id = sid
-                dirty = True
+        if entries:
+            last_id, dirty = entries[-1].id, True
         if dirty:
             values = await store.latest_all()
             for dev in cfg.devices:

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY="${PYTHON:-python3}"
 "$PY" -m ruff check .
+"$PY" -m mypy
 exec "$PY" -m pytest "$@"
