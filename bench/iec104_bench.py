@@ -133,51 +133,48 @@ async def next_change(
     raise TimeoutError(f"{point}={value} not in the change feed")
 
 
-async def value_latency(
-    sim: SimProcess, reader: RedisStore, bare: BareClient, cfg: LabConfig, n: int
-) -> dict[str, Any]:
+def _progress(what: str, i: int, n: int) -> None:
+    if (i + 1) % max(1, n // 10) == 0:
+        print(f"  {what}: {i + 1}/{n}", file=sys.stderr, flush=True)
+
+
+def _voltage(i: int) -> float:
+    return 225.0 + (i % 20) * 1.0 + 0.25  # steps of 1 V: above the 0.5 V deadband
+
+
+async def floor_values(sim: SimProcess, bare: BareClient, cfg: LabConfig, n: int) -> list[float]:
+    """Simulator change -> bare c104 client callback (nothing else connected)."""
     pt = cfg.point("feeder.voltage.l1")
-    raw_ioa = pt.address.ioa
-    gw_ms: list[float] = []
-    floor_ms: list[float] = []
-    last_id = await reader.changes_tail()
+    out: list[float] = []
     for i in range(n):
-        value = 225.0 + (i % 20) * 1.0 + 0.25  # steps of 1 V: above the 0.5 V deadband
-        bare.arm(raw_ioa, pt.to_raw(value))
-        ans = await sim.control(f"set feeder.voltage.l1 {value}")
-        sent = float(ans.split()[1])
-        last_id, st = await next_change(reader, last_id, "feeder.voltage.l1", value)
-        gw_ms.append((st - sent) * 1000)
+        value = _voltage(i)
+        bare.arm(pt.address.ioa, pt.to_raw(value))
+        sent = float((await sim.control(f"set feeder.voltage.l1 {value}")).split()[1])
         if await asyncio.to_thread(bare.event.wait, 2.0):
-            floor_ms.append((bare.seen[raw_ioa][0] - sent) * 1000)
-        if (i + 1) % max(1, n // 10) == 0:
-            print(f"  value latency: {i + 1}/{n}", file=sys.stderr, flush=True)
+            out.append((bare.seen[pt.address.ioa][0] - sent) * 1000)
+        _progress("floor, values", i, n)
     await sim.control("release feeder.voltage.l1")
-    return {"gateway": gw_ms, "floor": floor_ms}
+    return out
 
 
-async def command_latency(
-    sim: SimProcess, gateway: Gateway, reader: RedisStore, bare: BareClient, cfg: LabConfig, n: int
-) -> dict[str, Any]:
-    await sim.control("travel 0")
-    ack_ms: list[float] = []
-    stored_ms: list[float] = []
-    floor_ms: list[float] = []
-    pos = cfg.point("feeder.breaker.position")
+async def gateway_values(sim: SimProcess, reader: RedisStore, n: int) -> list[float]:
+    """Simulator change -> stored in Redis by the gateway (the store time in the change feed)."""
+    out: list[float] = []
     last_id = await reader.changes_tail()
     for i in range(n):
-        word, state = ("open", 1) if i % 2 == 0 else ("close", 2)
-        out = await gateway.execute("feeder.breaker.command", word, requested_by="bench")
-        if out.result != "confirmed":
-            print(f"  command {i}: {out.result} {out.reason}", file=sys.stderr)
-            continue
-        assert out.sent_ts is not None and out.ack_ts is not None
-        ack_ms.append((out.ack_ts - out.sent_ts) * 1000)
-        last_id, st = await next_change(reader, last_id, pos.name, float(state))
-        stored_ms.append((st - out.sent_ts) * 1000)
-        if (i + 1) % max(1, n // 10) == 0:
-            print(f"  commands via gateway: {i + 1}/{n}", file=sys.stderr, flush=True)
-    # floor: the same SBO command from a bare c104 client, to the position callback
+        value = _voltage(i)
+        sent = float((await sim.control(f"set feeder.voltage.l1 {value}")).split()[1])
+        last_id, st = await next_change(reader, last_id, "feeder.voltage.l1", value)
+        out.append((st - sent) * 1000)
+        _progress("gateway, values", i, n)
+    await sim.control("release feeder.voltage.l1")
+    return out
+
+
+async def floor_commands(bare: BareClient, cfg: LabConfig, n: int) -> list[float]:
+    """The SBO breaker command from a bare c104 client -> position callback (travel 0)."""
+    pos = cfg.point("feeder.breaker.position")
+    out: list[float] = []
     for i in range(n):
         state = c104.Double.OFF if i % 2 == 0 else c104.Double.ON
         bare.arm(pos.address.ioa, int(state.value))
@@ -185,10 +182,31 @@ async def command_latency(
         t0 = time.time()
         ok = await asyncio.to_thread(bare.breaker.transmit, cause=c104.Cot.ACTIVATION)
         if ok and await asyncio.to_thread(bare.event.wait, 2.0):
-            floor_ms.append((bare.seen[pos.address.ioa][0] - t0) * 1000)
+            out.append((bare.seen[pos.address.ioa][0] - t0) * 1000)
         await asyncio.sleep(0.005)  # c104 clears an SBO selection in a deferred task (protocol-facts)
-    await sim.control("travel 0.06")
-    return {"ack": ack_ms, "stored": stored_ms, "floor": floor_ms}
+        _progress("floor, commands", i, n)
+    return out
+
+
+async def gateway_commands(gateway: Gateway, reader: RedisStore, cfg: LabConfig, n: int) -> dict[str, list[float]]:
+    """Breaker open/close through the gateway: -> ACTCON, and -> confirmed position stored in Redis."""
+    ack_ms: list[float] = []
+    stored_ms: list[float] = []
+    pos = cfg.point("feeder.breaker.position")
+    last_id = await reader.changes_tail()
+    for i in range(n):
+        word, state = ("open", 1) if i % 2 == 0 else ("close", 2)
+        out = await gateway.execute("feeder.breaker.command", word, requested_by="bench")
+        if out.result != "confirmed" or out.sent_ts is None or out.ack_ts is None:
+            print(f"  command {i}: {out.result} {out.reason}", file=sys.stderr)
+            continue
+        if out.reason:
+            print(f"  command {i}: {out.result} ({out.reason})", file=sys.stderr)
+        ack_ms.append((out.ack_ts - out.sent_ts) * 1000)
+        last_id, st = await next_change(reader, last_id, pos.name, float(state))
+        stored_ms.append((st - out.sent_ts) * 1000)
+        _progress("gateway, commands", i, n)
+    return {"ack": ack_ms, "stored": stored_ms}
 
 
 def scale_config(base: LabConfig, stations: int, base_port: int, period_s: float, tmp: Path) -> tuple[LabConfig, Path]:
@@ -300,26 +318,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             sim = SimProcess(SIM_CONFIG, DEVICE, port, free_port())
             await sim.start()
             cfg = cfg0.with_device(DEVICE, port=port, gi_period_s=0)
+            n_cmd = max(50, args.samples // 5)
+            await sim.control("travel 0")
+            # Phase 1, the floor: a bare c104 client alone on the simulator.
+            bare = BareClient(port, cfg)
+            await asyncio.to_thread(bare.start)
+            try:
+                print("floor: bare c104 client", file=sys.stderr)
+                floor_v = await floor_values(sim, bare, cfg, args.samples)
+                floor_c = await floor_commands(bare, cfg, n_cmd)
+            finally:
+                await asyncio.to_thread(bare.stop)
+            # Phase 2, the gateway alone on the same simulator, in the same run.
             store = RedisStore.from_url(cfg, redis.url)
             reader = RedisStore.from_url(cfg, redis.url)
             gateway = Gateway(cfg, store)
             stop = asyncio.Event()
             task = asyncio.create_task(gateway.run(stop))
-            bare = BareClient(port, cfg)
             try:
                 await gateway.wait_connected(10)
-                await asyncio.to_thread(bare.start)
-                print("value latency (simulator change -> Redis, and -> bare c104 callback)", file=sys.stderr)
-                v = await value_latency(sim, reader, bare, cfg, args.samples)
-                n_cmd = max(50, args.samples // 5)
-                print("command latency (breaker, travel 0)", file=sys.stderr)
-                c = await command_latency(sim, gateway, reader, bare, cfg, n_cmd)
+                print("gateway: simulator -> Redis, commands -> confirmed status", file=sys.stderr)
+                gw_v = await gateway_values(sim, reader, args.samples)
+                c = await gateway_commands(gateway, reader, cfg, n_cmd)
             finally:
-                await asyncio.to_thread(bare.stop)
                 stop.set()
                 await asyncio.wait_for(task, 15)
                 await reader.aclose()
                 await sim.stop()
+            v = {"gateway": gw_v, "floor": floor_v}
+            c["floor"] = floor_c
             results["routes"] = [
                 {
                     "name": "feeder voltage, simulator -> MGMS Redis",
