@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.config import LabConfig, load_config
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import CommandInvalid, ConfigError, GatewayError
 
 __all__ = ["main"]
 
@@ -191,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except CommandInvalid as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3 if exc.retryable else 1

@@ -42,8 +42,12 @@ class Gateway:
         *,
         max_parallel_commands: int = 16,
         drain_timeout_s: float = 30.0,
+        request_max_age_s: float | None = 600.0,
     ) -> None:
         self.drain_timeout_s = drain_timeout_s
+        # A breaker request that waited in Redis for longer than this (the gateway was down)
+        # is logged as invalid instead of being executed into a field that has moved on.
+        self.request_max_age_s = request_max_age_s
         self.config = config
         self.store = store
         self.adapters: dict[str, Adapter] = (
@@ -183,7 +187,9 @@ class Gateway:
 
     async def _serve_requests(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            async for entry in self.store.command_requests(block_ms=250, stop=self._stopping):
+            async for entry in self.store.command_requests(
+                block_ms=250, stop=self._stopping, max_age_s=self.request_max_age_s
+            ):
                 await self._command_slots.acquire()
                 tg.create_task(self._handle_request(entry), name=f"command:{entry.request_id}")
 

@@ -1,0 +1,147 @@
+"""`mgms run`, `mgms command`, `mgms watch` as child processes against the simulator and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from hilkit import DEVICE, SIM_CONFIG, eventually
+
+from gateway.config import LabConfig, load_config
+from gateway.iedsim.iec104.server import Iec104Outstation
+from gateway.points import Quality
+from gateway.services import RedisServer
+from gateway.store import RedisStore
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def mgms(*args: str, limit_s: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), limit_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def profile(tmp_path: Path, port: int, redis_url: str) -> Path:
+    """A lab profile on top of the shipped simulator profile: this simulator's port, this Redis."""
+    p = tmp_path / "lab.yaml"
+    p.write_text(
+        f"extends: {SIM_CONFIG}\n"
+        f"devices:\n  {DEVICE}:\n    port: {port}\n    timers: {{t1_s: 2, t2_s: 1, t3_s: 1}}\n"
+        f"redis:\n  url: {redis_url}\n"
+    )
+    return p
+
+
+async def test_run_command_watch_and_sigterm(tmp_path: Path, redis_server: RedisServer,
+                                            sim: Iec104Outstation | None) -> None:
+    if sim is None:
+        pytest.skip("needs the simulator")
+    lab_file = profile(tmp_path, sim.port, redis_server.url)
+    cfg: LabConfig = load_config(lab_file)
+    reader = RedisStore.from_url(cfg, redis_server.url)
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "run", "--config", str(lab_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async def link_up() -> bool:
+            link = await reader.link(DEVICE)
+            return link is not None and link.state == "up"
+
+        await eventually(link_up, 15, "mgms run connected")
+        meta = await reader.redis.hgetall(reader.keys.meta)
+        assert meta["config"] == str(lab_file) and int(meta["pid"]) == run.pid
+
+        code, out, err = await mgms("command", "feeder.breaker.command", "open", "--config", str(lab_file), "--by", "t")
+        assert code == 0, err
+        reply = json.loads(out)
+        assert reply["result"] == "confirmed" and reply["requested_by"] == "t"
+
+        code, out, err = await mgms("watch", "--once", "--config", str(lab_file))
+        assert code == 0, err
+        assert "device ref615: link up" in out
+        assert "feeder.breaker.position" in out and "off (1)" in out
+        assert "feeder.voltage.l1" in out and " V " in out
+
+        sim.refuse_commands(True)
+        code, out, _ = await mgms("command", "feeder.breaker.command", "close", "--config", str(lab_file))
+        assert code == 1 and json.loads(out)["result"] == "rejected"
+        sim.refuse_commands(False)
+
+        run.send_signal(signal.SIGTERM)
+        _, err_b = await asyncio.wait_for(run.communicate(), 20)
+        assert run.returncode == 0, err_b.decode()
+        link = await reader.link(DEVICE)
+        assert link is not None and link.state == "closed"
+        v = await reader.latest("feeder.voltage.l1")
+        assert v is not None and Quality.NOT_TOPICAL in v.quality, "points flagged when the gateway stops"
+    finally:
+        if run.returncode is None:
+            run.kill()
+            await run.wait()
+        await reader.aclose()
+
+
+async def test_sigint_stops_run_cleanly(tmp_path: Path, redis_server: RedisServer,
+                                        sim: Iec104Outstation | None) -> None:
+    if sim is None:
+        pytest.skip("needs the simulator")
+    lab_file = profile(tmp_path, sim.port, redis_server.url)
+    reader = RedisStore.from_url(load_config(lab_file), redis_server.url)
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "run", "--config", str(lab_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await eventually(lambda: reader.latest("feeder.frequency"), 15, "values stored")
+        run.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(run.communicate(), 20)
+        assert run.returncode == 0
+        assert "gateway multipower stopping" in err.decode()
+    finally:
+        if run.returncode is None:
+            run.kill()
+            await run.wait()
+        await reader.aclose()
+
+
+async def test_run_with_embedded_redis_is_found_by_command(tmp_path: Path, sim: Iec104Outstation | None) -> None:
+    """No redis.url: `mgms run` starts its own redis-server; `mgms command` finds it in the data dir."""
+    if sim is None:
+        pytest.skip("needs the simulator")
+    lab_file = tmp_path / "lab.yaml"
+    lab_file.write_text(f"extends: {SIM_CONFIG}\ndevices:\n  {DEVICE}:\n    port: {sim.port}\n")
+    data = tmp_path / "state"
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "run", "--config", str(lab_file),
+        "--data-dir", str(data), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        marker = data / "multipower" / "redis.url"
+
+        async def started() -> bool:
+            return marker.exists()
+
+        await eventually(started, 15, "embedded redis url written")
+        code, out, err = await mgms("command", "feeder.breaker.command", "open", "--config", str(lab_file),
+                                    "--data-dir", str(data), "--timeout-s", "20")
+        assert code == 0, (out, err)
+        assert json.loads(out)["result"] == "confirmed"
+        run.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(run.communicate(), 20)
+        assert run.returncode == 0
+        assert not marker.exists(), "url marker removed with the embedded server"
+        assert (data / "multipower" / "redis").is_dir(), "AOF kept for the next run"
+    finally:
+        if run.returncode is None:
+            run.kill()
+            await run.wait()

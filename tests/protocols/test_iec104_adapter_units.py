@@ -1,0 +1,103 @@
+"""Pure unit tests of the IEC 104 adapter's pieces: frame reading, backoff, thread bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+import threading
+
+import pytest
+
+from gateway.points import PointUpdate
+from gateway.protocols.iec104.adapter import _ThreadBridge, backoff_delay, parse_confirmation
+
+
+def apdu(asdu: bytes) -> bytes:
+    """An I-frame around ``asdu`` (send/receive sequence numbers 0)."""
+    return bytes([0x68, len(asdu) + 4, 0, 0, 0, 0]) + asdu
+
+
+# C_DC_NA_1 (46), VSQ 1, COT, OA 0, CA 1, IOA 3001 = b9 0b 00, DCO
+def dc(cot_byte: int, dco: int) -> bytes:
+    return apdu(bytes([46, 1, cot_byte, 0, 1, 0, 0xB9, 0x0B, 0x00, dco]))
+
+
+def test_positive_actcon_of_execute() -> None:
+    frame = dc(0x07, 0x02)
+    assert frame.hex(" ") == "68 0e 00 00 00 00 2e 01 07 00 01 00 b9 0b 00 02"
+    c = parse_confirmation(frame)
+    assert c is not None
+    assert (c.type_id, c.ioa, c.common_address, c.cot, c.negative, c.select) == (46, 3001, 1, 7, False, False)
+
+
+def test_negative_actcon_of_select() -> None:
+    c = parse_confirmation(dc(0x47, 0x82))  # P/N bit set, S/E bit set
+    assert c is not None and c.negative and c.select
+    assert c.reason == "negative confirmation of select (cot 7)"
+
+
+def test_unknown_address_is_negative_with_reason() -> None:
+    c = parse_confirmation(dc(0x2F, 0x02))  # COT 47, even without the P/N bit
+    assert c is not None and c.negative
+    assert c.reason == "unknown information object address"
+
+
+def test_setpoint_select_bit_is_after_the_float() -> None:
+    # C_SE_NC_1 (50): IOA 3011 = c3 0b 00, float 45000.0, QOS with S/E
+    asdu = bytes([50, 1, 0x07, 0, 1, 0, 0xC3, 0x0B, 0x00]) + struct.pack("<f", 45000.0) + bytes([0x80])
+    c = parse_confirmation(apdu(asdu))
+    assert c is not None and c.ioa == 3011 and c.select and not c.negative
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        apdu(bytes([13, 1, 0x03, 0, 1, 0, 0xE9, 0x03, 0x00]) + struct.pack("<f", 1.0) + b"\x00"),  # a value
+        dc(0x0A, 0x02),  # ACTTERM: not a confirmation
+        bytes([0x68, 0x04, 0x01, 0x00, 0x02, 0x00]),  # S-frame
+        bytes([0x68, 0x04, 0x07, 0x00, 0x00, 0x00]),  # STARTDT act
+        b"\x68\x0e\x00",  # truncated
+    ],
+)
+def test_other_frames_are_not_confirmations(frame: bytes) -> None:
+    assert parse_confirmation(frame) is None
+
+
+def test_backoff_is_jittered_capped_and_grows() -> None:
+    rng = random.Random(1)
+    for attempt in range(40):
+        cap = min(30.0, 0.5 * 2**attempt)
+        d = backoff_delay(attempt, 0.5, 30.0, rng)
+        assert 0 < d <= cap
+    late = [backoff_delay(20, 0.5, 30.0, rng) for _ in range(200)]
+    assert max(late) <= 30.0 and min(late) >= 0.25
+    assert len({round(x, 3) for x in late}) > 150, "jittered, not a fixed delay"
+    assert max(backoff_delay(0, 0.5, 30.0, rng) for _ in range(50)) <= 0.5
+
+
+async def test_thread_bridge_keeps_order_across_threads() -> None:
+    bridge = _ThreadBridge(asyncio.get_running_loop(), maxlen=100_000)
+    n = 5000
+
+    def produce() -> None:
+        for i in range(n):
+            bridge.push(PointUpdate("p", i))
+
+    t = threading.Thread(target=produce)
+    t.start()
+    got: list[int] = []
+    while len(got) < n:
+        got += [int(e.value) for e in await asyncio.wait_for(bridge.get_batch(), 5) if isinstance(e, PointUpdate)]
+    t.join()
+    assert got == list(range(n))
+    assert bridge.dropped == 0
+
+
+async def test_thread_bridge_drops_oldest_and_counts() -> None:
+    bridge = _ThreadBridge(asyncio.get_running_loop(), maxlen=10)
+    for i in range(25):
+        bridge.push(PointUpdate("p", i))
+    batch = await bridge.get_batch()
+    assert [e.value for e in batch if isinstance(e, PointUpdate)] == list(range(15, 25))
+    assert bridge.dropped == 15
