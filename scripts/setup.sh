@@ -15,9 +15,18 @@ fi
 # Debian starts a system redis-server on 6379 after install; the gateway never uses it
 # (it starts its own on a free port), so it is left alone.
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import gateway, c104, redis, yaml, pydantic, pytest_asyncio, pytest_timeout" >/dev/null 2>&1 \
-   || [ "${MGMS_REINSTALL:-0}" = 1 ]; then
+# (Re)install when a dependency is missing or the installed package is another checkout.
+here="$(pwd -P)"
+installed="$(cd / && "$PY" -c "import gateway, c104, redis, yaml, pydantic, pytest_asyncio, pytest_timeout, mypy, ruff, os; \
+print(os.path.dirname(os.path.dirname(os.path.realpath(gateway.__file__))))" 2>/dev/null || true)"
+if [ "$installed" != "$here" ] || [ "${MGMS_REINSTALL:-0}" = 1 ]; then
   echo "installing the gateway and its Python dependencies (pip)" >&2
-  "$PY" -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E '^WARNING: Running pip as' || true
+  log="$(mktemp)"
+  if ! "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]' >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup failed: pip install did not succeed" >&2
+    exit 1
+  fi
+  rm -f "$log"
 fi
-"$PY" -c "import gateway, c104, redis" || { echo "setup failed: Python packages missing" >&2; exit 1; }
+(cd / && "$PY" -c "import gateway, c104, redis") || { echo "setup failed: Python packages missing" >&2; exit 1; }
