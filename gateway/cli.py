@@ -49,7 +49,11 @@ def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> Non
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mgms", description="Microgrid lab integration gateway (MGMS)")
     ap.add_argument("--version", action="version", version=f"mgms {__version__}")
-    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ap.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default INFO for run, WARNING for the others (their own output is the point)",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check-config", help="validate a lab config and print a summary")
@@ -170,7 +174,8 @@ async def _watch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "check-config":
             return cmd_check_config(args)
