@@ -36,5 +36,6 @@ def no_leaks() -> Iterator[None]:
         if not extra and not extra_children:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"test left behind threads {[t.name for t in extra]} / child processes {sorted(extra_children)}")
+            names = [t.name for t in extra]
+            pytest.fail(f"test left behind threads {names} / child processes {sorted(extra_children)}")
         time.sleep(0.05)
