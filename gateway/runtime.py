@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.commands import CommandOutcome, StatusWatcher, build_request, confirm
 from gateway.config import Direction, LabConfig
-from gateway.errors import CommandInvalid
+from gateway.errors import CommandInvalid, LinkError
 from gateway.points import PointUpdate, Quality, UpdateCause, now
 from gateway.protocols import Adapter, LinkState, LinkStateChange, create_adapter
 from gateway.store import CommandRequestEntry, RedisStore
@@ -161,6 +161,15 @@ class Gateway:
             log.info("command %s %s=%r by %s: invalid: %s", outcome.request_id, point, value, requested_by, exc.reason)
             return outcome
         adapter = self.adapters[control.device]
+        if adapter.link_state is not LinkState.UP:
+            # e.g. a request left pending by the previous run, taken while connecting:
+            # give the link the command's own time budget before failing it.
+            try:
+                await adapter.wait_connected(dev.command_timeout_s)
+            except LinkError as exc:
+                outcome.result, outcome.reason = "failed", str(exc)
+                log.info("command %s %s: failed: %s", outcome.request_id, point, exc)
+                return outcome
         outcome.sent_ts = now()
         send = asyncio.ensure_future(adapter.command(req))
         await confirm(

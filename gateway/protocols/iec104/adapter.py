@@ -494,7 +494,7 @@ class Iec104Adapter(Adapter):
     # ----------------------------------------------------------------- requests
 
     def _require_up(self) -> None:
-        if self._state is not LinkState.UP:
+        if not self._up.is_set():
             raise LinkError(self.device.name, f"link is {self._state.value}")
 
     async def interrogate(self) -> None:
