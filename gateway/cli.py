@@ -13,10 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.config import LabConfig, load_config
 from gateway.errors import CommandInvalid, ConfigError, GatewayError
+
+if TYPE_CHECKING:
+    from gateway.store import RedisStore
 
 __all__ = ["main"]
 
@@ -120,12 +124,29 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         store = RedisStore.from_url(cfg, url)
         await store.write_meta(str(args.config))
+        await _warn_if_not_durable(store, url)
         await run_until_signal(Gateway(cfg, store))
     finally:
         if server is not None:
             (state / "redis.url").unlink(missing_ok=True)
             await asyncio.to_thread(server.close)
     return 0
+
+
+async def _warn_if_not_durable(store: RedisStore, url: str) -> None:
+    """A lab's own Redis without AOF loses acknowledged values on a restart: say so once."""
+    from redis.exceptions import RedisError
+
+    try:
+        conf = await store.redis.config_get("appendonly")
+    except RedisError:  # CONFIG may be renamed or forbidden on a managed Redis
+        return
+    if conf.get("appendonly") != "yes":
+        logging.getLogger("mgms").warning(
+            "Redis at %s runs without AOF (appendonly no): a Redis restart can lose values and "
+            "command log entries the gateway already counted as stored",
+            url,
+        )
 
 
 async def _command(args: argparse.Namespace) -> int:
