@@ -152,6 +152,15 @@ async def test_setpoint_confirmed_by_readback(lab: Lab) -> None:
     assert v.unit == "kW"
 
 
+async def test_single_command_direct(lab: Lab) -> None:
+    need_commands()
+    for word, expected in (("off", False), ("on", True)):
+        out = await lab.gateway.execute("feeder.autoreclose.command", word)
+        assert out.result == "confirmed", out.reason
+        v = await eventually(lambda e=expected: _value_is(lab, "feeder.autoreclose.enabled", e), 2, "single point")
+        assert v.quality == Quality.GOOD
+
+
 async def test_invalid_commands_are_refused_before_the_device(lab: Lab) -> None:
     sim = need_sim(lab.sim)
     before = sim.stats().as_dict()["commands"]
