@@ -350,3 +350,36 @@ async def test_gateway_restart_resumes_pending_requests(base_config: LabConfig, 
     finally:
         await lab2.shutdown()
         await lab2.reader.aclose()
+
+
+async def test_quality_bits_from_the_device_are_kept(lab: Lab) -> None:
+    sim = need_sim(lab.sim)
+    await eventually(lambda: all_values(lab), 5, "initial values")
+    sim.set_value("feeder.current.l2", 61.5, Quality.SUBSTITUTED | Quality.BLOCKED)
+
+    async def flagged() -> StoredValue | None:
+        v = await lab.reader.latest("feeder.current.l2")
+        return v if v is not None and v.quality == Quality.SUBSTITUTED | Quality.BLOCKED else None
+
+    v = await eventually(flagged, 3, "quality bits in Redis")
+    assert v.value == pytest.approx(61.5, abs=1e-3)
+    assert set(v.flags) == {"substituted", "blocked"}
+    hist = await lab.reader.history("feeder.current.l2", count=5)
+    assert hist[-1].quality == Quality.SUBSTITUTED | Quality.BLOCKED
+
+
+async def test_periodic_general_interrogation(base_config: LabConfig, redis_server: RedisServer,
+                                              sim: Iec104Outstation | None) -> None:
+    real_sim = need_sim(sim)
+    lab = await start_lab(base_config, redis_server, real_sim, gi_period_s=0.5)
+    try:
+        first = real_sim.stats().as_dict()["interrogations"]
+
+        async def more() -> bool:
+            return real_sim.stats().as_dict()["interrogations"] >= first + 2
+
+        await eventually(more, 5, "two more general interrogations")
+        assert lab.gateway.adapters[DEVICE].stats()["interrogations"] >= 2
+    finally:
+        await lab.shutdown()
+        await lab.reader.aclose()
