@@ -383,3 +383,10 @@ async def test_periodic_general_interrogation(base_config: LabConfig, redis_serv
     finally:
         await lab.shutdown()
         await lab.reader.aclose()
+
+
+async def test_read_one_point_on_request(lab: Lab) -> None:
+    need_sim(lab.sim)
+    upd = await lab.gateway.adapters[DEVICE].read("feeder.frequency")
+    assert upd.point == "feeder.frequency" and 49.0 < float(upd.value or 0) < 51.0
+    assert upd.cause == "requested" and upd.quality == Quality.GOOD
