@@ -136,13 +136,28 @@ class Iec104Timers(_Frozen):
 
 
 class TlsSettings(_Frozen):
-    """Transport security toward a device; files are PEM paths."""
+    """Transport security toward a device (IEC 62351-3 style TLS); files are PEM paths.
+
+    Paths are taken as given (relative ones from the gateway's working directory) and must
+    exist when the config is loaded with ``enabled``. ``ca_file`` is the CA the device's
+    certificate must chain to (needed when ``verify``); ``cert_file``/``key_file`` are the
+    gateway's own certificate for mutual authentication. ``check_hostname`` also demands that
+    the device certificate names ``host`` (DNS or IP subjectAltName); field devices often carry
+    certificates without their address, so it can be switched off while the chain is still
+    verified. ``verify: false`` encrypts without authenticating the device: lab use only.
+    """
 
     enabled: bool = False
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
     verify: bool = True
+    check_hostname: bool = True
+
+    def files(self) -> tuple[tuple[str, str], ...]:
+        """(key, path) of every PEM file given, for checks that name the key."""
+        named = (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file))
+        return tuple((key, path) for key, path in named if path is not None)
 
 
 class ReconnectPolicy(_Frozen):
@@ -163,6 +178,14 @@ class SimulatorSettings(_Frozen):
     breaker_travel_s: Annotated[float, Field(ge=0, le=10)] = 0.06
     select_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     seed: int | None = None
+    #: COT 1 (periodic) transmission of every measured point at this period; 0 = off.
+    cyclic_period_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    #: Server side of TLS, used when the device's ``tls.enabled``: the outstation's own
+    #: certificate and key (PEM), and the CA client certificates must chain to (none: the
+    #: outstation asks for no client certificate).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
 
 
 class Device(_Frozen):
@@ -517,6 +540,21 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
         tls = dev.tls
         if tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
             add(("devices", name, "tls"), "cert_file and key_file go together")
+        if tls.enabled and tls.verify and tls.ca_file is None:
+            add(
+                ("devices", name, "tls", "ca_file"),
+                "needed to verify the device (the CA its certificate chains to); or set verify: false",
+            )
+        if tls.enabled:
+            # Checked at load so a typo fails `mgms check-config`, not the first connect.
+            for field, path in tls.files():
+                if not os.path.isfile(path):
+                    add(("devices", name, "tls", field), f"file not found: {path}")
+                elif not os.access(path, os.R_OK):
+                    add(("devices", name, "tls", field), f"file not readable: {path}")
+        sim = dev.simulator
+        if (sim.tls_cert_file is None) != (sim.tls_key_file is None):
+            add(("devices", name, "simulator"), "tls_cert_file and tls_key_file go together")
     endpoints: dict[tuple[str, int, int], str] = {}
     for name, dev in cfg.devices.items():
         key = (dev.host, dev.port, dev.common_address)

@@ -73,7 +73,8 @@ async def _run_iec104(args: argparse.Namespace, config: LabConfig, stop: asyncio
             control = ControlChannel(stations, port=args.control_port)
             await control.start()
         for o in stations:
-            print(f"iec104 simulator {o.name} listening on {o.host}:{o.port} ({len(o.points)} points)")
+            tls = ", TLS" if o.tls else ""
+            print(f"iec104 simulator {o.name} listening on {o.host}:{o.port} ({len(o.points)} points{tls})")
         if control is not None:
             print(f"control channel listening on 127.0.0.1:{control.port}")
         sys.stdout.flush()
@@ -133,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(_main(args, config))
+    except ConfigError as exc:  # found when a station starts, e.g. its TLS certificate file is missing
+        print(f"iedsim: invalid config:\n{exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # typically the port is taken
         print(f"iedsim: {exc}", file=sys.stderr)
         return 1

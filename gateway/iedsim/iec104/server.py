@@ -9,9 +9,13 @@ it; the periodic task only decides *when the feeder changes*, never when bytes l
 One :class:`Iec104Outstation` serves one configured device (its monitor and control points,
 its common address) to any number of clients. Each connection is a :class:`_Session`
 protocol with its own sequence numbers, k/w windows and t1/t2/t3 timers; monitor values go
-to every started session. Fault injection (:meth:`Iec104Outstation.stall`, ``drop``,
-``refuse_commands``, ``set_value``) is a plain method call in-process and a line command on
-the optional :class:`ControlChannel`.
+to every started session. With ``simulator.cyclic_period_s`` the measured points are also
+sent periodically (COT 1), as a COM600 configured for cyclic transmission does. With the
+device's ``tls.enabled`` the outstation speaks TLS (IEC 62351-3 style) with the certificate
+in ``simulator.tls_cert_file``/``tls_key_file``, and asks for a client certificate signed by
+``simulator.tls_ca_file`` when that is set. Fault injection (:meth:`Iec104Outstation.stall`,
+``drop``, ``refuse_commands``, ``set_value``) is a plain method call in-process and a line
+command on the optional :class:`ControlChannel`.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import dataclasses
 import json
 import logging
 import math
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from gateway.config import Direction, Iec104Timers, LabConfig, Point
+from gateway.config import Device, Direction, Iec104Timers, LabConfig, Point
+from gateway.errors import ConfigError, ConfigIssue
 from gateway.iedsim.dynamics import FeederModel
 from gateway.iedsim.iec104.codec import (
     SEQ_MODULO,
@@ -70,6 +77,7 @@ __all__ = [
     "MonitorValue",
     "OutstationStats",
     "serve_many",
+    "server_tls_context",
 ]
 
 _log = logging.getLogger(__name__)
@@ -115,6 +123,10 @@ class OutstationStats:
     interrogations: int = 0
     negative_confirmations: int = 0
     spontaneous_objects: int = 0
+    #: Information objects sent with COT periodic (``simulator.cyclic_period_s``).
+    periodic_objects: int = 0
+    #: TLS handshakes that failed (e.g. a client certificate the CA did not sign).
+    tls_refused: int = 0
     #: Monitor information objects actually written to clients (any cause): the loss reference.
     objects_out: int = 0
     #: ASDUs lost because a session's send queue (k window full) overflowed.
@@ -192,6 +204,7 @@ class Iec104Outstation:
             raise ValueError(f"device {device!r} speaks {dev.protocol}, not iec104")
         self.device = dev
         self.settings = dev.simulator
+        self._tls = server_tls_context(dev, config.source)
         self.timers = timers or dev.timers
         self.common_address = dev.common_address
         self._host = host if host is not None else dev.host
@@ -221,6 +234,8 @@ class Iec104Outstation:
         self._refuse = False
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._cyclic: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._bound: tuple[str, int] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -230,16 +245,22 @@ class Iec104Outstation:
         if self._server is not None:
             raise RuntimeError("already started")
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Session(self), self._host, self._port_wanted, reuse_address=True
+        factory: Callable[[], asyncio.Protocol] = (
+            (lambda: _TlsAccept(self)) if self._tls is not None else (lambda: _Session(self))
         )
+        self._server = await loop.create_server(factory, self._host, self._port_wanted, reuse_address=True)
         sock = self._server.sockets[0].getsockname()
         self._bound = (str(sock[0]), int(sock[1]))
         self._ticker = asyncio.create_task(self._tick_forever(), name=f"iedsim-104-{self.name}-tick")
+        if self.settings.cyclic_period_s > 0:
+            self._cyclic = asyncio.create_task(
+                self._cyclic_forever(self.settings.cyclic_period_s), name=f"iedsim-104-{self.name}-cyclic"
+            )
         _log.info(
-            "%s: IEC 104 outstation on %s:%d, common address %d, %d monitor / %d control points",
+            "%s: IEC 104 outstation on %s:%d%s, common address %d, %d monitor / %d control points",
             self.name,
             *self._bound,
+            " (TLS)" if self._tls is not None else "",
             self.common_address,
             len(self._monitors),
             len(self._controls),
@@ -252,14 +273,19 @@ class Iec104Outstation:
             server.close()
         for s in list(self._sessions):
             s.abort()
+        for t in list(self._handshakes):
+            t.cancel()
+        if self._handshakes:
+            await asyncio.wait(self._handshakes)
         for h in self._travelling.values():
             h.cancel()
         self._travelling.clear()
-        ticker, self._ticker = self._ticker, None
-        if ticker is not None:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+        for task in (self._ticker, self._cyclic):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._ticker = self._cyclic = None
         if server is not None:
             await server.wait_closed()
         await asyncio.sleep(0)  # let connection_lost callbacks of aborted transports run
@@ -291,6 +317,11 @@ class Iec104Outstation:
     @property
     def stalled(self) -> bool:
         return self._stalled
+
+    @property
+    def tls(self) -> bool:
+        """Whether clients must speak TLS to this outstation."""
+        return self._tls is not None
 
     # -- fault injection and inspection ------------------------------------------------
 
@@ -405,6 +436,24 @@ class Iec104Outstation:
                 self._broadcast(asdu)
         return time.time()
 
+    def _send_periodic(self) -> None:
+        """Every measured point with COT periodic, packed, whether it changed or not.
+
+        The values are the ones the outstation reports right now (the same a general
+        interrogation would give, within each point's deadband); a cyclic cycle never
+        changes them, so it does not disturb spontaneous reporting.
+        """
+        measured = [m for m in self._monitors.values() if m.point.address.kind == "measured"]
+        if not measured or not any(s.started for s in self._sessions):
+            return
+        asdus = self._asdus(measured, Cot.PERIODIC)
+        if self._stalled:
+            self._stats.suppressed += len(asdus)
+            return
+        self._stats.periodic_objects += len(measured)
+        for asdu in asdus:
+            self._broadcast(asdu)
+
     def _broadcast(self, asdu: bytes) -> None:
         if self._stalled:
             self._stats.suppressed += 1
@@ -435,6 +484,20 @@ class Iec104Outstation:
                 self._send_spontaneous(self._refresh_all(now))
             except Exception:  # a bad step must not end the simulation; it is logged each time
                 _log.exception("%s: feeder step failed", self.name)
+
+    async def _cyclic_forever(self, period: float) -> None:
+        """Cyclic transmission on its own clock, independent of the feeder's steps."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + period
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += period
+            if next_at < loop.time():  # fell behind (suspended host): do not burst
+                next_at = loop.time() + period
+            try:
+                self._send_periodic()
+            except Exception:  # like the feeder step: log, keep cycling
+                _log.exception("%s: cyclic transmission failed", self.name)
 
     # -- incoming ASDUs ----------------------------------------------------------------
 
@@ -656,6 +719,56 @@ class Iec104Outstation:
         _log.info("%s: connection from %s closed: %s (%d open)", self.name, s.peer, reason, len(self._sessions))
 
 
+def _pem_file(device: Device, key: str, path: str | None, source: str) -> str:
+    """``path`` if it names a readable file, else a ConfigError naming the config key and the file.
+
+    Checked here rather than left to ``ssl``: its FileNotFoundError does not say which of the
+    certificate, key or CA file is missing.
+    """
+    where = f"devices.{device.name}.simulator.{key}"
+    if path is None:
+        reason = "missing: the device has tls.enabled, so the simulator needs its own certificate and key"
+        raise ConfigError([ConfigIssue(source or "<lab config>", where, reason)])
+    try:
+        with Path(path).open("rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(path, where, f"cannot read ({exc.strerror})")]) from exc
+    return path
+
+
+def server_tls_context(device: Device, source: str = "") -> ssl.SSLContext | None:
+    """The outstation's TLS context when the device has ``tls.enabled``, else None.
+
+    TLS 1.2 is the floor (IEC 62351-3 rules out anything older). With
+    ``simulator.tls_ca_file`` the outstation demands a client certificate chaining to that CA
+    (mutual authentication as IEC 62351-3 asks); without it any client may connect, which
+    stands in for a device configured without client authentication.
+    """
+    if not device.tls.enabled:
+        return None
+    sim = device.simulator
+    cert = _pem_file(device, "tls_cert_file", sim.tls_cert_file, source)
+    key = _pem_file(device, "tls_key_file", sim.tls_key_file, source)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        where = f"devices.{device.name}.simulator.tls_cert_file"
+        reason = f"certificate {cert} and key {key} are not a usable PEM pair ({exc.reason or exc})"
+        raise ConfigError([ConfigIssue(cert, where, reason)]) from exc
+    if sim.tls_ca_file is not None:
+        ca = _pem_file(device, "tls_ca_file", sim.tls_ca_file, source)
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            where = f"devices.{device.name}.simulator.tls_ca_file"
+            raise ConfigError([ConfigIssue(ca, where, f"not a PEM CA certificate ({exc.reason or exc})")]) from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 def _own_ca(raw: bytes, ca: int) -> bytes:
     """Answers to a broadcast (CA 65535) carry the station's own common address."""
     if raw[4:6] == ca.to_bytes(2, "little"):
@@ -688,6 +801,64 @@ def _info_object(m: _Monitor) -> InfoObject:
     element: Element = cls(m.raw, m.quality)
     t = Cp56Time.from_timestamp(m.time) if m.type_id in _TIMED else None
     return InfoObject(m.point.address.ioa, element, t)
+
+
+class _TlsAccept(asyncio.Protocol):
+    """Runs the TLS handshake of one accepted connection, then hands it to a :class:`_Session`.
+
+    Not ``create_server(ssl=...)``: asyncio drops a failed server handshake silently, and the
+    simulator should say why it refused a client (and count it) as a device's security log
+    would. ``loop.start_tls`` raises the handshake error where it can be reported.
+    """
+
+    def __init__(self, outstation: Iec104Outstation) -> None:
+        self.o = outstation
+        # Application data can arrive with the handshake's last flight (TLS 1.3: the client's
+        # Finished and its STARTDT together), before start_tls returns: keep it for the session.
+        self.early: list[bytes] = []
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the ClientHello is for start_tls, which resumes reading
+        task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        self.o._handshakes.add(task)
+        task.add_done_callback(self.o._handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        o = self.o
+        assert o._tls is not None
+        peer = transport.get_extra_info("peername")
+        who = f"{peer[0]}:{peer[1]}" if peer else "?"
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport,
+                self,
+                o._tls,
+                server_side=True,
+                # a client that opens TCP but never finishes the handshake goes after t0
+                ssl_handshake_timeout=float(o.timers.t0_s),
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            o._stats.tls_refused += 1
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or repr(exc)
+            _log.info("%s: TLS handshake with %s failed: %s", o.name, who, reason)
+            transport.abort()
+            return
+        if tls is None or tls.is_closing() or self.lost:
+            return
+        session = _Session(o)
+        tls.set_protocol(session)
+        session.connection_made(tls)
+        if self.early:
+            session.data_received(b"".join(self.early))
+            self.early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
 
 
 class _Session(asyncio.Protocol):
@@ -723,6 +894,9 @@ class _Session(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:  # asyncio calls connection_made only once the handshake succeeded
+            self.peer += f" ({tls.version()})"
         self.o._session_opened(self)
         self._t3 = asyncio.get_running_loop().call_later(self.t3, self._t3_check)
         if self.o.stalled:

@@ -17,6 +17,11 @@ Commands: ``Point.transmit()`` returns True for a negative ACTCON on an unknown 
 False for several unrelated reasons (measured), so the adapter reads the device's own answer
 from the raw frames (P/N bit and cause of transmission of the ACTCON, select vs execute from
 the S/E bit) and uses ``transmit()``'s result only as a fallback.
+
+TLS (``tls.enabled``): c104 2.2.1's own TLS client cannot complete a handshake, so c104
+connects to a loopback relay in this process that speaks TLS to the device with Python's
+``ssl`` (:mod:`gateway.protocols.iec104.tls`); a refused handshake becomes the reason of the
+link-down event.
 """
 
 
@@ -26,6 +31,7 @@ import contextlib
 import logging
 import math
 import random
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +44,7 @@ from gateway.config import Device, Direction, Point
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, LinkError
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
+from gateway.protocols.iec104.tls import TlsBridge, client_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +216,7 @@ class Iec104Adapter(Adapter):
         self._muted_since: float | None = None
         self._background: set[asyncio.Future[bool]] = set()
         self._tx_by_ioa: dict[int, asyncio.Future[bool]] = {}
+        self._tls_bridge: TlsBridge | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -241,6 +249,8 @@ class Iec104Adapter(Adapter):
             await asyncio.wait(self._background, timeout=self.device.command_timeout_s)
         if self._client is not None:
             await asyncio.to_thread(self._client.stop)
+        if self._tls_bridge is not None:
+            await self._tls_bridge.aclose()
         for fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
@@ -271,11 +281,29 @@ class Iec104Adapter(Adapter):
 
     def _build_client(self) -> None:
         dev = self.device
+        # TLS first: a bad certificate file is a ConfigError before anything is built.
+        tls_ctx = client_tls_context(dev) if dev.tls.enabled else None
         client = c104.Client(tick_rate_ms=50, command_timeout_ms=int(dev.command_timeout_s * 1000))
         client.originator_address = dev.originator_address
-        conn = client.add_connection(ip=dev.host, port=dev.port, init=c104.Init.INTERROGATION)
+        host, port = dev.host, dev.port
+        if tls_ctx is not None:
+            host, port = self._open_tls_bridge(tls_ctx)
+        try:
+            conn = self._add_connection(client, host, port)
+        except BaseException:
+            if self._tls_bridge is not None:
+                self._tls_bridge.close()
+                self._tls_bridge = None
+            raise
+        self._client = client
+        self._conn = conn
+
+    def _add_connection(self, client: Any, host: str, port: int) -> Any:
+        """The c104 connection with the device's timers, station and points; returns it."""
+        dev = self.device
+        conn = client.add_connection(ip=host, port=port, init=c104.Init.INTERROGATION)
         if conn is None:
-            raise LinkError(dev.name, f"c104 refused connection parameters {dev.host}:{dev.port}")
+            raise LinkError(dev.name, f"c104 refused connection parameters {host}:{port}")
         params = conn.protocol_parameters
         params.connection_timeout = dev.timers.t0_s
         params.message_timeout = dev.timers.t1_s
@@ -303,7 +331,25 @@ class Iec104Adapter(Adapter):
         conn.on_state_change(callable=self._make_state_callback())
         conn.on_receive_raw(callable=self._make_raw_callback())
         client.on_new_point(callable=self._make_new_point_callback())
-        self._client, self._conn, self._station = client, conn, station
+        self._station = station
+        return conn
+
+    def _open_tls_bridge(self, ctx: ssl.SSLContext) -> tuple[str, int]:
+        """Listen for c104's plain connection and carry it to the device over TLS.
+
+        c104's own ``TransportSecurity`` cannot complete a handshake (see
+        :mod:`gateway.protocols.iec104.tls`), so c104 connects to this loopback bridge
+        instead of the device. The bridge lives as long as the adapter (one per device).
+        """
+        assert self._loop is not None
+        if self._tls_bridge is None:
+            self._tls_bridge = TlsBridge(self.device, ctx, self._loop)
+            try:
+                return self._tls_bridge.open()
+            except OSError as exc:
+                self._tls_bridge = None
+                raise LinkError(self.device.name, f"cannot open the local TLS bridge: {exc}") from exc
+        raise RuntimeError("TLS bridge already open")
 
     def _make_value_callback(self, pt: Point) -> Callable[..., Any]:
         name, kind, scale, offset = pt.name, pt.address.kind, pt.scale, pt.offset
@@ -418,6 +464,9 @@ class Iec104Adapter(Adapter):
                     attempt = 0
             else:
                 reason = f"no link within t0 = {dev.timers.t0_s} s" if not self._lost.is_set() else "connect failed"
+                tls_error = self._tls_bridge.take_error() if self._tls_bridge is not None else None
+                if tls_error:
+                    reason = f"{reason}: {tls_error}"
             self._up.clear()
             await asyncio.to_thread(self._client.stop)
             self._fail_pending(reason)
