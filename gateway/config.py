@@ -15,10 +15,10 @@ from __future__ import annotations
 import difflib
 import enum
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -232,9 +232,26 @@ class Iec104Address(_Frozen):
     def is_control(self) -> bool:
         return self.type.startswith("C_")
 
+    # -- the face every address model shows the rest of the config checks --------------
+    #: field that must be unique per device, and the field that decides control/monitor
+    key_field: ClassVar[str] = "ioa"
+    kind_field: ClassVar[str] = "type"
+    direction_rule: ClassVar[str] = "C_* types are control, M_* monitor"
 
-#: Address model per protocol; adding a protocol adds its address model here.
+    @property
+    def key(self) -> Hashable:
+        return self.ioa
+
+    def describe(self) -> str:
+        return f"ioa {self.ioa}"
+
+
+#: Address model per protocol; adding a protocol adds its address model here and to
+#: ``PointAddress``. Each model provides ``kind`` (measured/double/single), ``is_control``,
+#: ``key`` (unique per device), ``describe()``, ``key_field``, ``kind_field`` and
+#: ``direction_rule``.
 ADDRESS_MODELS: Mapping[str, type[_Frozen]] = {"iec104": Iec104Address}
+PointAddress = Iec104Address
 
 
 class Point(_Frozen):
@@ -245,7 +262,7 @@ class Point(_Frozen):
     quantity: str
     unit: str
     phase: Literal["L1", "L2", "L3", "N", "L1L2", "L2L3", "L3L1", "total"] | None = None
-    address: Iec104Address
+    address: PointAddress
     direction: Direction = Direction.MONITOR
     scale: float = 1.0
     offset: float = 0.0
@@ -481,6 +498,7 @@ def load_config(path: str | os.PathLike[str]) -> LabConfig:
     devices = data.get("devices")
     if isinstance(devices, dict):
         data["devices"] = {k: ({"name": k, **v} if isinstance(v, dict) else v) for k, v in devices.items()}
+    _resolve_files(data, origins)
     issues: list[ConfigIssue] = []
 
     def add(loc: Path_, reason: str) -> None:
@@ -502,6 +520,36 @@ def load_config(path: str | os.PathLike[str]) -> LabConfig:
     if issues:
         raise ConfigError(issues)
     return cfg
+
+
+#: File-path keys, per section of a device, that are read relative to the lab file naming them.
+_FILE_KEYS = {
+    "tls": ("ca_file", "cert_file", "key_file"),
+    "simulator": ("tls_cert_file", "tls_key_file", "tls_ca_file"),
+}
+
+
+def _resolve_files(data: Any, origins: dict[Path_, _Origin]) -> None:
+    """Make relative certificate paths relative to the file that names them, not to the cwd.
+
+    A lab file is moved around with its certificates; where ``mgms`` is started from must
+    not change which key it loads.
+    """
+    devices = data.get("devices") if isinstance(data, dict) else None
+    if not isinstance(devices, dict):
+        return
+    for name, dev in devices.items():
+        if not isinstance(dev, dict):
+            continue
+        for section, keys in _FILE_KEYS.items():
+            sec = dev.get(section)
+            if not isinstance(sec, dict):
+                continue
+            for key in keys:
+                value = sec.get(key)
+                origin = origins.get(("devices", name, section, key))
+                if isinstance(value, str) and value and not os.path.isabs(value) and origin is not None:
+                    sec[key] = str(Path(origin.file).resolve().parent / value)
 
 
 def _known_fields(loc: Path_, data: Any) -> list[str]:
@@ -562,7 +610,7 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
             add(("devices", name, "common_address"), f"same host, port and common address as device {endpoints[key]!r}")
         endpoints[key] = name
     by_name: dict[str, int] = {}
-    addresses: dict[tuple[str, int], str] = {}
+    addresses: dict[tuple[str, Hashable], str] = {}
     for i, pt in enumerate(cfg.points):
         if pt.name in by_name:
             add(("points", i, "name"), f"duplicate point name (first at points[{by_name[pt.name]}])")
@@ -580,19 +628,28 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
                 ("points", i, "unit"),
                 f"unit {pt.unit!r} does not fit quantity {pt.quantity!r} (use one of {', '.join(allowed)})",
             )
-        akey = (pt.device, pt.address.ioa)
+        addr = pt.address
+        model = ADDRESS_MODELS.get(cfg.devices[pt.device].protocol)
+        if model is not None and not isinstance(addr, model):
+            add(
+                ("points", i, "address"),
+                f"device {pt.device!r} speaks {cfg.devices[pt.device].protocol}: the address needs the fields"
+                f" {', '.join(model.model_fields)}",
+            )
+            continue
+        akey = (pt.device, addr.key)
         if akey in addresses:
             add(
-                ("points", i, "address", "ioa"),
-                f"duplicate address: ioa {pt.address.ioa} on device {pt.device!r}"
+                ("points", i, "address", addr.key_field),
+                f"duplicate address: {addr.describe()} on device {pt.device!r}"
                 f" is already used by point {addresses[akey]!r}",
             )
         addresses.setdefault(akey, pt.name)
-        if pt.address.is_control != (pt.direction is Direction.CONTROL):
+        if addr.is_control != (pt.direction is Direction.CONTROL):
             add(
-                ("points", i, "address", "type"),
-                f"type {pt.address.type} does not fit direction {pt.direction.value!r}"
-                " (C_* types are control, M_* monitor)",
+                ("points", i, "address", addr.kind_field),
+                f"{addr.describe()} ({getattr(addr, addr.kind_field)}) does not fit direction"
+                f" {pt.direction.value!r} ({addr.direction_rule})",
             )
     for i, pt in enumerate(cfg.points):
         if pt.direction is Direction.CONTROL:

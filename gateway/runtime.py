@@ -70,9 +70,12 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         await self.store.start()
         try:
+            # Started outside the task group so a start-up error (e.g. a certificate file
+            # gone since the config was loaded) comes out as itself, not in an ExceptionGroup.
+            for adapter in self.adapters.values():
+                await adapter.start()
             async with asyncio.TaskGroup() as tg:
                 for name, adapter in self.adapters.items():
-                    await adapter.start()
                     tg.create_task(self._pump(adapter), name=f"pump:{name}")
                 requests = tg.create_task(self._serve_requests(), name="command-requests")
                 self._ready.set()

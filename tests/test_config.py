@@ -194,3 +194,27 @@ def test_scale_and_offset_round_trip(tmp_path: Path) -> None:
     sp = cfg.point("feeder.p_limit.setpoint")
     assert sp.to_raw(50.0) == pytest.approx(50_000.0)
     assert sp.to_engineering(sp.to_raw(42.5)) == pytest.approx(42.5)
+
+
+def test_certificate_paths_are_relative_to_the_lab_file(tmp_path: Path) -> None:
+    labdir = tmp_path / "lab"
+    (labdir / "pki").mkdir(parents=True)
+    for f in ("ca.pem", "gw.pem", "gw.key"):
+        (labdir / "pki" / f).write_text("x")
+    text = GOOD.replace(
+        "    port: 2404\n",
+        "    port: 2404\n    tls: {enabled: true, ca_file: pki/ca.pem, cert_file: pki/gw.pem, key_file: pki/gw.key}\n",
+    )
+    cfg = load_config(write(labdir, text))
+    tls = cfg.devices["relay"].tls
+    assert tls.ca_file == str(labdir / "pki" / "ca.pem")
+    assert tls.key_file == str(labdir / "pki" / "gw.key")
+
+
+def test_missing_certificate_is_named(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "    port: 2404\n",
+        "    port: 2404\n    tls: {enabled: true, ca_file: nope.pem}\n",
+    )
+    issues = issues_of(write(tmp_path, text))
+    assert any(k == "devices.relay.tls.ca_file" and "file not found" in r for k, _, r in issues), issues

@@ -128,7 +128,7 @@ async def test_cli_serves_until_sigterm(raw_connect: RawConnect) -> None:
         async with asyncio.timeout(10):
             ready = (await proc.stdout.readline()).decode()
             control_line = (await proc.stdout.readline()).decode()
-        m = re.fullmatch(r"iec104 simulator ref615 listening on 127\.0\.0\.1:(\d+) \(15 points\)\n", ready)
+        m = re.fullmatch(r"iec104 simulator ref615 listening on 127\.0\.0\.1:(\d+) \(17 points\)\n", ready)
         assert m, ready
         assert re.fullmatch(r"control channel listening on 127\.0\.0\.1:\d+\n", control_line)
         port = int(m.group(1))
@@ -152,7 +152,7 @@ async def test_cli_stops_after_duration_with_many_stations() -> None:
     assert proc.returncode == 0, err.decode()
     lines = out.decode().splitlines()
     assert len(lines) == 3
-    assert all(re.fullmatch(r"iec104 simulator ref615 listening on 127\.0\.0\.1:\d+ \(15 points\)", x) for x in lines)
+    assert all(re.fullmatch(r"iec104 simulator ref615 listening on 127\.0\.0\.1:\d+ \(17 points\)", x) for x in lines)
 
 
 def test_cli_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
