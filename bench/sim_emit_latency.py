@@ -126,7 +126,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 value = next_value(point.address.kind, base, i)
                 t0_wall = time.time()
                 t0 = time.perf_counter()
-                written_wall = outstation.set_value(args.point, value)  # time.time() after the write
+                outstation.set_value(args.point, value)  # returns the change time; we want the write
+                written_wall = time.time()  # set_value() returns right after its first transport.write()
                 try:
                     async with asyncio.timeout(2):
                         await receiver.event.wait()
