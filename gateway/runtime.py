@@ -43,7 +43,9 @@ class Gateway:
         max_parallel_commands: int = 16,
         drain_timeout_s: float = 30.0,
         request_max_age_s: float | None = 600.0,
+        stats_period_s: float = 5.0,
     ) -> None:
+        self.stats_period_s = stats_period_s
         self.drain_timeout_s = drain_timeout_s
         # A breaker request that waited in Redis for longer than this (the gateway was down)
         # is logged as invalid instead of being executed into a field that has moved on.
@@ -78,6 +80,7 @@ class Gateway:
                 for name, adapter in self.adapters.items():
                     tg.create_task(self._pump(adapter), name=f"pump:{name}")
                 requests = tg.create_task(self._serve_requests(), name="command-requests")
+                reporter = tg.create_task(self._report_stats(), name="stats")
                 self._ready.set()
                 log.info(
                     "gateway %s running: %d devices, %d points",
@@ -91,6 +94,7 @@ class Gateway:
                 # connected) before the links close, so none ends as failed by our own hand.
                 self._stopping.set()
                 await asyncio.wait({requests}, timeout=self.drain_timeout_s)
+                reporter.cancel()
                 for adapter in self.adapters.values():
                     await adapter.close()
         finally:
@@ -215,6 +219,13 @@ class Gateway:
             self._command_slots.release()
 
     # ----------------------------------------------------------------- diagnostics
+
+    async def _report_stats(self) -> None:
+        """Every ``stats_period_s``, each adapter's counters go to its device hash in Redis."""
+        while True:
+            await asyncio.sleep(self.stats_period_s)
+            for name, adapter in self.adapters.items():
+                await self.store.write_device_stats(name, adapter.stats())
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)

@@ -993,6 +993,21 @@ class RedisStore:
         self._side_gen += 1
         self._wake.set()
 
+    async def write_device_stats(self, device: str, counters: Mapping[str, int | str]) -> None:
+        """Put an adapter's counters (reconnects, negative confirmations, drops...) into
+        ``P:device:{name}`` as ``stat.<name>`` fields, for an operator's HGETALL.
+
+        Best effort: a snapshot that cannot be written now is simply replaced by the next.
+        """
+        if not counters:
+            return
+        try:
+            await self.redis.hset(
+                self.keys.device(device), mapping=_fields({f"stat.{k}": str(v) for k, v in counters.items()})
+            )
+        except _ANY_REDIS as exc:
+            log.debug("device stats of %s not written: %s", device, exc)
+
     async def incr_stat(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` in ``P:stats``; queued, written with the next batch."""
         self._count(name, n)

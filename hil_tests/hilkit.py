@@ -85,7 +85,7 @@ async def start_lab(
     elif device_changes:
         cfg = base.with_device(DEVICE, **device_changes)
     store = RedisStore.from_url(cfg, redis.url)
-    gw = Gateway(cfg, store)
+    gw = Gateway(cfg, store, stats_period_s=0.2)
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run(stop), name="gateway")
     await gw.wait_connected(10)

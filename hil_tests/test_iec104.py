@@ -390,3 +390,17 @@ async def test_read_one_point_on_request(lab: Lab) -> None:
     upd = await lab.gateway.adapters[DEVICE].read("feeder.frequency")
     assert upd.point == "feeder.frequency" and 49.0 < float(upd.value or 0) < 51.0
     assert upd.cause == "requested" and upd.quality == Quality.GOOD
+
+
+async def test_adapter_counters_reach_the_device_hash(lab: Lab) -> None:
+    need_commands()
+    out = await lab.gateway.execute("feeder.breaker.command", "open")
+    assert out.result == "confirmed"
+
+    async def counted() -> dict[str, str] | None:
+        h = await lab.reader.redis.hgetall(lab.reader.keys.device(DEVICE))
+        return h if int(h.get("stat.commands", "0")) >= 1 else None
+
+    h = await eventually(counted, 3, "adapter stats in the device hash")
+    assert int(h["stat.connects"]) >= 1 and int(h["stat.values"]) > 0
+    assert h["state"] == "up"
