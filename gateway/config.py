@@ -24,7 +24,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -36,9 +38,12 @@ __all__ = [
     "QUANTITY_UNITS",
     "Device",
     "Direction",
+    "DlmsAddress",
+    "DlmsSettings",
     "Iec104Address",
     "LabConfig",
     "Point",
+    "iec104_address",
     "load_config",
 ]
 
@@ -188,6 +193,136 @@ class SimulatorSettings(_Frozen):
     tls_ca_file: str | None = None
 
 
+#: Default DLMS client addresses per security level (Blue Book: public client 16, the
+#: reading client with a password 17, the management client 1 for HLS).
+DLMS_CLIENT_ADDRESSES: Mapping[str, int] = {"none": 16, "low": 17, "high_gmac": 1}
+
+_OBIS_PATTERN = r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$"
+
+
+def _check_obis(v: str) -> str:
+    if any(int(part) > 255 for part in v.split(".")):
+        raise ValueError(f"OBIS code {v!r}: every group must be 0..255")
+    return v
+
+
+def _check_hex_key(v: str | None, octets: int, what: str) -> str | None:
+    if v is None:
+        return v
+    try:
+        raw = bytes.fromhex(v)
+    except ValueError:
+        raise ValueError(f"{what} must be hexadecimal") from None
+    if len(raw) != octets:
+        raise ValueError(f"{what} must be {octets} octets ({2 * octets} hex digits), not {len(raw)}")
+    return v
+
+
+class DlmsLoadProfile(_Frozen):
+    """A Profile Generic (class 7) the adapter reads by range, so each read fetches only new rows.
+
+    Columns whose capture object (class, OBIS, attribute) is a configured point's address
+    update that point with the row's capture time as source time.
+    """
+
+    obis: Annotated[str, Field(pattern=_OBIS_PATTERN)] = "1.0.99.1.0.255"
+    #: How often the meter captures a row (the simulator uses it; the adapter reads it back).
+    capture_period_s: Annotated[float, Field(gt=0, le=86400)] = 900.0
+    #: How often the gateway asks for rows newer than the last one it has.
+    read_period_s: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    #: On the first read after start, how far back to fetch.
+    backfill_s: Annotated[float, Field(ge=0, le=31 * 86400)] = 3600.0
+    #: Rows the simulated meter keeps (a ring buffer, like a real meter's profile depth).
+    depth: Annotated[int, Field(ge=1, le=100_000)] = 2880
+
+    @field_validator("obis")
+    @classmethod
+    def _obis_groups(cls, v: str) -> str:
+        return _check_obis(v)
+
+
+class DlmsSettings(_Frozen):
+    """DLMS/COSEM association toward one meter (LN referencing over TCP).
+
+    Secrets (password, keys) are never meant to sit in a committed lab file: name an
+    environment variable with the ``*_env`` keys instead; the literal keys exist for
+    throw-away simulator labs. Keys are hexadecimal (16 octets, AES-128, suite 0).
+    """
+
+    framing: Literal["wrapper", "hdlc"] = "wrapper"
+    security: Literal["none", "low", "high_gmac"] = "none"
+    #: Client SAP; default by security level (16 public, 17 low, 1 high).
+    client_address: Annotated[int, Field(ge=1, le=127)] | None = None
+    #: Server logical device address (1 = management logical device).
+    server_address: Annotated[int, Field(ge=1, le=16383)] = 1
+    password: str | None = None
+    password_env: str | None = None
+    #: Client system title, 8 octets hex (HLS).
+    system_title: str = "4D474D5300000001"
+    block_cipher_key: str | None = None
+    block_cipher_key_env: str | None = None
+    authentication_key: str | None = None
+    authentication_key_env: str | None = None
+    #: Registers (every point of the device) are read at this period.
+    poll_period_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
+    #: The meter clock is read at this period; its drift from this host is a stat.
+    clock_obis: Annotated[str, Field(pattern=_OBIS_PATTERN)] | None = "0.0.1.0.0.255"
+    clock_period_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    load_profile: DlmsLoadProfile | None = None
+    response_timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
+
+    @field_validator("clock_obis")
+    @classmethod
+    def _clock_obis(cls, v: str | None) -> str | None:
+        return None if v is None else _check_obis(v)
+
+    @field_validator("system_title")
+    @classmethod
+    def _title(cls, v: str) -> str:
+        _check_hex_key(v, 8, "system_title")
+        return v
+
+    @field_validator("block_cipher_key", "authentication_key")
+    @classmethod
+    def _keys(cls, v: str | None) -> str | None:
+        return _check_hex_key(v, 16, "key")
+
+    @model_validator(mode="after")
+    def _secrets(self) -> DlmsSettings:
+        if self.password is not None and self.password_env is not None:
+            raise ValueError("give password or password_env, not both")
+        if self.security == "low" and self.password is None and self.password_env is None:
+            raise ValueError("security 'low' needs password or password_env")
+        for key in ("block_cipher_key", "authentication_key"):
+            given = getattr(self, key) is not None, getattr(self, f"{key}_env") is not None
+            if all(given):
+                raise ValueError(f"give {key} or {key}_env, not both")
+            if self.security == "high_gmac" and not any(given):
+                raise ValueError(f"security 'high_gmac' needs {key} or {key}_env")
+        return self
+
+    @property
+    def client_sap(self) -> int:
+        return self.client_address if self.client_address is not None else DLMS_CLIENT_ADDRESSES[self.security]
+
+    def secret(self, key: str) -> str | None:
+        """The value of ``password`` / ``block_cipher_key`` / ``authentication_key``, from the
+        config or from the environment variable it names; LookupError if that is unset."""
+        literal: str | None = getattr(self, key)
+        env: str | None = getattr(self, f"{key}_env")
+        if env is None:
+            return literal
+        value = os.environ.get(env)
+        if value is None:
+            raise LookupError(f"environment variable {env} (dlms.{key}_env) is not set")
+        if key != "password":
+            _check_hex_key(value, 16, f"environment variable {env}")
+        return value
+
+
+_RCB_PATTERN = r"^[A-Za-z0-9_]+/[A-Za-z0-9_]+\.(BR|RP)\.[A-Za-z0-9_]+$"
+
+
 class Device(_Frozen):
     """A field device (or a front end such as a COM600) the gateway talks to."""
 
@@ -204,6 +339,8 @@ class Device(_Frozen):
     tls: TlsSettings = TlsSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     read_only: bool = False
+    #: DLMS/COSEM association and polling (protocol dlms only).
+    dlms: DlmsSettings = DlmsSettings()
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,12 +383,88 @@ class Iec104Address(_Frozen):
         return f"ioa {self.ioa}"
 
 
+#: COSEM interface classes a DLMS point may name (read-only, numeric value attribute).
+DLMS_CLASSES: Mapping[int, str] = {1: "Data", 3: "Register", 4: "Extended Register"}
+
+
+class DlmsAddress(_Frozen):
+    """A COSEM attribute: OBIS logical name, interface class and attribute index.
+
+    Register / Extended Register values are delivered with their scaler (10^scaler) and
+    unit (attribute 3) applied; the point's ``scale``/``offset`` then map into its unit.
+    """
+
+    obis: Annotated[str, Field(pattern=_OBIS_PATTERN)]
+    class_id: int = 3
+    attribute: Annotated[int, Field(ge=1, le=127)] = 2
+
+    @field_validator("obis")
+    @classmethod
+    def _obis_groups(cls, v: str) -> str:
+        return _check_obis(v)
+
+    @field_validator("class_id")
+    @classmethod
+    def _known_class(cls, v: int) -> int:
+        if v not in DLMS_CLASSES:
+            known = ", ".join(f"{k} ({n})" for k, n in DLMS_CLASSES.items())
+            raise ValueError(f"COSEM class {v} not supported for points; use one of {known}")
+        return v
+
+    @property
+    def kind(self) -> str:
+        return "measured"
+
+    @property
+    def is_control(self) -> bool:
+        return False
+
+    key_field: ClassVar[str] = "obis"
+    kind_field: ClassVar[str] = "class_id"
+    direction_rule: ClassVar[str] = "DLMS points are monitor-only"
+
+    @property
+    def key(self) -> Hashable:
+        return (self.obis, self.attribute)
+
+    def describe(self) -> str:
+        return f"OBIS {self.obis} attribute {self.attribute}"
+
+
 #: Address model per protocol; adding a protocol adds its address model here and to
 #: ``PointAddress``. Each model provides ``kind`` (measured/double/single), ``is_control``,
 #: ``key`` (unique per device), ``describe()``, ``key_field``, ``kind_field`` and
 #: ``direction_rule``.
-ADDRESS_MODELS: Mapping[str, type[_Frozen]] = {"iec104": Iec104Address}
-PointAddress = Iec104Address
+ADDRESS_MODELS: Mapping[str, type[_Frozen]] = {
+    "iec104": Iec104Address,
+    "dlms": DlmsAddress,
+}
+
+
+def _address_tag(value: Any) -> str:
+    """Pick the address model by its key field, so an error speaks of one model, not all."""
+    for tag, model in ADDRESS_MODELS.items():
+        if isinstance(value, model):
+            return tag
+    if isinstance(value, Mapping):
+        for tag, model in ADDRESS_MODELS.items():
+            if getattr(model, "key_field", None) in value:
+                return tag
+    return "iec104"
+
+
+PointAddress = Annotated[
+    Annotated[Iec104Address, Tag("iec104")] | Annotated[DlmsAddress, Tag("dlms")],
+    Discriminator(_address_tag),
+]
+
+
+def iec104_address(point: Point) -> Iec104Address:
+    """The address of ``point`` as IEC 104, for 104 code (the lab check guarantees the type)."""
+    address = point.address
+    if not isinstance(address, Iec104Address):
+        raise TypeError(f"point {point.name} has no IEC 104 address")
+    return address
 
 
 class Point(_Frozen):
@@ -509,7 +722,12 @@ def load_config(path: str | os.PathLike[str]) -> LabConfig:
         cfg = LabConfig.model_validate({**data, "source": file})
     except ValidationError as exc:
         for err in exc.errors():
-            loc: Path_ = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+            loc: Path_ = tuple(
+                x
+                for i, x in enumerate(err["loc"])
+                if not (isinstance(x, str) and x.startswith("function-"))
+                and not (i > 0 and err["loc"][i - 1] == "address" and x in ADDRESS_MODELS)  # union tag
+            )
             # the devices dict injects 'name': errors about it are the key's fault
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
@@ -563,6 +781,8 @@ def _known_fields(loc: Path_, data: Any) -> list[str]:
         "reconnect": ReconnectPolicy,
         "simulator": SimulatorSettings,
         "address": Iec104Address,
+        "dlms": DlmsSettings,
+        "load_profile": DlmsLoadProfile,
     }
     parent = loc[:-1]
     if not parent:
@@ -668,7 +888,8 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
             elif st.address.kind != pt.address.kind:
                 add(
                     ("points", i, "status_point"),
-                    f"{st.name!r} is a {st.address.kind} point but {pt.address.type} needs a {pt.address.kind} status",
+                    f"{st.name!r} is a {st.address.kind} point but {getattr(pt.address, pt.address.kind_field)}"
+                    f" needs a {pt.address.kind} status",
                 )
         elif pt.status_point is not None:
             add(("points", i, "status_point"), "only control points take a status point")

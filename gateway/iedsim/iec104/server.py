@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import Device, Direction, Iec104Timers, LabConfig, Point
+from gateway.config import Device, Direction, Iec104Timers, LabConfig, Point, iec104_address
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.iedsim.dynamics import FeederModel
 from gateway.iedsim.iec104.codec import (
@@ -218,12 +218,12 @@ class Iec104Outstation:
         self._controls: dict[int, Point] = {}
         for p in self._points:
             if p.direction is Direction.MONITOR:
-                m = _Monitor(p, TypeId[p.address.type], 0.0, 0, Quality.GOOD, Quality.GOOD, now)
+                m = _Monitor(p, TypeId[iec104_address(p).type], 0.0, 0, Quality.GOOD, Quality.GOOD, now)
                 self._update(m, self.model.value(p.name), now)
                 self._monitors[p.name] = m
-                self._monitor_by_ioa[p.address.ioa] = m
+                self._monitor_by_ioa[iec104_address(p).ioa] = m
             else:
-                self._controls[p.address.ioa] = p
+                self._controls[iec104_address(p).ioa] = p
         self._sessions: set[_Session] = set()
         self._selections: dict[str, _Selection] = {}
         self._travelling: dict[str, asyncio.TimerHandle] = {}
@@ -423,7 +423,7 @@ class Iec104Outstation:
         out: list[bytes] = []
         for type_id, ms in by_type.items():
             per = min(_MAX_OBJECTS, (_ASDU_LIMIT - asdu_size(type_id, 0)) // object_size(type_id))
-            ms.sort(key=lambda m: m.point.address.ioa)
+            ms.sort(key=lambda m: iec104_address(m.point).ioa)
             for i in range(0, len(ms), per):
                 objects = tuple(_info_object(m) for m in ms[i : i + per])
                 out.append(encode_asdu(Asdu(type_id, cot, self.common_address, objects)))
@@ -593,8 +593,8 @@ class Iec104Outstation:
             where = "a monitor point" if obj.ioa in self._monitor_by_ioa else "no point"
             return refuse(f"ioa {obj.ioa} is {where}", Cot.UNKNOWN_IOA)
         what = f"{what} ({control.name})"
-        if asdu.type_id.name != control.address.type:
-            return refuse(f"configured as {control.address.type}")
+        if asdu.type_id.name != iec104_address(control).type:
+            return refuse(f"configured as {iec104_address(control).type}")
         if len(asdu.objects) != 1:
             return refuse("a command carries exactly one object")
         if asdu.cot is Cot.DEACTIVATION:
@@ -800,7 +800,7 @@ def _info_object(m: _Monitor) -> InfoObject:
     cls = _MONITOR_ELEMENT[m.type_id.name]
     element: Element = cls(m.raw, m.quality)
     t = Cp56Time.from_timestamp(m.time) if m.type_id in _TIMED else None
-    return InfoObject(m.point.address.ioa, element, t)
+    return InfoObject(iec104_address(m.point).ioa, element, t)
 
 
 class _TlsAccept(asyncio.Protocol):

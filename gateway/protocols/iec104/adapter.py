@@ -40,7 +40,7 @@ from typing import Any
 
 import c104
 
-from gateway.config import Device, Direction, Point
+from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, LinkError
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
@@ -193,7 +193,7 @@ class Iec104Adapter(Adapter):
     def __init__(self, device: Device, points: tuple[Point, ...], *, queue_max: int = 200_000) -> None:
         super().__init__(device, points)
         self._queue_max = queue_max
-        self._monitor = {p.address.ioa: p for p in points if p.direction is Direction.MONITOR}
+        self._monitor = {iec104_address(p).ioa: p for p in points if p.direction is Direction.MONITOR}
         self._control = {p.name: p for p in points if p.direction is Direction.CONTROL}
         self._by_name = {p.name: p for p in points}
         self._state = LinkState.CLOSED
@@ -315,18 +315,19 @@ class Iec104Adapter(Adapter):
         if station is None:
             raise LinkError(dev.name, f"c104 refused common address {dev.common_address}")
         for ioa, pt in self._monitor.items():
-            cp = station.add_point(io_address=ioa, type=getattr(c104.Type, pt.address.type))
+            cp = station.add_point(io_address=ioa, type=getattr(c104.Type, iec104_address(pt).type))
             if cp is None:
-                raise LinkError(dev.name, f"c104 refused point {pt.name} (ioa {ioa}, {pt.address.type})")
+                raise LinkError(dev.name, f"c104 refused point {pt.name} (ioa {ioa}, {iec104_address(pt).type})")
             cp.on_receive(callable=self._make_value_callback(pt))
             self._c104_mon[ioa] = cp
         for name, pt in self._control.items():
             mode = c104.CommandMode.SELECT_AND_EXECUTE if pt.select_before_operate else c104.CommandMode.DIRECT
             cp = station.add_point(
-                io_address=pt.address.ioa, type=getattr(c104.Type, pt.address.type), command_mode=mode
+                io_address=iec104_address(pt).ioa, type=getattr(c104.Type, iec104_address(pt).type), command_mode=mode
             )
             if cp is None:
-                raise LinkError(dev.name, f"c104 refused point {name} (ioa {pt.address.ioa}, {pt.address.type})")
+                addr = iec104_address(pt)
+                raise LinkError(dev.name, f"c104 refused point {name} (ioa {addr.ioa}, {addr.type})")
             self._c104_cmd[name] = cp
         conn.on_state_change(callable=self._make_state_callback())
         conn.on_receive_raw(callable=self._make_raw_callback())
@@ -565,7 +566,7 @@ class Iec104Adapter(Adapter):
         assert self._loop is not None
         fut: asyncio.Future[PointUpdate] = self._loop.create_future()
         self._readers.setdefault(point, []).append(fut)
-        cp = self._c104_mon[pt.address.ioa]
+        cp = self._c104_mon[iec104_address(pt).ioa]
         try:
             async with asyncio.timeout(self.device.command_timeout_s):
                 sent = await asyncio.to_thread(cp.read)
@@ -590,7 +591,7 @@ class Iec104Adapter(Adapter):
             fut.set_result(conf)
 
     def _c104_value(self, pt: Point, value: float | int | bool) -> Any:
-        t = pt.address.type
+        t = iec104_address(pt).type
         if t.startswith("C_DC"):
             try:
                 state = DoublePoint(int(value))
@@ -620,7 +621,7 @@ class Iec104Adapter(Adapter):
             raise CommandInvalid(request.point, f"not a control point of device {self.device.name}")
         c104_value = self._c104_value(pt, request.value)
         self._require_up()
-        ioa = pt.address.ioa
+        ioa = iec104_address(pt).ioa
         if ioa in self._pending:
             raise CommandRejected(pt.name, "another command on this point is still in progress")
         assert self._loop is not None
