@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -32,6 +34,9 @@ from typing import Self
 from gateway.errors import GatewayError
 
 __all__ = [
+    "MosquittoServer",
+    "MqttAcl",
+    "MqttTls",
     "RedisServer",
     "ServiceError",
     "ServiceNotInstalled",
@@ -455,3 +460,135 @@ class RedisServer(_ServerProcess):
             if line.startswith(b"process_id:"):
                 return int(line.split(b":", 1)[1]) == self._proc.pid
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAcl:
+    """One ACL line of a user: ``access`` is read, write or readwrite (mosquitto's words)."""
+
+    user: str
+    access: str
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class MqttTls:
+    """Broker TLS: its certificate and key, and the CA clients' certificates must come from.
+
+    ``require_certificate`` makes the broker demand a client certificate (mutual TLS);
+    with ``use_identity_as_username`` the certificate's CN is the user for the ACLs.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    require_certificate: bool = False
+    use_identity_as_username: bool = False
+
+
+class MosquittoServer(_ServerProcess):
+    """An embedded ``mosquitto`` for the demo and the tests: TLS, users and ACLs, persistence.
+
+    Persistence is on so QoS 1/2 sessions of clients with ``clean_start=False`` survive a
+    :meth:`restart` (mosquitto saves its database on a clean stop and every
+    ``autosave_interval_s``). Without ``users`` the broker is anonymous (loopback only).
+    """
+
+    binary = "mosquitto"
+    package = "mosquitto"
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        host: str = LOOPBACK,
+        tls: MqttTls | None = None,
+        users: dict[str, str] | None = None,
+        acl: list[MqttAcl] | None = None,
+        autosave_interval_s: int = 1,
+        max_queued_messages: int = 100_000,
+        start_timeout_s: float = 10.0,
+        stop_timeout_s: float = 10.0,
+        executable: str | None = None,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            port=port,
+            host=host,
+            start_timeout_s=start_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+            executable=executable,
+        )
+        self.tls = tls
+        self.users = dict(users or {})
+        self.acl = list(acl or [])
+        self.autosave_interval_s = autosave_interval_s
+        self.max_queued_messages = max_queued_messages
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def _password_file(self, data_dir: Path) -> Path:
+        """mosquitto wants hashed passwords: let its own tool hash them."""
+        path = data_dir / "passwords"
+        path.write_text("", encoding="utf-8")
+        path.chmod(0o600)
+        tool = shutil.which("mosquitto_passwd") or shutil.which("mosquitto_passwd", path="/usr/sbin:/sbin")
+        if tool is None:
+            raise ServiceNotInstalled("mosquitto_passwd not found; install it with `apt-get install mosquitto`")
+        for user, password in self.users.items():
+            subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True, timeout=10)
+        return path
+
+    def _command(self, executable: str, data_dir: Path, port: int) -> list[str]:
+        lines = [
+            "# written by gateway.services.MosquittoServer",
+            "per_listener_settings false",
+            # started as root, mosquitto would switch to user "mosquitto" and then fail to
+            # read its own 0600 files in our data dir: stay whoever started it
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            f"listener {port} {self.host}",
+            "persistence true",
+            f"persistence_location {data_dir}/",
+            f"autosave_interval {self.autosave_interval_s}",
+            f"max_queued_messages {self.max_queued_messages}",
+            "max_inflight_messages 100",
+            "log_dest stdout",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+        ]
+        if self.users or (self.tls is not None and self.tls.use_identity_as_username):
+            lines.append("allow_anonymous false")
+            if self.users:
+                lines.append(f"password_file {self._password_file(data_dir)}")
+        else:
+            lines.append("allow_anonymous true")
+        if self.acl:
+            acl_file = data_dir / "acl"
+            by_user: dict[str, list[MqttAcl]] = {}
+            for rule in self.acl:
+                by_user.setdefault(rule.user, []).append(rule)
+            acl_file.write_text(
+                "".join(
+                    f"user {u}\n" + "".join(f"topic {r.access} {r.topic}\n" for r in rules) + "\n"
+                    for u, rules in by_user.items()
+                ),
+                encoding="utf-8",
+            )
+            lines.append(f"acl_file {acl_file}")
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.ca_file}",
+                f"certfile {self.tls.cert_file}",
+                f"keyfile {self.tls.key_file}",
+                "tls_version tlsv1.2",
+                f"require_certificate {'true' if self.tls.require_certificate else 'false'}",
+                f"use_identity_as_username {'true' if self.tls.use_identity_as_username else 'false'}",
+            ]
+        conf = data_dir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return [executable, "-c", str(conf)]
