@@ -43,6 +43,8 @@ async def test_every_point_reaches_redis_with_times_and_quality(lab: Lab) -> Non
         assert v.source_ts is not None and abs(v.source_ts - time.time()) < 60, name
         assert v.recv_ts <= v.store_ts <= time.time() + 0.01, name
         assert v.device == DEVICE
+    if lab.sim is None:
+        return  # a real lab: the checks below know the simulator's feeder
     # consistent feeder: S^2 = P^2 + Q^2 within noise, PF = P / S
     p, q, s = (float(values[n].value or 0) for n in ("feeder.p", "feeder.q", "feeder.s"))
     assert s == pytest.approx((p * p + q * q) ** 0.5, rel=0.02)
