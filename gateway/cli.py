@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--once", action="store_true", help="print the table once and exit")
 
+    p = sub.add_parser("keys", help="create a participant's key pair for signed/encrypted AMS messages")
+    p.add_argument("participant", help="participant name (as in the message sender/recipient)")
+    p.add_argument("--out-dir", "-o", default="keys", help="directory for <participant>.key and .pub (default ./keys)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+
     p = sub.add_parser("demo", help="the lab on simulators: Redis, simulator, gateway, breaker operations")
     p.add_argument("--config", "-c", default=str(_default_sim_config()), help="simulator profile of the lab")
     p.add_argument("--operations", type=int, default=3, help="open/close cycles to time")
@@ -100,6 +105,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for p in ctl:
             print(f"    {p.name} -> confirmed by {p.status_point}{' (SBO)' if p.select_before_operate else ''}")
     print(f"  redis: {cfg.redis.url or 'embedded (started by the gateway)'}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Write <participant>.key (0600) and .pub; print the public part for the peers' keystores."""
+    from gateway.semantic.security import write_key_pair
+
+    out = Path(args.out_dir)
+    try:
+        ident = write_key_pair(args.participant, out, overwrite=args.force)
+    except FileExistsError:
+        print(f"error: {out / (args.participant + '.key')} exists (use --force to replace it)", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {out / (args.participant + '.key')} (mode 0600, keep it secret)", file=sys.stderr)
+    print(f"public key:  {out / (args.participant + '.pub')} (give this to the peers)", file=sys.stderr)
+    sys.stdout.write(ident.public.to_json())
     return 0
 
 
@@ -206,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_command(args))
         if args.cmd == "watch":
             return asyncio.run(_watch(args))
+        if args.cmd == "keys":
+            return cmd_keys(args)
         if args.cmd == "demo":
             from gateway.demo import run_demo
 
