@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import math
 import os
@@ -529,7 +528,7 @@ class Opener:
         if len(plain) < 64:
             raise Malformed("plaintext shorter than a signature", message_id=mid)
         try:
-            payload = json.loads(plain[64:])
-        except ValueError as exc:
-            raise Malformed(f"payload not JSON: {exc}", message_id=mid) from exc
+            payload = load_json(plain[64:])  # same rules as outside: no NaN, no duplicate keys
+        except Malformed as exc:
+            raise Malformed(f"payload: {exc.detail}", message_id=mid) from exc
         return plain[:64], payload
