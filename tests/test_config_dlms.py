@@ -69,12 +69,24 @@ def test_password_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize(
     ("old", "new", "key", "reason"),
     [
-        ("1.0.32.7.0.255, class_id: 3, attribute: 2", "1.0.32.7.0.256, class_id: 3, attribute: 2",
-         "points[0](meter.voltage.l1).address.obis", "every group must be 0..255"),
-        ("1.0.32.7.0.255, class_id: 3, attribute: 2", "1.0.32.7.0.255, class_id: 7, attribute: 2",
-         "points[0](meter.voltage.l1).address.class_id", "not supported"),
-        ("obis: 1.0.1.8.0.255, class_id: 3", "obis: 1.0.32.7.0.255, class_id: 3",
-         "points[1](meter.energy).address.obis", "duplicate address"),
+        (
+            "1.0.32.7.0.255, class_id: 3, attribute: 2",
+            "1.0.32.7.0.256, class_id: 3, attribute: 2",
+            "points[0](meter.voltage.l1).address.obis",
+            "every group must be 0..255",
+        ),
+        (
+            "1.0.32.7.0.255, class_id: 3, attribute: 2",
+            "1.0.32.7.0.255, class_id: 7, attribute: 2",
+            "points[0](meter.voltage.l1).address.class_id",
+            "not supported",
+        ),
+        (
+            "obis: 1.0.1.8.0.255, class_id: 3",
+            "obis: 1.0.32.7.0.255, class_id: 3",
+            "points[1](meter.energy).address.obis",
+            "duplicate address",
+        ),
         ("password_env: MGMS_TEST_METER_PW", "poll_period_s: 1", "devices.meter1.dlms", "needs password"),
         ("security: low", "security: high_gmac", "devices.meter1.dlms", "needs block_cipher_key"),
         ("framing: hdlc", "framing: serial", "devices.meter1.dlms.framing", "'wrapper' or 'hdlc'"),

@@ -1,6 +1,6 @@
 """``iedsim``: run IED simulators from a lab config.
 
-One subcommand per protocol (``iec104`` now; ``dlms`` and ``iec61850`` join the same table
+One subcommand per protocol (``iec104``, ``dlms``; ``iec61850`` joins the same table
 later), so a lab starts exactly the devices its config describes. The process prints one
 ready line per station on stdout (scripts and HIL fixtures wait for it), logs to stderr,
 and stops cleanly on SIGINT/SIGTERM or after ``--duration-s``.
@@ -87,9 +87,40 @@ async def _run_iec104(args: argparse.Namespace, config: LabConfig, stop: asyncio
     return 0
 
 
+# -- dlms ----------------------------------------------------------------------------------
+
+
+def _add_dlms(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("dlms", help="DLMS/COSEM meter (WRAPPER or HDLC over TCP)")
+    p.add_argument("--device", help="device name in the config (default: the only dlms device)")
+    p.add_argument("--host", help="listen address (default: the device's host)")
+    p.add_argument("--port", type=int, help="listen port (default: the device's port; 0 = any free port)")
+    p.add_argument("--seed", type=int, help="random seed of the feeder model (default: simulator.seed)")
+    p.set_defaults(run=_run_dlms)
+
+
+async def _run_dlms(args: argparse.Namespace, config: LabConfig, stop: asyncio.Event) -> int:
+    from gateway.iedsim.dlms import DlmsMeter
+
+    device = _pick_device(config, "dlms", args.device)
+    meter = DlmsMeter(config, device, host=args.host, port=args.port, seed=args.seed)
+    await meter.start()
+    try:
+        dlms = meter.device.dlms
+        print(
+            f"dlms simulator {meter.name} listening on {meter.host}:{meter.port}"
+            f" ({len(meter.points)} points, {dlms.framing}, security {dlms.security})"
+        )
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        await meter.close()
+    return 0
+
+
 # -- entry point ---------------------------------------------------------------------------
 
-_PROTOCOLS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (_add_iec104,)
+_PROTOCOLS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (_add_iec104, _add_dlms)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,4 +19,8 @@ def create_adapter(device: Device, points: tuple[Point, ...]) -> Adapter:
         from gateway.protocols.iec104 import Iec104Adapter
 
         return Iec104Adapter(device, points)
+    if device.protocol == "dlms":
+        from gateway.protocols.dlms import DlmsAdapter
+
+        return DlmsAdapter(device, points)
     raise ValueError(f"{device.name}: no adapter for protocol {device.protocol!r}")
