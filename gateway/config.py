@@ -41,9 +41,11 @@ __all__ = [
     "DlmsAddress",
     "DlmsSettings",
     "Iec104Address",
+    "Iec61850Address",
     "LabConfig",
     "Point",
     "iec104_address",
+    "iec61850_address",
     "load_config",
 ]
 
@@ -339,6 +341,12 @@ class Device(_Frozen):
     tls: TlsSettings = TlsSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     read_only: bool = False
+    #: IEC 61850: the IED name; MMS domains are IED name + logical-device inst (REF615LD0),
+    #: so point references stay as short as in the relay's documentation (LD0/MMXU1.PhV.phsA).
+    ied_name: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")] | None = None
+    #: IEC 61850: report control blocks to enable ("LD0/LLN0.BR.brcbMeas"), buffered ones
+    #: preferred; values come by report, points in no data set are read at connect and GI.
+    report_control_blocks: tuple[Annotated[str, Field(pattern=_RCB_PATTERN)], ...] = ()
     #: DLMS/COSEM association and polling (protocol dlms only).
     dlms: DlmsSettings = DlmsSettings()
 
@@ -431,6 +439,88 @@ class DlmsAddress(_Frozen):
         return f"OBIS {self.obis} attribute {self.attribute}"
 
 
+#: IEC 61850 common data classes the adapter and simulator handle, by kind of value.
+IEC61850_CDCS = {
+    "MV": "measured",
+    "CMV": "measured",
+    "WYE": "measured",
+    "DEL": "measured",
+    "APC": "measured",
+    "INS": "measured",
+    "INC": "measured",
+    "DPS": "double",
+    "DPC": "double",
+    "SPS": "single",
+    "SPC": "single",
+}
+#: Functional constraints a point may name, and the CDCs each fits.
+IEC61850_FCS: Mapping[str, frozenset[str]] = {
+    "MX": frozenset({"MV", "CMV", "WYE", "DEL", "APC"}),
+    "ST": frozenset({"INS", "INC", "DPS", "DPC", "SPS", "SPC"}),
+    "CO": frozenset({"DPC", "SPC", "INC", "APC"}),
+}
+
+
+class Iec61850Address(_Frozen):
+    """Where a point lives in an IEC 61850 server: object reference, FC and CDC.
+
+    ``ref`` is ``LDinst/LNname.DO[.subDO]`` without the IED name (that is the device's
+    ``ied_name``), e.g. ``LD0/MMXU1.PhV.phsA``; the FC says which view of the data object
+    (MX measured, ST status, CO control); the CDC says how its value is laid out. A CO point
+    is a control; the others are monitored.
+    """
+
+    ref: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+/[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$")]
+    fc: str
+    cdc: str
+
+    @field_validator("fc")
+    @classmethod
+    def _known_fc(cls, v: str) -> str:
+        if v not in IEC61850_FCS:
+            raise ValueError(f"unsupported functional constraint {v!r}{_suggest(v, IEC61850_FCS)}; use MX, ST or CO")
+        return v
+
+    @field_validator("cdc")
+    @classmethod
+    def _known_cdc(cls, v: str) -> str:
+        if v not in IEC61850_CDCS:
+            raise ValueError(f"unsupported CDC {v!r}{_suggest(v, IEC61850_CDCS)}; known: {', '.join(IEC61850_CDCS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _fc_fits_cdc(self) -> Iec61850Address:
+        if self.cdc not in IEC61850_FCS[self.fc]:
+            raise ValueError(
+                f"CDC {self.cdc} has no {self.fc} value to use here"
+                f" (FC {self.fc} takes {', '.join(sorted(IEC61850_FCS[self.fc]))})"
+            )
+        return self
+
+    @property
+    def ld_inst(self) -> str:
+        return self.ref.split("/", 1)[0]
+
+    @property
+    def kind(self) -> str:
+        return IEC61850_CDCS[self.cdc]
+
+    @property
+    def is_control(self) -> bool:
+        return self.fc == "CO"
+
+    key_field: ClassVar[str] = "ref"
+    kind_field: ClassVar[str] = "fc"
+    direction_rule: ClassVar[str] = "FC CO is control, MX and ST monitor"
+
+    @property
+    def key(self) -> Hashable:
+        return (self.ref, self.fc)
+
+    def describe(self) -> str:
+        return f"{self.ref} [{self.fc}]"
+
+
 #: Address model per protocol; adding a protocol adds its address model here and to
 #: ``PointAddress``. Each model provides ``kind`` (measured/double/single), ``is_control``,
 #: ``key`` (unique per device), ``describe()``, ``key_field``, ``kind_field`` and
@@ -438,6 +528,7 @@ class DlmsAddress(_Frozen):
 ADDRESS_MODELS: Mapping[str, type[_Frozen]] = {
     "iec104": Iec104Address,
     "dlms": DlmsAddress,
+    "iec61850": Iec61850Address,
 }
 
 
@@ -454,7 +545,9 @@ def _address_tag(value: Any) -> str:
 
 
 PointAddress = Annotated[
-    Annotated[Iec104Address, Tag("iec104")] | Annotated[DlmsAddress, Tag("dlms")],
+    Annotated[Iec104Address, Tag("iec104")]
+    | Annotated[DlmsAddress, Tag("dlms")]
+    | Annotated[Iec61850Address, Tag("iec61850")],
     Discriminator(_address_tag),
 ]
 
@@ -464,6 +557,14 @@ def iec104_address(point: Point) -> Iec104Address:
     address = point.address
     if not isinstance(address, Iec104Address):
         raise TypeError(f"point {point.name} has no IEC 104 address")
+    return address
+
+
+def iec61850_address(point: Point) -> Iec61850Address:
+    """The address of ``point`` as IEC 61850, for 61850 code (the lab check guarantees the type)."""
+    address = point.address
+    if not isinstance(address, Iec61850Address):
+        raise TypeError(f"point {point.name} has no IEC 61850 address")
     return address
 
 
@@ -565,6 +666,21 @@ class LabConfig(_Frozen):
         """
         dev = Device.model_validate({**self.devices[name].model_dump(), **changes})
         return self.model_copy(update={"devices": {**self.devices, name: dev}})
+
+    def only(self, *names: str) -> LabConfig:
+        """A copy with just these devices and their points (one simulator, one HIL suite).
+
+        Status points are kept with their control points since both belong to one device.
+        """
+        missing = [n for n in names if n not in self.devices]
+        if missing:
+            raise KeyError(", ".join(missing))
+        return self.model_copy(
+            update={
+                "devices": {n: d for n, d in self.devices.items() if n in names},
+                "points": tuple(p for p in self.points if p.device in names),
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -820,6 +936,11 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
                     add(("devices", name, "tls", field), f"file not found: {path}")
                 elif not os.access(path, os.R_OK):
                     add(("devices", name, "tls", field), f"file not readable: {path}")
+        if dev.protocol == "iec61850" and dev.ied_name is None:
+            add(
+                ("devices", name, "ied_name"),
+                "an iec61850 device needs its IED name (MMS domain = IED name + LD inst)",
+            )
         sim = dev.simulator
         if (sim.tls_cert_file is None) != (sim.tls_key_file is None):
             add(("devices", name, "simulator"), "tls_cert_file and tls_key_file go together")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from gateway.config import Direction, LabConfig, load_config
+from gateway.iedsim.iec61850 import Iec61850Server
 from gateway.iedsim.launch import SimProcess
 from gateway.runtime import Gateway
 from gateway.services import RedisServer, free_port
@@ -65,11 +66,21 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
         await asyncio.to_thread(redis.start)
         _say(f"[{clock.ms()}] redis-server started at {redis.url} (AOF on, data in a temp dir)")
         sim = SimProcess(config_file, device, free_port(), free_port())
+        mms_sims: list[Iec61850Server] = []
         try:
             first = await sim.start()
             _say(f"[{clock.ms()}] {first}")
             port = int(first.rsplit(":", 1)[1].split()[0])
             lab = cfg.with_device(device, host="127.0.0.1", port=port)
+            for name, dev in cfg.devices.items():
+                if dev.protocol == "iec61850":
+                    # the 61850 view of the relay: its simulator runs in this process
+                    mms = Iec61850Server(cfg, name, host="127.0.0.1", port=0)
+                    await mms.start()
+                    mms_sims.append(mms)
+                    lab = lab.with_device(name, host="127.0.0.1", port=mms.port)
+                    _say(f"[{clock.ms()}] iec61850 simulator {name} ({mms.ied_name}) listening on 127.0.0.1:{mms.port}")
+            lab = lab.only(device, *(m.name for m in mms_sims))
             store = RedisStore.from_url(lab, redis.url)
             reader = RedisStore.from_url(lab, redis.url)  # what an operator's client sees
             gateway = Gateway(lab, store)
@@ -79,13 +90,13 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                 t = time.monotonic()
                 await gateway.wait_connected(15)
                 _say(
-                    f"[{clock.ms()}] gateway connected to {device} over IEC 104 "
+                    f"[{clock.ms()}] gateway connected to {', '.join(lab.devices)} (IEC 104 + MMS) "
                     f"(STARTDT + general interrogation) in {(time.monotonic() - t) * 1000:.1f} ms"
                 )
                 n = await _wait_all_points(reader, lab, 10)
                 _say(f"[{clock.ms()}] all {n} monitored points are in Redis")
                 _say("")
-                links = {device: "up"}
+                links = {name: "up" for name in lab.devices}
                 _say(render(lab, await reader.latest_all(), links, time.time()))
                 _say("")
                 failures += await _value_latency(sim, reader, clock)
@@ -109,6 +120,8 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                 await reader.aclose()
             _say(f"[{clock.ms()}] gateway stopped cleanly")
         finally:
+            for mms in mms_sims:
+                await mms.close()
             await sim.stop()
             await asyncio.to_thread(redis.close)
     _say(f"[{clock.ms()}] simulator and redis-server stopped")

@@ -1,7 +1,7 @@
 """``iedsim``: run IED simulators from a lab config.
 
-One subcommand per protocol (``iec104``, ``dlms``; ``iec61850`` joins the same table
-later), so a lab starts exactly the devices its config describes. The process prints one
+One subcommand per protocol (``iec104``, ``iec61850``; ``dlms`` joins the same table),
+so a lab starts exactly the devices its config describes. The process prints one
 ready line per station on stdout (scripts and HIL fixtures wait for it), logs to stderr,
 and stops cleanly on SIGINT/SIGTERM or after ``--duration-s``.
 """
@@ -87,6 +87,37 @@ async def _run_iec104(args: argparse.Namespace, config: LabConfig, stop: asyncio
     return 0
 
 
+# -- iec61850 ------------------------------------------------------------------------------
+
+
+def _add_iec61850(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("iec61850", help="IEC 61850 MMS server (REF615-class feeder relay)")
+    p.add_argument("--device", help="device name in the config (default: the only iec61850 device)")
+    p.add_argument("--host", help="listen address (default: the device's host)")
+    p.add_argument("--port", type=int, help="listen port (default: the device's port; 0 = any free port)")
+    p.add_argument("--seed", type=int, help="random seed of the feeder model (default: simulator.seed)")
+    p.set_defaults(run=_run_iec61850)
+
+
+async def _run_iec61850(args: argparse.Namespace, config: LabConfig, stop: asyncio.Event) -> int:
+    from gateway.iedsim.iec61850.server import Iec61850Server
+
+    device = _pick_device(config, "iec61850", args.device)
+    port = args.port if args.port is not None else config.devices[device].port
+    server = Iec61850Server(config, device, host=args.host, port=port, seed=args.seed)
+    await server.start()
+    try:
+        print(
+            f"iec61850 simulator {server.name} ({server.ied_name}) listening on {server.host}:{server.port}"
+            f" ({len(server.points)} points)"
+        )
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        await server.close()
+    return 0
+
+
 # -- dlms ----------------------------------------------------------------------------------
 
 
@@ -120,7 +151,11 @@ async def _run_dlms(args: argparse.Namespace, config: LabConfig, stop: asyncio.E
 
 # -- entry point ---------------------------------------------------------------------------
 
-_PROTOCOLS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (_add_iec104, _add_dlms)
+_PROTOCOLS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_iec104,
+    _add_iec61850,
+    _add_dlms,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

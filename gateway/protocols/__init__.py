@@ -19,6 +19,10 @@ def create_adapter(device: Device, points: tuple[Point, ...]) -> Adapter:
         from gateway.protocols.iec104 import Iec104Adapter
 
         return Iec104Adapter(device, points)
+    if device.protocol == "iec61850":
+        from gateway.protocols.iec61850 import Iec61850Adapter
+
+        return Iec61850Adapter(device, points)
     if device.protocol == "dlms":
         from gateway.protocols.dlms import DlmsAdapter
 

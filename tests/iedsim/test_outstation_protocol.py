@@ -115,7 +115,7 @@ async def test_general_interrogation(outstation: Iec104Outstation, raw_client: A
 
 
 def monitors_of(cfg: LabConfig) -> list[Point]:
-    return [p for p in cfg.points if p.direction.value == "monitor"]
+    return [p for p in cfg.points_of("ref615") if p.direction.value == "monitor"]
 
 
 async def test_gi_packs_many_points_within_the_asdu_limit(

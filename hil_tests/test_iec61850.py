@@ -1,0 +1,182 @@
+"""HIL: the gateway against the REF615-class IEC 61850 simulator and a real redis-server.
+
+The 61850 view of the relay (device ``ref615_mms`` of multipower-sim.yaml) alone: values by
+buffered reports into Redis with quality and source time, breaker direct and SBO confirmed
+by the position, a misspelt reference reported, an interlocked operation rejected, and a
+simulator restart seen as link down (points flagged) then resynchronised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from hilkit import SIM_CONFIG, eventually
+
+from gateway.config import LabConfig, Point, load_config
+from gateway.iedsim.iec61850 import Iec61850Server
+from gateway.points import Quality
+from gateway.runtime import Gateway
+from gateway.services import RedisServer
+from gateway.store import RedisStore
+
+MMS = "ref615_mms"
+FAST = {"reconnect": {"initial_s": 0.1, "max_s": 0.5}, "command_timeout_s": 3}
+
+
+@pytest.fixture
+def mms_config() -> LabConfig:
+    return load_config(SIM_CONFIG).only(MMS)
+
+
+@pytest.fixture
+async def mms_sim(mms_config: LabConfig) -> AsyncIterator[Iec61850Server]:
+    server = Iec61850Server(mms_config, MMS, host="127.0.0.1", port=0, seed=7)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+class MmsLab:
+    def __init__(self, config: LabConfig, redis: RedisServer, sim: Iec61850Server) -> None:
+        self.config = config.with_device(MMS, port=sim.port, **FAST)
+        self.sim = sim
+        self.store = RedisStore.from_url(self.config, redis.url)
+        self.reader = RedisStore.from_url(self.config, redis.url)
+        self.gateway = Gateway(self.config, self.store)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> MmsLab:
+        self.task = asyncio.create_task(self.gateway.run(self.stop), name="gateway")
+        await self.gateway.wait_connected(10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 15)
+        await self.reader.aclose()
+
+
+def _monitor(cfg: LabConfig) -> list[Point]:
+    return [p for p in cfg.points if p.direction.value == "monitor"]
+
+
+async def test_values_reach_redis_by_report_with_quality_and_time(
+    mms_config: LabConfig, redis_server: RedisServer, mms_sim: Iec61850Server
+) -> None:
+    async with MmsLab(mms_config, redis_server, mms_sim) as lab:
+        names = {p.name for p in _monitor(lab.config)}
+
+        async def all_there() -> bool:
+            return names <= (await lab.reader.latest_all()).keys()
+
+        await eventually(all_there, 5, "every 61850 point in Redis")
+        v = await lab.reader.latest("mms.feeder.voltage.l1")
+        assert v is not None and v.quality == Quality.GOOD and v.source_ts is not None
+        assert 200 < float(v.value) < 260  # type: ignore[arg-type]
+        # a change in the IED arrives by report (no polling: the simulator period is 1 s)
+        sent = time.time()
+        mms_sim.set_value("mms.feeder.voltage.l1", 241.5)
+
+        async def changed() -> bool:
+            got = await lab.reader.latest("mms.feeder.voltage.l1")
+            return got is not None and abs(float(got.value) - 241.5) < 1e-3  # type: ignore[arg-type]
+
+        await eventually(changed, 2, "reported change stored")
+        got = await lab.reader.latest("mms.feeder.voltage.l1")
+        assert got is not None and got.source_ts is not None and abs(got.source_ts - sent) < 1.0
+        stats = lab.gateway.adapters[MMS].stats()
+        assert stats.get("reports", 0) > 0 and stats.get("missing_references", 0) == 0
+        mms_sim.set_quality("mms.feeder.frequency", invalid=True)
+
+        async def flagged() -> bool:
+            got = await lab.reader.latest("mms.feeder.frequency")
+            return got is not None and Quality.INVALID in got.quality
+
+        await eventually(flagged, 2, "invalid quality reported")
+
+
+@pytest.mark.parametrize("point", ["mms.feeder.breaker.command", "mms.feeder.breaker.command_sbo"])
+async def test_breaker_direct_and_sbo_confirmed(
+    mms_config: LabConfig, redis_server: RedisServer, mms_sim: Iec61850Server, point: str
+) -> None:
+    async with MmsLab(mms_config, redis_server, mms_sim) as lab:
+        for word, state in (("open", 1), ("close", 2)):
+            out = await lab.gateway.execute(point, word, requested_by="hil")
+            assert out.result == "confirmed", out.reason
+
+
+            async def stored(state: int = state) -> bool:
+                pos = await lab.reader.latest("mms.feeder.breaker.position")
+                return pos is not None and pos.value == state
+
+            await eventually(stored, 2, f"position {state} in Redis")
+        assert mms_sim.operations == 2
+
+
+async def test_interlocked_operation_rejected(
+    mms_config: LabConfig, redis_server: RedisServer, mms_sim: Iec61850Server
+) -> None:
+    async with MmsLab(mms_config, redis_server, mms_sim) as lab:
+        mms_sim.interlocked = True
+        for point in ("mms.feeder.breaker.command", "mms.feeder.breaker.command_sbo"):
+            out = await lab.gateway.execute(point, "open", requested_by="hil")
+            assert out.result == "rejected"
+            assert "interlocking" in out.reason
+        assert mms_sim.operations == 0
+
+
+async def test_misspelt_reference_is_reported(
+    mms_config: LabConfig, redis_server: RedisServer, mms_sim: Iec61850Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = mms_config.point("mms.feeder.voltage.l3")
+    addr = bad.address.model_copy(update={"ref": "LD0/MMXU1.PhV.phsX"})
+    points = tuple(p.model_copy(update={"address": addr}) if p.name == bad.name else p for p in mms_config.points)
+    cfg = mms_config.model_copy(update={"points": points})
+    async with MmsLab(cfg, redis_server, mms_sim) as lab:
+        assert lab.gateway.adapters[MMS].stats()["missing_references"] == 1
+        assert "LD0/MMXU1.PhV.phsX" in caplog.text
+
+        async def invalid() -> bool:
+            got = await lab.reader.latest("mms.feeder.voltage.l3")
+            return got is not None and Quality.INVALID in got.quality
+
+        await eventually(invalid, 3, "missing point written invalid")
+        good = await lab.reader.latest("mms.feeder.voltage.l1")
+        assert good is not None and good.quality == Quality.GOOD
+
+
+async def test_simulator_restart_link_down_flagged_and_resync(
+    mms_config: LabConfig, redis_server: RedisServer, mms_sim: Iec61850Server
+) -> None:
+    async with MmsLab(mms_config, redis_server, mms_sim) as lab:
+        await eventually(lambda: lab.reader.latest("mms.feeder.frequency"), 5, "first value")
+        await mms_sim.stop()
+
+        async def down() -> bool:
+            link = await lab.reader.link(MMS)
+            return link is not None and link.state == "down"
+
+        await eventually(down, 5, "link down")
+
+        async def stale() -> bool:
+            got = await lab.reader.latest("mms.feeder.frequency")
+            return got is not None and Quality.NOT_TOPICAL in got.quality
+
+        await eventually(stale, 3, "points flagged")
+        await mms_sim.start()
+        await lab.gateway.wait_connected(10)
+
+        async def fresh() -> bool:
+            got = await lab.reader.latest("mms.feeder.frequency")
+            return got is not None and got.quality == Quality.GOOD
+
+        await eventually(fresh, 5, "values good again after resync")
+        out = await lab.gateway.execute("mms.feeder.breaker.command", "open", requested_by="hil")
+        assert out.result == "confirmed", out.reason
