@@ -42,9 +42,9 @@ async def mms_sim(mms_config: LabConfig) -> AsyncIterator[Iec61850Server]:
 
 
 class MmsLab:
-    def __init__(self, config: LabConfig, redis: RedisServer, sim: Iec61850Server) -> None:
-        self.config = config.with_device(MMS, port=sim.port, **FAST)
-        self.sim = sim
+    def __init__(self, config: LabConfig, redis: RedisServer, sim: Iec61850Server | int) -> None:
+        port = sim if isinstance(sim, int) else sim.port
+        self.config = config.with_device(MMS, port=port, **FAST)
         self.store = RedisStore.from_url(self.config, redis.url)
         self.reader = RedisStore.from_url(self.config, redis.url)
         self.gateway = Gateway(self.config, self.store)
@@ -180,3 +180,75 @@ async def test_simulator_restart_link_down_flagged_and_resync(
         await eventually(fresh, 5, "values good again after resync")
         out = await lab.gateway.execute("mms.feeder.breaker.command", "open", requested_by="hil")
         assert out.result == "confirmed", out.reason
+
+
+class _CuttableLink:
+    """A loopback TCP relay the test can cut: the gateway loses the link while the IED keeps running."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        tr, tw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {w, tw}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(r, tw), pipe(tr, w))
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for w in self._writers:
+            w.close()
+        self._writers.clear()
+
+
+async def test_buffered_reports_resume_from_last_entry_id(
+    mms_config: LabConfig, redis_server: RedisServer, mms_sim: Iec61850Server
+) -> None:
+    """Link lost while the IED runs: what changed meanwhile arrives from the BRCB buffer."""
+    relay = _CuttableLink(mms_sim.port)
+    await relay.start()
+    try:
+        async with MmsLab(mms_config, redis_server, relay.port) as lab:
+            await eventually(lambda: lab.reader.latest("mms.feeder.voltage.l1"), 5, "first value")
+            await relay.cut()
+
+            async def down() -> bool:
+                link = await lab.reader.link(MMS)
+                return link is not None and link.state == "down"
+
+            await eventually(down, 5, "link down")
+            mms_sim.set_value("mms.feeder.voltage.l1", 241.0)  # buffered by the IED, then overwritten
+            await asyncio.sleep(0.05)
+            mms_sim.set_value("mms.feeder.voltage.l1", 242.0)
+            await relay.start()
+            await lab.gateway.wait_connected(10)
+
+            async def replayed() -> bool:
+                hist = await lab.reader.history("mms.feeder.voltage.l1", 50)
+                return any(abs(float(h.value) - 241.0) < 1e-3 for h in hist)  # type: ignore[arg-type]
+
+            await eventually(replayed, 5, "value from the outage replayed from the buffer")
+            assert lab.gateway.adapters[MMS].stats().get("resumed", 0) >= 1
+    finally:
+        await relay.cut()
