@@ -326,9 +326,9 @@ class NonceStore(Protocol):
 class MemoryNonceStore:
     """In-process nonce store, for tests and single-process use.
 
-    Bounded: expired ids are purged on every claim; if ``max_entries`` live ids are held, the
-    claim is refused (returns False, i.e. treated as a replay) rather than forgetting an id
-    that could then be replayed.
+    Bounded: expired ids are purged when needed; if ``max_entries`` live ids are still held,
+    the claim raises :class:`StoreError` (retryable: the message is not judged) rather than
+    forgetting an id that could then be replayed.
     """
 
     def __init__(self, *, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -340,8 +340,10 @@ class MemoryNonceStore:
         now = self._clock()
         if len(self._expiry) >= self._max or message_id in self._expiry:
             self._expiry = {k: t for k, t in self._expiry.items() if t > now}
-        if message_id in self._expiry or len(self._expiry) >= self._max:
+        if message_id in self._expiry:
             return False
+        if len(self._expiry) >= self._max:
+            raise StoreError(f"nonce store full ({self._max} live ids)")
         self._expiry[message_id] = now + ttl_s
         return True
 

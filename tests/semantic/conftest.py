@@ -34,10 +34,18 @@ H = timedelta(hours=1)
 
 def make_samples() -> dict[str, Payload]:
     """One realistic instance of every message type, keyed by wire type name."""
-    offer_a = Offer(identifier="offer-1", flexibility_ref="flex-1", flexibility_type="upward", power_kw=40.0,
-                    start=T0, stop=T0 + H, price_eur_per_mwh=55.5)
-    offer_b = Offer(identifier="offer-2", flexibility_type="downward", power_kw=12.5, start=T0, stop=T0 + H,
-                    price_eur_per_mwh=80.0)
+    offer_a = Offer(
+        identifier="offer-1",
+        flexibility_ref="flex-1",
+        flexibility_type="upward",
+        power_kw=40.0,
+        start=T0,
+        stop=T0 + H,
+        price_eur_per_mwh=55.5,
+    )
+    offer_b = Offer(
+        identifier="offer-2", flexibility_type="downward", power_kw=12.5, start=T0, stop=T0 + H, price_eur_per_mwh=80.0
+    )
     samples: list[Payload] = [
         Measurements(source="multipower", readings=(
             Reading(point="feeder.voltage.l1", measured_at=T0, voltage_v=231.4),

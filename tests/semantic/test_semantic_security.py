@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import stat
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -12,9 +14,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.cli import main as mgms_main
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreError
 from gateway.semantic import (
     MESSAGE_TYPES,
     Envelope,
@@ -308,7 +311,8 @@ async def test_memory_nonce_store_forgets_after_ttl_and_stays_bounded() -> None:
     store = MemoryNonceStore(max_entries=2, clock=lambda: now[0])
     assert await store.claim("a", 10) and not await store.claim("a", 10)
     assert await store.claim("b", 10)
-    assert not await store.claim("c", 10), "full: refuse rather than forget a live id"
+    with pytest.raises(StoreError, match="full"):  # refuse to judge rather than forget a live id
+        await store.claim("c", 10)
     now[0] = 11.0
     assert await store.claim("a", 10) and len(store) == 1
 
@@ -323,11 +327,49 @@ async def redis_client() -> AsyncIterator[aioredis.Redis]:
             await client.aclose()
 
 
-async def test_redis_nonce_store_claims_once_with_expiry(redis_client: aioredis.Redis) -> None:
+async def test_redis_nonce_store_claims_once_with_expiry(
+    redis_client: aioredis.Redis, samples: dict[str, Payload], keystores: dict[str, Keystore]
+) -> None:
     store = RedisNonceStore(redis_client, prefix="t:")
     assert await store.claim("urn:uuid:1", 12.3)
     assert not await store.claim("urn:uuid:1", 12.3)
     assert 0 < await redis_client.ttl("t:urn:uuid:1") <= 13
+    # Two workers sharing the store: the same message is accepted by one of them only.
+    workers = [Opener(keystores["ams"], RedisNonceStore(redis_client), clock=clock_at(NOW)) for _ in range(2)]
+    data = seal(keystores["mgms"], samples["Bid"])
+    await workers[0].open(data)
+    assert (await rejected(workers[1], data)).reason is Reason.REPLAYED
+
+
+async def test_rule_unreachable_nonce_store_is_retryable_not_a_rejection(
+    samples: dict[str, Payload], keystores: dict[str, Keystore]
+) -> None:
+    class DownRedis:
+        """Stands in for a Redis whose connection is gone (the store takes its client injected)."""
+
+        async def set(self, *args: object, **kwargs: object) -> bool:
+            raise RedisConnectionError("Connection refused")
+
+    op = Opener(keystores["ams"], RedisNonceStore(DownRedis()), clock=clock_at(NOW))  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="nonce store: Connection refused") as info:
+        await op.open(seal(keystores["mgms"], samples["Bid"]))
+    assert info.value.retryable and op.counter.total == 0
+
+
+async def test_rule_a_worker_never_crashes_on_mutated_sealed_input(
+    samples: dict[str, Payload], keystores: dict[str, Keystore]
+) -> None:
+    """Random byte edits of a sealed message: open() accepts it or raises MessageRejected, nothing else."""
+    rng = random.Random(7)
+    base = seal(keystores["mgms"], samples["OfferList"])
+    op = opener(keystores)
+    for _ in range(300):
+        data = bytearray(base)
+        i = rng.randrange(len(data))
+        data[i : i + rng.randint(0, 3)] = bytes(rng.randrange(32, 127) for _ in range(rng.randint(0, 3)))
+        with contextlib.suppress(MessageRejected):
+            await op.open(bytes(data))
+    assert op.counter.total >= 290
 
 
 # --- keys ----------------------------------------------------------------------------------
