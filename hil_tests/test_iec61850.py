@@ -100,6 +100,10 @@ async def test_values_reach_redis_by_report_with_quality_and_time(
             return got is not None and Quality.INVALID in got.quality
 
         await eventually(flagged, 2, "invalid quality reported")
+        # a read on request still works next to the reports
+        read = await lab.gateway.adapters[MMS].read("mms.feeder.voltage.l1")
+        assert read.value == pytest.approx(241.5) and read.cause.value == "requested"
+        await lab.gateway.adapters[MMS].interrogate()
 
 
 @pytest.mark.parametrize("point", ["mms.feeder.breaker.command", "mms.feeder.breaker.command_sbo"])

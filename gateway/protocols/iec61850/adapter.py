@@ -209,6 +209,7 @@ class Iec61850Adapter(Adapter):
         self._lost = asyncio.Event()
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
+        self._gi_task: asyncio.Task[None] | None = None
         self._rcbs: dict[str, _Rcb] = {ref: _Rcb(ref) for ref in device.report_control_blocks}
         self._controls: dict[str, tuple[int, int]] = {}  # point -> (ControlObjectClient, ctlModel)
         self._terminations: dict[int, asyncio.Future[str]] = {}
@@ -243,6 +244,8 @@ class Iec61850Adapter(Adapter):
             raise LinkError(self.device.name, "TLS is not supported by the iec61850 adapter (see its docstring)")
         self._loop = asyncio.get_running_loop()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"iec61850:{self.device.name}")
+        if self.device.gi_period_s > 0:
+            self._gi_task = asyncio.create_task(self._periodic_gi(), name=f"iec61850-gi:{self.device.name}")
 
     async def wait_connected(self, timeout_s: float) -> None:
         try:
@@ -254,10 +257,11 @@ class Iec61850Adapter(Adapter):
     async def close(self) -> None:
         self._closing = True
         self._lost.set()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        for task in (self._gi_task, self._supervisor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.to_thread(self._teardown)
         self._set_state(LinkState.CLOSED, "closed")
         self._wake.set()
@@ -548,6 +552,16 @@ class Iec61850Adapter(Adapter):
             self._counters["reconnect_attempts"] += 1
             log.info("%s: reconnect in %.2f s", dev.name, delay)
             await asyncio.sleep(delay)
+
+    async def _periodic_gi(self) -> None:
+        """A GI every ``gi_period_s`` on top of the RCBs' integrity period, as for 104."""
+        while not self._closing:
+            await asyncio.sleep(self.device.gi_period_s)
+            if self._state is LinkState.UP:
+                try:
+                    await self.interrogate()
+                except (LinkError, TimeoutError) as exc:
+                    log.warning("%s: periodic interrogation failed: %s", self.device.name, exc)
 
     def _fail_terminations(self, reason: str) -> None:
         for fut in self._terminations.values():
