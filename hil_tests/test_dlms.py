@@ -253,3 +253,58 @@ async def _good_except(lab: MeterLab, skip: str) -> dict[str, StoredValue] | Non
 
 async def _true(flag: bool) -> bool:
     return flag
+
+
+def _read_with_dlms_cosem(port: int, security: str) -> tuple[int, int, int]:
+    """An independent client (dlms-cosem, MIT): voltage register value and scaler/unit."""
+    from dlms_cosem import cosem, enumerations
+    from dlms_cosem.client import DlmsClient
+    from dlms_cosem.io import BlockingTcpIO, TcpTransport
+    from dlms_cosem.security import (
+        HighLevelSecurityGmacAuthentication,
+        LowLevelSecurityAuthentication,
+        NoSecurityAuthentication,
+    )
+
+    auth: Any
+    keys: dict[str, Any] = {}
+    if security == "none":
+        auth, client_sap = NoSecurityAuthentication(), 16
+    elif security == "low":
+        auth, client_sap = LowLevelSecurityAuthentication(secret=b"12345678"), 17
+    else:
+        auth, client_sap = HighLevelSecurityGmacAuthentication(challenge_length=32), 1
+        keys = {
+            "encryption_key": bytes.fromhex("000102030405060708090A0B0C0D0E0F"),
+            "authentication_key": bytes.fromhex("D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF"),
+            "client_system_title": b"DLMSCOSM",
+            "client_initial_invocation_counter": 1,
+        }
+    transport = TcpTransport(
+        client_logical_address=client_sap, server_logical_address=1, io=BlockingTcpIO(host="127.0.0.1", port=port)
+    )
+    client = DlmsClient(transport=transport, authentication=auth, timeout=5, **keys)
+    voltage = cosem.Obis(1, 0, 32, 7, 0, 255)
+    with client.session() as session:
+        raw = session.get(cosem.CosemAttribute(enumerations.CosemInterface.REGISTER, voltage, 2))
+        scaler_unit = session.get(cosem.CosemAttribute(enumerations.CosemInterface.REGISTER, voltage, 3))
+    # A-XDR: double-long (05 + 4 octets); structure {integer scaler, enum unit}
+    assert raw[0] == 0x05 and scaler_unit[:3] == b"\x02\x02\x0f"
+    return (
+        int.from_bytes(raw[1:5], "big", signed=True),
+        int.from_bytes(scaler_unit[3:4], "big", signed=True),
+        scaler_unit[5],
+    )
+
+
+@pytest.mark.parametrize("security", ["none", "low", "high_gmac"])
+async def test_independent_client_dlms_cosem_reads_the_simulator(tmp_path: Path, security: str) -> None:
+    pytest.importorskip("dlms_cosem")
+    meter = DlmsMeter(lab_config(tmp_path, security=security), DEVICE, host="127.0.0.1", port=0, seed=3)
+    await meter.start()
+    try:
+        raw, scaler, unit = await asyncio.wait_for(asyncio.to_thread(_read_with_dlms_cosem, meter.port, security), 20)
+    finally:
+        await meter.close()
+    assert (scaler, unit) == (-2, 35)  # 10^-2 V
+    assert raw * 10.0**scaler == pytest.approx(meter.model.value("meter.voltage.l1"), rel=0.02)

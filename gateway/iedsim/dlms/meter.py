@@ -27,6 +27,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.config import Device, DlmsAddress, Point
@@ -92,6 +94,7 @@ GET_RESPONSE, ACTION_RESPONSE = 0xC4, 0xC7
 GLO_OFFSET = 8  # glo-get-request 0xC8 = get-request 0xC0 + 8, responses likewise
 INITIATE_REQUEST, GLO_INITIATE_REQUEST, GLO_INITIATE_RESPONSE = 0x01, 0x21, 0x28
 EXCEPTION_RESPONSE = 0xD8
+GENERAL_GLO_CIPHERING = 0xDB
 CONFORMANCE_SUPPORTED = 0x00181D  # get, action, selective access, block transfer with get, ...
 
 
@@ -107,10 +110,32 @@ class ProtocolViolation(ValueError):
     """The client sent something that is not a valid request; the association is dropped."""
 
 
+SC_AUTHENTICATED_ENCRYPTED = 0x30
+
+
 def gmac_tag(key: bytes, system_title: bytes, counter: int, auth_key: bytes, data: bytes) -> bytes:
     """DLMS suite 0 authentication tag: GMAC over SC || AK || data, 12 octets."""
     nonce = system_title + counter.to_bytes(4, "big")
     return AESGCM(key).encrypt(nonce, b"", bytes([SC_AUTHENTICATED]) + auth_key + data)[:12]
+
+
+def gcm_encrypt(key: bytes, system_title: bytes, counter: int, auth_key: bytes, plain: bytes) -> bytes:
+    """Suite 0 authenticated encryption (SC 0x30): ciphertext || 12-octet tag, AAD = SC || AK."""
+    nonce = system_title + counter.to_bytes(4, "big")
+    out = AESGCM(key).encrypt(nonce, plain, bytes([SC_AUTHENTICATED_ENCRYPTED]) + auth_key)
+    return out[:-16] + out[-16:-4]
+
+
+def gcm_decrypt(key: bytes, system_title: bytes, counter: int, auth_key: bytes, data: bytes) -> bytes:
+    """Inverse of :func:`gcm_encrypt`; ValueError when the tag does not verify."""
+    nonce = system_title + counter.to_bytes(4, "big")
+    ciphertext, tag = data[:-12], data[-12:]
+    dec = Cipher(algorithms.AES(key), modes.GCM(nonce, tag, min_tag_length=12)).decryptor()
+    dec.authenticate_additional_data(bytes([SC_AUTHENTICATED_ENCRYPTED]) + auth_key)
+    try:
+        return dec.update(ciphertext) + dec.finalize()
+    except InvalidTag:
+        raise ValueError("authentication tag wrong") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +152,7 @@ class Association:
     associated: bool = False
     authenticated: bool = False  # HLS pass 3/4 done (or not needed)
     ciphered: bool = False
+    security_control: int = SC_AUTHENTICATED  # the client's choice (0x10 or 0x30), mirrored
     client_title: bytes = b""
     stoc: bytes = b""
     ctos: bytes = b""
@@ -218,12 +244,21 @@ class MeterApplication:
         if not assoc.associated:
             raise ProtocolViolation(f"APDU {tag:#x} outside an association")
         if assoc.ciphered:
+            if tag == GENERAL_GLO_CIPHERING:
+                # system title inside the APDU (dlms-cosem uses it, e.g. for HLS pass 3)
+                n = apdu[1] if len(apdu) > 1 else 0
+                # [DB, n, title(n), length, content]: from the title's last octet on, the
+                # layout is that of a glo APDU (one tag octet, then length and content)
+                plain = self._unprotect(assoc, apdu[1 + n :])
+                reply = self._dispatch(assoc, plain)
+                inner = self._protect(assoc, reply, 0)[1:]  # drop the placeholder tag, keep length
+                return bytes([GENERAL_GLO_CIPHERING, len(self.server_title)]) + self.server_title + inner
             if tag not in (GET_REQUEST + GLO_OFFSET, ACTION_REQUEST + GLO_OFFSET):
                 self.counters["unprotected_refused"] += 1
                 return bytes([EXCEPTION_RESPONSE, 0x01, 0x02])  # service-not-allowed
             plain = self._unprotect(assoc, apdu)
             reply = self._dispatch(assoc, plain)
-            return self._protect(reply, reply[0] + GLO_OFFSET)
+            return self._protect(assoc, reply, reply[0] + GLO_OFFSET)
         return self._dispatch(assoc, apdu)
 
     def _dispatch(self, assoc: Association, apdu: bytes) -> bytes:
@@ -285,7 +320,7 @@ class MeterApplication:
         self.counters["associations"] += 1
         if wanted == 5:
             assoc.stoc = os.urandom(16)
-            response = self._protect(response, GLO_INITIATE_RESPONSE)
+            response = self._protect(assoc, response, GLO_INITIATE_RESPONSE)
             return self._aare(context, 0, DIAG_AUTHENTICATION_REQUIRED, response, mech=5, stoc=assoc.stoc)
         assoc.authenticated = True
         return self._aare(context, 0, DIAG_NULL, response, mech=wanted if wanted else None)
@@ -317,11 +352,15 @@ class MeterApplication:
 
     # -- ciphering -----------------------------------------------------------------------
 
-    def _protect(self, apdu: bytes, tag: int) -> bytes:
+    def _protect(self, assoc: Association, apdu: bytes, tag: int) -> bytes:
         self.invocation_counter += 1
         ic = self.invocation_counter
-        mac = gmac_tag(self._ek, self.server_title, ic, self._ak, apdu)
-        content = bytes([SC_AUTHENTICATED]) + ic.to_bytes(4, "big") + apdu + mac
+        sc = assoc.security_control
+        if sc == SC_AUTHENTICATED_ENCRYPTED:
+            body = gcm_encrypt(self._ek, self.server_title, ic, self._ak, apdu)
+        else:
+            body = apdu + gmac_tag(self._ek, self.server_title, ic, self._ak, apdu)
+        content = bytes([sc]) + ic.to_bytes(4, "big") + body
         return bytes([tag]) + encode_length(len(content)) + content
 
     def _unprotect(self, assoc: Association, apdu: bytes) -> bytes:
@@ -330,13 +369,22 @@ class MeterApplication:
         except AxdrError as exc:
             raise ProtocolViolation(str(exc)) from exc
         content = apdu[pos : pos + n]
-        if len(content) < 17 or content[0] != SC_AUTHENTICATED:
-            raise ProtocolViolation("unsupported security control (only 0x10, authenticated, suite 0)")
+        if len(content) < 17 or content[0] not in (SC_AUTHENTICATED, SC_AUTHENTICATED_ENCRYPTED):
+            raise ProtocolViolation("unsupported security control (0x10 or 0x30, suite 0)")
+        sc = content[0]
         ic = int.from_bytes(content[1:5], "big")
-        data, mac = content[5:-12], content[-12:]
-        if not hmac.compare_digest(mac, gmac_tag(self._ek, assoc.client_title, ic, self._ak, data)):
-            self.counters["bad_tags"] += 1
-            raise ProtocolViolation("authentication tag wrong (wrong key?)")
+        if sc == SC_AUTHENTICATED_ENCRYPTED:
+            try:
+                data = gcm_decrypt(self._ek, assoc.client_title, ic, self._ak, content[5:])
+            except ValueError:
+                self.counters["bad_tags"] += 1
+                raise ProtocolViolation("authentication tag wrong (wrong key?)") from None
+        else:
+            data, mac = content[5:-12], content[-12:]
+            if not hmac.compare_digest(mac, gmac_tag(self._ek, assoc.client_title, ic, self._ak, data)):
+                self.counters["bad_tags"] += 1
+                raise ProtocolViolation("authentication tag wrong (wrong key?)")
+        assoc.security_control = sc
         last = self.client_counters.get(assoc.client_title, -1)
         if ic <= last:
             self.counters["replays_refused"] += 1

@@ -288,8 +288,9 @@ class DlmsAdapter(Adapter):
         if self._task is not None:
             return
         dlms = self.device.dlms
+        needed = {"none": (), "low": ("password",), "high_gmac": ("block_cipher_key", "authentication_key")}
         try:  # secrets from the environment: a missing variable is a start-up error
-            for key in ("password", "block_cipher_key", "authentication_key"):
+            for key in needed[dlms.security]:
                 dlms.secret(key)
         except LookupError as exc:
             raise DeviceError(self.device.name, str(exc)) from None
@@ -408,7 +409,8 @@ class DlmsAdapter(Adapter):
                 client.parseUAResponse(reply.data)
             reply = await session.exchange(client.aarqRequest(), "AARQ")
             try:
-                client.parseAareResponse(reply.data)
+                with contextlib.redirect_stdout(_DISCARD):  # gurux prints on ciphered AAREs
+                    client.parseAareResponse(reply.data)
             except GXDLMSException as exc:
                 diag = getattr(exc, "diagnostic", None)
                 why = _DIAGNOSTICS.get(int(diag), str(exc).replace("\r\n", ", ")) if diag is not None else str(exc)
@@ -420,7 +422,8 @@ class DlmsAdapter(Adapter):
             if dev.dlms.security == "high_gmac":
                 try:
                     reply = await session.exchange(client.getApplicationAssociationRequest(), "HLS pass 3")
-                    client.parseApplicationAssociationResponse(reply.data)
+                    with contextlib.redirect_stdout(_DISCARD):
+                        client.parseApplicationAssociationResponse(reply.data)
                 except (GXDLMSException, ValueError) as exc:
                     self._counters["associations_refused"] += 1
                     raise AssociationRefused(dev.name, f"HLS-GMAC authentication failed: {exc}") from None
