@@ -96,24 +96,34 @@ def _add_iec61850(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--host", help="listen address (default: the device's host)")
     p.add_argument("--port", type=int, help="listen port (default: the device's port; 0 = any free port)")
     p.add_argument("--seed", type=int, help="random seed of the feeder model (default: simulator.seed)")
+    p.add_argument("--control-port", type=int, help="line-based fault-injection channel on 127.0.0.1:PORT")
     p.set_defaults(run=_run_iec61850)
 
 
 async def _run_iec61850(args: argparse.Namespace, config: LabConfig, stop: asyncio.Event) -> int:
+    from gateway.iedsim.iec61850.control import MmsControlChannel
     from gateway.iedsim.iec61850.server import Iec61850Server
 
     device = _pick_device(config, "iec61850", args.device)
     port = args.port if args.port is not None else config.devices[device].port
     server = Iec61850Server(config, device, host=args.host, port=port, seed=args.seed)
     await server.start()
+    control: MmsControlChannel | None = None
     try:
+        if args.control_port is not None:
+            control = MmsControlChannel(server, port=args.control_port)
+            await control.start()
         print(
             f"iec61850 simulator {server.name} ({server.ied_name}) listening on {server.host}:{server.port}"
             f" ({len(server.points)} points)"
         )
+        if control is not None:
+            print(f"control channel listening on 127.0.0.1:{control.port}")
         sys.stdout.flush()
         await stop.wait()
     finally:
+        if control is not None:
+            await control.close()
         await server.close()
     return 0
 

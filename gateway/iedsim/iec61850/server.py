@@ -89,6 +89,8 @@ class Iec61850Server:
         self.model = FeederModel(dev.simulator, self.points, seed=seed, start_time=time.time())
         self.interlocked = False
         self.operations = 0
+        #: breaker travel time; starts at the config's ``breaker_travel_s``
+        self.travel_s = dev.simulator.breaker_travel_s
         self._server: int | None = None
         self._ied: int | None = None
         self._served: dict[str, _Served] = {}
@@ -119,6 +121,10 @@ class Iec61850Server:
         self._push_all()
         self._task = asyncio.create_task(self._run(), name=f"iec61850-sim:{self.name}")
         log.info("%s: IEC 61850 server %s on %s:%d", self.name, self.ied_name, self.host, self.port)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
 
     async def stop(self) -> None:
         """Stop serving (clients see the link drop); :meth:`start` serves again on the same port."""
@@ -293,7 +299,7 @@ class Iec61850Server:
         pending = self._moving_until.get(key)
         if pending is None:
             target = DoublePoint.ON if lib.MmsValue_getBoolean(ctl_val) else DoublePoint.OFF
-            travel = self.device.simulator.breaker_travel_s
+            travel = self.travel_s
             self._moving_until[key] = (time.monotonic() + travel, int(target))
             if travel > 0:
                 return _CONTROL_RESULT_WAITING

@@ -1,0 +1,110 @@
+"""Line-based fault injection for a running ``iedsim iec61850`` (loopback TCP).
+
+Commands, one per line, each answered ``ok ...`` or ``err <reason>``: ``stop`` (clients see
+the link drop), ``start`` (serve again on the same port), ``interlock on|off`` (operations
+refused with AddCause blocked-by-interlocking), ``set NAME VALUE`` (answers ``ok <time.time()
+of the update>``; the report leaves at once), ``release NAME``, ``quality NAME good|invalid``,
+``travel SECONDS`` (breaker travel time), ``stats`` (JSON), ``quit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from gateway.iedsim.iec61850.server import Iec61850Server
+
+__all__ = ["MmsControlChannel"]
+
+_log = logging.getLogger(__name__)
+
+
+class MmsControlChannel:
+    """Fault injection for one simulated IED, like the 104 simulator's control channel."""
+
+    def __init__(self, server: Iec61850Server, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._sim = server
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        _log.info("control channel on %s:%d", self._host, self.port)
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for w in list(self._clients):
+            w.close()
+        await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients.add(writer)
+        try:
+            while line := await reader.readline():
+                words = line.decode("utf-8", "replace").split()
+                if not words:
+                    continue
+                if words[0] == "quit":
+                    writer.write(b"ok bye\n")
+                    break
+                writer.write((await self.execute(words) + "\n").encode())
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def execute(self, words: list[str]) -> str:
+        """Run one command; the answer line without its newline."""
+        sim = self._sim
+        cmd, args = words[0], words[1:]
+        try:
+            if cmd == "stop":
+                await sim.stop()
+                return "ok stopped"
+            if cmd == "start":
+                await sim.start()
+                return f"ok listening on {sim.port}"
+            if cmd == "interlock" and args and args[0] in ("on", "off"):
+                sim.interlocked = args[0] == "on"
+                return f"ok interlock {args[0]}"
+            if cmd == "set" and len(args) == 2:
+                at = time.time()
+                sim.set_value(args[0], float(args[1]))
+                return f"ok {at:.6f}"
+            if cmd == "release" and len(args) == 1:
+                sim.model.release(args[0])
+                return "ok"
+            if cmd == "quality" and len(args) == 2 and args[1] in ("good", "invalid"):
+                sim.set_quality(args[0], invalid=args[1] == "invalid")
+                return "ok"
+            if cmd == "travel" and len(args) == 1:
+                sim.travel_s = float(args[0])
+                return f"ok travel {sim.travel_s:g} s"
+            if cmd == "stats":
+                return "ok " + json.dumps(
+                    {"name": sim.name, "port": sim.port, "operations": sim.operations, "interlocked": sim.interlocked,
+                     "running": sim.running, "missing": sim.missing}
+                )
+        except KeyError as exc:
+            return f"err unknown point {exc}"
+        except ValueError as exc:
+            return f"err {exc}"
+        return f"err unknown command {' '.join(words)!r}"
