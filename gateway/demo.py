@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from gateway.config import Direction, LabConfig, load_config
+from gateway.iedsim.dlms import DlmsMeter
 from gateway.iedsim.iec61850 import Iec61850Server
 from gateway.iedsim.launch import SimProcess
 from gateway.runtime import Gateway
@@ -67,6 +68,7 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
         _say(f"[{clock.ms()}] redis-server started at {redis.url} (AOF on, data in a temp dir)")
         sim = SimProcess(config_file, device, free_port(), free_port())
         mms_sims: list[Iec61850Server] = []
+        meters: list[DlmsMeter] = []
         try:
             first = await sim.start()
             _say(f"[{clock.ms()}] {first}")
@@ -80,7 +82,17 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                     mms_sims.append(mms)
                     lab = lab.with_device(name, host="127.0.0.1", port=mms.port)
                     _say(f"[{clock.ms()}] iec61850 simulator {name} ({mms.ied_name}) listening on 127.0.0.1:{mms.port}")
-            lab = lab.only(device, *(m.name for m in mms_sims))
+                if dev.protocol == "dlms":
+                    # the feeder's energy meter: its simulator runs in this process too
+                    meter = DlmsMeter(cfg, name, host="127.0.0.1", port=0)
+                    await meter.start()
+                    meters.append(meter)
+                    lab = lab.with_device(name, host="127.0.0.1", port=meter.port)
+                    _say(
+                        f"[{clock.ms()}] dlms simulator {name} listening on 127.0.0.1:{meter.port}"
+                        f" ({dev.dlms.framing}, security {dev.dlms.security})"
+                    )
+            lab = lab.only(device, *(m.name for m in mms_sims), *(m.name for m in meters))
             store = RedisStore.from_url(lab, redis.url)
             reader = RedisStore.from_url(lab, redis.url)  # what an operator's client sees
             gateway = Gateway(lab, store)
@@ -90,7 +102,7 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                 t = time.monotonic()
                 await gateway.wait_connected(15)
                 _say(
-                    f"[{clock.ms()}] gateway connected to {', '.join(lab.devices)} (IEC 104 + MMS) "
+                    f"[{clock.ms()}] gateway connected to {', '.join(lab.devices)} (IEC 104 + MMS + DLMS) "
                     f"(STARTDT + general interrogation) in {(time.monotonic() - t) * 1000:.1f} ms"
                 )
                 n = await _wait_all_points(reader, lab, 10)
@@ -120,6 +132,8 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                 await reader.aclose()
             _say(f"[{clock.ms()}] gateway stopped cleanly")
         finally:
+            for meter in meters:
+                await meter.close()
             for mms in mms_sims:
                 await mms.close()
             await sim.stop()

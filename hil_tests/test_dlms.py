@@ -7,6 +7,8 @@ test, same shape as the MultiPower meter) so the REF615 simulators are not neede
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from gateway.store import RedisStore, StoredValue
 pytestmark = pytest.mark.timeout(60)
 
 DEVICE = "meter1"
+SIM_CONFIG = Path(__file__).resolve().parents[1] / "lab_configs" / "multipower-sim.yaml"
 PASSWORD_ENV = "MGMS_HIL_METER_PASSWORD"
 
 LAB = """\
@@ -308,3 +311,35 @@ async def test_independent_client_dlms_cosem_reads_the_simulator(tmp_path: Path,
         await meter.close()
     assert (scaler, unit) == (-2, 35)  # 10^-2 V
     assert raw * 10.0**scaler == pytest.approx(meter.model.value("meter.voltage.l1"), rel=0.02)
+
+
+async def test_iedsim_dlms_serves_the_multipower_meter(tmp_path: Path) -> None:
+    """``iedsim dlms`` as a child process, from the lab's own sim profile; the adapter reads it."""
+    sim_config = SIM_CONFIG
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.iedsim.cli", "--log-level", "WARNING", "dlms", "--config", str(sim_config),
+        "--device", "meter1", "--host", "127.0.0.1", "--port", "0", "--duration-s", "30",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+        assert re.fullmatch(
+            r"dlms simulator meter1 listening on 127\.0\.0\.1:\d+ \(10 points, wrapper, security high_gmac\)\n", ready
+        )
+        port = int(ready.split(":")[1].split()[0])
+        cfg = load_config(sim_config)
+        cfg = cfg.with_device("meter1", port=port, reconnect={"initial_s": 0.1, "max_s": 0.5})
+        adapter = DlmsAdapter(cfg.devices["meter1"], cfg.points_of("meter1"))
+        await adapter.start()
+        try:
+            await adapter.wait_connected(10)
+            upd = await adapter.read("meter.voltage.l2")
+            assert 200 < float(upd.value or 0) < 260 and upd.quality == Quality.GOOD
+            energy = await adapter.read("meter.energy.import")
+            assert float(energy.value or 0) >= 0
+        finally:
+            await adapter.close()
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
