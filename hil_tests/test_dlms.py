@@ -343,3 +343,14 @@ async def test_iedsim_dlms_serves_the_multipower_meter(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_meter_clock_drift_is_reported(tmp_path: Path, start: Any) -> None:
+    lab = await start(lab_config(tmp_path, clock_period_s=0.2))
+    lab.meter.clock_drift_s = 7.5  # the meter runs 7.5 s ahead
+
+    async def drift() -> int | None:
+        ms = lab.adapter.stats().get("clock_drift_ms")
+        return ms if ms is not None and abs(ms - 7500) < 100 else None
+
+    await eventually(drift, 5, "clock drift of +7.5 s in the adapter's stats")
