@@ -280,6 +280,7 @@ class DlmsAdapter(Adapter):
         self._profile_columns: list[tuple[int, _Register]] | None = None
         self._profile_last: float | None = None
         self.clock_drift_s: float | None = None
+        self._stale_flagged = False
         self.last_error: str = ""
 
     # ----------------------------------------------------------------- lifecycle
@@ -450,6 +451,7 @@ class DlmsAdapter(Adapter):
                 self._counters["connects"] += 1
                 self.last_error = ""
                 self._set_state(LinkState.UP, f"{dev.host}:{dev.port} ({dev.dlms.framing}, {dev.dlms.security})")
+                self._stale_flagged = False
                 self._up.set()
                 up_at = time.monotonic()
                 await self._run_session(session)
@@ -480,6 +482,10 @@ class DlmsAdapter(Adapter):
                 req.future.set_exception(LinkError(self.device.name, reason))
 
     def _flag_stale(self) -> None:
+        """Points go ``not_topical,invalid`` once per outage, not on every failed retry."""
+        if self._stale_flagged:
+            return
+        self._stale_flagged = True
         t = now()
         for name in self._registers:
             self._emit(PointUpdate(name, None, Quality.NOT_TOPICAL | Quality.INVALID, None, t, UpdateCause.LINK_LOST))
