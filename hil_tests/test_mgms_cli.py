@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hilkit import DEVICE, SIM_CONFIG, eventually
 
 from gateway.config import LabConfig, load_config
@@ -30,13 +31,31 @@ async def mgms(*args: str, limit_s: float = 30) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def profile(tmp_path: Path, port: int, redis_url: str) -> Path:
-    """A lab profile on top of the shipped simulator profile: this simulator's port, this Redis."""
+def only_104_lab(tmp_path: Path) -> Path:
+    """The shipped simulator lab reduced to its IEC 104 relay, written out as a lab file.
+
+    The other devices (61850 view, DLMS meter) have no simulator running in these tests;
+    leaving them in would only add reconnect attempts on a loaded machine.
+    """
+    cfg = load_config(SIM_CONFIG).only(DEVICE)
+    doc = {
+        "lab": cfg.lab.model_dump(),
+        "devices": {n: d.model_dump(mode="json", exclude={"name"}) for n, d in cfg.devices.items()},
+        "points": [p.model_dump(mode="json", exclude_defaults=True) for p in cfg.points],
+        "redis": cfg.redis.model_dump(mode="json"),
+    }
+    base = tmp_path / "lab104.yaml"
+    base.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return base
+
+
+def profile(tmp_path: Path, port: int, redis_url: str | None) -> Path:
+    """A profile on top of the 104-only lab: this simulator's port, this Redis (None: embedded)."""
     p = tmp_path / "lab.yaml"
     p.write_text(
-        f"extends: {SIM_CONFIG}\n"
+        f"extends: {only_104_lab(tmp_path)}\n"
         f"devices:\n  {DEVICE}:\n    port: {port}\n    timers: {{t1_s: 2, t2_s: 1, t3_s: 1}}\n"
-        f"redis:\n  url: {redis_url}\n"
+        + (f"redis:\n  url: {redis_url}\n" if redis_url else "")
     )
     return p
 
@@ -118,8 +137,7 @@ async def test_run_with_embedded_redis_is_found_by_command(tmp_path: Path, sim: 
     """No redis.url: `mgms run` starts its own redis-server; `mgms command` finds it in the data dir."""
     if sim is None:
         pytest.skip("needs the simulator")
-    lab_file = tmp_path / "lab.yaml"
-    lab_file.write_text(f"extends: {SIM_CONFIG}\ndevices:\n  {DEVICE}:\n    port: {sim.port}\n")
+    lab_file = profile(tmp_path, sim.port, None)
     data = tmp_path / "state"
     run = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "run", "--config", str(lab_file),
