@@ -98,8 +98,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for name, dev in cfg.devices.items():
         pts = cfg.points_of(name)
         ctl = [p for p in pts if p.direction.value == "control"]
+        where = {"iec104": f" CA {dev.common_address}", "iec61850": f" IED {dev.ied_name}"}.get(dev.protocol, "")
         print(
-            f"  {name}: {dev.protocol} {dev.host}:{dev.port} CA {dev.common_address}: "
+            f"  {name}: {dev.protocol} {dev.host}:{dev.port}{where}: "
             f"{len(pts) - len(ctl)} monitored, {len(ctl)} control"
         )
         for p in ctl:
