@@ -249,6 +249,14 @@ class Iec104Adapter(Adapter):
             await asyncio.wait(self._background, timeout=self.device.command_timeout_s)
         if self._client is not None:
             await asyncio.to_thread(self._client.stop)
+            # c104 holds our callbacks and they hold this adapter: a cycle through C++ that
+            # the garbage collector cannot see. Dropping our side frees both (measured:
+            # ~58 KiB per adapter otherwise).
+            self._up.clear()  # nothing may use the c104 objects after this
+            self._client = self._conn = self._station = None
+            self._c104_cmd.clear()
+            self._c104_mon.clear()
+            self._tx_by_ioa.clear()
         if self._tls_bridge is not None:
             await self._tls_bridge.aclose()
         for fut in self._pending.values():
