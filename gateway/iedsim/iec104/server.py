@@ -35,6 +35,7 @@ from pathlib import Path
 
 from gateway.config import Device, Direction, Iec104Timers, LabConfig, Point, iec104_address
 from gateway.errors import ConfigError, ConfigIssue
+from gateway.iedsim.control import LineControlServer
 from gateway.iedsim.dynamics import FeederModel
 from gateway.iedsim.iec104.codec import (
     SEQ_MODULO,
@@ -1161,7 +1162,7 @@ async def serve_many(
     return started
 
 
-class ControlChannel:
+class ControlChannel(LineControlServer):
     """A line-based remote for fault injection, on loopback TCP.
 
     Commands (one per line, answers ``ok ...`` or ``err <reason>``): ``stall``, ``resume``,
@@ -1174,57 +1175,11 @@ class ControlChannel:
     def __init__(self, outstations: Sequence[Iec104Outstation], *, host: str = "127.0.0.1", port: int = 0) -> None:
         if not outstations:
             raise ValueError("a control channel needs at least one outstation")
+        super().__init__(host=host, port=port)
         self._targets = list(outstations)
-        self._host = host
-        self._port = port
-        self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
 
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            return self._port
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self._host, self._port)
-        _log.info("control channel on %s:%d", self._host, self.port)
-
-    async def close(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        for w in list(self._clients):
-            w.close()
-        await server.wait_closed()
-
-    async def __aenter__(self) -> ControlChannel:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._clients.add(writer)
-        try:
-            while line := await reader.readline():
-                words = line.decode("utf-8", "replace").split()
-                if not words:
-                    continue
-                if words[0] == "quit":
-                    writer.write(b"ok bye\n")
-                    break
-                writer.write((self.execute(words) + "\n").encode())
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._clients.discard(writer)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def handle(self, words: list[str]) -> str:
+        return self.execute(words)
 
     def execute(self, words: Sequence[str]) -> str:
         """Run one command line (already split); returns the answer line without newline."""

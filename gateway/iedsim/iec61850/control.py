@@ -9,12 +9,11 @@ of the update>``; the report leaves at once), ``release NAME``, ``quality NAME g
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
 
+from gateway.iedsim.control import LineControlServer
 from gateway.iedsim.iec61850.server import Iec61850Server
 
 __all__ = ["MmsControlChannel"]
@@ -22,54 +21,15 @@ __all__ = ["MmsControlChannel"]
 _log = logging.getLogger(__name__)
 
 
-class MmsControlChannel:
+class MmsControlChannel(LineControlServer):
     """Fault injection for one simulated IED, like the 104 simulator's control channel."""
 
     def __init__(self, server: Iec61850Server, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host=host, port=port)
         self._sim = server
-        self._host = host
-        self._port = port
-        self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
 
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            return self._port
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self._host, self._port)
-        _log.info("control channel on %s:%d", self._host, self.port)
-
-    async def close(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        for w in list(self._clients):
-            w.close()
-        await server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._clients.add(writer)
-        try:
-            while line := await reader.readline():
-                words = line.decode("utf-8", "replace").split()
-                if not words:
-                    continue
-                if words[0] == "quit":
-                    writer.write(b"ok bye\n")
-                    break
-                writer.write((await self.execute(words) + "\n").encode())
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._clients.discard(writer)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def handle(self, words: list[str]) -> str:
+        return await self.execute(words)
 
     async def execute(self, words: list[str]) -> str:
         """Run one command; the answer line without its newline."""
