@@ -80,6 +80,32 @@ QUANTITY_UNITS: Mapping[str, tuple[str, ...]] = {
 }
 KNOWN_UNITS: frozenset[str] = frozenset(u for units in QUANTITY_UNITS.values() for u in units)
 
+#: SI value of one engineering unit, for the units that are a plain factor (temperatures are
+#: an offset and are not listed). Simulators and adapters convert with this one table.
+UNIT_SI_FACTORS: Mapping[str, float] = {
+    "V": 1.0,
+    "kV": 1e3,
+    "A": 1.0,
+    "kA": 1e3,
+    "W": 1.0,
+    "kW": 1e3,
+    "MW": 1e6,
+    "var": 1.0,
+    "kvar": 1e3,
+    "Mvar": 1e6,
+    "VA": 1.0,
+    "kVA": 1e3,
+    "MVA": 1e6,
+    "Wh": 1.0,
+    "kWh": 1e3,
+    "MWh": 1e6,
+    "varh": 1.0,
+    "kvarh": 1e3,
+    "Mvarh": 1e6,
+    "Hz": 1.0,
+    "1": 1.0,
+}
+
 #: IEC 104 ASDU types the adapter and the simulator handle, by kind.
 IEC104_MONITOR_TYPES = {
     "M_SP_NA_1": "single",

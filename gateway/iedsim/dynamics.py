@@ -19,35 +19,13 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.config import Direction, Point, SimulatorSettings
+from gateway.config import UNIT_SI_FACTORS, Direction, Point, SimulatorSettings
 from gateway.points import DoublePoint
 
 __all__ = ["UNIT_FACTORS", "FeederModel", "FeederState"]
 
-#: SI value of one engineering unit; temperatures are handled apart (offset, not factor).
-UNIT_FACTORS: Mapping[str, float] = {
-    "V": 1.0,
-    "kV": 1e3,
-    "A": 1.0,
-    "kA": 1e3,
-    "W": 1.0,
-    "kW": 1e3,
-    "MW": 1e6,
-    "var": 1.0,
-    "kvar": 1e3,
-    "Mvar": 1e6,
-    "VA": 1.0,
-    "kVA": 1e3,
-    "MVA": 1e6,
-    "Wh": 1.0,
-    "kWh": 1e3,
-    "MWh": 1e6,
-    "varh": 1.0,
-    "kvarh": 1e3,
-    "Mvarh": 1e6,
-    "Hz": 1.0,
-    "1": 1.0,
-}
+#: SI value of one engineering unit (the config's table; temperatures are an offset).
+UNIT_FACTORS: Mapping[str, float] = UNIT_SI_FACTORS
 
 _DAY_S = 86_400.0
 _WOBBLE_PERIOD_S = 300.0  # the faster load swing on top of the daily curve

@@ -38,7 +38,7 @@ from gurux_dlms.enums import Authentication, InterfaceType, Security
 from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSExtendedRegister, GXDLMSProfileGeneric, GXDLMSRegister
 from gurux_dlms.secure import GXDLMSSecureClient
 
-from gateway.config import Device, DlmsAddress, Point
+from gateway.config import UNIT_SI_FACTORS, Device, DlmsAddress, Point
 from gateway.errors import CommandInvalid, CommandTimeout, DeviceError, LinkError
 from gateway.points import CommandRequest, PointUpdate, Quality, UpdateCause, now
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
@@ -66,29 +66,7 @@ _DLMS_UNITS: dict[int, tuple[str, float]] = {
     44: ("Hz", 1.0),
     255: ("1", 1.0),
 }
-_POINT_UNIT_SI = {
-    "V": 1.0,
-    "kV": 1e3,
-    "A": 1.0,
-    "kA": 1e3,
-    "W": 1.0,
-    "kW": 1e3,
-    "MW": 1e6,
-    "var": 1.0,
-    "kvar": 1e3,
-    "Mvar": 1e6,
-    "VA": 1.0,
-    "kVA": 1e3,
-    "MVA": 1e6,
-    "Wh": 1.0,
-    "kWh": 1e3,
-    "MWh": 1e6,
-    "varh": 1.0,
-    "kvarh": 1e3,
-    "Mvarh": 1e6,
-    "Hz": 1.0,
-    "1": 1.0,
-}
+_POINT_UNIT_SI = UNIT_SI_FACTORS
 _DAR_NAMES = {
     1: "hardware fault",
     2: "temporary failure",
