@@ -11,7 +11,9 @@
     │   ├── CommandInvalid          (permanent) unknown point, not a control point, bad value
     │   ├── CommandRejected         (permanent) negative confirmation from the device
     │   └── CommandTimeout          (retryable) no confirmation, or status did not follow
-    └── StoreError                  Redis unreachable or refused a write (retryable)
+    ├── StoreError                  Redis unreachable or refused a write (retryable)
+    └── TransportError              (retryable) MQTT/HTTPS peer or broker down, no ack in time
+        └── TransportRefused        (permanent) credentials, ACL or route refused
 
 Retryable errors carry ``retryable = True`` so a coordinator can decide "retry later" versus
 "needs the operator" without matching on types.
@@ -108,3 +110,26 @@ class StoreError(GatewayError):
     """Redis could not be reached or refused a write."""
 
     retryable = True
+
+
+class TransportError(GatewayError):
+    """A message transport (MQTT, HTTPS) could not deliver or receive right now: retry later.
+
+    Raised for a broker or peer that is down, a connection lost before the acknowledgement
+    (PUBACK, HTTP 2xx) arrived, or a timeout. The message stays in the outbox.
+    """
+
+    retryable = True
+
+    def __init__(self, transport: str, message: str) -> None:
+        self.transport = transport
+        super().__init__(f"{transport}: {message}")
+
+
+class TransportRefused(TransportError):
+    """The peer or broker refused for good: bad credentials, not authorised, no route.
+
+    Retrying the same message will not help; it needs the operator (a key, an ACL, a URL).
+    """
+
+    retryable = False
