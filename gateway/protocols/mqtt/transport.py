@@ -1,0 +1,599 @@
+"""MQTT v5 message transport: paho-mqtt driven from the asyncio event loop.
+
+Why it is built this way
+------------------------
+
+* **Socket on the event loop, not in paho's thread.** paho's ``loop_start()`` runs a thread
+  that polls with ``select`` and hands every callback to that thread; each message would then
+  cross threads twice. Like aiomqtt, paho's socket hooks (``on_socket_open/close``,
+  ``on_socket_register_write/unregister_write``) put the socket into ``loop.add_reader`` /
+  ``add_writer``, and ``loop_misc()`` (keepalive) runs once a second from a timer. Every paho
+  callback then fires on the loop thread. Only the blocking part of a connect (TCP connect
+  and TLS handshake inside ``Client.reconnect()``) runs in a worker thread of our own; the
+  socket hooks it fires there hop to the loop with ``call_soon_threadsafe``.
+* **Acknowledge after the handler.** ``manual_ack=True``: an inbound PUBLISH is queued, the
+  handler runs (one message at a time, in arrival order, because MQTT requires PUBACKs in
+  receive order), and only then is the PUBACK sent. What the handler raises decides:
+
+  ==================================  ==============================================================
+  handler returns                      acked (counter ``received``)
+  ``MessageRejected``                  acked, counted ``rejected``: a bad message must not come back
+  ``TransportError`` (e.g. Redis down) not acked, counted ``not_acked``; the connection is dropped
+                                       so that the broker redelivers this and every later unacked
+                                       message on the next connection (a PUBACK cannot be skipped
+                                       and later ones sent: acks go out in order)
+  any other exception (a bug)          logged with traceback, counted ``handler_errors``, acked:
+                                       redelivering a message that crashes the handler would block
+                                       the whole inbox behind it forever; the core maps every
+                                       "retry later" failure to ``TransportError`` on purpose
+  ==================================  ==============================================================
+
+  A message whose connection was lost while the handler ran is not acked either (its packet
+  id belongs to the old connection); the broker redelivers it, and the core de-duplicates.
+* **Persistent session from the first connect.** Always ``clean_start=False`` with a Session
+  Expiry Interval: mosquitto 2.0.11 keeps a v5 session across a broker restart only then
+  (docs/protocol-notes.md). Our Receive Maximum (``max_inflight``) bounds how many unacked
+  messages the broker pushes at once, which bounds the inbox queue.
+* **send() waits for the PUBACK.** Each publish is a Future keyed by packet id, resolved by
+  ``on_publish`` and always removed in ``finally``. A PUBACK reason code 0x87 (mosquitto's
+  answer to a publish its ACL forbids) is :class:`~gateway.errors.TransportRefused`.
+  paho keeps an unacknowledged publish in its session and resends it after a reconnect, so
+  after a ``TransportError`` the message may arrive twice (once from paho, once from the
+  outbox); the core de-duplicates by message id.
+* **Own reconnect loop** with capped full-jitter backoff (``uniform(0, min(max, min * 2**n))``),
+  re-subscribing after every CONNACK (cheap, and a changed filter takes effect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.errors import TransportError, TransportRefused
+from gateway.protocols.messaging import Delivery, MessageHandler, MessageTransport, Outgoing
+from gateway.protocols.mqtt.settings import MqttSettings
+from gateway.semantic.errors import MessageRejected
+
+__all__ = ["CONTENT_TYPE", "COUNTERS", "MqttTransport"]
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/ld+json"
+
+COUNTERS = (
+    "sent",  # publishes handed to the broker
+    "acked",  # ... and acknowledged by it (PUBACK / PUBCOMP success)
+    "received",  # inbound messages the handler took (acked)
+    "handler_errors",  # handler raised something unexpected (message acked, see above)
+    "rejected",  # handler raised MessageRejected (acked)
+    "not_acked",  # handler raised TransportError (not acked, redelivered later)
+    "reconnects",  # successful connections after the first one
+    "refused",  # CONNACK / SUBACK / PUBACK refused for good (credentials, ACL)
+    "dropped",  # inbound QoS 0 messages dropped on a full inbox queue
+)
+
+# MQTT v5 reason codes that will not change by retrying (they need the operator).
+_CONNECT_REFUSED = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
+_PUBLISH_REFUSED = frozenset({0x87, 0x90, 0x95, 0x99})
+_SUBSCRIBE_REFUSED = frozenset({0x87, 0x8F, 0x9E, 0xA1, 0xA2})
+
+_MISC_INTERVAL_S = 1.0
+_CLOSE_GRACE_S = 1.0
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
+
+
+def _rc_text(rc: ReasonCode) -> str:
+    return f"{rc.getName()} (0x{rc.value:02x})"
+
+
+class MqttTransport(MessageTransport):
+    """One participant's MQTT v5 connection: publishes outgoing messages, feeds the inbox to
+    the handler. See the module docstring for the acknowledgement rules.
+
+    ``ssl_context`` overrides the context built from the settings (tests, custom trust).
+    """
+
+    name = "mqtt"
+
+    def __init__(self, settings: MqttSettings, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.settings = settings
+        self._password = settings.resolved_password()
+        self._ssl_context = ssl_context
+        self._counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._handler: MessageHandler | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._connect_job: asyncio.Future[MQTTErrorCode] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._inbox_task: asyncio.Task[None] | None = None
+        self._inbox: asyncio.Queue[tuple[int, mqtt.MQTTMessage, int]] = asyncio.Queue(
+            maxsize=max(64, 4 * settings.max_inflight)
+        )
+        self._misc_timer: asyncio.TimerHandle | None = None
+        self._fd: int | None = None
+        self._socket_gone = asyncio.Event()
+        self._pending: dict[int, asyncio.Future[ReasonCode]] = {}
+        self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._connack: asyncio.Future[bool] | None = None
+        self._lost = asyncio.Event()
+        self._ready: asyncio.Future[None] | None = None
+        self._generation = 0  # bumped whenever a connection ends: acks of older ones are void
+        self._connected = False
+        self._ever_connected = False
+        self._closing = False
+        self._refusal: TransportRefused | None = None
+        self._last_error: TransportError | None = None
+        self._handler_failing = False
+        self._attempt = 0
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up and the subscriptions are granted."""
+        return self._connected
+
+    def stats(self) -> Mapping[str, int]:
+        return dict(self._counters)
+
+    async def start(self, handler: MessageHandler) -> None:
+        if self._supervisor is not None or self._closing:
+            raise RuntimeError("MqttTransport.start() may be called once")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._handler = handler
+        self._client = self._make_client()
+        cid = self.settings.effective_client_id
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mqtt-connect-{cid}")
+        self._ready = loop.create_future()
+        self._inbox_task = asyncio.create_task(self._inbox_loop(), name=f"mqtt-inbox-{cid}")
+        self._supervisor = asyncio.create_task(self._run(), name=f"mqtt-connection-{cid}")
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await asyncio.shield(self._ready)
+        except TimeoutError:
+            await self.close()
+            last = f" (last error: {self._last_error})" if self._last_error else ""
+            raise TransportError(
+                self.name, f"no connection to {self._where} within {self.settings.connect_timeout_s:g} s{last}"
+            ) from None
+        except BaseException:
+            await self.close()
+            raise
+
+    async def send(self, message: Outgoing) -> None:
+        client, loop = self._client, self._loop
+        if client is None or loop is None or self._closing:
+            raise TransportError(self.name, "transport not started or closed")
+        if not self._connected:
+            if self._refusal is not None:
+                raise self._refusal
+            raise TransportError(self.name, f"not connected to {self._where}")
+        props = _properties(PacketTypes.PUBLISH)
+        props.ContentType = CONTENT_TYPE
+        props.UserProperty = [("message-id", message.message_id)]
+        if self.settings.message_expiry_s is not None:
+            props.MessageExpiryInterval = self.settings.message_expiry_s
+        try:
+            info = client.publish(message.topic, message.data, qos=self.settings.qos, properties=props)
+        except ValueError as exc:  # wildcard or empty topic: no retry can fix that
+            self._counters["refused"] += 1
+            raise TransportRefused(self.name, f"cannot publish on {message.topic!r}: {exc}") from exc
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransportError(self.name, f"publish of {message.message_id} failed: {mqtt.error_string(info.rc)}")
+        self._counters["sent"] += 1
+        fut: asyncio.Future[ReasonCode] = loop.create_future()
+        self._pending[info.mid] = fut
+        try:
+            async with asyncio.timeout(self.settings.ack_timeout_s):
+                rc = await fut
+        except TimeoutError:
+            raise TransportError(
+                self.name, f"no PUBACK for {message.message_id} within {self.settings.ack_timeout_s:g} s"
+            ) from None
+        finally:
+            if self._pending.get(info.mid) is fut:
+                del self._pending[info.mid]
+        if rc.is_failure:
+            what = f"broker refused {message.message_id} on {message.topic}: {_rc_text(rc)}"
+            if rc.value in _PUBLISH_REFUSED:
+                self._counters["refused"] += 1
+                raise TransportRefused(self.name, what)
+            raise TransportError(self.name, what)
+        self._counters["acked"] += 1
+        log.debug("sent %s on %s (mid %d)", message.message_id, message.topic, info.mid)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._supervisor, self._inbox_task):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._supervisor, self._inbox_task):
+            if task is not None and task is not asyncio.current_task():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # a connect may still be running in the worker thread: let it end, then close its socket
+        if self._connect_job is not None:
+            with contextlib.suppress(Exception):
+                await self._connect_job
+            self._connect_job = None
+        client = self._client
+        if client is not None:
+            if self._fd is not None and self._connected:
+                self._socket_gone.clear()
+                client.disconnect()  # keeps the session: it expires after session_expiry_s
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_CLOSE_GRACE_S):
+                        await self._socket_gone.wait()
+            if client.socket() is not None:
+                # DISCONNECT could not be written (broker gone): close the socket ourselves;
+                # paho has no public call for that, _sock_close also runs on_socket_close
+                client._sock_close()
+        self._connected = False
+        self._stop_misc_timer()
+        self._fail_pending(TransportError(self.name, "transport closed"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)  # idle by now: the connect job has ended
+            self._executor = None
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+        self._client = None
+
+    # -- connection supervisor ------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.effective_client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        username = s.effective_username
+        if username is not None:
+            client.username_pw_set(username, self._password)
+        if s.tls:
+            client.tls_set_context(self._ssl_context or self._build_ssl_context())
+        client.connect_timeout = s.connect_timeout_s
+        client.max_inflight_messages_set(s.max_inflight)
+        props = _properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = s.session_expiry_s
+        props.ReceiveMaximum = s.max_inflight
+        # clean_start=False always, including the very first connect (see module docstring)
+        client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=False, properties=props)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        return client
+
+    def _build_ssl_context(self) -> ssl.SSLContext:
+        s = self.settings
+        ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if s.cert_file is not None and s.key_file is not None:
+            ctx.load_cert_chain(str(s.cert_file), str(s.key_file))
+        return ctx
+
+    async def _run(self) -> None:
+        """Connect, stay connected until the connection ends, back off, repeat."""
+        assert self._ready is not None
+        while not self._closing:
+            try:
+                await self._connect_once()
+            except TransportRefused as exc:
+                self._counters["refused"] += 1
+                self._refusal = exc
+                self._last_error = exc
+                log.error("%s", exc)
+                if not self._ever_connected:
+                    if not self._ready.done():
+                        self._ready.set_exception(exc)
+                    return
+            except TransportError as exc:
+                self._last_error = exc
+                log.warning("%s", exc)
+            else:
+                await self._lost.wait()
+                log.info("mqtt %s: connection to %s ended", self.settings.effective_client_id, self._where)
+            self._connected = False
+            delay = random.uniform(
+                0, min(self.settings.reconnect_max_s, self.settings.reconnect_min_s * 2**self._attempt)
+            )
+            self._attempt = min(self._attempt + 1, 32)
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self) -> None:
+        client, loop, executor = self._client, self._loop, self._executor
+        assert client is not None and loop is not None and executor is not None
+        if self._connect_job is not None:  # an abandoned attempt still in the thread: let it end
+            with contextlib.suppress(Exception):
+                await self._connect_job
+            self._connect_job = None
+        if client.socket() is not None:
+            self._abort_socket()
+        self._lost.clear()
+        self._connack = loop.create_future()
+        self._connect_job = loop.run_in_executor(executor, client.reconnect)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await asyncio.shield(self._connect_job)
+                session_present = await self._connack
+        except TimeoutError:
+            self._abort_socket()
+            raise TransportError(
+                self.name, f"no CONNACK from {self._where} in {self.settings.connect_timeout_s:g} s"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportRefused(self.name, f"TLS: broker {self._where} not trusted: {exc.verify_message}") from exc
+        except (OSError, ValueError) as exc:
+            self._abort_socket()
+            raise TransportError(self.name, f"cannot connect to {self._where}: {exc}") from exc
+        except TransportError:
+            self._abort_socket()
+            raise
+        finally:
+            if self._connect_job.done():
+                self._connect_job = None
+        filters = self.settings.topic_filters
+        rc, mid = client.subscribe([(f, SubscribeOptions(qos=self.settings.qos)) for f in filters])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            self._abort_socket()
+            raise TransportError(self.name, f"subscribe failed: {mqtt.error_string(rc)}")
+        suback: asyncio.Future[list[ReasonCode]] = loop.create_future()
+        self._subacks[mid] = suback
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                granted = await suback
+        except TimeoutError:
+            self._abort_socket()
+            raise TransportError(self.name, f"no SUBACK from {self._where}") from None
+        finally:
+            self._subacks.pop(mid, None)
+        for flt, grc in zip(filters, granted, strict=False):
+            if grc.is_failure:
+                self._abort_socket()
+                what = f"subscription {flt} refused: {_rc_text(grc)}"
+                raise (TransportRefused if grc.value in _SUBSCRIBE_REFUSED else TransportError)(self.name, what)
+        self._connected = True
+        self._refusal = None
+        if self._ever_connected:
+            self._counters["reconnects"] += 1
+        self._ever_connected = True
+        if not self._handler_failing:
+            self._attempt = 0
+        log.info(
+            "mqtt %s connected to %s (session %s), subscribed to %s",
+            self.settings.effective_client_id,
+            self._where,
+            "resumed" if session_present else "new",
+            ", ".join(filters),
+        )
+        assert self._ready is not None
+        if not self._ready.done():
+            self._ready.set_result(None)
+
+    def _abort_socket(self) -> None:
+        """Close a half-open connection (no CONNACK / SUBACK): the next attempt starts clean."""
+        client = self._client
+        if client is not None and client.socket() is not None:
+            client._sock_close()  # no public call; runs on_socket_close
+        self._connection_ended()
+
+    def _connection_ended(self) -> None:
+        self._connected = False
+        self._generation += 1
+        self._fail_pending(TransportError(self.name, f"connection to {self._where} lost before the ack"))
+        self._lost.set()
+
+    def _fail_pending(self, exc: TransportError) -> None:
+        futures: list[asyncio.Future[Any]] = [*self._pending.values(), *self._subacks.values()]
+        if self._connack is not None:
+            futures.append(self._connack)
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved here: an abandoned waiter must not log "never retrieved"
+
+    # -- paho callbacks (all on the loop thread, except the socket hooks during a connect) --
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, rc: ReasonCode, props: Properties | None
+    ) -> None:
+        fut = self._connack
+        if fut is None or fut.done():
+            return
+        if rc.is_failure:
+            what = f"broker {self._where} refused the connection: {_rc_text(rc)}"
+            cls = TransportRefused if rc.value in _CONNECT_REFUSED else TransportError
+            fut.set_exception(cls(self.name, what))
+        else:
+            fut.set_result(bool(flags.session_present))
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        rc: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if rc.is_failure:
+            log.info("mqtt %s: disconnected: %s", self.settings.effective_client_id, _rc_text(rc))
+        self._connection_ended()
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, rcs: list[ReasonCode], props: Properties | None
+    ) -> None:
+        fut = self._subacks.get(mid)
+        if fut is not None and not fut.done():
+            fut.set_result(list(rcs))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Properties) -> None:
+        fut = self._pending.get(mid)
+        if fut is not None and not fut.done():
+            fut.set_result(rc)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._inbox.put_nowait((self._generation, msg, time.time_ns()))
+        except asyncio.QueueFull:
+            if msg.qos == 0:
+                self._counters["dropped"] += 1
+                log.warning("mqtt inbox full: QoS 0 message on %s dropped", msg.topic)
+            else:  # the broker ignored our Receive Maximum: do not ack, have it redeliver
+                log.warning("mqtt inbox full (broker exceeded Receive Maximum): reconnecting")
+                self._drop_connection()
+
+    # -- socket hooks: paho's socket on the asyncio loop ----------------------------------
+
+    def _in_loop(self, fn: Callable[..., object], *args: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._add_socket, sock.fileno())
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._remove_socket, sock.fileno())
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._add_writer, sock.fileno())
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._remove_writer, sock.fileno())
+
+    def _add_socket(self, fd: int) -> None:
+        assert self._loop is not None
+        self._fd = fd
+        self._socket_gone.clear()
+        self._loop.add_reader(fd, self._readable)
+        self._stop_misc_timer()
+        self._misc_timer = self._loop.call_later(_MISC_INTERVAL_S, self._misc)
+
+    def _remove_socket(self, fd: int) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(fd)
+        self._loop.remove_writer(fd)
+        if self._fd == fd:
+            self._fd = None
+            self._stop_misc_timer()
+        self._socket_gone.set()
+
+    def _add_writer(self, fd: int) -> None:
+        assert self._loop is not None
+        if fd == self._fd:
+            self._loop.add_writer(fd, self._writable)
+
+    def _remove_writer(self, fd: int) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(fd)
+
+    def _readable(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        client.loop_read()
+        # TLS: paho reads packet by packet, so decrypted bytes can wait inside the SSL object
+        # where select() does not see them; read on until that buffer is empty.
+        for _ in range(10_000):
+            sock = client.socket()
+            if not isinstance(sock, ssl.SSLSocket) or sock.pending() == 0:
+                break
+            client.loop_read()
+
+    def _writable(self) -> None:
+        if self._client is not None:
+            self._client.loop_write()
+
+    def _misc(self) -> None:
+        assert self._loop is not None
+        self._misc_timer = None
+        if self._client is None or self._fd is None:
+            return
+        self._client.loop_misc()
+        if self._fd is not None:
+            self._misc_timer = self._loop.call_later(_MISC_INTERVAL_S, self._misc)
+
+    def _stop_misc_timer(self) -> None:
+        if self._misc_timer is not None:
+            self._misc_timer.cancel()
+            self._misc_timer = None
+
+    # -- inbound: one message at a time, ack after the handler ----------------------------
+
+    async def _inbox_loop(self) -> None:
+        handler = self._handler
+        assert handler is not None
+        while True:
+            generation, msg, received_ns = await self._inbox.get()
+            if generation != self._generation:
+                continue  # its connection is gone; the broker redelivers it
+            delivery = Delivery(data=bytes(msg.payload), topic=msg.topic, transport=self.name, received_ns=received_ns)
+            try:
+                await handler(delivery)
+            except TransportError as exc:
+                self._counters["not_acked"] += 1
+                self._handler_failing = True
+                log.warning("mqtt: message on %s not taken (%s); reconnecting for redelivery", msg.topic, exc)
+                self._drop_connection()
+                continue
+            except MessageRejected as exc:
+                self._counters["rejected"] += 1
+                log.info("mqtt: message on %s rejected: %s", msg.topic, exc)
+            except Exception:
+                self._counters["handler_errors"] += 1
+                log.exception("mqtt: handler failed on a message on %s (%d bytes); acked", msg.topic, len(msg.payload))
+            else:
+                self._counters["received"] += 1
+                self._handler_failing = False
+            self._ack(generation, msg)
+
+    def _ack(self, generation: int, msg: mqtt.MQTTMessage) -> None:
+        client = self._client
+        if client is None or generation != self._generation or msg.qos == 0:
+            return
+        client.ack(msg.mid, msg.qos)
+
+    def _drop_connection(self) -> None:
+        """End this connection without acking what is outstanding: the broker redelivers it
+        (with the DUP flag) when the session resumes."""
+        client = self._client
+        self._generation += 1  # no ack of this connection may go out any more
+        if client is not None and self._fd is not None:
+            client.disconnect()
