@@ -258,7 +258,7 @@ def _decode_fields(raw: Mapping[Any, Any] | Sequence[Any] | None) -> dict[str, s
     return {_s(items[i]): _s(items[i + 1]) for i in range(0, len(items) - 1, 2)}
 
 
-def _stream_entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
+def stream_entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
     """XREADGROUP/XRANGE replies differ between RESP2 (lists) and RESP3 (maps); flatten them."""
     if not reply:
         return []
@@ -1065,7 +1065,7 @@ class RedisStore:
         except _ANY_REDIS as exc:
             raise StoreError(f"cannot read history of {name}: {exc}") from exc
         kind = self._kind(name)
-        return [HistoryEntry.from_fields(sid, name, f, kind) for sid, f in reversed(_stream_entries(raw))]
+        return [HistoryEntry.from_fields(sid, name, f, kind) for sid, f in reversed(stream_entries(raw))]
 
     async def changes_tail(self) -> str:
         """Id of the newest change-feed entry ("0-0" if empty): start :meth:`changes` here."""
@@ -1073,7 +1073,7 @@ class RedisStore:
             raw = await self.redis.xrevrange(self.keys.changes, count=1)
         except _ANY_REDIS as exc:
             raise StoreError(f"cannot read {self.keys.changes}: {exc}") from exc
-        entries = _stream_entries(raw)
+        entries = stream_entries(raw)
         return entries[0][0] if entries else "0-0"
 
     async def changes(self, after: str, *, block_ms: int = 1000, count: int = 1000) -> list[HistoryEntry]:
@@ -1087,7 +1087,7 @@ class RedisStore:
         except _ANY_REDIS as exc:
             raise StoreError(f"cannot read {self.keys.changes}: {exc}") from exc
         out = []
-        for sid, f in _stream_entries(raw):
+        for sid, f in stream_entries(raw):
             name = f.get("point", "")
             out.append(HistoryEntry.from_fields(sid, name, f, self._kind(name)))
         return out
@@ -1222,7 +1222,7 @@ class RedisStore:
                     reply = await self.redis.xreadgroup(
                         COMMAND_GROUP, consumer, {key: pending_from}, count=count
                     )
-                    entries = _stream_entries(reply)
+                    entries = stream_entries(reply)
                     if not entries:
                         pending = False
                         continue
@@ -1231,7 +1231,7 @@ class RedisStore:
                     reply = await self.redis.xreadgroup(
                         COMMAND_GROUP, consumer, {key: ">"}, count=count, block=block_ms
                     )
-                    entries = _stream_entries(reply)
+                    entries = stream_entries(reply)
                 attempt = 0
             except _TRANSIENT as exc:
                 attempt += 1
@@ -1354,4 +1354,4 @@ class RedisStore:
             raw = await self.redis.xrevrange(self.keys.cmd_log, count=count)
         except _ANY_REDIS as exc:
             raise StoreError(f"cannot read the command log: {exc}") from exc
-        return [CommandRecord.from_fields(f, sid) for sid, f in reversed(_stream_entries(raw))]
+        return [CommandRecord.from_fields(f, sid) for sid, f in reversed(stream_entries(raw))]

@@ -453,13 +453,32 @@ class Opener:
         unreachable: retry later, the message was not judged).
         """
         try:
-            return await self._open(data)
+            envelope, ttl_s = self._open(data)
+            if not await self.nonces.claim(envelope.id, ttl_s):
+                raise Replayed("id seen before", message_id=envelope.id)
+            return envelope
         except MessageRejected as exc:
             self.counter.record(exc)
             log.info("rejected message: %s", exc)
             raise
 
-    async def _open(self, data: bytes) -> Envelope:
+    def open_unclaimed(self, data: bytes) -> tuple[Envelope, float]:
+        """Every check of :meth:`open` except the replay claim; returns the envelope and how
+        long its id must be remembered.
+
+        For a receiver that claims the id in the same atomic step as it stores the message
+        (:class:`gateway.messaging.Inbox`): claiming first and storing second would lose a
+        message if the process died in between (its redelivery would look like a replay).
+        The caller must claim the id, and count a failed claim via ``counter``.
+        """
+        try:
+            return self._open(data)
+        except MessageRejected as exc:
+            self.counter.record(exc)
+            log.info("rejected message: %s", exc)
+            raise
+
+    def _open(self, data: bytes) -> tuple[Envelope, float]:
         doc = load_json(data)
         header = parse_header(doc)
         mid = header.id
@@ -489,10 +508,7 @@ class Opener:
             sender.verify_key.verify(signature, _signing_input(protected, payload))
         except InvalidSignature:
             raise BadSignature(f"signature does not verify as {header.sender!r}", message_id=mid) from None
-        envelope = payload_from(header, payload)
-        if not await self.nonces.claim(mid, ttl_s):
-            raise Replayed("id seen before", message_id=mid)
-        return envelope
+        return payload_from(header, payload), ttl_s
 
     def _check_time(self, header: Header) -> float:
         """Refuse stale, expired and future messages; return how long to remember the id."""
