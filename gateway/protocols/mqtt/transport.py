@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -96,6 +97,27 @@ _MISC_INTERVAL_S = 1.0
 _CLOSE_GRACE_S = 1.0
 
 
+class _Client(mqtt.Client):
+    """paho's client, except that a failed TLS handshake closes its socket.
+
+    paho 2.2 wraps the TCP socket, handshakes, and on failure lets the SSL socket go without
+    closing it (a ResourceWarning and an fd held until garbage collection). The context is
+    ours and always checks the host name itself, so paho's extra host check is not needed.
+    """
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        ctx = self._ssl_context
+        assert ctx is not None
+        ssl_sock = ctx.wrap_socket(tcp_sock, server_hostname=self._host, do_handshake_on_connect=False)
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
+
+
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
 
@@ -139,6 +161,7 @@ class MqttTransport(MessageTransport):
         self._ready: asyncio.Future[None] | None = None
         self._generation = 0  # bumped whenever a connection ends: acks of older ones are void
         self._connected = False
+        self._accepting = False  # inbound messages are taken only from a live, not dropped, connection
         self._ever_connected = False
         self._closing = False
         self._refusal: TransportRefused | None = None
@@ -268,7 +291,7 @@ class MqttTransport(MessageTransport):
 
     def _make_client(self) -> mqtt.Client:
         s = self.settings
-        client = mqtt.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.effective_client_id,
             protocol=mqtt.MQTTv5,
@@ -413,6 +436,7 @@ class MqttTransport(MessageTransport):
 
     def _connection_ended(self) -> None:
         self._connected = False
+        self._accepting = False
         self._generation += 1
         self._fail_pending(TransportError(self.name, f"connection to {self._where} lost before the ack"))
         self._lost.set()
@@ -439,6 +463,7 @@ class MqttTransport(MessageTransport):
             cls = TransportRefused if rc.value in _CONNECT_REFUSED else TransportError
             fut.set_exception(cls(self.name, what))
         else:
+            self._accepting = True
             fut.set_result(bool(flags.session_present))
 
     def _on_disconnect(
@@ -466,6 +491,10 @@ class MqttTransport(MessageTransport):
             fut.set_result(rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if not self._accepting:
+            # this connection is being dropped: a message still arriving on it is not handled
+            # (and so not acked); the broker redelivers it, in order, on the next connection
+            return
         try:
             self._inbox.put_nowait((self._generation, msg, time.time_ns()))
         except asyncio.QueueFull:
@@ -595,5 +624,6 @@ class MqttTransport(MessageTransport):
         (with the DUP flag) when the session resumes."""
         client = self._client
         self._generation += 1  # no ack of this connection may go out any more
+        self._accepting = False
         if client is not None and self._fd is not None:
             client.disconnect()
