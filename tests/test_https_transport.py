@@ -186,16 +186,30 @@ async def test_client_certificate_from_rogue_ca_is_refused_at_tls(
     assert inbox.got == [] and srv.stats()["received"] == 0
 
 
-async def test_client_without_certificate_is_refused_at_tls(
+async def test_client_without_certificate_gets_401_and_is_refused(
     pki: LabPki, running: Callable[..., Awaitable[HttpsTransport]]
 ) -> None:
+    """No certificate passes TLS (so the context stays public) but cannot POST."""
     inbox = Inbox()
     srv = await running(server(pki), inbox)
     cli = await running(client(pki, srv.port, cert=False))
-    with pytest.raises(TransportError) as caught:
+    with pytest.raises(TransportRefused, match="401"):
         await cli.send(message())
-    assert "client certificate refused?" in str(caught.value)
-    assert inbox.got == []
+    assert inbox.got == [] and srv.stats()["unauthenticated"] == 1
+
+
+async def test_handler_bug_is_500_and_retryable(
+    pki: LabPki, running: Callable[..., Awaitable[HttpsTransport]], caplog: pytest.LogCaptureFixture
+) -> None:
+    inbox = Inbox()
+    inbox.raise_ = KeyError("oops")
+    srv = await running(server(pki), inbox)
+    cli = await running(client(pki, srv.port))
+    with pytest.raises(TransportError, match="500") as caught:
+        await cli.send(message())
+    assert not isinstance(caught.value, TransportRefused)
+    assert srv.stats()["handler_failures"] == 1
+    assert "handler failed" in caplog.text
 
 
 async def test_server_certificate_must_carry_the_expected_name(
@@ -282,6 +296,26 @@ async def test_both_requires_certificate_and_token_naming_the_same_participant(
     with pytest.raises(TransportRefused, match="401"):
         await cert_only.send(message(n=2))
     assert [d.peer for d in inbox.got] == ["ams"]
+
+
+async def test_both_with_certificate_and_token_of_different_participants_is_403(
+    pki: LabPki, running: Callable[..., Awaitable[HttpsTransport]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEILA_TOKEN", TOKEN)
+    srv = await running(server(pki, client_auth="both", accept_token_sha256={sha(TOKEN): "eve"}))
+    cli = await running(client(pki, srv.port, bearer_token_env="HEILA_TOKEN"))
+    with pytest.raises(TransportRefused, match="403"):
+        await cli.send(message())
+    assert srv.stats()["forbidden"] == 1
+
+
+async def test_certificate_not_listed_in_cert_names_is_403(
+    pki: LabPki, running: Callable[..., Awaitable[HttpsTransport]]
+) -> None:
+    srv = await running(server(pki, cert_names={"someone": "ams"}))
+    cli = await running(client(pki, srv.port))
+    with pytest.raises(TransportRefused, match="403"):
+        await cli.send(message())
 
 
 async def test_message_for_another_recipient_is_404(
@@ -406,7 +440,7 @@ async def test_context_is_served_as_json_ld_with_etag(
     srv = await running(server(pki))
     url = f"https://127.0.0.1:{srv.port}/contexts/{CONTEXT_FILE}"
     async with aiohttp.ClientSession() as s:
-        async with s.get(url, ssl=raw_tls(pki)) as r:
+        async with s.get(url, ssl=raw_tls(pki, cert=False)) as r:  # public: no client certificate needed
             assert r.status == 200 and r.content_type == "application/ld+json"
             assert "max-age" in r.headers["Cache-Control"]
             etag = r.headers["ETag"]

@@ -19,6 +19,7 @@ Wire contract (the path *is* the message topic, see :mod:`gateway.protocols.mess
     415  not a JSON content type                          -> sender: TransportRefused
     422  handler raised MessageRejected {"reason","detail"} -> sender: TransportRefused
     503  handler raised TransportError, Retry-After        -> sender: TransportError (retry)
+    500  handler raised anything else (a bug)             -> sender: TransportError (retry)
     5xx, connection refused or reset, timeout             -> sender: TransportError (retry)
 
     GET /contexts/heila-v1.jsonld   the JSON-LD context messages refer to (ETag, cacheable)
@@ -32,8 +33,9 @@ the handler one at a time and in order.
 Authentication happens before the body is read (an unauthenticated caller cannot make the
 server buffer a megabyte), and the size is checked against ``Content-Length`` before reading.
 TLS 1.2 is the floor on both sides. With ``client_auth`` ``"certificate"`` or ``"both"`` the
-TLS handshake itself refuses a client without a certificate from ``client_ca_file``; such a
-client never reaches HTTP, so it is not counted (the TLS layer logs nothing either).
+TLS handshake refuses a client certificate that does not verify against ``client_ca_file``
+(such a client never reaches HTTP and is not counted); a client *without* a certificate gets
+through TLS, may read the context and ``/healthz``, and gets 401 on ``POST``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ _COUNTERS: Final = (
     "unauthenticated",
     "forbidden",
     "too_large",
+    "handler_failures",
 )
 # Permanent answers: the same request cannot succeed until an operator changes something.
 # 408 and 429 are missing on purpose: "later" can work for them.
@@ -137,7 +140,12 @@ def server_tls_context(settings: HttpsSettings) -> ssl.SSLContext:
     if settings.client_auth in ("certificate", "both"):
         assert settings.client_ca_file is not None  # validated
         _load_ca(ctx, "client_ca_file", settings.client_ca_file)
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        # OPTIONAL, not REQUIRED: a certificate that is presented must still verify against
+        # client_ca_file (else the handshake fails), but a caller without one gets through TLS
+        # so that it can fetch the JSON-LD context and /healthz, and so that a sender that lost
+        # its certificate gets a clear 401 instead of a connection reset. POST needs a verified
+        # certificate all the same (see _authenticate).
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
 
 
@@ -276,7 +284,8 @@ class HttpsTransport(MessageTransport):
         """Counters: client side ``sent`` (POSTs tried), ``acked`` (2xx), ``refused`` (permanent
         failures), ``errors`` (retryable failures); server side ``received`` (handed to the
         handler), ``rejected`` (422), ``unavailable`` (503), ``unauthenticated`` (401),
-        ``forbidden`` (403), ``too_large`` (413)."""
+        ``forbidden`` (403), ``too_large`` (413), ``handler_failures`` (500: the handler raised
+        something else)."""
         return dict(self._counts)
 
     # -- client ----------------------------------------------------------------------------
@@ -416,6 +425,12 @@ class HttpsTransport(MessageTransport):
             self._counts["unavailable"] += 1
             log.warning("%s: cannot take %s from %s now: %s", NAME, topic, participant, exc)
             return _problem(503, "cannot store the message now", {"Retry-After": str(self.settings.retry_after_s)})
+        except Exception:
+            # A bug in the handler: not the sender's fault and maybe not permanent, so 500 (the
+            # sender retries) rather than a 4xx that would make it drop the message.
+            self._counts["handler_failures"] += 1
+            log.exception("%s: handler failed on %s from %s", NAME, topic, participant)
+            return _problem(500, "internal error")
         self._counts["received"] += 1
         log.debug("%s: took %s (%d bytes) from %s", NAME, topic, len(data), participant)
         return web.Response(status=202)
