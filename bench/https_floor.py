@@ -9,6 +9,8 @@ Rows:
 * ``HttpsTransport (certificate)`` / ``(token)``: ``HttpsTransport.send`` on one side, the
   transport's server and a no-op handler on the other, authenticating the caller by its
   client certificate or by a bearer token.
+* ``aiohttp, new TLS conn per req``: the floor without keep-alive (TCP + TLS handshake with
+  the client certificate on every request): what the shared session saves.
 
 Each request is timed from the call to its 2xx (the handler has run by then). Requests go one
 after the other (the outbox sends one message at a time per peer), over one keep-alive
@@ -54,7 +56,7 @@ async def timed(n: int, warmup: int, one: Callable[[int], Awaitable[None]]) -> l
     return out
 
 
-async def floor(pki: LabPki, n: int, warmup: int, body: bytes) -> list[float]:
+async def floor(pki: LabPki, n: int, warmup: int, body: bytes, *, keepalive: bool = True) -> list[float]:
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.minimum_version = ssl.TLSVersion.TLSv1_2
     server_tls.load_cert_chain(pki.server.cert, pki.server.key)
@@ -79,7 +81,7 @@ async def floor(pki: LabPki, n: int, warmup: int, body: bytes) -> list[float]:
     url = f"https://127.0.0.1:{port}/" + topic_for("mgms", "ams", "Offer")
     headers = {"Content-Type": "application/ld+json"}
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=not keepalive)) as session:
 
             async def one(i: int) -> None:
                 async with session.post(url, data=body, headers=headers, ssl=client_tls) as r:
@@ -160,6 +162,7 @@ async def main() -> None:
     body = b"x" * args.bytes
     variants: dict[str, Callable[[LabPki, int, int, bytes], Awaitable[list[float]]]] = {
         "aiohttp floor": floor,
+        "aiohttp, new TLS conn per req": lambda p, n, w, b: floor(p, n, w, b, keepalive=False),
         "HttpsTransport (certificate)": lambda p, n, w, b: transport(p, n, w, b, "certificate"),
         "HttpsTransport (token)": lambda p, n, w, b: transport(p, n, w, b, "token"),
     }
@@ -173,7 +176,7 @@ async def main() -> None:
             for name, run in variants.items():
                 results[name] += await run(pki, per_round, args.warmup, body)
     rows = list(results.items())
-    print(f"n={len(rows[0][1])} sequential POSTs per row, {args.bytes}-byte body, TLS keep-alive, one process")
+    print(f"n={len(rows[0][1])} sequential POSTs per row, {args.bytes}-byte body, TLS, one process")
     print(f"| {'path':<29} | median ms | p99 ms | mean ms | req/s |")
     print(f"|{'-' * 31}|-----------|--------|---------|-------|")
     for name, us in rows:

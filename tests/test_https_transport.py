@@ -13,6 +13,7 @@ import json
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +24,7 @@ from gateway.errors import ConfigError, TransportError, TransportRefused
 from gateway.iedsim.pki import LabPki, make_lab_pki
 from gateway.protocols.https import HttpsPeer, HttpsSettings, HttpsTransport
 from gateway.protocols.messaging import Delivery, Outgoing, topic_for
+from gateway.semantic import Envelope, Keystore, MemoryNonceStore, Offer, Opener, PrivateIdentity, Sealer
 from gateway.semantic.errors import Replayed
 from gateway.semantic.jsonld import CONTEXT_FILE
 from gateway.services import free_port
@@ -429,6 +431,41 @@ async def test_unknown_recipient_is_refused(pki: LabPki, running: Callable[..., 
 async def test_send_before_start_is_retryable(pki: LabPki) -> None:
     with pytest.raises(TransportError, match="not started"):
         await HttpsTransport(client(pki, free_port())).send(message())
+
+
+# -- with the real message pipeline --------------------------------------------------------------
+
+
+async def test_sealed_offer_crosses_and_opens_a_replay_is_422(
+    pki: LabPki, running: Callable[..., Awaitable[HttpsTransport]]
+) -> None:
+    """ams seals an Offer for mgms; mgms's handler opens it with the real inbound pipeline."""
+    ams_id, mgms_id = PrivateIdentity.generate("ams"), PrivateIdentity.generate("mgms")
+    sealer = Sealer(Keystore(ams_id, [mgms_id.public]))
+    opener = Opener(Keystore(mgms_id, [ams_id.public]), MemoryNonceStore())
+    opened: list[tuple[Envelope, Delivery]] = []
+
+    async def handler(delivery: Delivery) -> None:
+        opened.append((await opener.open(delivery.data), delivery))
+
+    srv = HttpsTransport(server(pki))
+    await srv.start(handler)
+    try:
+        cli = await running(client(pki, srv.port))
+        topic = topic_for("mgms", "ams", "Offer")
+        start = datetime.now(UTC) + timedelta(hours=1)
+        offer = Offer(identifier="o-1", flexibility_type="upward", power_kw=40.0, start=start,
+                      stop=start + timedelta(hours=1), price_eur_per_mwh=55.5)  # fmt: skip
+        envelope = Envelope.create(offer, sender="ams", recipient="mgms", topic=topic)
+        sealed = sealer.seal(envelope)
+        await cli.send(Outgoing(envelope.id, "mgms", topic, sealed))
+        [(got, delivery)] = opened
+        assert got.payload == offer and got.topic == delivery.topic == topic and delivery.peer == "ams"
+        with pytest.raises(TransportRefused, match="422: replayed"):
+            await cli.send(Outgoing(envelope.id, "mgms", topic, sealed))  # the same bytes again
+        assert srv.stats()["rejected"] == 1
+    finally:
+        await srv.close()
 
 
 # -- context, health, lifecycle -------------------------------------------------------------------
