@@ -24,7 +24,16 @@ from gateway.errors import ConfigError, TransportError, TransportRefused
 from gateway.iedsim.pki import LabPki, make_lab_pki
 from gateway.protocols.https import HttpsPeer, HttpsSettings, HttpsTransport
 from gateway.protocols.messaging import Delivery, Outgoing, topic_for
-from gateway.semantic import Envelope, Keystore, MemoryNonceStore, Offer, Opener, PrivateIdentity, Sealer
+from gateway.semantic import (
+    Envelope,
+    FlexibilityType,
+    Keystore,
+    MemoryNonceStore,
+    Offer,
+    Opener,
+    PrivateIdentity,
+    Sealer,
+)
 from gateway.semantic.errors import Replayed
 from gateway.semantic.jsonld import CONTEXT_FILE
 from gateway.services import free_port
@@ -454,7 +463,7 @@ async def test_sealed_offer_crosses_and_opens_a_replay_is_422(
         cli = await running(client(pki, srv.port))
         topic = topic_for("mgms", "ams", "Offer")
         start = datetime.now(UTC) + timedelta(hours=1)
-        offer = Offer(identifier="o-1", flexibility_type="upward", power_kw=40.0, start=start,
+        offer = Offer(identifier="o-1", flexibility_type=FlexibilityType.UPWARD, power_kw=40.0, start=start,
                       stop=start + timedelta(hours=1), price_eur_per_mwh=55.5)  # fmt: skip
         envelope = Envelope.create(offer, sender="ams", recipient="mgms", topic=topic)
         sealed = sealer.seal(envelope)
