@@ -320,6 +320,28 @@ async def test_close_while_the_broker_is_gone(broker: MosquittoServer, pki: LabP
     assert [x.name for x in threading.enumerate() if x.name.startswith("mqtt-")] == []
 
 
+async def test_certificate_authentication(tmp_path: Path, pki: LabPki) -> None:
+    """Mutual TLS: the client certificate's CN is the MQTT user the ACL speaks of; a
+    certificate from another CA is refused for good."""
+    me = "mgms gateway"  # CN of the lab PKI's client certificate
+    tls = MqttTls(pki.server.cert, pki.server.key, pki.ca, require_certificate=True, use_identity_as_username=True)
+    with MosquittoServer(data_dir=tmp_path / "mtls", tls=tls, acl=layout_acl(me)) as server:
+        common = {"host": server.host, "port": server.port, "ca_file": pki.ca, "connect_timeout_s": 3.0}
+        inbox = Inbox()
+        t = MqttTransport(MqttSettings(participant=me, cert_file=pki.client.cert, key_file=pki.client.key, **common))
+        await t.start(inbox)
+        try:
+            await t.send(msg(me, me, 1))
+            assert (await inbox.get()).data == b"payload 1"
+        finally:
+            await t.close()
+        rogue = MqttTransport(
+            MqttSettings(participant=me, cert_file=pki.rogue_client.cert, key_file=pki.rogue_client.key, **common)
+        )
+        with pytest.raises(TransportRefused, match="refused us"):
+            await rogue.start(Inbox())
+
+
 def test_settings_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     s = MqttSettings(participant=AMS, share_group="workers")
     assert s.topic_filters == ("$share/workers/heila/v1/to/ams/#",)

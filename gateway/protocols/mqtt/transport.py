@@ -93,6 +93,20 @@ _CONNECT_REFUSED = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
 _PUBLISH_REFUSED = frozenset({0x87, 0x90, 0x95, 0x99})
 _SUBSCRIBE_REFUSED = frozenset({0x87, 0x8F, 0x9E, 0xA1, 0xA2})
 
+# TLS alerts from a broker that rejects our client certificate (TLS 1.2: during the handshake)
+_TLS_REFUSED = frozenset(
+    {
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    }
+)
+
 _MISC_INTERVAL_S = 1.0
 _CLOSE_GRACE_S = 1.0
 
@@ -103,7 +117,22 @@ class _Client(mqtt.Client):
     paho 2.2 wraps the TCP socket, handshakes, and on failure lets the SSL socket go without
     closing it (a ResourceWarning and an fd held until garbage collection). The context is
     ours and always checks the host name itself, so paho's extra host check is not needed.
+
+    It also remembers the last TLS error on receive: with TLS 1.3 a broker rejects our
+    certificate only after the handshake, with an alert that paho logs and turns into a plain
+    "connection lost"; the transport needs the alert to tell "refused" from "retry".
     """
+
+    last_tls_error: ssl.SSLError | None = None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return super()._sock_recv(bufsize)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            self.last_tls_error = exc
+            raise
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         ctx = self._ssl_context
@@ -140,7 +169,7 @@ class MqttTransport(MessageTransport):
         self._password = settings.resolved_password()
         self._ssl_context = ssl_context
         self._counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self._client: mqtt.Client | None = None
+        self._client: _Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._handler: MessageHandler | None = None
@@ -289,7 +318,7 @@ class MqttTransport(MessageTransport):
     def _where(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> _Client:
         s = self.settings
         client = _Client(
             CallbackAPIVersion.VERSION2,
@@ -367,6 +396,7 @@ class MqttTransport(MessageTransport):
         if client.socket() is not None:
             self._abort_socket()
         self._lost.clear()
+        client.last_tls_error = None
         self._connack = loop.create_future()
         self._connect_job = loop.run_in_executor(executor, client.reconnect)
         try:
@@ -380,6 +410,10 @@ class MqttTransport(MessageTransport):
             ) from None
         except ssl.SSLCertVerificationError as exc:
             raise TransportRefused(self.name, f"TLS: broker {self._where} not trusted: {exc.verify_message}") from exc
+        except ssl.SSLError as exc:
+            if exc.reason in _TLS_REFUSED:  # the broker does not accept our certificate
+                raise TransportRefused(self.name, f"TLS: broker {self._where} refused us: {exc.reason}") from exc
+            raise TransportError(self.name, f"TLS handshake with {self._where} failed: {exc}") from exc
         except (OSError, ValueError) as exc:
             self._abort_socket()
             raise TransportError(self.name, f"cannot connect to {self._where}: {exc}") from exc
@@ -476,6 +510,11 @@ class MqttTransport(MessageTransport):
     ) -> None:
         if rc.is_failure:
             log.info("mqtt %s: disconnected: %s", self.settings.effective_client_id, _rc_text(rc))
+        tls_error = self._client.last_tls_error if self._client is not None else None
+        if self._connack is not None and not self._connack.done() and tls_error is not None:
+            what = f"TLS: broker {self._where} refused us: {tls_error.reason}"
+            cls = TransportRefused if tls_error.reason in _TLS_REFUSED else TransportError
+            self._connack.set_exception(cls(self.name, what))
         self._connection_ended()
 
     def _on_subscribe(
