@@ -132,6 +132,15 @@ async def test_round_trip_both_ways(transports: Factory) -> None:
     await ams_inbox.nothing_for(0.2)  # nothing echoed back to the sender's own inbox
 
 
+async def test_qos2_publish(transports: Factory) -> None:
+    inbox = Inbox()
+    await transports(AMS, inbox)
+    lab = await transports(LAB, Inbox(), qos=2)
+    await lab.send(msg(LAB, AMS, 1))  # returns on PUBCOMP
+    assert (await inbox.get()).data == b"payload 1"
+    assert lab.stats()["acked"] == 1
+
+
 async def test_inbound_is_acked_only_after_the_handler_returned(transports: Factory) -> None:
     """A receiver that goes away while its handler runs gets the message again; one whose
     handler returned does not."""
@@ -294,6 +303,23 @@ async def test_shared_subscription_splits_the_inbox(transports: Factory) -> None
     await asyncio.sleep(0.2)  # a message that went to both would show up as an extra one
     assert got["w1"] and got["w2"]
     assert sorted(got["w1"] + got["w2"]) == sorted(f"payload {i}".encode() for i in range(n))
+
+
+async def test_shared_subscription_queues_for_an_offline_member(transports: Factory) -> None:
+    """mosquitto 2.0.11 keeps handing messages round robin to a group member whose session is
+    offline; they wait for that member (and are lost if its session expires)."""
+    w1, w2 = Inbox(), Inbox()
+    await transports(AMS, w1, client_id="ams-w1", share_group="ams-workers")
+    away = await transports(AMS, Inbox(), client_id="ams-w2", share_group="ams-workers")
+    await away.close()
+    lab = await transports(LAB, Inbox())
+    for i in range(4):
+        await lab.send(msg(LAB, AMS, i))
+    first = [(await w1.get()).data for _ in range(2)]
+    await w1.nothing_for(0.3)
+    await transports(AMS, w2, client_id="ams-w2", share_group="ams-workers")
+    second = [(await w2.get()).data for _ in range(2)]
+    assert sorted(first + second) == [f"payload {i}".encode() for i in range(4)]
 
 
 async def test_close_leaves_nothing_running(broker: MosquittoServer, pki: LabPki) -> None:

@@ -51,6 +51,7 @@ class MqttSettings(BaseModel):
     """How long the broker keeps our session (subscriptions and queued messages) while we are
     away; sent as the MQTT v5 Session Expiry Interval with every CONNECT."""
     qos: Literal[1, 2] = 1
+    """QoS of our publishes; inbound messages are always subscribed at QoS 1 (see transport)."""
     message_expiry_s: int | None = Field(default=None, ge=1)
     """MQTT v5 Message Expiry Interval on every publish; None: messages never expire."""
     connect_timeout_s: float = Field(default=10.0, gt=0)

@@ -107,6 +107,12 @@ _TLS_REFUSED = frozenset(
     }
 )
 
+# Inbound messages are received at QoS 1 even when we publish at QoS 2: with QoS 2 paho sends
+# PUBREC by itself and, after a reconnect, drops the broker's repeated PUBREL for a message
+# whose handler did not finish, so "not acked -> redelivered" would not hold. Duplicates are
+# the core's business (it de-duplicates by message id), so QoS 2 would add nothing inbound.
+_SUBSCRIBE_QOS = 1
+
 _MISC_INTERVAL_S = 1.0
 _CLOSE_GRACE_S = 1.0
 
@@ -424,7 +430,8 @@ class MqttTransport(MessageTransport):
             if self._connect_job.done():
                 self._connect_job = None
         filters = self.settings.topic_filters
-        rc, mid = client.subscribe([(f, SubscribeOptions(qos=self.settings.qos)) for f in filters])
+        # inbound always at QoS 1 (see _SUBSCRIBE_QOS)
+        rc, mid = client.subscribe([(f, SubscribeOptions(qos=_SUBSCRIBE_QOS)) for f in filters])
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             self._abort_socket()
             raise TransportError(self.name, f"subscribe failed: {mqtt.error_string(rc)}")
@@ -450,6 +457,13 @@ class MqttTransport(MessageTransport):
         self._ever_connected = True
         if not self._handler_failing:
             self._attempt = 0
+        if self._counters["reconnects"] and not session_present:
+            log.warning(
+                "mqtt %s: broker %s did not resume our session: what was queued for us while away is lost "
+                "(session expired, or broker without persistence)",
+                self.settings.effective_client_id,
+                self._where,
+            )
         log.info(
             "mqtt %s connected to %s (session %s), subscribed to %s",
             self.settings.effective_client_id,
