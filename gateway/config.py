@@ -666,6 +666,67 @@ class LabInfo(_Frozen):
     site: str = ""
 
 
+class MessagingSettings(_Frozen):
+    """How this participant talks to the aggregator: identity, keys, security, transports.
+
+    ``transports`` maps a transport name (``mqtt``, ``https``) to its own settings, checked
+    by that transport's settings model at load (``gateway.protocols.mqtt.MqttSettings``,
+    ``gateway.protocols.https.HttpsSettings``). ``routes`` names the transport per peer;
+    other peers use ``default_transport`` (else the first one). Key files are read relative
+    to the lab file; the private key is never in the config itself.
+    """
+
+    participant: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
+    identity_file: str
+    peers_dir: str | None = None
+    peer_files: tuple[str, ...] = ()
+    security: Literal["encrypted", "signed"] = "encrypted"
+    accept_signed_only: bool = False
+    ttl_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    replay_window_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    transports: dict[str, dict[str, Any]]
+    routes: dict[str, str] = {}
+    default_transport: str | None = None
+
+
+class FlexAction(_Frozen):
+    """One command of an activation or of its restoration: a control point and a value."""
+
+    point: str
+    value: str | float | int | bool
+
+
+class FlexResource(_Frozen):
+    """A flexible part of the lab: how much it can offer, measured where, switched how.
+
+    Offered power = the measured power at ``power_point`` (in kW, any power unit converted)
+    minus ``reserve_kw`` (what the operation plan keeps for itself), capped at ``max_kw``;
+    nothing is offered below ``min_kw``. ``activate`` runs at the activation start,
+    ``restore`` at its stop. ``upward`` = less consumption / more generation.
+    """
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
+    flexibility_type: Literal["upward", "downward"]
+    power_point: str
+    reserve_kw: Annotated[float, Field(ge=0)] = 0.0
+    max_kw: Annotated[float, Field(gt=0)] | None = None
+    min_kw: Annotated[float, Field(gt=0)] = 1.0
+    activate: tuple[FlexAction, ...] = Field(min_length=1)
+    restore: tuple[FlexAction, ...] = ()
+
+
+class FlexibilitySettings(_Frozen):
+    """The MGMS side of the DSO flexibility use case (see docs/flexibility.md)."""
+
+    aggregator: str
+    location: str = ""
+    period_s: Annotated[float, Field(ge=0)] = 60.0
+    window_s: Annotated[float, Field(gt=0, le=86_400)] = 900.0
+    lead_s: Annotated[float, Field(ge=0)] = 0.0
+    verification_step_s: Annotated[int, Field(ge=1, le=3600)] = 1
+    resources: tuple[FlexResource, ...] = Field(min_length=1)
+
+
 class LabConfig(_Frozen):
     """A whole validated lab: look points up by name with :meth:`point`."""
 
@@ -673,6 +734,8 @@ class LabConfig(_Frozen):
     devices: dict[str, Device]
     points: tuple[Point, ...]
     redis: RedisSettings = RedisSettings()
+    messaging: MessagingSettings | None = None
+    flexibility: FlexibilitySettings | None = None
     source: str = ""
 
     def point(self, name: str) -> Point:
@@ -895,6 +958,8 @@ def _resolve_files(data: Any, origins: dict[Path_, _Origin]) -> None:
     A lab file is moved around with its certificates; where ``mgms`` is started from must
     not change which key it loads.
     """
+    if isinstance(data, dict) and isinstance(data.get("messaging"), dict):
+        _resolve_paths_in(data["messaging"], ("messaging",), origins)
     devices = data.get("devices") if isinstance(data, dict) else None
     if not isinstance(devices, dict):
         return
@@ -912,10 +977,39 @@ def _resolve_files(data: Any, origins: dict[Path_, _Origin]) -> None:
                     sec[key] = str(Path(origin.file).resolve().parent / value)
 
 
+def _is_path_key(key: str) -> bool:
+    return key.endswith(("_file", "_dir", "_files"))
+
+
+def _resolve_paths_in(sec: dict[str, Any], loc: Path_, origins: dict[Path_, _Origin]) -> None:
+    """Resolve every ``*_file``/``*_dir``/``*_files`` value below ``sec`` (the messaging block
+    and its transports hold keys and certificates) relative to the file that names it."""
+    for key, value in sec.items():
+        here = (*loc, key)
+        if isinstance(value, dict):
+            _resolve_paths_in(value, here, origins)
+            continue
+        if not _is_path_key(str(key)):
+            continue
+        origin = origins.get(here)
+        if origin is None:
+            continue
+        base = Path(origin.file).resolve().parent
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            sec[key] = str(base / value)
+        elif isinstance(value, list):
+            sec[key] = [str(base / v) if isinstance(v, str) and v and not os.path.isabs(v) else v for v in value]
+
+
 def _known_fields(loc: Path_, data: Any) -> list[str]:
     """Field names valid at ``loc``'s parent, for 'did you mean' on an unknown key."""
     models: dict[str, type[BaseModel]] = {
         "": LabConfig,
+        "messaging": MessagingSettings,
+        "flexibility": FlexibilitySettings,
+        "resources": FlexResource,
+        "activate": FlexAction,
+        "restore": FlexAction,
         "lab": LabInfo,
         "redis": RedisSettings,
         "timers": Iec104Timers,
@@ -940,6 +1034,8 @@ def _known_fields(loc: Path_, data: Any) -> list[str]:
 
 def _check_semantics(cfg: LabConfig, add: Any) -> None:
     """Checks that span entries: references, duplicates, control/status pairing, protocols."""
+    _check_messaging(cfg, add)
+    _check_flexibility(cfg, add)
     for name, dev in cfg.devices.items():
         if dev.protocol not in ADDRESS_MODELS:
             add(
@@ -1040,3 +1136,89 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
                 )
         elif pt.status_point is not None:
             add(("points", i, "status_point"), "only control points take a status point")
+
+
+#: Transport name -> "module:SettingsModel" that validates its block (imported lazily so a
+#: lab without messaging needs neither paho nor aiohttp).
+TRANSPORT_SETTINGS = {
+    "mqtt": "gateway.protocols.mqtt:MqttSettings",
+    "https": "gateway.protocols.https:HttpsSettings",
+}
+
+
+def transport_settings_model(name: str) -> type[BaseModel]:
+    import importlib
+
+    module, _, attr = TRANSPORT_SETTINGS[name].partition(":")
+    model: type[BaseModel] = getattr(importlib.import_module(module), attr)
+    return model
+
+
+def _check_messaging(cfg: LabConfig, add: Any) -> None:
+    m = cfg.messaging
+    if m is None:
+        return
+    for field in ("identity_file", "peers_dir"):
+        path = getattr(m, field)
+        if path is not None and not os.path.exists(path):
+            add(("messaging", field), f"not found: {path} (make a key pair with `mgms keys`)")
+    for i, path in enumerate(m.peer_files):
+        if not os.path.isfile(path):
+            add(("messaging", "peer_files", i), f"file not found: {path}")
+    if not m.transports:
+        add(("messaging", "transports"), f"name at least one transport: {', '.join(TRANSPORT_SETTINGS)}")
+    for name, raw in m.transports.items():
+        if name not in TRANSPORT_SETTINGS:
+            add(
+                ("messaging", "transports", name),
+                f"unknown transport {name!r}{_suggest(name, TRANSPORT_SETTINGS)};"
+                f" known: {', '.join(TRANSPORT_SETTINGS)}",
+            )
+            continue
+        try:
+            transport_settings_model(name).model_validate(raw)
+        except ValidationError as exc:
+            for err in exc.errors():
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    msg = "unknown key"
+                add(("messaging", "transports", name, *err["loc"]), msg)
+    for peer, transport in m.routes.items():
+        if transport not in m.transports:
+            add(
+                ("messaging", "routes", peer),
+                f"no transport {transport!r} configured{_suggest(transport, m.transports)}",
+            )
+    if m.default_transport is not None and m.default_transport not in m.transports:
+        add(("messaging", "default_transport"), f"no transport {m.default_transport!r} configured")
+
+
+def _check_flexibility(cfg: LabConfig, add: Any) -> None:
+    f = cfg.flexibility
+    if f is None:
+        return
+    if cfg.messaging is None:
+        add(("flexibility",), "needs a messaging block (how to reach the aggregator)")
+    points = {p.name: p for p in cfg.points}
+    for i, res in enumerate(f.resources):
+        pp = points.get(res.power_point)
+        if pp is None:
+            add(
+                ("flexibility", "resources", i, "power_point"),
+                f"unknown point {res.power_point!r}{_suggest(res.power_point, points)}",
+            )
+        elif pp.unit not in ("W", "kW", "MW") or pp.direction is not Direction.MONITOR:
+            add(
+                ("flexibility", "resources", i, "power_point"),
+                f"{pp.name!r} is not a monitored active power point (W, kW, MW)",
+            )
+        for group in ("activate", "restore"):
+            for j, action in enumerate(getattr(res, group)):
+                cp = points.get(action.point)
+                if cp is None:
+                    add(
+                        ("flexibility", "resources", i, group, j, "point"),
+                        f"unknown point {action.point!r}{_suggest(action.point, points)}",
+                    )
+                elif cp.direction is not Direction.CONTROL:
+                    add(("flexibility", "resources", i, group, j, "point"), f"{cp.name!r} is not a control point")

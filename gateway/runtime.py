@@ -151,6 +151,11 @@ class Gateway:
 
     # ----------------------------------------------------------------- commands
 
+    def latest_value(self, name: str) -> tuple[float | int | bool | None, int] | None:
+        """The last value and quality bits of a point as the gateway saw it (None: none yet)."""
+        upd = self._latest.get(name)
+        return None if upd is None else (upd.value, int(upd.quality))
+
     async def execute(
         self, point: str, value: str | float | int | bool, requested_by: str = "operator", request_id: str = ""
     ) -> CommandOutcome:

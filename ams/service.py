@@ -1,0 +1,523 @@
+"""The AMS worker: flexibility registry, offers, clearance, reserve/activation, settlement.
+
+Why it works this way: every step is triggered by a message or a DSO request taken from a
+Redis stream through a consumer group, and every decision is written to Redis before the
+worker acknowledges what triggered it. A worker that dies mid-step leaves the trigger
+pending; the step runs again on restart and, being keyed by business identifiers (offer,
+reserve and activation ids derived from the flexibility id), does not create a second offer
+or a second activation. Outgoing notifications go through the durable outbox, so they survive
+too. Several workers may share one AMS: they read the same inbox group (and MQTT v5 shared
+subscriptions split the transport side).
+
+Key layout (``A`` = ``ams:{participant}``)::
+
+    A:mg                  HASH    microgrid participant -> JSON (location, reliability, counts)
+    A:flex:{mg}:{id}      HASH    a received Flexibility (document, received/stored ns, offer id)
+    A:offer:{offer}       HASH    offer: owner, location, type, kW, window, price, rank, state
+    A:offers:{location}   ZSET    open offers of a location by risk-adjusted price (merit order)
+    A:dso:requests        STREAM  DSO requests to clear (``ams request``), consumer group
+    A:activation:{act}    HASH    activation: offer, owner, kW, price, window, sent ns, state
+    A:settlement:{act}    HASH    verdict and payment of one activation
+    A:settlements         STREAM  every settlement, in order
+    A:events              STREAM  audit trail: what the AMS did and why (capped)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError, ResponseError
+
+from ams.market import (
+    CostModel,
+    DsoRequest,
+    OfferRecord,
+    VerificationPolicy,
+    clear,
+    verify_delivery,
+)
+from gateway.errors import GatewayError
+from gateway.messaging import Messenger, Received
+from gateway.semantic import (
+    ActivationNotification,
+    Flexibility,
+    FlexibilityType,
+    Offer,
+    OfferList,
+    ReserveNotification,
+    VerificationNotification,
+)
+from gateway.store import stream_entries
+
+__all__ = ["AmsKeys", "AmsService", "AmsSettings", "MarketSettings", "MicrogridEntry", "NotRegistered"]
+
+log = logging.getLogger(__name__)
+
+WORKER_GROUP = "ams"
+
+
+class NotRegistered(GatewayError):
+    """A message came from a participant the AMS holds keys for but never registered."""
+
+
+class MicrogridEntry(BaseModel):
+    """A microgrid the AMS trades for: its MGMS participant name and its grid location."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    participant: str = Field(min_length=1)
+    location: str = Field(min_length=1)
+
+
+class MarketSettings(BaseModel):
+    """The simulated market: with ``auto_clear`` a DSO buys every new offer under the cap at
+    once (the demo and HIL flow); otherwise requests come from ``ams request``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    auto_clear: bool = True
+    price_cap_eur_per_mwh: float = 500.0
+    divisible: bool = True
+    activate_on_reserve: bool = True
+
+
+class AmsSettings(BaseModel):
+    """Everything the AMS decides with; transports and keys are configured elsewhere."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cost_model: CostModel = CostModel()
+    verification: VerificationPolicy = VerificationPolicy()
+    market: MarketSettings = MarketSettings()
+    microgrids: tuple[MicrogridEntry, ...] = ()
+    reliability_memory: float = Field(default=0.8, gt=0, lt=1)
+
+
+class AmsKeys:
+    def __init__(self, participant: str) -> None:
+        self.prefix = f"ams:{participant}"
+
+    @property
+    def microgrids(self) -> str:
+        return f"{self.prefix}:mg"
+
+    def flex(self, mg: str, identifier: str) -> str:
+        return f"{self.prefix}:flex:{mg}:{identifier}"
+
+    def offer(self, offer_id: str) -> str:
+        return f"{self.prefix}:offer:{offer_id}"
+
+    def offers(self, location: str) -> str:
+        return f"{self.prefix}:offers:{location}"
+
+    @property
+    def offer_locations(self) -> str:
+        return f"{self.prefix}:offer-locations"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:dso:requests"
+
+    def activation(self, act_id: str) -> str:
+        return f"{self.prefix}:activation:{act_id}"
+
+    def settlement(self, act_id: str) -> str:
+        return f"{self.prefix}:settlement:{act_id}"
+
+    @property
+    def settlements(self) -> str:
+        return f"{self.prefix}:settlements"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}:stats"
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat()
+
+
+class AmsService:
+    """One AMS worker. ``run(stop)`` serves the inbox and the DSO request stream."""
+
+    def __init__(
+        self, settings: AmsSettings, messenger: Messenger, redis: aioredis.Redis, *, worker: str = "w1"
+    ) -> None:
+        self.settings = settings
+        self.messenger = messenger
+        self.redis = redis
+        self.participant = messenger.participant
+        self.keys = AmsKeys(self.participant)
+        self.worker = worker
+        self.counters: Counter[str] = Counter()
+
+    # ----------------------------------------------------------------- registry
+
+    async def register(self, participant: str, location: str) -> None:
+        """Add (or move) a microgrid; keeps its reliability record if it was known."""
+        raw = await self.redis.hget(self.keys.microgrids, participant)
+        record = json.loads(raw) if raw else {"reliability": 1.0, "delivered": 0, "failed": 0}
+        record.update(location=location, registered_at=record.get("registered_at") or _iso(datetime.now(UTC)))
+        await self.redis.hset(self.keys.microgrids, participant, json.dumps(record))
+        await self._event("registered", participant=participant, location=location)
+
+    async def microgrid(self, participant: str) -> dict[str, Any]:
+        raw = await self.redis.hget(self.keys.microgrids, participant)
+        if raw is None:
+            raise NotRegistered(f"microgrid {participant!r} is not registered with this AMS")
+        record: dict[str, Any] = json.loads(raw)
+        return record
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for mg in self.settings.microgrids:
+            if not await self.redis.hexists(self.keys.microgrids, mg.participant):
+                await self.register(mg.participant, mg.location)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.messenger.serve(WORKER_GROUP, self.worker, self.handle, stop), name="ams-inbox")
+            tg.create_task(self._serve_requests(stop), name="ams-dso-requests")
+            tg.create_task(self._report(stop), name="ams-stats")
+
+    async def _report(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                stats = {**self.messenger.stats(), **{f"ams_{k}": v for k, v in self.counters.items()}}
+                if stats:
+                    await self.redis.hset(self.keys.stats, mapping={k: str(v) for k, v in stats.items()})
+            except RedisError as exc:
+                log.debug("stats not written: %s", exc)
+            try:
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+
+    async def handle(self, item: Received) -> None:
+        payload = item.envelope.payload
+        if isinstance(payload, Flexibility) and not isinstance(payload, Offer):
+            await self.on_flexibility(item, payload)
+        elif isinstance(payload, VerificationNotification):
+            await self.on_verification(item, payload)
+        else:
+            self.counters["ignored"] += 1
+            log.info("AMS ignores %s from %s", item.envelope.type, item.envelope.sender)
+
+    # ----------------------------------------------------------------- flexibility -> offer
+
+    async def on_flexibility(self, item: Received, flex: Flexibility) -> None:
+        mg_name = item.envelope.sender
+        try:
+            mg = await self.microgrid(mg_name)
+        except NotRegistered:
+            self.counters["unregistered"] += 1
+            await self._event("refused", reason="not registered", sender=mg_name, message=item.envelope.id)
+            raise
+        key = self.keys.flex(mg_name, flex.identifier)
+        offer_id = f"offer:{mg_name}:{flex.identifier}"
+        fresh = await self.redis.hsetnx(key, "doc", flex.model_dump_json())
+        if fresh:
+            await self.redis.hset(
+                key,
+                mapping={
+                    "message": item.envelope.id,
+                    "created_ns": str(item.created_ns),
+                    "received_ns": str(item.received_ns),
+                    "stored_ns": str(item.stored_ns),
+                    "offer": offer_id,
+                },
+            )
+            self.counters["flexibilities"] += 1
+        location = str(mg["location"])
+        price = self.settings.cost_model.price(flex.flexibility_type, flex.power_kw, location)
+        rank = self.settings.cost_model.rank_key(price, float(mg.get("reliability", 1.0)))
+        offer_key = self.keys.offer(offer_id)
+        if await self.redis.hsetnx(offer_key, "state", "open"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(
+                offer_key,
+                mapping={
+                    "microgrid": mg_name,
+                    "location": location,
+                    "type": flex.flexibility_type.value,
+                    "power_kw": repr(flex.power_kw),
+                    "start": _iso(flex.start),
+                    "stop": _iso(flex.stop),
+                    "price": repr(price),
+                    "rank": repr(rank),
+                    "flexibility": flex.identifier,
+                },
+            )
+            pipe.zadd(self.keys.offers(location), {offer_id: rank})
+            pipe.sadd(self.keys.offer_locations, location)
+            await pipe.execute()
+            self.counters["offers"] += 1
+            await self._event("offer", offer=offer_id, microgrid=mg_name, price=price, power_kw=flex.power_kw)
+        if self.settings.market.auto_clear:
+            request = DsoRequest(
+                request_id=f"auto:{offer_id}",
+                location=location,
+                flexibility_type=flex.flexibility_type,
+                power_kw=flex.power_kw,
+                start=flex.start,
+                stop=flex.stop,
+                price_cap_eur_per_mwh=self.settings.market.price_cap_eur_per_mwh,
+            )
+            await self.clear_request(request, only=[offer_id])
+
+    async def open_offers(self, location: str | None = None) -> list[OfferRecord]:
+        if location:
+            locations = [location]
+        else:
+            locations = sorted(cast(set[str], await self.redis.smembers(self.keys.offer_locations)))
+        out: list[OfferRecord] = []
+        for loc in locations:
+            for offer_id in cast(list[str], await self.redis.zrange(self.keys.offers(loc), 0, -1)):
+                h = await self._hash(self.keys.offer(offer_id))
+                if h.get("state") == "open":
+                    out.append(_offer_record(offer_id, h))
+        return out
+
+    async def offer_list(self, location: str) -> OfferList:
+        """The HEILA Offer List of one location, cheapest first."""
+        offers = sorted(await self.open_offers(location), key=lambda o: (o.price_eur_per_mwh, o.offer_id))
+        return OfferList(
+            location=location,
+            offers=tuple(
+                Offer(
+                    identifier=o.offer_id,
+                    flexibility_type=o.flexibility_type,
+                    power_kw=o.power_kw,
+                    start=o.start,
+                    stop=o.stop,
+                    price_eur_per_mwh=o.price_eur_per_mwh,
+                )
+                for o in offers
+            ),
+        )
+
+    # ----------------------------------------------------------------- clearance -> reserve, activation
+
+    async def submit_request(self, request: DsoRequest) -> str:
+        """Queue a DSO request (what ``ams request`` does); a worker clears it."""
+        await self.redis.xadd(self.keys.requests, {"request": request.model_dump_json()})
+        return request.request_id
+
+    async def _serve_requests(self, stop: asyncio.Event) -> None:
+        group = WORKER_GROUP
+        try:
+            await self.redis.xgroup_create(self.keys.requests, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        while not stop.is_set():
+            try:
+                entries = stream_entries(
+                    await self.redis.xreadgroup(group, self.worker, {self.keys.requests: "0"}, count=10)
+                )
+                if not entries:
+                    entries = stream_entries(
+                        await self.redis.xreadgroup(group, self.worker, {self.keys.requests: ">"}, count=10, block=200)
+                    )
+            except RedisError as exc:
+                log.warning("DSO requests: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for eid, fields in entries:
+                if fields:
+                    try:
+                        await self.clear_request(DsoRequest.model_validate_json(fields["request"]))
+                    except ValueError as exc:
+                        log.error("bad DSO request %s: %s", eid, exc)
+                        self.counters["bad_requests"] += 1
+                await self.redis.xack(self.keys.requests, group, eid)
+
+    async def clear_request(self, request: DsoRequest, *, only: list[str] | None = None) -> None:
+        offers = await self.open_offers(None if request.location == "*" else request.location)
+        if only is not None:
+            offers = [o for o in offers if o.offer_id in only]
+        result = clear(request, offers, divisible=self.settings.market.divisible)
+        await self._event(
+            "cleared",
+            request=request.request_id,
+            accepted_kw=result.accepted_kw,
+            shortfall_kw=result.shortfall_kw,
+            offers=",".join(o.offer_id for o, _ in result.taken),
+        )
+        for offer, kw in result.taken:
+            await self.reserve(offer, kw, request)
+
+    async def reserve(self, offer: OfferRecord, kw: float, request: DsoRequest) -> None:
+        offer_key = self.keys.offer(offer.offer_id)
+        reserve_id = f"res:{offer.offer_id}"
+        state = await self.redis.hget(offer_key, "state")
+        if state == "open":
+            await self.messenger.send(
+                ReserveNotification(
+                    identifier=reserve_id,
+                    offer_ref=offer.offer_id,
+                    flexibility_type=offer.flexibility_type,
+                    power_kw=kw,
+                    start=request.start,
+                    stop=request.stop,
+                    price_eur_per_mwh=offer.price_eur_per_mwh,
+                ),
+                offer.microgrid,
+            )
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(offer_key, mapping={"state": "reserved", "reserved_kw": repr(kw), "request": request.request_id})
+            pipe.zrem(self.keys.offers(offer.location), offer.offer_id)
+            await pipe.execute()
+            self.counters["reserves"] += 1
+            await self._event("reserved", offer=offer.offer_id, power_kw=kw)
+            state = "reserved"
+        if state == "reserved" and self.settings.market.activate_on_reserve:
+            await self.activate(offer.offer_id)
+
+    async def activate(self, offer_id: str) -> str:
+        """Send the Activation Notification of a reserved offer (once)."""
+        offer_key = self.keys.offer(offer_id)
+        h = await self._hash(offer_key)
+        if h.get("state") != "reserved":
+            raise ValueError(f"offer {offer_id} is {h.get('state', 'unknown')}, not reserved")
+        act_id = f"act:{offer_id}"
+        kw = float(h.get("reserved_kw", h["power_kw"]))
+        sent_ns = time.time_ns()
+        envelope = await self.messenger.send(
+            ActivationNotification(
+                identifier=act_id,
+                reserve_ref=f"res:{offer_id}",
+                flexibility_type=FlexibilityType(h["type"]),
+                power_kw=kw,
+                start=datetime.fromisoformat(h["start"]),
+                stop=datetime.fromisoformat(h["stop"]),
+            ),
+            h["microgrid"],
+        )
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self.keys.activation(act_id),
+            mapping={
+                "offer": offer_id,
+                "microgrid": h["microgrid"],
+                "power_kw": repr(kw),
+                "price": h["price"],
+                "start": h["start"],
+                "stop": h["stop"],
+                "message": envelope.id,
+                "sent_ns": str(sent_ns),
+                "state": "activated",
+            },
+        )
+        pipe.hset(offer_key, "state", "activated")
+        await pipe.execute()
+        self.counters["activations"] += 1
+        await self._event("activated", activation=act_id, microgrid=h["microgrid"], power_kw=kw)
+        return act_id
+
+    # ----------------------------------------------------------------- verification -> settlement
+
+    async def on_verification(self, item: Received, ver: VerificationNotification) -> None:
+        act_id = ver.activation_ref or ""
+        act_key = self.keys.activation(act_id)
+        act = await self._hash(act_key)
+        if not act:
+            self.counters["unknown_activation"] += 1
+            await self._event("refused", reason="unknown activation", activation=act_id, message=item.envelope.id)
+            raise ValueError(f"verification {ver.identifier} names unknown activation {act_id!r}")
+        if act.get("microgrid") != item.envelope.sender:
+            self.counters["foreign_verification"] += 1
+            raise ValueError(
+                f"verification for {act_id} from {item.envelope.sender}, activation belongs to {act['microgrid']}"
+            )
+        if act.get("state") in ("settled", "failed"):
+            return  # a duplicate (new message id, same business id): already settled
+        verdict = verify_delivery(
+            float(act["power_kw"]),
+            float(act["price"]),
+            ver.power_series_kw,
+            ver.time_step_s,
+            self.settings.verification,
+        )
+        state = "settled" if verdict.delivered else "failed"
+        record = {
+            "activation": act_id,
+            "microgrid": act["microgrid"],
+            "verification": ver.identifier,
+            "state": state,
+            **{k: str(v) for k, v in asdict(verdict).items()},
+            "received_ns": str(item.received_ns),
+            "stored_ns": str(item.stored_ns),
+            "created_ns": str(item.created_ns),
+        }
+        mg = await self.microgrid(act["microgrid"])
+        m = self.settings.reliability_memory
+        mg["reliability"] = round(
+            m * float(mg.get("reliability", 1.0)) + (1 - m) * (1.0 if verdict.delivered else 0.0), 6
+        )
+        mg["delivered" if verdict.delivered else "failed"] = (
+            int(mg.get("delivered" if verdict.delivered else "failed", 0)) + 1
+        )
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.settlement(act_id), mapping=cast(Any, record))
+        pipe.xadd(self.keys.settlements, cast(Any, record), maxlen=100_000, approximate=True)
+        pipe.hset(act_key, "state", state)
+        pipe.hset(self.keys.offer(act["offer"]), "state", state)
+        pipe.hset(self.keys.microgrids, act["microgrid"], json.dumps(mg))
+        await pipe.execute()
+        self.counters["settlements"] += 1
+        await self._event(
+            "settled", activation=act_id, state=state, payment_eur=verdict.payment_eur, reason=verdict.reason
+        )
+
+    async def settlement(self, act_id: str) -> dict[str, str]:
+        return dict(await self._hash(self.keys.settlement(act_id)))
+
+    # ----------------------------------------------------------------- audit
+
+    async def _hash(self, key: str) -> dict[str, str]:
+        """HGETALL on a ``decode_responses`` client: str keys and values."""
+        return cast(dict[str, str], await self.redis.hgetall(key))
+
+    async def _event(self, event: str, **fields: Any) -> None:
+        data = {"event": event, "worker": self.worker, **{k: str(v) for k, v in fields.items()}}
+        await self.redis.xadd(self.keys.events, cast(Any, data), maxlen=10_000, approximate=True)
+        log.info("AMS %s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+def _offer_record(offer_id: str, h: Mapping[str, str]) -> OfferRecord:
+    return OfferRecord(
+        offer_id=offer_id,
+        microgrid=h["microgrid"],
+        location=h["location"],
+        flexibility_type=FlexibilityType(h["type"]),
+        power_kw=float(h["power_kw"]),
+        start=datetime.fromisoformat(h["start"]),
+        stop=datetime.fromisoformat(h["stop"]),
+        price_eur_per_mwh=float(h["price"]),
+        rank_eur_per_mwh=float(h["rank"]),
+    )
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:12]}"
+
+
+def request_window(start_in_s: float, duration_s: float) -> tuple[datetime, datetime]:
+    start = datetime.now(UTC) + timedelta(seconds=start_in_s)
+    return start, start + timedelta(seconds=max(duration_s, 1e-3))

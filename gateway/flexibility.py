@@ -1,0 +1,328 @@
+"""The MGMS side of the DSO flexibility use case: offer, execute, verify.
+
+Why it works this way:
+
+* **Flexibility from live values.** What a resource can offer is what it draws (or feeds)
+  right now at its power point, minus what the operation plan keeps (``reserve_kw``),
+  capped (``max_kw``). The agent reads the gateway's latest values, not Redis, so an offer
+  is never older than the last field update; a point that is invalid or not topical offers
+  nothing (a stale measurement is not a promise).
+* **Activation -> commands -> confirmation.** An Activation Notification becomes the lab
+  config's ``activate`` commands at its start and ``restore`` commands at its stop, run
+  through :meth:`Gateway.execute`, i.e. confirmed by their status points like any operator
+  command and logged in the command log with ``requested_by = ams:<activation id>``.
+* **Verification from measurements.** The baseline is the power just before the first
+  command; every ``time_step_s`` the agent records ``baseline - measured`` (upward: less
+  drawn) or ``measured - baseline`` (downward) as the delivered flexibility, and after the
+  stop sends the series in a Verification Notification.
+* **Restart-safe and once only.** Activation state lives in Redis (``P:flex:act:{id}``); a
+  re-delivered or duplicated activation (same business id, new message id) does not switch
+  the breaker a second time; one interrupted by a restart resumes from its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, cast
+
+from redis.exceptions import RedisError
+
+from gateway.commands import CommandOutcome
+from gateway.config import UNIT_SI_FACTORS, FlexibilitySettings, FlexResource, LabConfig
+from gateway.messaging import Messenger, Received
+from gateway.points import Quality
+from gateway.semantic import (
+    ActivationNotification,
+    Flexibility,
+    FlexibilityType,
+    ReserveNotification,
+    VerificationNotification,
+)
+
+__all__ = ["FlexAgent"]
+
+log = logging.getLogger(__name__)
+
+INBOX_GROUP = "mgms-flex"
+_BAD = Quality.INVALID | Quality.NOT_TOPICAL
+
+
+class GatewayLike(Protocol):
+    """What the agent needs of :class:`gateway.runtime.Gateway` (a Protocol, to avoid a cycle)."""
+
+    config: LabConfig
+
+    def latest_value(self, name: str) -> tuple[float | int | bool | None, int] | None: ...
+
+    async def execute(
+        self, point: str, value: str | float | int | bool, requested_by: str = "operator", request_id: str = ""
+    ) -> CommandOutcome: ...
+
+
+class FlexAgent:
+    """Publishes Flexibility periodically and serves Reserve/Activation Notifications."""
+
+    def __init__(
+        self, gateway: GatewayLike, messenger: Messenger, settings: FlexibilitySettings, *, prefix: str
+    ) -> None:
+        self.gateway = gateway
+        self.messenger = messenger
+        self.settings = settings
+        self.prefix = prefix
+        self.redis = messenger.redis
+        self.counters: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------------ keys
+
+    def _act_key(self, act_id: str) -> str:
+        return f"{self.prefix}:flex:act:{act_id}"
+
+    @property
+    def _offered_key(self) -> str:
+        return f"{self.prefix}:flex:offered"
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve the inbox and (if ``period_s`` > 0) publish flexibility until ``stop``."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.messenger.serve(INBOX_GROUP, "gateway", self.handle, stop), name="flex-inbox")
+                if self.settings.period_s > 0:
+                    tg.create_task(self._publish_loop(stop), name="flex-publish")
+        finally:
+            for task in list(self._running.values()):
+                task.cancel()
+            for task in list(self._running.values()):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _publish_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.publish()
+            except Exception:
+                log.exception("publishing flexibility failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.period_s):
+                    await stop.wait()
+
+    # ------------------------------------------------------------------ offering
+
+    def power_kw(self, res: FlexResource) -> float | None:
+        """The resource's measured active power in kW, or None if not known and good."""
+        latest = self.gateway.latest_value(res.power_point)
+        if latest is None:
+            return None
+        value, quality = latest
+        if value is None or quality & _BAD:
+            return None
+        unit = self.gateway.config.point(res.power_point).unit
+        return float(value) * UNIT_SI_FACTORS[unit] / 1e3
+
+    def available_kw(self, res: FlexResource) -> float:
+        p = self.power_kw(res)
+        if p is None:
+            return 0.0
+        magnitude = abs(p) - res.reserve_kw
+        if res.max_kw is not None:
+            magnitude = min(magnitude, res.max_kw)
+        return round(magnitude, 3) if magnitude >= res.min_kw else 0.0
+
+    async def publish(self, *, start: datetime | None = None, window_s: float | None = None) -> list[Flexibility]:
+        """Send one Flexibility per resource that can offer something now (and is idle)."""
+        sent: list[Flexibility] = []
+        begin = start or (datetime.now(UTC) + timedelta(seconds=self.settings.lead_s))
+        span = timedelta(seconds=window_s or self.settings.window_s)
+        for res in self.settings.resources:
+            if res.name in self._busy_resources():
+                continue
+            kw = self.available_kw(res)
+            if kw <= 0:
+                self.counters["nothing_to_offer"] += 1
+                continue
+            flex = Flexibility(
+                identifier=f"{res.name}-{time.time_ns()}",
+                flexibility_type=FlexibilityType(res.flexibility_type),
+                power_kw=kw,
+                start=begin,
+                stop=begin + span,
+            )
+            await self.redis.hset(self._offered_key, flex.identifier, res.name)
+            await self.messenger.send(flex, self.settings.aggregator)
+            self.counters["flexibilities"] += 1
+            sent.append(flex)
+            log.info(
+                "flexibility %s: %s %.1f kW offered to %s",
+                flex.identifier,
+                res.flexibility_type,
+                kw,
+                self.settings.aggregator,
+            )
+        return sent
+
+    def _busy_resources(self) -> set[str]:
+        return {name for name, task in self._running.items() if not task.done()}
+
+    # ------------------------------------------------------------------ notifications
+
+    async def handle(self, item: Received) -> None:
+        payload = item.envelope.payload
+        if item.envelope.sender != self.settings.aggregator:
+            self.counters["foreign"] += 1
+            raise ValueError(f"{item.envelope.type} from {item.envelope.sender}, not our aggregator")
+        if isinstance(payload, ActivationNotification):
+            await self.on_activation(item, payload)
+        elif isinstance(payload, ReserveNotification):
+            self.counters["reserves"] += 1
+            await self.redis.hset(
+                f"{self.prefix}:flex:reserve:{payload.identifier}",
+                mapping={"doc": payload.model_dump_json(), "received_ns": str(item.received_ns)},
+            )
+            log.info(
+                "reserved: %s %.1f kW at %.2f EUR/MWh", payload.identifier, payload.power_kw, payload.price_eur_per_mwh
+            )
+        else:
+            self.counters["ignored"] += 1
+
+    def _resource_for(self, act: ActivationNotification, offered: dict[str, str]) -> FlexResource:
+        by_name = {r.name: r for r in self.settings.resources}
+        refs = f"{act.identifier} {act.reserve_ref or ''}"
+        for flex_id, res_name in offered.items():
+            if flex_id in refs and res_name in by_name:
+                return by_name[res_name]
+        for res in self.settings.resources:
+            if res.flexibility_type == act.flexibility_type.value:
+                return res
+        raise ValueError(f"no resource offers {act.flexibility_type.value} flexibility for {act.identifier}")
+
+    async def on_activation(self, item: Received, act: ActivationNotification) -> None:
+        key = self._act_key(act.identifier)
+        created = await self.redis.hsetnx(key, "state", "received")
+        if not created:
+            state = await self.redis.hget(key, "state")
+            if state in ("verified", "failed") or act.identifier in self._running:
+                self.counters["duplicate_activations"] += 1
+                log.info("activation %s already %s: not run again", act.identifier, state)
+                return
+            log.info("activation %s resumes from state %s", act.identifier, state)
+        offered = cast(dict[str, str], await self.redis.hgetall(self._offered_key))
+        res = self._resource_for(act, offered)
+        await self.redis.hset(
+            key,
+            mapping={
+                "doc": act.model_dump_json(),
+                "resource": res.name,
+                "message": item.envelope.id,
+                "created_ns": str(item.created_ns),
+                "received_ns": str(item.received_ns),
+                "stored_ns": str(item.stored_ns),
+                "handled_ns": str(time.time_ns()),
+            },
+        )
+        self.counters["activations"] += 1
+        # Executed in the background: the inbox goes on (a second activation, a reserve)
+        # while this one waits for its start and stop.
+        task = asyncio.create_task(self._execute(act, res), name=f"activation:{act.identifier}")
+        self._running[act.identifier] = task
+        task.add_done_callback(lambda _t: self._forget(act.identifier))
+
+    def _forget(self, act_id: str) -> None:
+        self._running.pop(act_id, None)
+
+    async def _execute(self, act: ActivationNotification, res: FlexResource) -> None:
+        key = self._act_key(act.identifier)
+        try:
+            await self._sleep_until(act.start)
+            baseline = self.power_kw(res)
+            outcomes = [await self._command(a.point, a.value, act.identifier) for a in res.activate]
+            ok = all(o.ok for o in outcomes)
+            await self.redis.hset(
+                key,
+                mapping={
+                    "state": "active" if ok else "command_failed",
+                    "baseline_kw": repr(baseline),
+                    "commands": json.dumps([_outcome(o) for o in outcomes]),
+                },
+            )
+            series = await self._sample(act, res, baseline)
+            restored = [await self._command(a.point, a.value, act.identifier) for a in res.restore]
+            ver = VerificationNotification(
+                identifier=f"ver:{act.identifier}",
+                activation_ref=act.identifier,
+                start=act.start,
+                stop=act.stop,
+                time_step_s=self._step_s(act),
+                power_series_kw=tuple(series),
+            )
+            await self.messenger.send(ver, self.settings.aggregator)
+            await self.redis.hset(
+                key,
+                mapping={
+                    "state": "verified" if ok else "failed",
+                    "restore": json.dumps([_outcome(o) for o in restored]),
+                    "series_kw": json.dumps(series),
+                    "verified_ns": str(time.time_ns()),
+                },
+            )
+            self.counters["verifications"] += 1
+            log.info("activation %s done: delivered %s kW", act.identifier, series)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters["activation_errors"] += 1
+            log.exception("activation %s failed", act.identifier)
+            with contextlib.suppress(RedisError):
+                await self.redis.hset(key, mapping={"state": "failed", "reason": repr(exc)})
+
+    async def _command(self, point: str, value: str | float | int | bool, act_id: str) -> CommandOutcome:
+        outcome: CommandOutcome = await self.gateway.execute(point, value, requested_by=f"ams:{act_id}")
+        return outcome
+
+    def _step_s(self, act: ActivationNotification) -> int:
+        """The configured step if it divides the window, else the largest divisor below it."""
+        span = int((act.stop - act.start).total_seconds())
+        step = self.settings.verification_step_s
+        while step > 1 and span % step:
+            step -= 1
+        return max(1, step) if span >= 1 else 1
+
+    async def _sample(self, act: ActivationNotification, res: FlexResource, baseline: float | None) -> list[float]:
+        step = self._step_s(act)
+        n = max(1, int((act.stop - act.start).total_seconds()) // step)
+        sign = 1.0 if res.flexibility_type == "upward" else -1.0
+        series: list[float] = []
+        for i in range(n):
+            await self._sleep_until(act.start + timedelta(seconds=(i + 1) * step))
+            measured = self.power_kw(res)
+            if baseline is None or measured is None:
+                series.append(0.0)
+            else:
+                series.append(round(sign * (abs(baseline) - abs(measured)), 3))
+        return series
+
+    @staticmethod
+    async def _sleep_until(t: datetime) -> None:
+        delay = (t - datetime.now(UTC)).total_seconds()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def _outcome(o: CommandOutcome) -> dict[str, Any]:
+    return {
+        "point": o.point,
+        "value": o.value,
+        "result": o.result,
+        "reason": o.reason,
+        "sent_ts": o.sent_ts,
+        "confirm_ts": o.confirm_ts,
+        "ms": o.duration_ms,
+    }
