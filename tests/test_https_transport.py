@@ -515,6 +515,31 @@ async def test_close_releases_port_tasks_and_threads(pki: LabPki) -> None:
         s.connect(("127.0.0.1", port))
 
 
+async def test_close_during_a_send_fails_it_as_retryable(pki: LabPki) -> None:
+    """The message stays in the outbox: close() must not let send() look successful."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def stuck(delivery: Delivery) -> None:
+        arrived.set()
+        await release.wait()
+
+    srv = HttpsTransport(server(pki))
+    await srv.start(stuck)
+    cli = HttpsTransport(client(pki, srv.port))
+    await cli.start(Inbox())
+    try:
+        sending = asyncio.create_task(cli.send(message()))
+        await arrived.wait()
+        await cli.close()
+        with pytest.raises(TransportError) as caught:
+            await sending
+        assert not isinstance(caught.value, TransportRefused)
+    finally:
+        release.set()
+        await cli.close()
+        await srv.close()
+
+
 async def test_port_in_use_is_a_transport_error(pki: LabPki) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
