@@ -97,6 +97,6 @@ def test_multipower_has_both_views_of_the_relay() -> None:
     cfg = load_config(ROOT / "lab_configs" / "multipower.yaml")
     mms = cfg.points_of("ref615_mms")
     assert cfg.devices["ref615_mms"].ied_name == "REF615"
-    assert all(p.name.startswith("mms.") for p in mms) and len(mms) == 14
+    assert all(p.name.startswith("mms.") for p in mms) and len(mms) == 16
     only = cfg.only("ref615_mms")
-    assert list(only.devices) == ["ref615_mms"] and len(only.points) == 14
+    assert list(only.devices) == ["ref615_mms"] and len(only.points) == 16

@@ -28,7 +28,7 @@ async def test_iedsim_iec61850_serves_the_lab_device() -> None:
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
-        assert f"iec61850 simulator ref615_mms (REF615) listening on 127.0.0.1:{port} (14 points)" in line
+        assert f"iec61850 simulator ref615_mms (REF615) listening on 127.0.0.1:{port} (16 points)" in line
         assert f"control channel listening on 127.0.0.1:{control_port}" in (await proc.stdout.readline()).decode()
         ctl_r, ctl_w = await asyncio.open_connection("127.0.0.1", control_port)
 

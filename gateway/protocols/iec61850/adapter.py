@@ -18,15 +18,20 @@ Report callbacks run on libiec61850's thread: they only decode into immutable
 adapter. Link loss (connection-closed callback, or a failed request) gives LinkStateChange
 DOWN and a reconnect after a capped, jittered backoff.
 
-Commands (DPC/SPC ``Oper``): the control model is the server's (read by
+Commands (DPC/SPC/APC ``Oper``): the control model is the server's (read by
 ``ControlObjectClient_create``); SBO with enhanced security selects with value first,
 enhanced models wait for the CommandTermination. The originator (orCat remote control,
 orIdent ``mgms:<requested_by>``) is set on every command. The adapter returns when the
-device accepted the operate; the core confirms by the status point.
+device accepted the operate; the core confirms by the status point. An APC set-point
+(e.g. an active power limit) sends ``Oper.ctlVal.f`` in protocol units (the core has undone
+scale/offset) and is confirmed like a 104 set-point, by its read-back (``mxVal``) within
+``confirm_tolerance``.
 
-TLS: not offered. libiec61850's client TLS needs a ``TLSConfiguration`` built from its own
-C API, and ``IedConnection_createEx`` with TLS was not exercised here; a device with
-``tls.enabled`` is refused at start with a clear error instead of connecting in clear.
+TLS (``tls.enabled``): MMS over TLS with the mbedtls libiec61850 bundles (:mod:`.tls`):
+the server certificate is verified against ``tls.ca_file``, ``cert_file``/``key_file`` are
+presented as the client certificate. libiec61850 cannot skip verification nor check the
+host name, so ``verify: false`` and ``check_hostname: true`` are refused at start with a
+clear error instead of being silently weakened.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import collections
 import contextlib
 import ctypes
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -55,6 +61,7 @@ from gateway.protocols.iec61850.native import (
     linked_strings,
     octets,
 )
+from gateway.protocols.iec61850.tls import TlsConfig, TlsSetupError
 
 __all__ = ["Iec61850Adapter", "backoff_delay", "decode", "map_quality", "member_key"]
 
@@ -73,7 +80,7 @@ _STATE_CONNECTED = 2
 _RCB_RPT_ENA, _RCB_TRG_OPS, _RCB_INTG_PD, _RCB_GI, _RCB_PURGE, _RCB_ENTRY_ID = 2, 256, 512, 1024, 2048, 4096
 _TRG = 1 | 2 | 8 | 16  # dchg, qchg, integrity, GI
 _ORCAT_REMOTE = 3
-_ENHANCED = (2, 4)  # CONTROL_MODEL_DIRECT_ENHANCED, CONTROL_MODEL_SBO_ENHANCED
+_ENHANCED = (3, 4)  # CONTROL_MODEL_DIRECT_ENHANCED, CONTROL_MODEL_SBO_ENHANCED (2 is SBO normal)
 _SBO = (3, 4)
 _REASON_GI = 16
 _REASON_INTEGRITY = 8
@@ -216,6 +223,7 @@ class Iec61850Adapter(Adapter):
         self._missing: set[str] = set()
         self._unreported: list[Point] = []
         self._cmd_locks: dict[str, asyncio.Lock] = {}
+        self._tls: TlsConfig | None = None
         # ctypes thunks must live as long as C may call them.
         self._on_report_c = ReportHandler(self._on_report)
         self._on_closed_c = ConnectionClosedHandler(self._on_closed)
@@ -241,11 +249,25 @@ class Iec61850Adapter(Adapter):
         if self._supervisor is not None:
             return
         if self.device.tls.enabled:
-            raise LinkError(self.device.name, "TLS is not supported by the iec61850 adapter (see its docstring)")
+            self._tls = self._tls_config()
         self._loop = asyncio.get_running_loop()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"iec61850:{self.device.name}")
         if self.device.gi_period_s > 0:
             self._gi_task = asyncio.create_task(self._periodic_gi(), name=f"iec61850-gi:{self.device.name}")
+
+    def _tls_config(self) -> TlsConfig:
+        """libiec61850's TLS for this device, or LinkError naming what the library cannot do."""
+        tls = self.device.tls
+        if not tls.verify:
+            raise LinkError(self.device.name, "tls.verify: false is not possible with libiec61850 (it always verifies"
+                            " the server certificate against tls.ca_file)")
+        if tls.check_hostname:
+            raise LinkError(self.device.name, "libiec61850 does not compare the server certificate with the host name;"
+                            " set tls.check_hostname: false to accept chain verification against tls.ca_file only")
+        try:
+            return TlsConfig.client(tls.ca_file, tls.cert_file, tls.key_file)
+        except TlsSetupError as exc:
+            raise LinkError(self.device.name, f"TLS: {exc}") from None
 
     async def wait_connected(self, timeout_s: float) -> None:
         try:
@@ -263,6 +285,9 @@ class Iec61850Adapter(Adapter):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await asyncio.to_thread(self._teardown)
+        if self._tls is not None:
+            self._tls.close()
+            self._tls = None
         self._set_state(LinkState.CLOSED, "closed")
         self._wake.set()
 
@@ -369,7 +394,7 @@ class Iec61850Adapter(Adapter):
     def _connect(self) -> str | None:
         """Blocking: connect, browse, prepare controls and reports. Returns an error or None."""
         dev = self.device
-        con = lib.IedConnection_create()
+        con = self._tls.connection() if self._tls is not None else lib.IedConnection_create()
         self._con = con
         timeout_ms = int(dev.command_timeout_s * 1000)
         lib.IedConnection_setConnectTimeout(con, timeout_ms)
@@ -603,9 +628,13 @@ class Iec61850Adapter(Adapter):
         except TimeoutError:
             raise CommandTimeout(point, "no answer to read") from None
 
-    def _operate(self, ctl: int, model: int, on: bool, origin: bytes) -> tuple[bool, str, float]:
-        """Blocking: (select with value and) operate; (accepted, reason if not, ack time)."""
-        val = lib.MmsValue_newBoolean(on)
+    def _operate(self, ctl: int, model: int, value: bool | float, origin: bytes) -> tuple[bool, str, float]:
+        """Blocking: (select with value and) operate; (accepted, reason if not, ack time).
+
+        ``value`` is the ctlVal: a bool for DPC/SPC, a float for an APC (libiec61850 wraps a
+        plain float into the AnalogueValue structure ``ctlVal.f`` itself).
+        """
+        val = lib.MmsValue_newBoolean(value) if isinstance(value, bool) else lib.MmsValue_newFloat(value)
         try:
             lib.ControlObjectClient_setOrigin(ctl, origin, _ORCAT_REMOTE)
             if model in _SBO and not lib.ControlObjectClient_selectWithValue(ctl, val):
@@ -629,6 +658,8 @@ class Iec61850Adapter(Adapter):
         if pt is None:
             raise CommandInvalid(request.point, f"not a control point of device {self.device.name}")
         addr = iec61850_address(pt)
+        on = False
+        setpoint: float | None = None
         if addr.kind == "double":
             try:
                 state = DoublePoint(int(request.value))
@@ -639,6 +670,13 @@ class Iec61850Adapter(Adapter):
             on = state is DoublePoint.ON
         elif addr.kind == "single":
             on = bool(request.value)
+        elif addr.cdc == "APC":
+            try:
+                setpoint = float(request.value)
+            except (TypeError, ValueError):
+                raise CommandInvalid(pt.name, f"APC set-point needs a number, not {request.value!r}") from None
+            if not math.isfinite(setpoint):
+                raise CommandInvalid(pt.name, "APC set-point must be finite")
         else:
             raise CommandInvalid(pt.name, f"CDC {addr.cdc} commands are not supported by this adapter")
         if pt.name in self._missing:
@@ -658,7 +696,8 @@ class Iec61850Adapter(Adapter):
             try:
                 try:
                     ok, reason, acked = await asyncio.wait_for(
-                        asyncio.to_thread(self._operate, ctl, model, on, origin), timeout_s
+                        asyncio.to_thread(self._operate, ctl, model, on if setpoint is None else setpoint, origin),
+                        timeout_s,
                     )
                 except TimeoutError:
                     raise CommandTimeout(pt.name, f"no operate response within {timeout_s:g} s") from None
