@@ -359,6 +359,40 @@ async def test_oversize_body_is_413_before_the_handler(
     assert srv.stats()["too_large"] == 2
 
 
+async def test_large_body_waits_for_100_continue_so_refusals_come_first(
+    pki: LabPki, running: Callable[..., Awaitable[HttpsTransport]]
+) -> None:
+    inbox = Inbox()
+    srv = await running(server(pki, max_body_bytes=100_000), inbox)
+    cli = await running(client(pki, srv.port))
+    await cli.send(message(data=b"y" * 90_000))  # > 64 KiB: goes through 100-continue
+    with pytest.raises(TransportRefused, match="413"):
+        await cli.send(message(data=b"x" * 200_000, n=2))
+    await cli.send(message(data=b"z" * 99_000, n=3))  # the refused request did not poison the connection
+    stranger = await running(client(pki, srv.port, cert=False))
+    with pytest.raises(TransportRefused, match="401"):
+        await stranger.send(message(data=b"x" * 80_000, n=4))
+    assert [len(d.data) for d in inbox.got] == [90_000, 99_000]
+    assert srv.stats()["too_large"] == 1 and srv.stats()["unauthenticated"] == 1
+
+
+async def test_chunked_oversize_body_is_413(pki: LabPki, running: Callable[..., Awaitable[HttpsTransport]]) -> None:
+    """No Content-Length to check up front: the read itself stops at max_body_bytes."""
+    inbox = Inbox()
+    srv = await running(server(pki, max_body_bytes=1000), inbox)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(5):
+            yield b"x" * 500
+
+    async with aiohttp.ClientSession() as s, s.post(
+        f"https://127.0.0.1:{srv.port}/{message().topic}", data=chunks(), ssl=raw_tls(pki),
+        headers={"Content-Type": "application/ld+json"},
+    ) as r:  # fmt: skip
+        assert r.status == 413
+    assert inbox.got == [] and srv.stats()["too_large"] == 1
+
+
 async def test_client_refuses_to_send_more_than_its_own_limit(
     pki: LabPki, running: Callable[..., Awaitable[HttpsTransport]]
 ) -> None:

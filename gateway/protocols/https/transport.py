@@ -94,6 +94,7 @@ _COUNTERS: Final = (
 # Permanent answers: the same request cannot succeed until an operator changes something.
 # 408 and 429 are missing on purpose: "later" can work for them.
 _RETRYABLE_4XX: Final = frozenset({408, 425, 429})
+_EXPECT_CONTINUE_ABOVE: Final = 64 * 1024
 
 
 def context_paths() -> tuple[str, ...]:
@@ -242,7 +243,9 @@ class HttpsTransport(MessageTransport):
     async def _listen(self, tls: ssl.SSLContext) -> None:
         app = web.Application(client_max_size=self.settings.max_body_bytes)
         prefix = "/" + TOPIC_ROOT
-        app.router.add_post(prefix + "/{recipient}/from/{sender}/{message_type}", self._receive)
+        app.router.add_post(
+            prefix + "/{recipient}/from/{sender}/{message_type}", self._receive, expect_handler=self._expect
+        )
         for path in context_paths():
             app.router.add_get(path, self._context)
         app.router.add_get("/healthz", self._health)
@@ -306,7 +309,14 @@ class HttpsTransport(MessageTransport):
         self._counts["sent"] += 1
         try:
             async with session.post(
-                url, data=message.data, headers=route.headers, ssl=route.ssl, server_hostname=route.server_hostname
+                url,
+                data=message.data,
+                headers=route.headers,
+                ssl=route.ssl,
+                server_hostname=route.server_hostname,
+                # A large body waits for "100 Continue", so a 401/413 comes before it is sent;
+                # small ones do not pay the extra round trip.
+                expect100=len(message.data) > _EXPECT_CONTINUE_ABOVE,
             ) as response:
                 status = response.status
                 if 200 <= status < 300:
@@ -383,29 +393,56 @@ class HttpsTransport(MessageTransport):
             return None, 403
         return by_cert, 0
 
-    async def _receive(self, request: web.Request) -> web.StreamResponse:
+    def _precheck(self, request: web.Request) -> tuple[str, None] | tuple[None, web.Response]:
+        """Everything that can be decided from the headers alone: who, as whom, to whom, how big.
+
+        Returns the authenticated participant, or the refusal to answer with (counted here).
+        """
         participant, refusal = self._authenticate(request)
         if participant is None:
             if refusal == 403:
                 self._counts["forbidden"] += 1
-                return _problem(403, "certificate names no participant or disagrees with the token")
+                return None, _problem(403, "certificate names no participant or disagrees with the token")
             self._counts["unauthenticated"] += 1
             headers = {"WWW-Authenticate": 'Bearer realm="heila"'} if self.settings.client_auth != "certificate" else {}
-            return _problem(401, "no valid credentials", headers)
+            return None, _problem(401, "no valid credentials", headers)
         info = request.match_info
         recipient, sender = info["recipient"], info["sender"]
         if participant != sender:
             self._counts["forbidden"] += 1
             log.warning("%s: %s tried to send as %s", NAME, participant, sender)
-            return _problem(403, f"authenticated as {participant!r}, not {sender!r}")
+            return None, _problem(403, f"authenticated as {participant!r}, not {sender!r}")
         if recipient != self.settings.participant:
-            return _problem(404, f"this is the inbox of {self.settings.participant!r}, not {recipient!r}")
+            return None, _problem(404, f"this is the inbox of {self.settings.participant!r}, not {recipient!r}")
         if request.content_type not in _ACCEPTED_TYPES:
-            return _problem(415, f"content type must be {CONTENT_TYPE}")
+            return None, _problem(415, f"content type must be {CONTENT_TYPE}")
         length = request.content_length
         if length is not None and length > self.settings.max_body_bytes:
             self._counts["too_large"] += 1
-            return _problem(413, f"body of {length} bytes exceeds {self.settings.max_body_bytes}")
+            return None, _problem(413, f"body of {length} bytes exceeds {self.settings.max_body_bytes}")
+        return participant, None
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue`` (the client sends it for large bodies): refuse before the
+        body is on the wire, or invite it."""
+        _, refusal = self._precheck(request)
+        if refusal is not None:
+            # The client will not send the body now, so this connection cannot carry another
+            # request (the server would read the next request as this one's body).
+            refusal.force_close()
+            return refusal
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only 100-continue is supported")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response proper
+        return None
+
+    async def _receive(self, request: web.Request) -> web.StreamResponse:
+        participant, refusal = self._precheck(request)
+        if refusal is not None:
+            return refusal
+        info = request.match_info
+        recipient, sender = info["recipient"], info["sender"]
         try:
             data = await request.read()  # bounded by client_max_size (chunked bodies too)
         except web.HTTPRequestEntityTooLarge:
