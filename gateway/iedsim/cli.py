@@ -97,16 +97,24 @@ def _add_iec61850(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--port", type=int, help="listen port (default: the device's port; 0 = any free port)")
     p.add_argument("--seed", type=int, help="random seed of the feeder model (default: simulator.seed)")
     p.add_argument("--control-port", type=int, help="line-based fault-injection channel on 127.0.0.1:PORT")
+    p.add_argument("--scl", help="build the data model from this SCL file (ICD/CID) instead of the built-in one")
+    p.add_argument("--ied", help="IED of the SCL file to serve (default: the only one)")
     p.set_defaults(run=_run_iec61850)
 
 
 async def _run_iec61850(args: argparse.Namespace, config: LabConfig, stop: asyncio.Event) -> int:
     from gateway.iedsim.iec61850.control import MmsControlChannel
+    from gateway.iedsim.iec61850.scl import SclError, load_scl
     from gateway.iedsim.iec61850.server import Iec61850Server
 
     device = _pick_device(config, "iec61850", args.device)
     port = args.port if args.port is not None else config.devices[device].port
-    server = Iec61850Server(config, device, host=args.host, port=port, seed=args.seed)
+    try:
+        scl = load_scl(args.scl, args.ied) if args.scl else None
+    except SclError as exc:
+        print(f"iedsim: invalid SCL: {exc}", file=sys.stderr)
+        return 2
+    server = Iec61850Server(config, device, host=args.host, port=port, seed=args.seed, scl=scl)
     await server.start()
     control: MmsControlChannel | None = None
     try:
@@ -115,7 +123,7 @@ async def _run_iec61850(args: argparse.Namespace, config: LabConfig, stop: async
             await control.start()
         print(
             f"iec61850 simulator {server.name} ({server.ied_name}) listening on {server.host}:{server.port}"
-            f" ({len(server.points)} points)"
+            f" ({len(server.points)} points{', model from ' + args.scl if args.scl else ''})"
         )
         if control is not None:
             print(f"control channel listening on 127.0.0.1:{control.port}")
