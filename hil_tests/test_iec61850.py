@@ -2,8 +2,9 @@
 
 The 61850 view of the relay (device ``ref615_mms`` of multipower-sim.yaml) alone: values by
 buffered reports into Redis with quality and source time, breaker direct and SBO confirmed
-by the position, a misspelt reference reported, an interlocked operation rejected, and a
-simulator restart seen as link down (points flagged) then resynchronised.
+by the position, the APC power-limit set-point confirmed by its read-back, a misspelt
+reference reported, an interlocked operation rejected, and a simulator restart seen as link
+down (points flagged) then resynchronised.
 """
 
 from __future__ import annotations
@@ -122,6 +123,28 @@ async def test_breaker_direct_and_sbo_confirmed(
 
             await eventually(stored, 2, f"position {state} in Redis")
         assert mms_sim.operations == 2
+
+
+async def test_power_limit_setpoint_confirmed_by_readback(
+    mms_config: LabConfig, redis_server: RedisServer, mms_sim: Iec61850Server
+) -> None:
+    """APC DWMX1.WMaxSpt: operate in W, confirmed by the core from the mxVal read-back in kW."""
+    async with MmsLab(mms_config, redis_server, mms_sim) as lab:
+        for kw in (120.0, 42.5):
+            out = await lab.gateway.execute("mms.feeder.p_limit.setpoint", kw, requested_by="hil")
+            assert out.result == "confirmed", out.reason
+
+            async def stored(kw: float = kw) -> bool:
+                got = await lab.reader.latest("mms.feeder.p_limit.actual")
+                return got is not None and abs(float(got.value) - kw) < 0.01  # type: ignore[arg-type]
+
+            await eventually(stored, 2, f"read-back {kw} kW in Redis")
+        assert mms_sim.setpoints == 2
+        assert mms_sim.model.p_limit_w == pytest.approx(42_500.0)
+        # outside min/max: refused by the core, never sent
+        out = await lab.gateway.execute("mms.feeder.p_limit.setpoint", 250, requested_by="hil")
+        assert out.result == "invalid" and "maximum" in out.reason
+        assert mms_sim.setpoints == 2
 
 
 async def test_interlocked_operation_rejected(
