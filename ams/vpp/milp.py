@@ -58,6 +58,11 @@ class Model:
     row_group: list[str] = field(default_factory=list)  # one entry per row
     n_rows: int = 0
     offset: float = 0.0
+    extra_cost: list[tuple[IntArray, FloatArray]] = field(default_factory=list)
+
+    def add_cost(self, cols: IntArray, cost: float | FloatArray) -> None:
+        """Add ``cost`` to the objective coefficients of existing columns."""
+        self.extra_cost.append((cols, np.broadcast_to(np.asarray(cost, dtype=np.float64), (len(cols),)).copy()))
 
     def add_vars(
         self,
@@ -125,6 +130,8 @@ class Model:
         up = np.concatenate(self.upper) if self.upper else np.zeros(0)
         cost = np.concatenate(self.cost) if self.cost else np.zeros(0)
         integ = np.concatenate(self.integer) if self.integer else np.zeros(0, dtype=np.bool_)
+        for cols, extra in self.extra_cost:
+            np.add.at(cost, cols, extra)
         if self.rows_i:
             ri = np.concatenate(self.rows_i)
             rj = np.concatenate(self.rows_j)
