@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from gateway.errors import ConfigError, TransportError, TransportRefused
 from gateway.iedsim.pki import LabPki, make_lab_pki
-from gateway.protocols.https import HttpsPeer, HttpsSettings, HttpsTransport
+from gateway.protocols.https import HttpsPeer, HttpsSettings, HttpsTransport, PeerUnavailable
 from gateway.protocols.messaging import Delivery, Outgoing, topic_for
 from gateway.semantic import (
     Envelope,
@@ -430,6 +430,8 @@ async def test_handler_transport_error_is_503_and_retryable_on_the_client(
     with pytest.raises(TransportError, match="503") as caught:
         await cli.send(message())
     assert not isinstance(caught.value, TransportRefused)
+    assert isinstance(caught.value, PeerUnavailable)
+    assert caught.value.status == 503 and caught.value.retry_after_s == 7
     assert "retry after 7 s" in str(caught.value)
     inbox.raise_ = None  # Redis is back: the same message goes through on the retry
     await cli.send(message())

@@ -5,6 +5,14 @@ See :mod:`gateway.protocols.https.transport` for the wire contract and
 """
 
 from gateway.protocols.https.settings import ClientAuth, HttpsPeer, HttpsSettings
-from gateway.protocols.https.transport import CONTENT_TYPE, HttpsTransport, context_paths
+from gateway.protocols.https.transport import CONTENT_TYPE, HttpsTransport, PeerUnavailable, context_paths
 
-__all__ = ["CONTENT_TYPE", "ClientAuth", "HttpsPeer", "HttpsSettings", "HttpsTransport", "context_paths"]
+__all__ = [
+    "CONTENT_TYPE",
+    "ClientAuth",
+    "HttpsPeer",
+    "HttpsSettings",
+    "HttpsTransport",
+    "PeerUnavailable",
+    "context_paths",
+]

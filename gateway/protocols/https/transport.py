@@ -18,8 +18,8 @@ Wire contract (the path *is* the message topic, see :mod:`gateway.protocols.mess
     413  body larger than max_body_bytes (checked first)  -> sender: TransportRefused
     415  not a JSON content type                          -> sender: TransportRefused
     422  handler raised MessageRejected {"reason","detail"} -> sender: TransportRefused
-    503  handler raised TransportError, Retry-After        -> sender: TransportError (retry)
-    500  handler raised anything else (a bug)             -> sender: TransportError (retry)
+    503  handler raised TransportError, Retry-After        -> sender: PeerUnavailable (retry)
+    500  handler raised anything else (a bug)             -> sender: PeerUnavailable (retry)
     5xx, connection refused or reset, timeout             -> sender: TransportError (retry)
 
     GET /contexts/heila-v1.jsonld   the JSON-LD context messages refer to (ETag, cacheable)
@@ -70,7 +70,7 @@ from gateway.protocols.messaging import (
 from gateway.semantic.errors import MessageRejected
 from gateway.semantic.jsonld import CONTEXT_FILE, CONTEXT_IRI, context_bytes
 
-__all__ = ["CONTENT_TYPE", "HttpsTransport", "context_paths"]
+__all__ = ["CONTENT_TYPE", "HttpsTransport", "PeerUnavailable", "context_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,31 @@ _COUNTERS: Final = (
 # 408 and 429 are missing on purpose: "later" can work for them.
 _RETRYABLE_4XX: Final = frozenset({408, 425, 429})
 _EXPECT_CONTINUE_ABOVE: Final = 64 * 1024
+
+
+class PeerUnavailable(TransportError):
+    """The peer answered, but not "taken" and not "never": 5xx, 408, 425 or 429. Retryable.
+
+    ``retry_after_s`` is the peer's ``Retry-After`` (seconds form) when it sent one, so an
+    outbox can wait that long instead of its own backoff; ``status`` is the HTTP status.
+    """
+
+    def __init__(self, transport: str, message: str, status: int, retry_after_s: float | None) -> None:
+        super().__init__(transport, message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` in seconds; None when absent or in the HTTP-date form (not worth
+    trusting a peer's clock for)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= 86_400 else None
 
 
 def context_paths() -> tuple[str, ...]:
@@ -133,7 +158,8 @@ def _load_ca(ctx: ssl.SSLContext, key: str, ca: Path) -> None:
 
 
 def server_tls_context(settings: HttpsSettings) -> ssl.SSLContext:
-    """The server's TLS context: TLS 1.2+, and client certificates required when configured."""
+    """The server's TLS context: TLS 1.2+; client certificates requested and verified when
+    ``client_auth`` uses them."""
     assert settings.server_cert_file is not None and settings.server_key_file is not None  # validated
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -360,8 +386,9 @@ class HttpsTransport(MessageTransport):
             log.info("%s: %s refused by %s: %d %s", NAME, message.message_id, message.recipient, status, detail)
             raise TransportRefused(NAME, f"{message.recipient} answered {status}: {detail}")
         self._counts["errors"] += 1
-        after = f" (retry after {retry_after} s)" if retry_after else ""
-        raise TransportError(NAME, f"{message.recipient} answered {status}: {detail}{after}")
+        after = _retry_after_s(retry_after)
+        hint = f" (retry after {after:g} s)" if after is not None else ""
+        raise PeerUnavailable(NAME, f"{message.recipient} answered {status}: {detail}{hint}", status, after)
 
     # -- server ----------------------------------------------------------------------------
 
