@@ -20,7 +20,8 @@ Wire contract (the path *is* the message topic, see :mod:`gateway.protocols.mess
     422  handler raised MessageRejected {"reason","detail"} -> sender: TransportRefused
     503  handler raised TransportError, Retry-After        -> sender: PeerUnavailable (retry)
     500  handler raised anything else (a bug)             -> sender: PeerUnavailable (retry)
-    5xx, connection refused or reset, timeout             -> sender: TransportError (retry)
+    other 5xx, 408, 425, 429                              -> sender: PeerUnavailable (retry)
+    connection refused or reset, timeout                  -> sender: TransportError (retry)
 
     GET /contexts/heila-v1.jsonld   the JSON-LD context messages refer to (ETag, cacheable)
     GET /healthz                    200 {"status": "ok"}
@@ -32,6 +33,8 @@ the handler one at a time and in order.
 
 Authentication happens before the body is read (an unauthenticated caller cannot make the
 server buffer a megabyte), and the size is checked against ``Content-Length`` before reading.
+Bodies over 64 KiB are sent with ``Expect: 100-continue``, so those checks refuse a large
+message before it is even transmitted.
 TLS 1.2 is the floor on both sides. With ``client_auth`` ``"certificate"`` or ``"both"`` the
 TLS handshake refuses a client certificate that does not verify against ``client_ca_file``
 (such a client never reaches HTTP and is not counted); a client *without* a certificate gets
