@@ -259,11 +259,13 @@ def extract(x: FloatArray, avs: list[AssetVars]) -> list[AssetSchedule]:
         q = None
         if av.reactive:
             q = x[c["qp"]] - x[c["qn"]]
-        member = bool(round(float(x[c["z"][0]]))) if "z" in c else True
         on = val("u")
+        active = bool(np.any(np.abs(power) > 1e-7)) or (q is not None and bool(np.any(np.abs(q) > 1e-7)))
+        # z = 1 without any activity is a tie (no participation cost): report it as not chosen
+        member = (bool(round(float(x[c["z"][0]]))) if "z" in c else True) and active
         out.append(AssetSchedule(
             a.name, a.microgrid, a.kind, member, power,
-            on=np.round(on) if on is not None else None,
+            on=np.round(on) * member if on is not None else None,
             start=np.round(x[c["v"]]) if "v" in c else None,
             soc_kwh=val("s"), charge_kw=val("c"), discharge_kw=val("d"), reactive_kvar=q,
         ))  # fmt: skip

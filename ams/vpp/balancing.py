@@ -107,7 +107,10 @@ def _real_time(p: Portfolio, req: BalanceRequest, da: DayAheadResult, w: Window,
     lam_da = da.price_eur_per_mwh
     lam_up = np.asarray(prof(rz.up_price_eur_per_mwh, n, "realised.up_price_eur_per_mwh"))
     lam_dn = np.asarray(prof(rz.down_price_eur_per_mwh, n, "realised.down_price_eur_per_mwh"))
-    lam_dr = np.asarray(prof(req.day_ahead.dr_price_eur_per_mwh, n, "day_ahead.dr_price_eur_per_mwh"))
+    # an extra reduction costs the DR price and the internal tariff the consumer no longer pays
+    lam_dr = np.asarray(prof(req.day_ahead.dr_price_eur_per_mwh, n, "day_ahead.dr_price_eur_per_mwh")) + np.asarray(
+        prof(req.day_ahead.internal_price_eur_per_mwh, n, "day_ahead.internal_price_eur_per_mwh")
+    )
     sch = {s.name: s for s in da.schedules}
     for key in rz.renewable_kw:
         if not isinstance(p.asset(key), Renewable):
