@@ -7,6 +7,8 @@ restart it cannot disturb each other.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -225,6 +227,23 @@ async def test_publish_the_acl_forbids_is_refused(transports: Factory) -> None:
     await lab.send(msg(LAB, AMS, 2))  # the connection is still fine
     assert lab.stats()["refused"] == 1
     assert lab.stats()["acked"] == 1
+
+
+async def test_no_puback_in_time_is_a_transport_error(broker: MosquittoServer, transports: Factory) -> None:
+    inbox = Inbox()
+    await transports(AMS, inbox)
+    lab = await transports(LAB, Inbox(), ack_timeout_s=0.3)
+    assert broker.pid is not None
+    os.kill(broker.pid, signal.SIGSTOP)  # a broker that hangs: TCP up, no answers
+    try:
+        with pytest.raises(TransportError, match="no PUBACK") as info:
+            await lab.send(msg(LAB, AMS, 1))
+        assert not isinstance(info.value, TransportRefused)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    assert (await inbox.get()).data == b"payload 1"  # it did go through, late: a duplicate is possible
+    await lab.send(msg(LAB, AMS, 2))
+    assert (await inbox.get()).data == b"payload 2"
 
 
 async def test_wrong_password_is_refused_at_once(broker: MosquittoServer, pki: LabPki) -> None:
