@@ -300,6 +300,25 @@ async def test_broker_restart_keeps_the_offline_receivers_messages(
     assert got == [f"payload {n}".encode() for n in range(4)]
 
 
+async def test_broker_crash_after_autosave_keeps_the_offline_receivers_messages(
+    broker: MosquittoServer, transports: Factory
+) -> None:
+    """SIGKILL instead of a clean stop: what mosquitto saved (every autosave_interval_s = 1 s)
+    survives. Messages acked less than that before a crash are lost (measured; see
+    docs/transports.md)."""
+    ams = await transports(AMS, Inbox(), client_id="ams-crash")
+    await ams.close()
+    lab = await transports(LAB, Inbox())
+    for n in range(3):
+        await lab.send(msg(LAB, AMS, n))
+    await asyncio.sleep(broker.autosave_interval_s + 0.5)
+    await asyncio.to_thread(broker.restart, hard=True)
+    inbox = Inbox()
+    await transports(AMS, inbox, client_id="ams-crash")
+    got = [(await inbox.get()).data for _ in range(3)]
+    assert got == [f"payload {n}".encode() for n in range(3)]
+
+
 async def test_shared_subscription_splits_the_inbox(transports: Factory) -> None:
     n = 20
     got: dict[str, list[bytes]] = {"w1": [], "w2": []}
