@@ -77,7 +77,11 @@ def upward_caps(a: AnyAsset, w: Window, n_total: int, opts: Options) -> FloatArr
     """Largest upward contribution per period (kW) the asset can give under ``opts`` (pre-checks, heuristic)."""
     r = a.reliability if opts.derate else 1.0
     if isinstance(a, Generator):
-        avail = np.minimum(a.max_kw, w.slice(expand(a.available_kw, n_total, "available_kw"))) if a.available_kw is not None else np.full(w.n, a.max_kw)
+        avail = (
+            np.minimum(a.max_kw, w.slice(expand(a.available_kw, n_total, "available_kw")))
+            if a.available_kw is not None
+            else np.full(w.n, a.max_kw)
+        )
         return np.asarray(avail * r, dtype=np.float64)
     if isinstance(a, Renewable):
         return band(a, w, n_total, opts.firm) * r
@@ -121,7 +125,9 @@ def ramp_params(g: Generator, dt_h: float) -> tuple[float, float]:
     return r, max(g.min_kw, r)
 
 
-def build_assets(m: Model, p: Portfolio, w: Window, opts: Options, only: list[AnyAsset] | None = None) -> list[AssetVars]:
+def build_assets(
+    m: Model, p: Portfolio, w: Window, opts: Options, only: list[AnyAsset] | None = None
+) -> list[AssetVars]:
     """Add every asset's columns and rows to ``m``; returns handles for the service rows and extraction."""
     out = []
     n, dt, N = w.n, w.dt_h, p.periods
@@ -145,7 +151,7 @@ def build_assets(m: Model, p: Portfolio, w: Window, opts: Options, only: list[An
             u = m.add_binaries(n, cost=a.pieces()[0] * dt)
             v = m.add_binaries(n, cost=a.start_cost_eur)
             pp = m.add_vars(n, 0.0, np.maximum(avail, 0.0), cost=risk)
-            c0, pieces = a.pieces()
+            pieces = a.pieces()[1]
             segs = [m.add_vars(n, 0.0, wk, cost=slope * e) for wk, slope in pieces]
             av.pieces = segs
             av.cols.update(u=u, v=v, p=pp)
@@ -185,11 +191,23 @@ def build_assets(m: Model, p: Portfolio, w: Window, opts: Options, only: list[An
             if a.final_soc_min_kwh is not None:
                 s_lb[-1] = max(s_lb[-1], a.final_soc_min_kwh)
             s = m.add_vars(n, s_lb, s_ub)
-            m.add_rows("storage energy balance", [(s[:1], 1.0), (c[:1], -a.charge_efficiency * dt), (d[:1], dt / a.discharge_efficiency)],
-                       lo=a.initial_soc_kwh, hi=a.initial_soc_kwh)  # fmt: skip
-            m.add_rows("storage energy balance",
-                       [(s[1:], 1.0), (s[:-1], -1.0), (c[1:], -a.charge_efficiency * dt), (d[1:], dt / a.discharge_efficiency)],
-                       lo=0.0, hi=0.0)  # fmt: skip
+            m.add_rows(
+                "storage energy balance",
+                [(s[:1], 1.0), (c[:1], -a.charge_efficiency * dt), (d[:1], dt / a.discharge_efficiency)],
+                lo=a.initial_soc_kwh,
+                hi=a.initial_soc_kwh,
+            )
+            m.add_rows(
+                "storage energy balance",
+                [
+                    (s[1:], 1.0),
+                    (s[:-1], -1.0),
+                    (c[1:], -a.charge_efficiency * dt),
+                    (d[1:], dt / a.discharge_efficiency),
+                ],
+                lo=0.0,
+                hi=0.0,
+            )
             gate("membership", c, cmax)
             gate("membership", d, dmax)
             av.cols.update(c=c, d=d, s=s)
@@ -236,7 +254,12 @@ class AssetSchedule:
     reactive_kvar: FloatArray | None = None
 
     def to_json(self) -> dict[str, object]:
-        d: dict[str, object] = {"name": self.name, "microgrid": self.microgrid, "kind": self.kind, "member": self.member}
+        d: dict[str, object] = {
+            "name": self.name,
+            "microgrid": self.microgrid,
+            "kind": self.kind,
+            "member": self.member,
+        }
         for k in ("power_kw", "on", "start", "soc_kwh", "charge_kw", "discharge_kw", "reactive_kvar"):
             v = getattr(self, k)
             if v is not None:
@@ -263,12 +286,21 @@ def extract(x: FloatArray, avs: list[AssetVars]) -> list[AssetSchedule]:
         active = bool(np.any(np.abs(power) > 1e-7)) or (q is not None and bool(np.any(np.abs(q) > 1e-7)))
         # z = 1 without any activity is a tie (no participation cost): report it as not chosen
         member = (bool(round(float(x[c["z"][0]]))) if "z" in c else True) and active
-        out.append(AssetSchedule(
-            a.name, a.microgrid, a.kind, member, power,
-            on=np.round(on) * member if on is not None else None,
-            start=np.round(x[c["v"]]) if "v" in c else None,
-            soc_kwh=val("s"), charge_kw=val("c"), discharge_kw=val("d"), reactive_kvar=q,
-        ))  # fmt: skip
+        out.append(
+            AssetSchedule(
+                a.name,
+                a.microgrid,
+                a.kind,
+                member,
+                power,
+                on=np.round(on) * member if on is not None else None,
+                start=np.round(x[c["v"]]) if "v" in c else None,
+                soc_kwh=val("s"),
+                charge_kw=val("c"),
+                discharge_kw=val("d"),
+                reactive_kvar=q,
+            )
+        )
     return out
 
 
@@ -293,7 +325,11 @@ def check_schedule(p: Portfolio, w: Window, opts: Options, sch: AssetSchedule, t
             for t in range(n):
                 lim_up = R if u_prev and on[t] else (SU if on[t] else 0.0)
                 lim_dn = R if u_prev and on[t] else (SU if u_prev else 0.0)
-                if pw[t] - p_prev > lim_up + t_ or (p_prev - pw[t] > lim_dn + t_ and on[t]) or (u_prev and not on[t] and p_prev > SU + t_):
+                if (
+                    pw[t] - p_prev > lim_up + t_
+                    or (p_prev - pw[t] > lim_dn + t_ and on[t])
+                    or (u_prev and not on[t] and p_prev > SU + t_)
+                ):
                     bad.append(f"{a.name}: ramp broken at period {t}")
                     break
                 u_prev, p_prev = on[t], pw[t]
@@ -348,7 +384,9 @@ def schedule_cost(p: Portfolio, w: Window, opts: Options, sch: AssetSchedule) ->
     elif isinstance(a, Storage):
         c = sch.charge_kw if sch.charge_kw is not None else np.maximum(-pw, 0)
         d = sch.discharge_kw if sch.discharge_kw is not None else np.maximum(pw, 0)
-        cost += float(np.sum(c)) * a.charge_cost_eur_per_mwh * e + float(np.sum(d)) * (a.discharge_cost_eur_per_mwh * e + risk)
+        cost += float(np.sum(c)) * a.charge_cost_eur_per_mwh * e + float(np.sum(d)) * (
+            a.discharge_cost_eur_per_mwh * e + risk
+        )
     else:
         dn, up = np.maximum(pw, 0), np.maximum(-pw, 0)
         price = opts.load_flex_price if opts.load_flex_price is not None else np.full(w.n, a.flex_cost_eur_per_mwh)

@@ -73,16 +73,24 @@ class BalanceCase:
             return [round(float(x), 6) for x in a]
 
         return {
-            "name": self.name, "need_kw": r(self.need_kw), "thermal_adj_kw": r(self.thermal_adj_kw), "dr_kw": r(self.dr_kw),
-            "storage_adj_kw": r(self.storage_adj_kw), "curtail_kw": r(self.curtail_kw), "buy_kw": r(self.buy_kw),
-            "sell_kw": r(self.sell_kw), "balancing_market_cost_eur": round(self.balancing_market_cost_eur, 6),
-            "production_cost_eur": round(self.production_cost_eur, 6), "dr_cost_eur": round(self.dr_cost_eur, 6),
-            "storage_cost_eur": round(self.storage_cost_eur, 6), "vpp_cost_eur": round(self.vpp_cost_eur, 6),
+            "name": self.name,
+            "need_kw": r(self.need_kw),
+            "thermal_adj_kw": r(self.thermal_adj_kw),
+            "dr_kw": r(self.dr_kw),
+            "storage_adj_kw": r(self.storage_adj_kw),
+            "curtail_kw": r(self.curtail_kw),
+            "buy_kw": r(self.buy_kw),
+            "sell_kw": r(self.sell_kw),
+            "balancing_market_cost_eur": round(self.balancing_market_cost_eur, 6),
+            "production_cost_eur": round(self.production_cost_eur, 6),
+            "dr_cost_eur": round(self.dr_cost_eur, 6),
+            "storage_cost_eur": round(self.storage_cost_eur, 6),
+            "vpp_cost_eur": round(self.vpp_cost_eur, 6),
             "system_cost_eur": round(self.system_cost_eur, 6),
             "thermal_transfers_eur": {k: round(v, 6) for k, v in self.thermal_transfers_eur.items()},
             "renewable_transfers_eur": {k: round(v, 6) for k, v in self.renewable_transfers_eur.items()},
             "thermal_adj_by_unit_kw": {k: r(v) for k, v in self.thermal_adj_by_unit_kw.items()},
-        }  # fmt: skip
+        }
 
 
 @dataclass
@@ -97,8 +105,12 @@ class BalanceResult:
         return self.distributed.system_cost_eur - self.centralised.system_cost_eur
 
     def to_json(self) -> dict[str, object]:
-        return {"day_ahead": self.day_ahead.to_json(), "centralised": self.centralised.to_json(),
-                "distributed": self.distributed.to_json(), "privacy_cost_eur": round(self.privacy_cost_eur, 6)}  # fmt: skip
+        return {
+            "day_ahead": self.day_ahead.to_json(),
+            "centralised": self.centralised.to_json(),
+            "distributed": self.distributed.to_json(),
+            "privacy_cost_eur": round(self.privacy_cost_eur, 6),
+        }
 
 
 def _real_time(p: Portfolio, req: BalanceRequest, da: DayAheadResult, w: Window, centralised: bool) -> BalanceCase:
@@ -147,16 +159,42 @@ def _real_time(p: Portfolio, req: BalanceRequest, da: DayAheadResult, w: Window,
             const_supply += g_da
             mc_up = np.array([marginal_cost(a, float(g_da[t]) + float(up_cap[t])) for t in range(n)])
             mc_dn = np.array([marginal_cost(a, max(a.min_kw, float(g_da[t]) - float(dn_cap[t]))) for t in range(n)])
-            tp = np.asarray(prof(rz.thermal_up_rate_eur_per_mwh[a.name], n, f"realised.thermal_up_rate_eur_per_mwh.{a.name}")) \
-                if a.name in rz.thermal_up_rate_eur_per_mwh else np.maximum(lam_da, mc_up)
-            tm = np.asarray(prof(rz.thermal_down_rate_eur_per_mwh[a.name], n, f"realised.thermal_down_rate_eur_per_mwh.{a.name}")) \
-                if a.name in rz.thermal_down_rate_eur_per_mwh else np.minimum(lam_da, mc_dn)
+            tp = (
+                np.asarray(
+                    prof(rz.thermal_up_rate_eur_per_mwh[a.name], n, f"realised.thermal_up_rate_eur_per_mwh.{a.name}")
+                )
+                if a.name in rz.thermal_up_rate_eur_per_mwh
+                else np.maximum(lam_da, mc_up)
+            )
+            tm = (
+                np.asarray(
+                    prof(
+                        rz.thermal_down_rate_eur_per_mwh[a.name], n, f"realised.thermal_down_rate_eur_per_mwh.{a.name}"
+                    )
+                )
+                if a.name in rz.thermal_down_rate_eur_per_mwh
+                else np.minimum(lam_da, mc_dn)
+            )
             rates[a.name] = (tp, tm)
             # true cost of the adjustment: the increment's / decrement's marginal cost on the linear pieces
-            true_up = np.array([(a.pwl_cost_eur_per_h(float(g_da[t]) + float(up_cap[t])) - a.pwl_cost_eur_per_h(float(g_da[t])))
-                                / max(float(up_cap[t]) / 1000, 1e-12) if up_cap[t] > 0 else 0.0 for t in range(n)])
-            true_dn = np.array([(a.pwl_cost_eur_per_h(float(g_da[t])) - a.pwl_cost_eur_per_h(float(g_da[t]) - float(dn_cap[t])))
-                                / max(float(dn_cap[t]) / 1000, 1e-12) if dn_cap[t] > 0 else 0.0 for t in range(n)])  # fmt: skip
+            true_up = np.array(
+                [
+                    (a.pwl_cost_eur_per_h(float(g_da[t]) + float(up_cap[t])) - a.pwl_cost_eur_per_h(float(g_da[t])))
+                    / max(float(up_cap[t]) / 1000, 1e-12)
+                    if up_cap[t] > 0
+                    else 0.0
+                    for t in range(n)
+                ]
+            )
+            true_dn = np.array(
+                [
+                    (a.pwl_cost_eur_per_h(float(g_da[t])) - a.pwl_cost_eur_per_h(float(g_da[t]) - float(dn_cap[t])))
+                    / max(float(dn_cap[t]) / 1000, 1e-12)
+                    if dn_cap[t] > 0
+                    else 0.0
+                    for t in range(n)
+                ]
+            )
             private = not centralised and (not rz.private_generators or a.name in rz.private_generators)
             if not private:
                 m.add_cost(au, true_up * e)
@@ -167,8 +205,11 @@ def _real_time(p: Portfolio, req: BalanceRequest, da: DayAheadResult, w: Window,
             prod_cost_vars += [(au, true_up * e), (ad, -true_dn * e)]
             prod_const += sum(a.pwl_cost_eur_per_h(float(g_da[t])) * dt for t in range(n) if on[t])
         elif isinstance(a, Renewable):
-            real = np.asarray(prof(rz.renewable_kw[a.name], n, f"realised.renewable_kw.{a.name}")) if a.name in rz.renewable_kw \
-                else s.power_kw  # fmt: skip
+            real = (
+                np.asarray(prof(rz.renewable_kw[a.name], n, f"realised.renewable_kw.{a.name}"))
+                if a.name in rz.renewable_kw
+                else s.power_kw
+            )
             ren_real[a.name] = real
             cur = m.add_vars(n, 0.0, np.maximum(real, 0.0))
             curtail_vars.append(cur)
@@ -181,15 +222,31 @@ def _real_time(p: Portfolio, req: BalanceRequest, da: DayAheadResult, w: Window,
             if a.final_soc_min_kwh is not None:
                 lo[-1] = max(lo[-1], a.final_soc_min_kwh)
             soc = m.add_vars(n, lo, a.capacity_kwh)
-            m.add_rows("storage energy balance", [(soc[:1], 1.0), (c[:1], -a.charge_efficiency * dt), (d[:1], dt / a.discharge_efficiency)],
-                       lo=a.initial_soc_kwh, hi=a.initial_soc_kwh)  # fmt: skip
-            m.add_rows("storage energy balance", [(soc[1:], 1.0), (soc[:-1], -1.0), (c[1:], -a.charge_efficiency * dt),
-                                                  (d[1:], dt / a.discharge_efficiency)], lo=0.0, hi=0.0)  # fmt: skip
+            m.add_rows(
+                "storage energy balance",
+                [(soc[:1], 1.0), (c[:1], -a.charge_efficiency * dt), (d[:1], dt / a.discharge_efficiency)],
+                lo=a.initial_soc_kwh,
+                hi=a.initial_soc_kwh,
+            )
+            m.add_rows(
+                "storage energy balance",
+                [
+                    (soc[1:], 1.0),
+                    (soc[:-1], -1.0),
+                    (c[1:], -a.charge_efficiency * dt),
+                    (d[1:], dt / a.discharge_efficiency),
+                ],
+                lo=0.0,
+                hi=0.0,
+            )
             supply_terms += [(d, 1.0), (c, -1.0)]
             st_vars.append((a, c, d))
         else:
-            base = np.asarray(prof(rz.demand_kw[a.name], n, f"realised.demand_kw.{a.name}")) if a.name in rz.demand_kw \
-                else w.slice(expand(a.baseline_kw, N))  # fmt: skip
+            base = (
+                np.asarray(prof(rz.demand_kw[a.name], n, f"realised.demand_kw.{a.name}"))
+                if a.name in rz.demand_kw
+                else w.slice(expand(a.baseline_kw, N))
+            )
             red_da = np.maximum(s.power_kw, 0.0)
             up_da = np.maximum(-s.power_kw, 0.0)
             demand += base - red_da + up_da
@@ -217,8 +274,10 @@ def _real_time(p: Portfolio, req: BalanceRequest, da: DayAheadResult, w: Window,
     bm = float(np.sum(lam_up * x[buy] - lam_dn * x[sell])) * e
     prod = prod_const + sum(float(np.sum(c * x[cols])) for cols, c in prod_cost_vars)
     drc = float(np.sum(lam_dr * tot(dr_vars))) * e
-    stc = sum(float(np.sum(x[c])) * a.charge_cost_eur_per_mwh * e + float(np.sum(x[d])) * a.discharge_cost_eur_per_mwh * e
-              for a, c, d in st_vars)  # fmt: skip
+    stc = sum(
+        float(np.sum(x[c])) * a.charge_cost_eur_per_mwh * e + float(np.sum(x[d])) * a.discharge_cost_eur_per_mwh * e
+        for a, c, d in st_vars
+    )
     t_tr: dict[str, float] = {}
     r_tr: dict[str, float] = {}
     if not centralised:
@@ -233,14 +292,33 @@ def _real_time(p: Portfolio, req: BalanceRequest, da: DayAheadResult, w: Window,
             dev = real - x[cur] - sch[k].power_kw
             r_tr[k] = float(np.sum(np.where(dev >= 0, lam_dn * dev, lam_up * dev))) * e
     adj_cost = sum(float(np.sum(c * x[cols])) for cols, c in prod_cost_vars)
-    owned_adj = sum(float(np.sum(c * x[cols])) for k, (au, ad, _) in gens.items() if k not in t_tr
-                    for cols, c in prod_cost_vars if cols is au or cols is ad)  # fmt: skip
+    owned_adj = sum(
+        float(np.sum(c * x[cols]))
+        for k, (au, ad, _) in gens.items()
+        if k not in t_tr
+        for cols, c in prod_cost_vars
+        if cols is au or cols is ad
+    )
     vpp = bm + drc + stc + sum(t_tr.values()) + sum(r_tr.values()) + owned_adj
     return BalanceCase(
-        "centralised" if centralised else "distributed", need, tot([au for au, _, _ in gens.values()]) - tot([ad for _, ad, _ in gens.values()]),
-        tot(dr_vars), rt_storage - da_storage, tot(curtail_vars), x[buy], x[sell], bm, prod, drc, stc, vpp,
-        bm + adj_cost + drc + stc, t_tr, r_tr, th,
-    )  # fmt: skip
+        "centralised" if centralised else "distributed",
+        need,
+        tot([au for au, _, _ in gens.values()]) - tot([ad for _, ad, _ in gens.values()]),
+        tot(dr_vars),
+        rt_storage - da_storage,
+        tot(curtail_vars),
+        x[buy],
+        x[sell],
+        bm,
+        prod,
+        drc,
+        stc,
+        vpp,
+        bm + adj_cost + drc + stc,
+        t_tr,
+        r_tr,
+        th,
+    )
 
 
 def balance(p: Portfolio, req: BalanceRequest, time_limit_s: float | None = 60.0) -> BalanceResult:

@@ -104,7 +104,10 @@ def _guarded(cmd: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Na
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except Infeasible as exc:
-            print(f"infeasible: binding constraint: {exc.constraint}" + (f" -- {exc.detail}" if exc.detail else ""), file=sys.stderr)
+            print(
+                f"infeasible: binding constraint: {exc.constraint}" + (f" -- {exc.detail}" if exc.detail else ""),
+                file=sys.stderr,
+            )
             return EXIT_INFEASIBLE
         return EXIT_OK
 
@@ -117,22 +120,37 @@ def add_vpp_commands(subparsers: argparse._SubParsersAction) -> None:  # type: i
     def common(sp: argparse.ArgumentParser, request_help: str) -> None:
         sp.add_argument("portfolio", help="portfolio YAML/JSON (lab_configs/vpp/portfolio.yaml)")
         sp.add_argument("request", help=request_help)
-        sp.add_argument("--out", default="vpp-out", help="folder for the JSON result and the PNG plot (default vpp-out)")
+        sp.add_argument(
+            "--out", default="vpp-out", help="folder for the JSON result and the PNG plot (default vpp-out)"
+        )
         sp.add_argument("--time-limit", type=float, default=60.0, help="HiGHS time limit in seconds (default 60)")
 
-    sp = subparsers.add_parser("plan", help="day-ahead VPP schedule and hourly bids (profit with DR)",
-                               description="Maximise the VPP's day-ahead profit (Romanian VPP model).")  # fmt: skip
+    sp = subparsers.add_parser(
+        "plan",
+        help="day-ahead VPP schedule and hourly bids (profit with DR)",
+        description="Maximise the VPP's day-ahead profit (Romanian VPP model).",
+    )
     common(sp, "day-ahead request YAML/JSON (prices, internal and DR price, minimum reduction)")
     sp.set_defaults(func=_guarded(_cmd_plan))
-    sp = subparsers.add_parser("coalition", help="form a VPP coalition for a service request",
-                               description="Choose assets and schedules for a service (eDREAM coalition model).")  # fmt: skip
+    sp = subparsers.add_parser(
+        "coalition",
+        help="form a VPP coalition for a service request",
+        description="Choose assets and schedules for a service (eDREAM coalition model).",
+    )
     common(sp, "service request YAML/JSON (energy_trading, capacity, demand_response, reactive_power)")
-    sp.add_argument("--method", choices=("milp", "heuristic", "hierarchical", "compare"), default="milp",
-                    help="milp (HiGHS, default), merit-order heuristic, hierarchical VPP of microgrid VPPs, "
-                         "or compare (milp + heuristic gap)")  # fmt: skip
+    sp.add_argument(
+        "--method",
+        choices=("milp", "heuristic", "hierarchical", "compare"),
+        default="milp",
+        help="milp (HiGHS, default), merit-order heuristic, hierarchical VPP of microgrid VPPs, "
+        "or compare (milp + heuristic gap)",
+    )
     sp.set_defaults(func=_guarded(_cmd_coalition))
-    sp = subparsers.add_parser("balance", help="real-time balancing after the day-ahead bid, with transfers",
-                               description="Balance realised deviations inside the VPP, then on the two-price market.")  # fmt: skip
+    sp = subparsers.add_parser(
+        "balance",
+        help="real-time balancing after the day-ahead bid, with transfers",
+        description="Balance realised deviations inside the VPP, then on the two-price market.",
+    )
     common(sp, "YAML/JSON with day_ahead: (as for plan) and realised: (renewables, demand, balancing prices)")
     sp.set_defaults(func=_guarded(_cmd_balance))
 

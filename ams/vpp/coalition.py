@@ -82,6 +82,7 @@ class CoalitionResult:
     seconds: float = 0.0
     violations: list[str] = field(default_factory=list)
     prices_eur_per_mwh: FloatArray | None = None
+    asset_cost_eur: dict[str, float] = field(default_factory=dict)
 
     @property
     def members(self) -> list[AssetSchedule]:
@@ -89,18 +90,24 @@ class CoalitionResult:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "service": self.service, "method": self.method, "status": self.status,
-            "value_eur": round(self.value_eur, 6), "cost_eur": round(self.cost_eur, 6),
-            "revenue_eur": round(self.revenue_eur, 6), "penalty_eur": round(self.penalty_eur, 6),
-            "mip_gap": self.mip_gap if math.isfinite(self.mip_gap) else None, "seconds": round(self.seconds, 4),
-            "times": [t.isoformat() for t in self.times], "period_min": self.period_min,
+            "service": self.service,
+            "method": self.method,
+            "status": self.status,
+            "value_eur": round(self.value_eur, 6),
+            "cost_eur": round(self.cost_eur, 6),
+            "revenue_eur": round(self.revenue_eur, 6),
+            "penalty_eur": round(self.penalty_eur, 6),
+            "mip_gap": self.mip_gap if math.isfinite(self.mip_gap) else None,
+            "seconds": round(self.seconds, 4),
+            "times": [t.isoformat() for t in self.times],
+            "period_min": self.period_min,
             "vpp_kw": [round(float(v), 6) for v in self.vpp_kw],
             "target_kw": None if self.target_kw is None else [round(float(v), 6) for v in self.target_kw],
             "vpp_kvar": None if self.vpp_kvar is None else [round(float(v), 6) for v in self.vpp_kvar],
             "members": [s.name for s in self.members],
             "violations": self.violations,
             "schedules": [s.to_json() for s in self.schedules if s.member],
-        }  # fmt: skip
+        }
 
 
 def options_for(req: Service) -> Options:
@@ -137,15 +144,22 @@ def service_target(req: Service, n: int) -> FloatArray | None:
 
 
 def evaluate(
-    p: Portfolio, req: Service, w: Window, schedules: list[AssetSchedule], method: str, status: str,
-    mip_gap: float = 0.0, seconds: float = 0.0,
-) -> CoalitionResult:  # fmt: skip
+    p: Portfolio,
+    req: Service,
+    w: Window,
+    schedules: list[AssetSchedule],
+    method: str,
+    status: str,
+    mip_gap: float = 0.0,
+    seconds: float = 0.0,
+) -> CoalitionResult:
     """Cost, revenue, penalty and service violations of given schedules (the MILP's objective, recomputed)."""
     opts = options_for(req)
     n, e = w.n, w.dt_h / 1000
     E = np.sum([s.power_kw for s in schedules], axis=0) if schedules else np.zeros(n)
     Q = None
-    cost = sum(schedule_cost(p, w, opts, s) for s in schedules)
+    asset_cost = {s.name: schedule_cost(p, w, opts, s) for s in schedules}
+    cost = sum(asset_cost.values())
     revenue = penalty = 0.0
     viol: list[str] = []
     for s in schedules:
@@ -156,16 +170,19 @@ def evaluate(
     if isinstance(req, EnergyTrading):
         prices = np.asarray(prof(req.price_eur_per_mwh, n, "price_eur_per_mwh"))
         revenue = float(np.sum(prices * E)) * e
-        if req.max_export_kw is not None and np.any(E > w.slice(expand(req.max_export_kw, p.periods)) + tol):
+        if req.max_export_kw is not None and np.any(w.slice(expand(req.max_export_kw, p.periods)) + tol < E):
             viol.append("grid export/import limit: export above max_export_kw")
-        if req.max_import_kw is not None and np.any(-E > w.slice(expand(req.max_import_kw, p.periods)) + tol):
+        if req.max_import_kw is not None and np.any(w.slice(expand(req.max_import_kw, p.periods)) + tol < -E):
             viol.append("grid export/import limit: import above max_import_kw")
     elif isinstance(req, Capacity):
         assert target is not None
         revenue = req.compensation_eur_per_mwh * float(np.sum(target)) * e
         for t in range(n):
             if E[t] < target[t] - tol or E[t] > target[t] + req.tolerance_kw + tol:
-                viol.append(f"capacity target: period {t} delivers {E[t]:.3f} kW, band {target[t]:g}..{target[t] + req.tolerance_kw:g}")
+                viol.append(
+                    f"capacity target: period {t} delivers {E[t]:.3f} kW, "
+                    f"band {target[t]:g}..{target[t] + req.tolerance_kw:g}"
+                )
                 break
     elif isinstance(req, DemandResponse):
         assert target is not None
@@ -176,21 +193,40 @@ def evaluate(
             viol.append("demand response max deviation: exceeded")
     else:
         lo, hi = reactive_need(req, n)
-        Q = np.sum([s.reactive_kvar for s in schedules if s.reactive_kvar is not None], axis=0) if schedules else np.zeros(n)
+        Q = (
+            np.sum([s.reactive_kvar for s in schedules if s.reactive_kvar is not None], axis=0)
+            if schedules
+            else np.zeros(n)
+        )
         Q = np.asarray(Q if np.ndim(Q) else np.zeros(n), dtype=np.float64)
         short = np.maximum(lo - Q, 0.0)
         revenue = req.reward_eur
         penalty = req.shortfall_penalty_eur_per_mvarh * float(np.sum(short)) * e
-        if np.any(Q > hi + tol) or (req.hard and np.any(short > tol)):
+        if np.any(hi + tol < Q) or (req.hard and np.any(short > tol)):
             viol.append("reactive power target: power factor not reached")
     if viol and status == "optimal":
         status = "violates"
     times = [p.start + timedelta(minutes=p.period_min * (w.t0 + t)) for t in range(n)]
     return CoalitionResult(
-        req.service, method, status if not viol else ("infeasible" if method == "heuristic" else status),
-        revenue - cost - penalty, cost, revenue, penalty, schedules, times, p.period_min, E, target, Q,
-        mip_gap, seconds, viol, prices,
-    )  # fmt: skip
+        req.service,
+        method,
+        status if not viol else ("infeasible" if method == "heuristic" else status),
+        revenue - cost - penalty,
+        cost,
+        revenue,
+        penalty,
+        schedules,
+        times,
+        p.period_min,
+        E,
+        target,
+        Q,
+        mip_gap,
+        seconds,
+        viol,
+        prices,
+        asset_cost,
+    )
 
 
 # --- MILP ----------------------------------------------------------------------------------------
@@ -250,26 +286,37 @@ def precheck(p: Portfolio, req: Service, w: Window) -> None:
         tgt = np.asarray(prof(req.target_kw, n, "target_kw"))
         for t in range(n):
             if tgt[t] > up[t] + 1e-9:
-                raise Infeasible("capacity target", f"period {t} ({times[t]:%Y-%m-%d %H:%M}) needs {tgt[t]:g} kW, "
-                                 f"the portfolio can give at most {up[t]:.3f} kW")  # fmt: skip
+                raise Infeasible(
+                    "capacity target",
+                    f"period {t} ({times[t]:%Y-%m-%d %H:%M}) needs {tgt[t]:g} kW, "
+                    f"the portfolio can give at most {up[t]:.3f} kW",
+                )
     elif isinstance(req, DemandResponse) and req.max_deviation_kw is not None:
         d = np.asarray(prof(req.dso_demand_kw, n, "dso_demand_kw"))
         for t in range(n):
             if d[t] - req.max_deviation_kw > up[t] + 1e-9 or -(d[t] + req.max_deviation_kw) > dn[t] + 1e-9:
-                raise Infeasible("demand response max deviation", f"period {t} ({times[t]:%Y-%m-%d %H:%M}) asks "
-                                 f"{d[t]:g} +- {req.max_deviation_kw:g} kW, the portfolio spans {-dn[t]:.3f}..{up[t]:.3f} kW")  # fmt: skip
+                raise Infeasible(
+                    "demand response max deviation",
+                    f"period {t} ({times[t]:%Y-%m-%d %H:%M}) asks "
+                    f"{d[t]:g} +- {req.max_deviation_kw:g} kW, the portfolio spans {-dn[t]:.3f}..{up[t]:.3f} kW",
+                )
     elif isinstance(req, ReactivePower) and req.hard:
         lo, _ = reactive_need(req, n)
         qmax = sum(a.max_kvar for a in p.assets if not isinstance(a, FlexibleLoad))
         for t in range(n):
             if lo[t] > qmax + 1e-9:
-                raise Infeasible("reactive power target", f"period {t} needs {lo[t]:.3f} kvar, the portfolio has {qmax:g} kvar")
+                raise Infeasible(
+                    "reactive power target", f"period {t} needs {lo[t]:.3f} kvar, the portfolio has {qmax:g} kvar"
+                )
 
 
 def solve_milp(
-    p: Portfolio, req: Service, time_limit_s: float | None = 60.0, mip_rel_gap: float = 1e-6,
+    p: Portfolio,
+    req: Service,
+    time_limit_s: float | None = 60.0,
+    mip_rel_gap: float = 1e-6,
     only: list[AnyAsset] | None = None,
-) -> CoalitionResult:  # fmt: skip
+) -> CoalitionResult:
     """Optimal coalition by HiGHS; raises Infeasible naming the binding constraint group."""
     w = req.window(p)
     if only is None:
@@ -484,7 +531,9 @@ def _trading_schedule(p: Portfolio, req: EnergyTrading, w: Window, opts: Options
             for t in range(n):
                 lo, hi, off_ok = d.gen_range(a, t)
                 best, best_v = (0.0, 0.0) if off_ok else (lo, -INF)
-                cands = [lo, hi] + [min(hi, max(lo, a.min_kw + sum(wk for wk, _ in pieces[:k]))) for k in range(len(pieces) + 1)]
+                cands = [lo, hi] + [
+                    min(hi, max(lo, a.min_kw + sum(wk for wk, _ in pieces[:k]))) for k in range(len(pieces) + 1)
+                ]
                 if hi >= lo - 1e-9:
                     for c in cands:
                         v = price[t] * c * e - a.pwl_cost_eur_per_h(c) * w.dt_h
@@ -493,9 +542,14 @@ def _trading_schedule(p: Portfolio, req: EnergyTrading, w: Window, opts: Options
                 d.set_gen(a, t, best)
         elif isinstance(a, Renewable):
             caps = d.caps[a.name]
-            d.power[a.name] = np.where(price > a.cost_eur_per_mwh + opts.risk_cost_eur_per_mwh * (1 - a.reliability), caps, 0.0)
+            d.power[a.name] = np.where(
+                price > a.cost_eur_per_mwh + opts.risk_cost_eur_per_mwh * (1 - a.reliability), caps, 0.0
+            )
         elif isinstance(a, Storage):
-            spread_ok = price.max() * a.charge_efficiency * a.discharge_efficiency > price.min() + a.charge_cost_eur_per_mwh + a.discharge_cost_eur_per_mwh
+            spread_ok = (
+                price.max() * a.charge_efficiency * a.discharge_efficiency
+                > price.min() + a.charge_cost_eur_per_mwh + a.discharge_cost_eur_per_mwh
+            )
             lo_q, hi_q = np.quantile(price, 0.3), np.quantile(price, 0.7)
             for t in range(n):
                 need = 0.0
@@ -506,7 +560,9 @@ def _trading_schedule(p: Portfolio, req: EnergyTrading, w: Window, opts: Options
                 d.step(t, need, 0.0)
         else:
             dn_ok = price > a.flex_cost_eur_per_mwh + opts.risk_cost_eur_per_mwh * (1 - a.reliability)
-            d.power[a.name] = np.where(dn_ok, d.caps[a.name], np.where(-price > a.flex_cost_eur_per_mwh, -load_up_cap(a, w, p.periods), 0.0))
+            d.power[a.name] = np.where(
+                dn_ok, d.caps[a.name], np.where(-price > a.flex_cost_eur_per_mwh, -load_up_cap(a, w, p.periods), 0.0)
+            )
         sch = d.schedules({a.name})[p.assets.index(a)]
         gain = float(np.sum(price * sch.power_kw)) * e - schedule_cost(p, w, opts, sch)
         out.append(sch if gain > 0 else AssetSchedule(a.name, a.microgrid, a.kind, False, np.zeros(n)))
@@ -523,31 +579,47 @@ def solve_heuristic(p: Portfolio, req: Service) -> CoalitionResult:
         schedules = _trading_schedule(p, req, w, opts)
         return evaluate(p, req, w, schedules, "heuristic", "heuristic", seconds=time.perf_counter() - t_start)
     if isinstance(req, ReactivePower):
-        lo, hi = reactive_need(req, n)
-        cands = sorted((a for a in p.assets if a.max_kvar > 0 and not isinstance(a, FlexibleLoad)),
-                       key=lambda a: a.reactive_cost_eur_per_mvarh + a.participation_cost_eur / max(1e-9, a.max_kvar * n * w.dt_h / 1000))  # fmt: skip
+        lo, _hi = reactive_need(req, n)
+        cands: list[AnyAsset] = sorted(
+            (a for a in p.assets if a.max_kvar > 0 and not isinstance(a, FlexibleLoad)),
+            key=lambda a: (
+                a.reactive_cost_eur_per_mvarh + a.participation_cost_eur / max(1e-9, a.max_kvar * n * w.dt_h / 1000)
+            ),
+        )
         need = np.maximum(lo, 0.0)
-        chosen, covered = [], 0.0
+        chosen_q: list[AnyAsset] = []
+        covered_q = 0.0
         for a in cands:
-            if covered >= float(np.max(need, initial=0.0)) - 1e-9:
+            if covered_q >= float(np.max(need, initial=0.0)) - 1e-9:
                 break
-            unit = a.reactive_cost_eur_per_mvarh + a.participation_cost_eur / max(1e-9, a.max_kvar * float(np.sum(need > 0)) * w.dt_h / 1000)
+            unit = a.reactive_cost_eur_per_mvarh + a.participation_cost_eur / max(
+                1e-9, a.max_kvar * float(np.sum(need > 0)) * w.dt_h / 1000
+            )
             if not req.hard and unit >= req.shortfall_penalty_eur_per_mvarh:
                 break
-            chosen.append(a)
-            covered += a.max_kvar
-        qs = {a.name: np.zeros(n) for a in chosen}
+            chosen_q.append(a)
+            covered_q += a.max_kvar
+        qs = {a.name: np.zeros(n) for a in chosen_q}
         for t in range(n):
             rest = need[t]
-            for a in chosen:
-                q = min(rest, a.max_kvar)
-                qs[a.name][t] = q
+            for aq in chosen_q:
+                q = min(rest, aq.max_kvar)
+                qs[aq.name][t] = q
                 rest -= q
         schedules = []
         for a in p.assets:
             if a.name in qs and np.any(qs[a.name] > 0):
-                schedules.append(AssetSchedule(a.name, a.microgrid, a.kind, True, np.zeros(n), reactive_kvar=qs[a.name],
-                                               on=np.zeros(n) if isinstance(a, Generator) else None))  # fmt: skip
+                schedules.append(
+                    AssetSchedule(
+                        a.name,
+                        a.microgrid,
+                        a.kind,
+                        True,
+                        np.zeros(n),
+                        reactive_kvar=qs[a.name],
+                        on=np.zeros(n) if isinstance(a, Generator) else None,
+                    )
+                )
             else:
                 schedules.append(AssetSchedule(a.name, a.microgrid, a.kind, False, np.zeros(n)))
         return evaluate(p, req, w, schedules, "heuristic", "heuristic", seconds=time.perf_counter() - t_start)
@@ -572,8 +644,10 @@ def solve_heuristic(p: Portfolio, req: Service) -> CoalitionResult:
             caps = np.minimum(caps, float(np.max(caps, initial=0.0)) / busy)
         covered = covered + caps
     if np.any(target < 0):  # absorbing side: cheapest storage charging and load increase
-        absorb = sorted((a for a in p.assets if isinstance(a, Storage | FlexibleLoad) and a not in chosen),
-                        key=lambda a: a.charge_cost_eur_per_mwh if isinstance(a, Storage) else a.flex_cost_eur_per_mwh)  # fmt: skip
+        absorb = sorted(
+            (a for a in p.assets if isinstance(a, Storage | FlexibleLoad) and a not in chosen),
+            key=lambda a: a.charge_cost_eur_per_mwh if isinstance(a, Storage) else a.flex_cost_eur_per_mwh,
+        )
         chosen += absorb
     d = _Dispatcher(p, w, opts, chosen)
     for t in range(n):
@@ -584,7 +658,10 @@ def solve_heuristic(p: Portfolio, req: Service) -> CoalitionResult:
 
 @dataclass(frozen=True)
 class GapReport:
-    """Heuristic vs solver on the same request; ``gap`` is relative to |solver value| (>= 0 when the solver is optimal)."""
+    """Heuristic vs solver on the same request.
+
+    ``gap`` = (solver value - heuristic value) / |solver value|: >= 0 when the solver is optimal.
+    """
 
     solver: CoalitionResult
     heuristic: CoalitionResult
@@ -592,11 +669,16 @@ class GapReport:
     gap: float
 
     def to_json(self) -> dict[str, object]:
-        return {"solver_value_eur": self.solver.value_eur, "heuristic_value_eur": self.heuristic.value_eur,
-                "heuristic_status": self.heuristic.status, "gap_eur": self.gap_eur,
-                "gap": self.gap if math.isfinite(self.gap) else None,
-                "solver_seconds": self.solver.seconds, "heuristic_seconds": self.heuristic.seconds,
-                "solver_mip_gap": self.solver.mip_gap}  # fmt: skip
+        return {
+            "solver_value_eur": self.solver.value_eur,
+            "heuristic_value_eur": self.heuristic.value_eur,
+            "heuristic_status": self.heuristic.status,
+            "gap_eur": self.gap_eur,
+            "gap": self.gap if math.isfinite(self.gap) else None,
+            "solver_seconds": self.solver.seconds,
+            "heuristic_seconds": self.heuristic.seconds,
+            "solver_mip_gap": self.solver.mip_gap,
+        }
 
 
 def compare(p: Portfolio, req: Service, time_limit_s: float | None = 60.0) -> GapReport:
@@ -649,8 +731,10 @@ def solve_hierarchical(p: Portfolio, req: Service, time_limit_s: float | None = 
             if isinstance(req, ReactivePower) and a.max_kvar > 0 and not isinstance(a, FlexibleLoad):
                 qterms.append((m.add_vars(n, 0.0, a.max_kvar, cost=a.reactive_cost_eur_per_mvarh * e), 1.0))
         if stores:  # one equivalent battery per microgrid: summed energy and power, worst efficiencies
-            r = (lambda a: a.reliability if opts.derate else 1.0)
-            dmax = np.sum([w.slice(expand(a.max_discharge_kw, N)) * r(a) for a in stores], axis=0)
+            dmax = np.sum(
+                [w.slice(expand(a.max_discharge_kw, N)) * (a.reliability if opts.derate else 1.0) for a in stores],
+                axis=0,
+            )
             cmax = np.sum([w.slice(expand(a.max_charge_kw, N)) for a in stores], axis=0)
             eta_c = min(a.charge_efficiency for a in stores)
             eta_d = min(a.discharge_efficiency for a in stores)
@@ -662,23 +746,38 @@ def solve_hierarchical(p: Portfolio, req: Service, time_limit_s: float | None = 
             lo[-1] = sum(max(a.soc_min_kwh, a.final_soc_min_kwh or 0.0) for a in stores)
             soc = m.add_vars(n, lo, sum(a.capacity_kwh for a in stores))
             s0 = sum(a.initial_soc_kwh for a in stores)
-            m.add_rows("storage energy balance", [(soc[:1], 1.0), (c[:1], -eta_c * w.dt_h), (d[:1], w.dt_h / eta_d)], lo=s0, hi=s0)
-            m.add_rows("storage energy balance", [(soc[1:], 1.0), (soc[:-1], -1.0), (c[1:], -eta_c * w.dt_h), (d[1:], w.dt_h / eta_d)],
-                       lo=0.0, hi=0.0)  # fmt: skip
+            m.add_rows(
+                "storage energy balance",
+                [(soc[:1], 1.0), (c[:1], -eta_c * w.dt_h), (d[:1], w.dt_h / eta_d)],
+                lo=s0,
+                hi=s0,
+            )
+            m.add_rows(
+                "storage energy balance",
+                [(soc[1:], 1.0), (soc[:-1], -1.0), (c[1:], -eta_c * w.dt_h), (d[1:], w.dt_h / eta_d)],
+                lo=0.0,
+                hi=0.0,
+            )
             terms += [(d, 1.0), (c, -1.0)]
             for a in stores:
                 if isinstance(req, ReactivePower) and a.max_kvar > 0:
                     qterms.append((m.add_vars(n, 0.0, a.max_kvar, cost=a.reactive_cost_eur_per_mvarh * e), 1.0))
         alloc_terms[mg] = terms
         q_alloc[mg] = qterms
-    _add_service(m, req, w, N, [t for ts in alloc_terms.values() for t in ts], [t for ts in q_alloc.values() for t in ts])
+    _add_service(
+        m, req, w, N, [t for ts in alloc_terms.values() for t in ts], [t for ts in q_alloc.values() for t in ts]
+    )
     sol = m.solve(time_limit_s=time_limit_s)
     if not sol.has_solution:
         binding = diagnose_infeasible(m)
         raise Infeasible(binding or "upper level", "hierarchical upper level infeasible")
     schedules: list[AssetSchedule] = []
     for mg in p.microgrids():
-        share = np.sum([np.asarray(c) * sol.x[cols] for cols, c in alloc_terms[mg]], axis=0) if alloc_terms[mg] else np.zeros(n)
+        share = (
+            np.sum([np.asarray(c) * sol.x[cols] for cols, c in alloc_terms[mg]], axis=0)
+            if alloc_terms[mg]
+            else np.zeros(n)
+        )
         qshare = np.sum([sol.x[cols] for cols, _ in q_alloc[mg]], axis=0) if q_alloc[mg] else np.zeros(n)
         assets = [a for a in p.assets if a.microgrid == mg]
         if np.all(np.abs(share) < 1e-6) and np.all(np.abs(qshare) < 1e-6):
@@ -686,24 +785,37 @@ def solve_hierarchical(p: Portfolio, req: Service, time_limit_s: float | None = 
             continue
         sub: Service
         if isinstance(req, ReactivePower):
-            sub = req.model_copy(update={"grid_active_kw": 0.0, "grid_reactive_kvar": tuple(float(x) for x in qshare), "reward_eur": 0.0,
-                                         "hard": False, "shortfall_penalty_eur_per_mvarh": max(1e4, req.shortfall_penalty_eur_per_mvarh)})  # fmt: skip
+            sub = req.model_copy(
+                update={
+                    "grid_active_kw": 0.0,
+                    "grid_reactive_kvar": tuple(float(x) for x in qshare),
+                    "reward_eur": 0.0,
+                    "hard": False,
+                    "shortfall_penalty_eur_per_mvarh": max(1e4, req.shortfall_penalty_eur_per_mvarh),
+                }
+            )
         else:
-            sub = DemandResponse(start=req.start, periods=n, dso_demand_kw=tuple(float(x) for x in share),
-                                 deviation_penalty_eur_per_mwh=1e4, risk_cost_eur_per_mwh=req.risk_cost_eur_per_mwh,
-                                 use_reliability=req.use_reliability)  # fmt: skip
+            sub = DemandResponse(
+                start=req.start,
+                periods=n,
+                dso_demand_kw=tuple(float(x) for x in share),
+                deviation_penalty_eur_per_mwh=1e4,
+                risk_cost_eur_per_mwh=req.risk_cost_eur_per_mwh,
+                use_reliability=req.use_reliability,
+            )
         if isinstance(req, EnergyTrading) and isinstance(sub, DemandResponse):
-            sub_opts_firm = False
+            lower = _solve_unfirm(p, sub, assets, time_limit_s)
         else:
-            sub_opts_firm = True
-        lower = solve_milp(p, sub, time_limit_s, only=assets) if sub_opts_firm else _solve_unfirm(p, sub, assets, time_limit_s)
+            lower = solve_milp(p, sub, time_limit_s, only=assets)
         schedules += lower.schedules
     order = {a.name: i for i, a in enumerate(p.assets)}
     schedules.sort(key=lambda s: order[s.name])
     return evaluate(p, req, w, schedules, "hierarchical", "optimal", seconds=time.perf_counter() - t_start)
 
 
-def _solve_unfirm(p: Portfolio, sub: DemandResponse, assets: list[AnyAsset], time_limit_s: float | None) -> CoalitionResult:
+def _solve_unfirm(
+    p: Portfolio, sub: DemandResponse, assets: list[AnyAsset], time_limit_s: float | None
+) -> CoalitionResult:
     """Lower level of a trading hierarchy: renewables at their forecast, not their firm band."""
     w = sub.window(p)
     opts = Options(firm=False, derate=sub.use_reliability, risk_cost_eur_per_mwh=sub.risk_cost_eur_per_mwh)
@@ -713,8 +825,20 @@ def _solve_unfirm(p: Portfolio, sub: DemandResponse, assets: list[AnyAsset], tim
     sol = m.solve(time_limit_s=time_limit_s)
     if not sol.has_solution:
         raise Infeasible(diagnose_infeasible(m) or "lower level", "hierarchical lower level infeasible")
-    return CoalitionResult("demand_response", "milp", sol.status, 0.0, 0.0, 0.0, 0.0, extract(sol.x, avs), [], p.period_min,
-                           np.zeros(w.n), None)  # fmt: skip
+    return CoalitionResult(
+        "demand_response",
+        "milp",
+        sol.status,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        extract(sol.x, avs),
+        [],
+        p.period_min,
+        np.zeros(w.n),
+        None,
+    )
 
 
 _ = (band, load_down_cap, IntArray)

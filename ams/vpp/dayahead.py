@@ -62,16 +62,24 @@ class DayAheadResult:
             return [round(float(x), 6) for x in a]
 
         return {
-            "status": self.status, "profit_eur": round(self.profit_eur, 6),
+            "status": self.status,
+            "profit_eur": round(self.profit_eur, 6),
             "market_revenue_eur": round(self.market_revenue_eur, 6),
             "internal_revenue_eur": round(self.internal_revenue_eur, 6),
-            "generation_cost_eur": round(self.generation_cost_eur, 6), "dr_payment_eur": round(self.dr_payment_eur, 6),
-            "other_cost_eur": round(self.other_cost_eur, 6), "mip_gap": self.mip_gap, "seconds": round(self.seconds, 4),
-            "times": [t.isoformat() for t in self.times], "period_min": self.period_min,
-            "bid_kw": r(self.bid_kw), "price_eur_per_mwh": r(self.price_eur_per_mwh), "reduction_kw": r(self.reduction_kw),
-            "dr_active": r(self.dr_active), "load_kw": r(self.load_kw),
+            "generation_cost_eur": round(self.generation_cost_eur, 6),
+            "dr_payment_eur": round(self.dr_payment_eur, 6),
+            "other_cost_eur": round(self.other_cost_eur, 6),
+            "mip_gap": self.mip_gap,
+            "seconds": round(self.seconds, 4),
+            "times": [t.isoformat() for t in self.times],
+            "period_min": self.period_min,
+            "bid_kw": r(self.bid_kw),
+            "price_eur_per_mwh": r(self.price_eur_per_mwh),
+            "reduction_kw": r(self.reduction_kw),
+            "dr_active": r(self.dr_active),
+            "load_kw": r(self.load_kw),
             "schedules": [s.to_json() for s in self.schedules],
-        }  # fmt: skip
+        }
 
 
 def plan_day_ahead(p: Portfolio, req: DayAheadRequest, time_limit_s: float | None = 60.0) -> DayAheadResult:
@@ -83,7 +91,11 @@ def plan_day_ahead(p: Portfolio, req: DayAheadRequest, time_limit_s: float | Non
     lam_dr = np.asarray(prof(req.dr_price_eur_per_mwh, n, "dr_price_eur_per_mwh"))
     opts = Options(firm=False, derate=False, membership=False, use_initial_state=True, load_flex_price=lam_dr)
     loads = [a for a in p.assets if isinstance(a, FlexibleLoad)]
-    base = np.sum([w.slice(expand(a.baseline_kw, N, f"assets.{a.name}.baseline_kw")) for a in loads], axis=0) if loads else np.zeros(n)
+    base = (
+        np.sum([w.slice(expand(a.baseline_kw, N, f"assets.{a.name}.baseline_kw")) for a in loads], axis=0)
+        if loads
+        else np.zeros(n)
+    )
     rbar = np.sum([load_down_cap(a, w, N) for a in loads], axis=0) if loads else np.zeros(n)
     if req.min_reduction_kw > 0:
         pass  # reductions are optional (delta_t = 0), so R_min alone never makes the plan infeasible
@@ -114,7 +126,9 @@ def plan_day_ahead(p: Portfolio, req: DayAheadRequest, time_limit_s: float | Non
         groups = m.groups()
         first = [g for g in ("delivery (export/import limit)", "minimum DR reduction") if g in groups]
         binding = diagnose_infeasible(m, first + [g for g in groups if g not in first])
-        raise Infeasible(binding or "several constraint groups together", "HiGHS reports the day-ahead model infeasible")
+        raise Infeasible(
+            binding or "several constraint groups together", "HiGHS reports the day-ahead model infeasible"
+        )
     schedules = extract(sol.x, avs)
     for s in schedules:
         s.member = True
@@ -129,9 +143,25 @@ def plan_day_ahead(p: Portfolio, req: DayAheadRequest, time_limit_s: float | Non
     internal = float(np.sum(lam_vpp * consumed)) * e
     profit = market + internal - gen_cost - dr_pay - other
     times = [p.start + timedelta(minutes=p.period_min * (w.t0 + t)) for t in range(n)]
-    return DayAheadResult(times, p.period_min, bids, lam, red_kw, np.round(sol.x[delta]) * (red_kw > 1e-9), consumed,
-                          schedules, profit, market, internal, gen_cost, dr_pay, other, sol.status, sol.mip_gap,
-                          time.perf_counter() - t0)  # fmt: skip
+    return DayAheadResult(
+        times,
+        p.period_min,
+        bids,
+        lam,
+        red_kw,
+        np.round(sol.x[delta]) * (red_kw > 1e-9),
+        consumed,
+        schedules,
+        profit,
+        market,
+        internal,
+        gen_cost,
+        dr_pay,
+        other,
+        sol.status,
+        sol.mip_gap,
+        time.perf_counter() - t0,
+    )
 
 
 _ = Generator

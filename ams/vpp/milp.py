@@ -166,10 +166,8 @@ class Model:
         lp.a_matrix_.index_ = ri.astype(np.int32)
         lp.a_matrix_.value_ = rv
         if integ.any() and not relax_integers:
-            lp.integrality_ = [
-                highspy.HighsVarType.kInteger if b else highspy.HighsVarType.kContinuous for b in integ
-            ]
-        h = highspy.Highs()
+            lp.integrality_ = [highspy.HighsVarType.kInteger if b else highspy.HighsVarType.kContinuous for b in integ]
+        h = highspy.Highs()  # type: ignore[no-untyped-call]
         h.setOptionValue("output_flag", False)
         h.setOptionValue("threads", 1)
         h.setOptionValue("mip_rel_gap", mip_rel_gap)

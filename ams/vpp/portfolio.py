@@ -178,7 +178,9 @@ class Storage(_Asset):
     @model_validator(mode="after")
     def _check(self) -> Self:
         if not (self.soc_min_kwh - 1e-9 <= self.initial_soc_kwh <= self.capacity_kwh + 1e-9):
-            raise ValueError("initial_soc_kwh must lie between (1 - depth_of_discharge) * capacity_kwh and capacity_kwh")
+            raise ValueError(
+                "initial_soc_kwh must lie between (1 - depth_of_discharge) * capacity_kwh and capacity_kwh"
+            )
         if self.final_soc_min_kwh is not None and self.final_soc_min_kwh > self.capacity_kwh:
             raise ValueError("final_soc_min_kwh exceeds capacity_kwh")
         return self
@@ -224,7 +226,9 @@ class Portfolio(_Model):
             seen.add(a.name)
             for key, val in a:
                 if isinstance(val, tuple) and val and isinstance(val[0], float) and len(val) != self.periods:
-                    raise ValueError(f"assets.{a.name}.{key}: {len(val)} values, the horizon has {self.periods} periods")
+                    raise ValueError(
+                        f"assets.{a.name}.{key}: {len(val)} values, the horizon has {self.periods} periods"
+                    )
         return self
 
     @property
@@ -341,7 +345,9 @@ def apply_flexibility(portfolio: Portfolio, asset_name: str, flex: Flexibility) 
     a = portfolio.asset(asset_name)
     window = _window(portfolio, flex.start, flex.stop)
     if not window:
-        raise BadInput(f"flexibility {flex.identifier}: window {flex.start}..{flex.stop} is outside the portfolio horizon")
+        raise BadInput(
+            f"flexibility {flex.identifier}: window {flex.start}..{flex.stop} is outside the portfolio horizon"
+        )
     n, p, up = portfolio.periods, flex.power_kw, flex.flexibility_type is FlexibilityType.UPWARD
     new: Generator | Renewable | Storage | FlexibleLoad
     if isinstance(a, FlexibleLoad):
@@ -352,11 +358,15 @@ def apply_flexibility(portfolio: Portfolio, asset_name: str, flex: Flexibility) 
         new = a.model_copy(update={key: _set_window(getattr(a, key), 0.0, n, window, p)})
     elif isinstance(a, Generator):
         if not up:
-            raise BadInput(f"flexibility {flex.identifier}: a generator has no downward flexibility from a zero baseline")
+            raise BadInput(
+                f"flexibility {flex.identifier}: a generator has no downward flexibility from a zero baseline"
+            )
         new = a.model_copy(update={"available_kw": _set_window(a.available_kw, a.max_kw, n, window, min(p, a.max_kw))})
     else:
         if not up:
-            raise BadInput(f"flexibility {flex.identifier}: renewable curtailment is always available, DOWNWARD is not stored")
+            raise BadInput(
+                f"flexibility {flex.identifier}: renewable curtailment is always available, DOWNWARD is not stored"
+            )
         new = a.model_copy(update={"forecast_kw": _set_window(a.forecast_kw, 0.0, n, window, p)})
     # validate again (model_copy does not), so a bad update cannot slip in
     return portfolio.replace(type(new).model_validate(new.model_dump()))

@@ -59,8 +59,10 @@ def coalition_table(res: CoalitionResult) -> str:
         if len(members) > MAX_COLS:
             row.append(_f(sum(s.power_kw[t] for s in members[MAX_COLS:])))
         rows.append(row)
-    head = (f"{res.service} by {res.method}: {res.status}, value {res.value_eur:,.2f} EUR (revenue {res.revenue_eur:,.2f}, "
-            f"cost {res.cost_eur:,.2f}, penalty {res.penalty_eur:,.2f}), {len(members)} members, {res.seconds:.3f} s")  # fmt: skip
+    head = (
+        f"{res.service} by {res.method}: {res.status}, value {res.value_eur:,.2f} EUR (revenue {res.revenue_eur:,.2f}, "
+        f"cost {res.cost_eur:,.2f}, penalty {res.penalty_eur:,.2f}), {len(members)} members, {res.seconds:.3f} s"
+    )
     if res.violations:
         head += "\nviolations: " + "; ".join(res.violations)
     return head + "\n" + _table(headers, rows)
@@ -68,8 +70,10 @@ def coalition_table(res: CoalitionResult) -> str:
 
 def gap_line(g: GapReport) -> str:
     gap = "inf (heuristic infeasible)" if not np.isfinite(g.gap) else f"{100 * g.gap:.3f} %"
-    return (f"heuristic gap: {gap}; solver {g.solver.value_eur:,.2f} EUR in {g.solver.seconds:.3f} s, "
-            f"heuristic {g.heuristic.value_eur:,.2f} EUR in {g.heuristic.seconds:.4f} s")  # fmt: skip
+    return (
+        f"heuristic gap: {gap}; solver {g.solver.value_eur:,.2f} EUR in {g.solver.seconds:.3f} s, "
+        f"heuristic {g.heuristic.value_eur:,.2f} EUR in {g.heuristic.seconds:.4f} s"
+    )
 
 
 def plan_table(res: DayAheadResult) -> str:
@@ -79,25 +83,58 @@ def plan_table(res: DayAheadResult) -> str:
     headers += [f"{g.name} kW (on)" for g in gens] + [f"{s.name} SoC kWh" for s in stores]
     rows = []
     for t, ts in enumerate(res.times):
-        row = [f"{ts:%m-%d %H:%M}", _f(res.price_eur_per_mwh[t]), _f(res.bid_kw[t]), _f(res.load_kw[t]), _f(res.reduction_kw[t])]
+        row = [
+            f"{ts:%m-%d %H:%M}",
+            _f(res.price_eur_per_mwh[t]),
+            _f(res.bid_kw[t]),
+            _f(res.load_kw[t]),
+            _f(res.reduction_kw[t]),
+        ]
         row += [f"{_f(g.power_kw[t])} ({int(g.on[t]) if g.on is not None else '-'})" for g in gens]
         row += [_f(s.soc_kwh[t]) if s.soc_kwh is not None else "-" for s in stores]
         rows.append(row)
-    head = (f"day-ahead plan: {res.status}, profit {res.profit_eur:,.2f} EUR = market {res.market_revenue_eur:,.2f} + internal "
-            f"{res.internal_revenue_eur:,.2f} - generation {res.generation_cost_eur:,.2f} - DR {res.dr_payment_eur:,.2f} "
-            f"- other {res.other_cost_eur:,.2f}")  # fmt: skip
+    head = (
+        f"day-ahead plan: {res.status}, profit {res.profit_eur:,.2f} EUR = market {res.market_revenue_eur:,.2f} "
+        f"+ internal {res.internal_revenue_eur:,.2f} - generation {res.generation_cost_eur:,.2f} "
+        f"- DR {res.dr_payment_eur:,.2f} - other {res.other_cost_eur:,.2f}"
+    )
     return head + "\n" + _table(headers, rows)
 
 
 def balance_table(res: BalanceResult) -> str:
     c, d = res.centralised, res.distributed
-    headers = ["time (UTC)", "bid kW", "need kW", "thermal kW", "DR kW", "storage kW", "curtail kW", "buy kW", "sell kW",
-               "distr. thermal kW", "distr. buy kW", "distr. sell kW"]  # fmt: skip
+    headers = [
+        "time (UTC)",
+        "bid kW",
+        "need kW",
+        "thermal kW",
+        "DR kW",
+        "storage kW",
+        "curtail kW",
+        "buy kW",
+        "sell kW",
+        "distr. thermal kW",
+        "distr. buy kW",
+        "distr. sell kW",
+    ]
     rows = []
     for t, ts in enumerate(res.day_ahead.times):
-        rows.append([f"{ts:%m-%d %H:%M}", _f(res.day_ahead.bid_kw[t]), _f(c.need_kw[t]), _f(c.thermal_adj_kw[t]), _f(c.dr_kw[t]),
-                     _f(c.storage_adj_kw[t]), _f(c.curtail_kw[t]), _f(c.buy_kw[t]), _f(c.sell_kw[t]),
-                     _f(d.thermal_adj_kw[t]), _f(d.buy_kw[t]), _f(d.sell_kw[t])])  # fmt: skip
+        rows.append(
+            [
+                f"{ts:%m-%d %H:%M}",
+                _f(res.day_ahead.bid_kw[t]),
+                _f(c.need_kw[t]),
+                _f(c.thermal_adj_kw[t]),
+                _f(c.dr_kw[t]),
+                _f(c.storage_adj_kw[t]),
+                _f(c.curtail_kw[t]),
+                _f(c.buy_kw[t]),
+                _f(c.sell_kw[t]),
+                _f(d.thermal_adj_kw[t]),
+                _f(d.buy_kw[t]),
+                _f(d.sell_kw[t]),
+            ]
+        )
     lines = [
         f"real-time balancing after a day-ahead profit of {res.day_ahead.profit_eur:,.2f} EUR",
         f"system cost (real time): centralised {c.system_cost_eur:,.2f} EUR, distributed {d.system_cost_eur:,.2f} EUR "
@@ -106,7 +143,9 @@ def balance_table(res: BalanceResult) -> str:
     ]
     if d.thermal_transfers_eur or d.renewable_transfers_eur:
         tr = {**d.thermal_transfers_eur, **d.renewable_transfers_eur}
-        lines.append("transfers to private generators (EUR, + = VPP pays): " + ", ".join(f"{k} {v:,.2f}" for k, v in tr.items()))
+        lines.append(
+            "transfers to private generators (EUR, + = VPP pays): " + ", ".join(f"{k} {v:,.2f}" for k, v in tr.items())
+        )
     return "\n".join(lines) + "\n" + _table(headers, rows)
 
 
@@ -167,8 +206,14 @@ def plot_balance(res: BalanceResult, path: Path) -> None:
     x = _x(len(res.day_ahead.times))
     for ax, case in zip(axes, (res.centralised, res.distributed), strict=True):
         bottom_p, bottom_n = np.zeros(len(x)), np.zeros(len(x))
-        for label, v in (("thermal", case.thermal_adj_kw), ("DR", case.dr_kw), ("storage", case.storage_adj_kw),
-                         ("curtail", -case.curtail_kw), ("buy", case.buy_kw), ("sell", -case.sell_kw)):  # fmt: skip
+        for label, v in (
+            ("thermal", case.thermal_adj_kw),
+            ("DR", case.dr_kw),
+            ("storage", case.storage_adj_kw),
+            ("curtail", -case.curtail_kw),
+            ("buy", case.buy_kw),
+            ("sell", -case.sell_kw),
+        ):
             vp, vn = np.maximum(v, 0), np.minimum(v, 0)
             ax.bar(x, vp, bottom=bottom_p, label=label)
             ax.bar(x, vn, bottom=bottom_n, color=ax.patches[-1].get_facecolor())

@@ -18,6 +18,22 @@ from ams.vpp.portfolio import Finite, NonNeg, Portfolio, Profile, _format_valida
 PriceProfile = Finite | tuple[Finite, ...]
 
 
+def request_window(start: datetime, periods: int, p: Portfolio) -> Window:
+    """A request's periods on the portfolio axis (BadInput when they do not fit)."""
+    if start.tzinfo is None:
+        raise BadInput("start: must carry a time zone (UTC)")
+    off = (start - p.start) / timedelta(minutes=p.period_min)
+    if off != int(off):
+        raise BadInput(f"start: {start} is not on the portfolio's {p.period_min}-minute grid from {p.start}")
+    t0 = int(off)
+    if t0 < 0 or t0 + periods > p.periods:
+        raise BadInput(
+            f"start/periods: request covers periods {t0}..{t0 + periods - 1}, "
+            f"the portfolio horizon is 0..{p.periods - 1}"
+        )
+    return Window(t0, periods, p.dt_h)
+
+
 class _Request(_Model):
     start: datetime
     periods: Annotated[int, Field(gt=0, le=10_000)]
@@ -25,19 +41,7 @@ class _Request(_Model):
     use_reliability: bool = True  # derate upward power by reliability
 
     def window(self, p: Portfolio) -> Window:
-        """The request's periods on the portfolio axis (BadInput when they do not fit)."""
-        if self.start.tzinfo is None:
-            raise BadInput("start: must carry a time zone (UTC)")
-        off = (self.start - p.start) / timedelta(minutes=p.period_min)
-        if off != int(off):
-            raise BadInput(f"start: {self.start} is not on the portfolio's {p.period_min}-minute grid from {p.start}")
-        t0 = int(off)
-        if t0 < 0 or t0 + self.periods > p.periods:
-            raise BadInput(
-                f"start/periods: request covers periods {t0}..{t0 + self.periods - 1}, "
-                f"the portfolio horizon is 0..{p.periods - 1}"
-            )
-        return Window(t0, self.periods, p.dt_h)
+        return request_window(self.start, self.periods, p)
 
 
 class EnergyTrading(_Request):
@@ -109,7 +113,9 @@ class DayAheadRequest(_Model):
     min_reduction_kw: NonNeg = 0.0
     max_export_kw: Profile | None = None
     max_import_kw: Profile | None = None
-    window = _Request.window
+
+    def window(self, p: Portfolio) -> Window:
+        return request_window(self.start, self.periods, p)
 
 
 class Realisation(_Model):
