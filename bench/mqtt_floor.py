@@ -28,6 +28,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.iedsim.pki import LabPki, make_lab_pki
@@ -62,7 +63,8 @@ def paho_client(broker: MosquittoServer, pki: LabPki, user: str, cid: str) -> mq
     c.tls_set_context(ssl.create_default_context(cafile=str(pki.ca)))
     connected = threading.Event()
     c.on_connect = lambda cl, u, f, rc, p: connected.set()
-    c.connect(broker.host, broker.port, clean_start=True, properties=Properties(mqtt.PacketTypes.CONNECT))
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    c.connect(broker.host, broker.port, clean_start=True, properties=props)
     c.loop_start()
     if not connected.wait(5):
         raise RuntimeError(f"{cid}: no CONNACK")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from gateway.errors import ConfigError, TransportError, TransportRefused
 from gateway.iedsim.pki import LabPki, make_lab_pki
@@ -264,7 +265,7 @@ async def test_untrusted_broker_certificate_is_refused(broker: MosquittoServer, 
 
 
 async def test_start_without_broker_times_out(pki: LabPki) -> None:
-    s = MqttSettings(participant=LAB, port=free_port(), ca_file=pki.ca, password="x", connect_timeout_s=0.5)
+    s = MqttSettings(participant=LAB, port=free_port(), ca_file=pki.ca, password=SecretStr("x"), connect_timeout_s=0.5)
     t = MqttTransport(s)
     with pytest.raises(TransportError, match=r"within 0\.5 s") as info:
         await t.start(Inbox())
@@ -390,9 +391,18 @@ async def test_certificate_authentication(tmp_path: Path, pki: LabPki) -> None:
     me = "mgms gateway"  # CN of the lab PKI's client certificate
     tls = MqttTls(pki.server.cert, pki.server.key, pki.ca, require_certificate=True, use_identity_as_username=True)
     with MosquittoServer(data_dir=tmp_path / "mtls", tls=tls, acl=layout_acl(me)) as server:
-        common = {"host": server.host, "port": server.port, "ca_file": pki.ca, "connect_timeout_s": 3.0}
+        common: dict[str, object] = {
+            "host": server.host,
+            "port": server.port,
+            "ca_file": pki.ca,
+            "connect_timeout_s": 3.0,
+        }
         inbox = Inbox()
-        t = MqttTransport(MqttSettings(participant=me, cert_file=pki.client.cert, key_file=pki.client.key, **common))
+        t = MqttTransport(
+            MqttSettings.model_validate(
+                {"participant": me, "cert_file": pki.client.cert, "key_file": pki.client.key, **common}
+            )
+        )
         await t.start(inbox)
         try:
             await t.send(msg(me, me, 1))
@@ -400,7 +410,9 @@ async def test_certificate_authentication(tmp_path: Path, pki: LabPki) -> None:
         finally:
             await t.close()
         rogue = MqttTransport(
-            MqttSettings(participant=me, cert_file=pki.rogue_client.cert, key_file=pki.rogue_client.key, **common)
+            MqttSettings.model_validate(
+                {"participant": me, "cert_file": pki.rogue_client.cert, "key_file": pki.rogue_client.key, **common}
+            )
         )
         with pytest.raises(TransportRefused, match="refused us"):
             await rogue.start(Inbox())
@@ -415,9 +427,9 @@ def test_settings_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="MQTT_PW_UNSET"):
         MqttSettings(participant=AMS, password_env="MQTT_PW_UNSET").resolved_password()
     with pytest.raises(ValueError, match="not both"):
-        MqttSettings(participant=AMS, password="a", password_env="B")
+        MqttSettings(participant=AMS, password=SecretStr("a"), password_env="B")
     with pytest.raises(ValueError, match="share_group"):
         MqttSettings(participant=AMS, share_group="a/b")
     with pytest.raises(ValueError, match="extra"):
         MqttSettings.model_validate({"participant": AMS, "qos2": 1})
-    assert "secret" not in repr(MqttSettings(participant=AMS, password="secret"))
+    assert "secret" not in repr(MqttSettings(participant=AMS, password=SecretStr("secret")))
