@@ -270,6 +270,17 @@ def _add_service(m: Model, req: Service, w: Window, n_total: int, inj: Terms, q:
             m.add_rows("reactive power target", list(q), hi=hi)
 
 
+DEFINITIONS = ("VPP energy balance", "demand response tracking", "generator output")
+
+
+def diagnosis_order(groups: list[str]) -> list[str]:
+    """Service limits first (what the requester can change), asset limits next, and the rows that
+    only define a variable (with a free slack they are never the real cause) last."""
+    svc = [g for g in groups if g in SERVICE_GROUP.values()]
+    tail = [g for g in groups if g in DEFINITIONS]
+    return svc + [g for g in groups if g not in svc and g not in tail] + tail
+
+
 def precheck(p: Portfolio, req: Service, w: Window) -> None:
     """Cheap bound checks before solving: name the first period the whole portfolio cannot cover."""
     opts = options_for(req)
@@ -332,9 +343,7 @@ def solve_milp(
     if not sol.has_solution:
         if sol.status == "no_solution":
             raise Infeasible("time limit", f"no feasible coalition found within {time_limit_s} s")
-        groups = m.groups()
-        svc = [g for g in groups if g in SERVICE_GROUP.values() or g.startswith(("capacity", "demand", "reactive"))]
-        binding = diagnose_infeasible(m, svc + [g for g in groups if g not in svc])
+        binding = diagnose_infeasible(m, diagnosis_order(m.groups()))
         raise Infeasible(binding or "several constraint groups together", "HiGHS reports the model infeasible")
     schedules = extract(sol.x, avs)
     res = evaluate(p, req, w, schedules, "milp", sol.status, sol.mip_gap, time.perf_counter() - t0)
