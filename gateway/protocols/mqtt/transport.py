@@ -304,8 +304,13 @@ class MqttTransport(MessageTransport):
                 task.cancel()
         for task in (self._supervisor, self._inbox_task):
             if task is not None and task is not asyncio.current_task():
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    if not task.cancelled():  # close() itself was cancelled
+                        raise
+                except Exception:
+                    log.exception("mqtt: task %s had failed", task.get_name())
         # a connect may still be running in the worker thread: let it end, then close its socket
         if self._connect_job is not None:
             with contextlib.suppress(Exception):
@@ -397,6 +402,9 @@ class MqttTransport(MessageTransport):
             except TransportError as exc:
                 self._last_error = exc
                 log.warning("%s", exc)
+            except Exception:  # a bug here must not end reconnecting for good
+                log.exception("mqtt %s: unexpected error while connecting", self.settings.effective_client_id)
+                self._abort_socket()
             else:
                 await self._lost.wait()
                 log.info("mqtt %s: connection to %s ended", self.settings.effective_client_id, self._where)
