@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
 
 from gateway.errors import ConfigError, TransportError, TransportRefused
@@ -134,6 +138,34 @@ async def test_round_trip_both_ways(transports: Factory) -> None:
     assert lab.stats()["sent"] == lab.stats()["acked"] == 1
     assert ams.stats()["received"] == 1
     await ams_inbox.nothing_for(0.2)  # nothing echoed back to the sender's own inbox
+
+
+async def test_publish_properties_seen_by_a_plain_client(
+    broker: MosquittoServer, pki: LabPki, transports: Factory
+) -> None:
+    """Content type (and message expiry when set) travel as MQTT v5 properties."""
+    got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    subscribed = threading.Event()
+    plain = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="plain-ams", protocol=mqtt.MQTTv5)
+    plain.username_pw_set(AMS, USERS[AMS])
+    plain.tls_set_context(ssl.create_default_context(cafile=str(pki.ca)))
+    plain.on_connect = lambda c, u, f, rc, p: c.subscribe(inbox_filter(AMS), qos=1)
+    plain.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
+    plain.on_message = lambda c, u, m: got.put(m)
+    plain.connect(broker.host, broker.port)
+    plain.loop_start()
+    try:
+        assert await asyncio.to_thread(subscribed.wait, 5)
+        lab = await transports(LAB, Inbox(), message_expiry_s=600)
+        await lab.send(msg(LAB, AMS, 1))
+        m = await asyncio.to_thread(got.get, True, 5)
+        assert m.payload == b"payload 1" and m.qos == 1
+        assert m.properties is not None
+        assert getattr(m.properties, "ContentType", None) == "application/ld+json"
+        assert 590 <= getattr(m.properties, "MessageExpiryInterval", 0) <= 600
+    finally:
+        plain.disconnect()
+        plain.loop_stop()
 
 
 async def test_qos2_publish(transports: Factory) -> None:
@@ -371,10 +403,13 @@ async def test_shared_subscription_queues_for_an_offline_member(transports: Fact
 
 async def test_close_leaves_nothing_running(broker: MosquittoServer, pki: LabPki) -> None:
     before = asyncio.all_tasks()
+    fds = set(os.listdir("/proc/self/fd"))
     t = MqttTransport(settings_for(broker, pki, LAB))
     await t.start(Inbox())
     assert t.connected
+    assert set(os.listdir("/proc/self/fd")) - fds  # the connection's socket
     await t.close()
+    assert set(os.listdir("/proc/self/fd")) - fds == set()
     await t.close()  # idempotent
     assert asyncio.all_tasks() == before
     assert [x.name for x in threading.enumerate() if x.name.startswith("mqtt-")] == []
