@@ -148,7 +148,8 @@ def build_assets(
 
         if isinstance(a, Generator):
             avail = upward_caps(a, w, N, opts)
-            u = m.add_binaries(n, cost=a.pieces()[0] * dt)
+            # 1e-6 EUR/h breaks the tie between 'on at 0 kW' and 'off' when min_kw and no-load cost are 0
+            u = m.add_binaries(n, cost=a.pieces()[0] * dt + 1e-6 * dt)
             v = m.add_binaries(n, cost=a.start_cost_eur)
             pp = m.add_vars(n, 0.0, np.maximum(avail, 0.0), cost=risk)
             pieces = a.pieces()[1]
