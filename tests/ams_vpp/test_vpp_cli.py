@@ -34,8 +34,12 @@ def test_plan_writes_table_json_and_png(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_coalition_compare_reports_gap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["coalition", PORTFOLIO, str(LAB / "request-capacity.yaml"), "--out", str(tmp_path),
-                 "--method", "compare"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["coalition", PORTFOLIO, str(LAB / "request-capacity.yaml"), "--out", str(tmp_path), "--method", "compare"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "heuristic gap:" in out and "target kW" in out
     data = json.loads((tmp_path / "coalition.json").read_text())

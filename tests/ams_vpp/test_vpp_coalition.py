@@ -56,8 +56,10 @@ def test_participation_cost_decides_membership(
 
     Fee 10: 15 EUR > 6.8 EUR (B + C as above) -> B + C. Fee 1: 6 EUR < 6.8 EUR -> D alone.
     """
-    assets = [*merit_assets(), {"kind": "generator", "name": "D", "max_kw": 50, "cost_linear_eur_per_mwh": 50,
-                                "participation_cost_eur": fee}]  # fmt: skip
+    assets = [
+        *merit_assets(),
+        {"kind": "generator", "name": "D", "max_kw": 50, "cost_linear_eur_per_mwh": 50, "participation_cost_eur": fee},
+    ]
     res = solve_milp(mk(assets, periods=2), req(service="capacity", periods=2, target_kw=50))
     assert res.value_eur == pytest.approx(expected)
     assert {s.name for s in res.members} == members
@@ -69,9 +71,22 @@ def test_storage_arbitrage(mk: Callable[..., Portfolio]) -> None:
     Every kWh charged earns 0.9 * 0.100 - 0.020 = 0.07 EUR > 0, so charge the 50 kW limit:
     SoC 45 kWh, discharge 45 kW. Profit 45 * 0.100 - 50 * 0.020 = 4.5 - 1.0 = 3.5 EUR.
     """
-    p = mk([{"kind": "storage", "name": "b", "capacity_kwh": 100, "depth_of_discharge": 1.0, "max_charge_kw": 50,
-             "max_discharge_kw": 50, "initial_soc_kwh": 0, "charge_efficiency": 0.9, "discharge_efficiency": 1.0}],
-           periods=2)  # fmt: skip
+    p = mk(
+        [
+            {
+                "kind": "storage",
+                "name": "b",
+                "capacity_kwh": 100,
+                "depth_of_discharge": 1.0,
+                "max_charge_kw": 50,
+                "max_discharge_kw": 50,
+                "initial_soc_kwh": 0,
+                "charge_efficiency": 0.9,
+                "discharge_efficiency": 1.0,
+            }
+        ],
+        periods=2,
+    )
     res = solve_milp(p, req(service="energy_trading", periods=2, price_eur_per_mwh=[20, 100]))
     assert res.value_eur == pytest.approx(3.5)
     assert list(res.vpp_kw) == pytest.approx([-50, 45])
@@ -81,8 +96,19 @@ def test_storage_arbitrage(mk: Callable[..., Portfolio]) -> None:
 def test_generator_start_cost(mk: Callable[..., Portfolio], start_cost: float, expected: float) -> None:
     """Price 100 for 3 h, unit 50..100 kW at 80 EUR/MWh: running flat out earns (100-80)*0.1 = 2 EUR/h,
     6 EUR over 3 h. Start 5 EUR -> profit 1 EUR; start 7 EUR -> stay off, 0 EUR."""
-    p = mk([{"kind": "generator", "name": "g", "min_kw": 50, "max_kw": 100, "cost_linear_eur_per_mwh": 80,
-             "start_cost_eur": start_cost}], periods=3)  # fmt: skip
+    p = mk(
+        [
+            {
+                "kind": "generator",
+                "name": "g",
+                "min_kw": 50,
+                "max_kw": 100,
+                "cost_linear_eur_per_mwh": 80,
+                "start_cost_eur": start_cost,
+            }
+        ],
+        periods=3,
+    )
     res = solve_milp(p, req(service="energy_trading", periods=3, price_eur_per_mwh=100))
     assert res.value_eur == pytest.approx(expected, abs=1e-6)
 
@@ -90,8 +116,10 @@ def test_generator_start_cost(mk: Callable[..., Portfolio], start_cost: float, e
 def test_generator_ramp(mk: Callable[..., Portfolio]) -> None:
     """Ramp 30 kW/h from off (start-up allowance max(min, ramp) = 30): 30, 60, 90 kW.
     Margin (100 - 50) EUR/MWh on 180 kWh = 9 EUR."""
-    p = mk([{"kind": "generator", "name": "g", "max_kw": 100, "ramp_kw_per_h": 30, "cost_linear_eur_per_mwh": 50}],
-           periods=3)  # fmt: skip
+    p = mk(
+        [{"kind": "generator", "name": "g", "max_kw": 100, "ramp_kw_per_h": 30, "cost_linear_eur_per_mwh": 50}],
+        periods=3,
+    )
     res = solve_milp(p, req(service="energy_trading", periods=3, price_eur_per_mwh=100))
     assert list(res.vpp_kw) == pytest.approx([30, 60, 90])
     assert res.value_eur == pytest.approx(9.0)
@@ -109,7 +137,9 @@ def test_quadratic_cost_is_piecewise_linearised(mk: Callable[..., Portfolio]) ->
 def test_demand_response_tracking(mk: Callable[..., Portfolio]) -> None:
     """DSO asks 10 then 30 kW; one load can shed 20 kW at 10 EUR/MWh; penalty 1000 EUR/MWh.
     Deliver 10, 20: shortfall 10 kWh -> 10 EUR, shed 30 kWh -> 0.3 EUR; value -10.3 EUR."""
-    p = mk([{"kind": "load", "name": "l", "baseline_kw": 50, "flex_down_kw": 20, "flex_cost_eur_per_mwh": 10}], periods=2)
+    p = mk(
+        [{"kind": "load", "name": "l", "baseline_kw": 50, "flex_down_kw": 20, "flex_cost_eur_per_mwh": 10}], periods=2
+    )
     res = solve_milp(p, req(service="demand_response", periods=2, dso_demand_kw=[10, 30]))
     assert list(res.vpp_kw) == pytest.approx([10, 20])
     assert res.value_eur == pytest.approx(-10.3)
@@ -118,10 +148,29 @@ def test_demand_response_tracking(mk: Callable[..., Portfolio]) -> None:
 def test_reactive_power_linearised(mk: Callable[..., Portfolio]) -> None:
     """P = 1000 kW, Q = 600 kvar, target PF 0.95: allowed Q = 1000 * tan(acos 0.95) = 328.684 kvar,
     so inject 271.316 kvar at 10 EUR/Mvarh for 1 h: 2.713 EUR."""
-    p = mk([{"kind": "storage", "name": "inv", "capacity_kwh": 10, "max_charge_kw": 5, "max_discharge_kw": 5,
-             "initial_soc_kwh": 5, "max_kvar": 300, "reactive_cost_eur_per_mvarh": 10}], periods=1)  # fmt: skip
-    r = req(service="reactive_power", periods=1, grid_active_kw=1000, grid_reactive_kvar=600, target_power_factor=0.95,
-            hard=True)  # fmt: skip
+    p = mk(
+        [
+            {
+                "kind": "storage",
+                "name": "inv",
+                "capacity_kwh": 10,
+                "max_charge_kw": 5,
+                "max_discharge_kw": 5,
+                "initial_soc_kwh": 5,
+                "max_kvar": 300,
+                "reactive_cost_eur_per_mvarh": 10,
+            }
+        ],
+        periods=1,
+    )
+    r = req(
+        service="reactive_power",
+        periods=1,
+        grid_active_kw=1000,
+        grid_reactive_kvar=600,
+        target_power_factor=0.95,
+        hard=True,
+    )
     res = solve_milp(p, r)
     need = 600 - 1000 * math.tan(math.acos(0.95))
     assert res.vpp_kvar is not None
@@ -150,8 +199,21 @@ def test_infeasible_capacity_is_named_before_solving(mk: Callable[..., Portfolio
 def test_infeasible_after_solving_names_the_group(mk: Callable[..., Portfolio]) -> None:
     """10 kWh usable covers one period of 10 kW but not two: each period passes the bound check,
     the solver proves infeasibility, dropping the deviation limit restores it."""
-    p = mk([{"kind": "storage", "name": "b", "capacity_kwh": 10, "depth_of_discharge": 1.0, "max_charge_kw": 10,
-             "max_discharge_kw": 10, "initial_soc_kwh": 10, "discharge_efficiency": 1.0}], periods=2)  # fmt: skip
+    p = mk(
+        [
+            {
+                "kind": "storage",
+                "name": "b",
+                "capacity_kwh": 10,
+                "depth_of_discharge": 1.0,
+                "max_charge_kw": 10,
+                "max_discharge_kw": 10,
+                "initial_soc_kwh": 10,
+                "discharge_efficiency": 1.0,
+            }
+        ],
+        periods=2,
+    )
     with pytest.raises(Infeasible) as exc:
         solve_milp(p, req(service="demand_response", periods=2, dso_demand_kw=10, max_deviation_kw=0))
     assert exc.value.constraint == "demand response max deviation"

@@ -39,8 +39,16 @@ def test_plan_with_demand_response(mk: Callable[..., Portfolio]) -> None:
     80 + 30 = 110: gain 90/MWh -> R = 10 kW; bid = 100 - 40 + 10 = 70 kW.
     Profit = market (-40*0.04 + 70*0.2 = 12.4) + internal (80 * 70 kWh = 5.6) - unit (5.0) - DR (0.3) = 12.7 EUR.
     """
-    res = plan_day_ahead(dr_portfolio(mk), da(periods=2, price_eur_per_mwh=[40, 200], internal_price_eur_per_mwh=80,
-                                              dr_price_eur_per_mwh=30, min_reduction_kw=5))  # fmt: skip
+    res = plan_day_ahead(
+        dr_portfolio(mk),
+        da(
+            periods=2,
+            price_eur_per_mwh=[40, 200],
+            internal_price_eur_per_mwh=80,
+            dr_price_eur_per_mwh=30,
+            min_reduction_kw=5,
+        ),
+    )
     assert list(res.bid_kw) == pytest.approx([-40, 70])
     assert list(res.reduction_kw) == pytest.approx([0, 10])
     assert res.profit_eur == pytest.approx(12.7)
@@ -51,8 +59,16 @@ def test_plan_with_demand_response(mk: Callable[..., Portfolio]) -> None:
 def test_plan_minimum_reduction_switches_dr_off(mk: Callable[..., Portfolio]) -> None:
     """R_min = 15 kW exceeds the 10 kW the elasticity allows: no reduction at all (eq. 12).
     Hour 1 bid 60 kW; profit -1.6 + 12 + 80 * 80 kWh (6.4) - 5 = 11.8 EUR."""
-    res = plan_day_ahead(dr_portfolio(mk), da(periods=2, price_eur_per_mwh=[40, 200], internal_price_eur_per_mwh=80,
-                                              dr_price_eur_per_mwh=30, min_reduction_kw=15))  # fmt: skip
+    res = plan_day_ahead(
+        dr_portfolio(mk),
+        da(
+            periods=2,
+            price_eur_per_mwh=[40, 200],
+            internal_price_eur_per_mwh=80,
+            dr_price_eur_per_mwh=30,
+            min_reduction_kw=15,
+        ),
+    )
     assert list(res.reduction_kw) == pytest.approx([0, 0])
     assert res.profit_eur == pytest.approx(11.8)
 
@@ -61,8 +77,19 @@ def test_plan_start_up_and_min_up(mk: Callable[..., Portfolio]) -> None:
     """Unit 50..100 kW at 20 EUR/MWh with a 10 EUR start; price 200 in hours 0 and 2, 0 in hour 1.
     Full output earns (200 - 20) * 0.1 = 18 EUR/h. Staying on at 50 kW in hour 1 loses 50 * 0.02 = 1 EUR,
     a second start costs 10: it stays on (one start). Profit = 2 * 18 - 1 - 10 = 25 EUR (vs 16 restarting)."""
-    p = mk([{"kind": "generator", "name": "g", "min_kw": 50, "max_kw": 100, "cost_linear_eur_per_mwh": 20,
-             "start_cost_eur": 10}], periods=3)  # fmt: skip
+    p = mk(
+        [
+            {
+                "kind": "generator",
+                "name": "g",
+                "min_kw": 50,
+                "max_kw": 100,
+                "cost_linear_eur_per_mwh": 20,
+                "start_cost_eur": 10,
+            }
+        ],
+        periods=3,
+    )
     res = plan_day_ahead(p, da(periods=3, price_eur_per_mwh=[200, 0, 200]))
     gen = res.schedules[0]
     assert list(gen.power_kw) == pytest.approx([100, 50, 100])
@@ -86,13 +113,26 @@ def balance_case(mk: Callable[..., Portfolio], **realised: Any) -> Any:
         ],
         periods=1,
     )
-    r = balance_from_mapping({
-        "day_ahead": {"start": START, "periods": 1, "price_eur_per_mwh": 25, "internal_price_eur_per_mwh": 30,
-                      "max_export_kw": 1000},
-        "realised": {"renewable_kw": {"wind": 800}, "demand_kw": {"load": 5500}, "up_price_eur_per_mwh": 40,
-                     "down_price_eur_per_mwh": 20, "thermal_balancing_kw": {"th": 300},
-                     "private_generators": ["th", "wind"], **realised},
-    })  # fmt: skip
+    r = balance_from_mapping(
+        {
+            "day_ahead": {
+                "start": START,
+                "periods": 1,
+                "price_eur_per_mwh": 25,
+                "internal_price_eur_per_mwh": 30,
+                "max_export_kw": 1000,
+            },
+            "realised": {
+                "renewable_kw": {"wind": 800},
+                "demand_kw": {"load": 5500},
+                "up_price_eur_per_mwh": 40,
+                "down_price_eur_per_mwh": 20,
+                "thermal_balancing_kw": {"th": 300},
+                "private_generators": ["th", "wind"],
+                **realised,
+            },
+        }
+    )
     return balance(p, r)
 
 

@@ -36,12 +36,22 @@ def test_example_portfolio_loads() -> None:
     [
         ({"kind": "generator", "name": "g1", "max_kw": -5}, "assets.g1.generator.max_kw"),
         ({"kind": "generator", "name": "g1", "max_kw": 5, "colour": "red"}, "assets.g1.generator.colour"),
-        ({"kind": "storage", "name": "b1", "capacity_kwh": 10, "max_charge_kw": 1, "max_discharge_kw": 1,
-          "initial_soc_kwh": 1, "depth_of_discharge": 0.5}, "initial_soc_kwh must lie"),
+        (
+            {
+                "kind": "storage",
+                "name": "b1",
+                "capacity_kwh": 10,
+                "max_charge_kw": 1,
+                "max_discharge_kw": 1,
+                "initial_soc_kwh": 1,
+                "depth_of_discharge": 0.5,
+            },
+            "initial_soc_kwh must lie",
+        ),
         ({"kind": "load", "name": "l1", "baseline_kw": [1, 2, 3]}, "assets.l1.baseline_kw: 3 values"),
         ({"kind": "windmill", "name": "w"}, "assets.w"),
     ],
-)  # fmt: skip
+)
 def test_bad_portfolio_names_the_key(asset: dict[str, object], needle: str) -> None:
     with pytest.raises(BadInput, match=needle.replace(".", r"\.")):
         portfolio_from_mapping({"start": "2026-01-01T00:00:00Z", "periods": 2, "assets": [{"microgrid": "m", **asset}]})
@@ -51,7 +61,7 @@ def test_duplicate_asset_and_missing_file(tmp_path: Path) -> None:
     a = {"kind": "generator", "name": "g", "microgrid": "m", "max_kw": 1}
     with pytest.raises(BadInput, match="used twice"):
         portfolio_from_mapping({"start": "2026-01-01T00:00:00Z", "periods": 2, "assets": [a, a]})
-    with pytest.raises(BadInput, match="nope.yaml"):
+    with pytest.raises(BadInput, match=r"nope\.yaml"):
         load_portfolio(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
     with pytest.raises(BadInput, match="mapping"):
@@ -72,12 +82,18 @@ def test_apply_flexibility_updates_the_window_only(mk: Callable[..., Portfolio])
     p = mk(
         [
             {"kind": "load", "name": "l", "baseline_kw": 50, "flex_down_kw": 5},
-            {"kind": "storage", "name": "b", "capacity_kwh": 10, "max_charge_kw": 2, "max_discharge_kw": 2,
-             "initial_soc_kwh": 5},
+            {
+                "kind": "storage",
+                "name": "b",
+                "capacity_kwh": 10,
+                "max_charge_kw": 2,
+                "max_discharge_kw": 2,
+                "initial_soc_kwh": 5,
+            },
             {"kind": "generator", "name": "g", "max_kw": 100},
         ],
         periods=4,
-    )  # fmt: skip
+    )
     p2 = apply_flexibility(p, "l", _flex(FlexibilityType.UPWARD, 12.0, 1, 3))
     load = p2.asset("l")
     assert isinstance(load, FlexibleLoad)

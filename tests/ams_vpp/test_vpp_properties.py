@@ -34,31 +34,54 @@ def portfolios(draw: st.DrawFn) -> Portfolio:
         lo = draw(st.floats(0, 50).map(lambda x: round(x, 1)))
         hi = lo + draw(st.floats(1, 100).map(lambda x: round(x, 1)))
         on = draw(st.booleans())
-        assets.append({
-            "kind": "generator", "name": f"g{i}", "min_kw": lo, "max_kw": hi,
-            "ramp_kw_per_h": draw(st.none() | st.floats(5, 100).map(lambda x: round(x, 1))),
-            "start_cost_eur": draw(st.floats(0, 20)), "cost_linear_eur_per_mwh": draw(st.floats(0, 150)),
-            "cost_quadratic_eur_per_mw2h": draw(st.floats(0, 3000)), "initial_on": on,
-            "initial_kw": draw(st.floats(lo, hi)) if on else 0.0, "participation_cost_eur": draw(st.floats(0, 5)),
-            "reliability": draw(st.floats(0.5, 1)),
-        })  # fmt: skip
+        assets.append(
+            {
+                "kind": "generator",
+                "name": f"g{i}",
+                "min_kw": lo,
+                "max_kw": hi,
+                "ramp_kw_per_h": draw(st.none() | st.floats(5, 100).map(lambda x: round(x, 1))),
+                "start_cost_eur": draw(st.floats(0, 20)),
+                "cost_linear_eur_per_mwh": draw(st.floats(0, 150)),
+                "cost_quadratic_eur_per_mw2h": draw(st.floats(0, 3000)),
+                "initial_on": on,
+                "initial_kw": draw(st.floats(lo, hi)) if on else 0.0,
+                "participation_cost_eur": draw(st.floats(0, 5)),
+                "reliability": draw(st.floats(0.5, 1)),
+            }
+        )
     f = draw(prof)
     assets.append({"kind": "renewable", "name": "pv", "forecast_kw": f, "band_low_kw": tuple(0.8 * x for x in f)})
     cap = draw(st.floats(10, 200))
     dod = draw(st.floats(0.2, 1))
     s0 = draw(st.floats((1 - dod) * cap, cap))
-    assets.append({
-        "kind": "storage", "name": "bat", "capacity_kwh": cap, "depth_of_discharge": dod,
-        "max_charge_kw": draw(st.floats(1, 80)), "max_discharge_kw": draw(st.floats(1, 80)),
-        "charge_efficiency": draw(st.floats(0.7, 1)), "discharge_efficiency": draw(st.floats(0.7, 1)),
-        "initial_soc_kwh": s0, "final_soc_min_kwh": draw(st.none() | st.floats((1 - dod) * cap, s0)),
-        "discharge_cost_eur_per_mwh": draw(st.floats(0, 20)), "reliability": draw(st.floats(0.5, 1)),
-    })  # fmt: skip
-    assets.append({
-        "kind": "load", "name": "load", "baseline_kw": draw(prof), "flex_down_kw": draw(st.floats(0, 50)),
-        "flex_up_kw": draw(st.floats(0, 50)), "price_elasticity": draw(st.none() | st.floats(0, 1)),
-        "flex_cost_eur_per_mwh": draw(st.floats(0, 100)),
-    })  # fmt: skip
+    assets.append(
+        {
+            "kind": "storage",
+            "name": "bat",
+            "capacity_kwh": cap,
+            "depth_of_discharge": dod,
+            "max_charge_kw": draw(st.floats(1, 80)),
+            "max_discharge_kw": draw(st.floats(1, 80)),
+            "charge_efficiency": draw(st.floats(0.7, 1)),
+            "discharge_efficiency": draw(st.floats(0.7, 1)),
+            "initial_soc_kwh": s0,
+            "final_soc_min_kwh": draw(st.none() | st.floats((1 - dod) * cap, s0)),
+            "discharge_cost_eur_per_mwh": draw(st.floats(0, 20)),
+            "reliability": draw(st.floats(0.5, 1)),
+        }
+    )
+    assets.append(
+        {
+            "kind": "load",
+            "name": "load",
+            "baseline_kw": draw(prof),
+            "flex_down_kw": draw(st.floats(0, 50)),
+            "flex_up_kw": draw(st.floats(0, 50)),
+            "price_elasticity": draw(st.none() | st.floats(0, 1)),
+            "flex_cost_eur_per_mwh": draw(st.floats(0, 100)),
+        }
+    )
     for a in assets:
         a["microgrid"] = draw(st.sampled_from(["mg1", "mg2"]))
     return portfolio_from_mapping({"start": START, "periods": n, "assets": assets})
@@ -76,11 +99,16 @@ def assert_limits(p: Portfolio, w: Window, opts: Options, schedules: list[Any]) 
 @given(portfolios(), st.data())
 def test_day_ahead_plan_respects_limits_and_balance(p: Portfolio, data: st.DataObject) -> None:
     n = p.periods
-    r = dayahead_from_mapping({
-        "start": START, "periods": n, "price_eur_per_mwh": data.draw(st.lists(prices, min_size=n, max_size=n)),
-        "internal_price_eur_per_mwh": data.draw(st.floats(0, 150)), "dr_price_eur_per_mwh": data.draw(st.floats(0, 100)),
-        "min_reduction_kw": data.draw(st.floats(0, 20)),
-    })  # fmt: skip
+    r = dayahead_from_mapping(
+        {
+            "start": START,
+            "periods": n,
+            "price_eur_per_mwh": data.draw(st.lists(prices, min_size=n, max_size=n)),
+            "internal_price_eur_per_mwh": data.draw(st.floats(0, 150)),
+            "dr_price_eur_per_mwh": data.draw(st.floats(0, 100)),
+            "min_reduction_kw": data.draw(st.floats(0, 20)),
+        }
+    )
     res = plan_day_ahead(p, r, time_limit_s=10)
     w = Window(0, n, p.dt_h)
     opts = Options(firm=False, derate=False, membership=False, use_initial_state=True)
@@ -96,8 +124,14 @@ def test_day_ahead_plan_respects_limits_and_balance(p: Portfolio, data: st.DataO
 @given(portfolios(), st.data())
 def test_trading_coalition_respects_limits(p: Portfolio, data: st.DataObject) -> None:
     n = p.periods
-    r = service_from_mapping({"service": "energy_trading", "start": START, "periods": n,
-                              "price_eur_per_mwh": data.draw(st.lists(prices, min_size=n, max_size=n))})  # fmt: skip
+    r = service_from_mapping(
+        {
+            "service": "energy_trading",
+            "start": START,
+            "periods": n,
+            "price_eur_per_mwh": data.draw(st.lists(prices, min_size=n, max_size=n)),
+        }
+    )
     w = r.window(p)
     res = solve_milp(p, r, time_limit_s=10)
     assert res.violations == []
@@ -123,8 +157,14 @@ def test_capacity_and_dr_coalitions_respect_limits(p: Portfolio, data: st.DataOb
     try:
         res = solve_milp(p, r, time_limit_s=10)
     except Infeasible as exc:
-        assert exc.constraint in (*SERVICE_GROUP.values(), "storage energy balance", "generator ramp",
-                                  "generator start-up", "membership", "generator max power")  # fmt: skip
+        assert exc.constraint in (
+            *SERVICE_GROUP.values(),
+            "storage energy balance",
+            "generator ramp",
+            "generator start-up",
+            "membership",
+            "generator max power",
+        )
         return
     assert res.violations == []
     assert_limits(p, w, options_for(r), res.schedules)
