@@ -384,8 +384,19 @@ class _GenState:
 class _Dispatcher:
     """Per-period merit-order dispatch of selected assets, keeping ramp and SoC state."""
 
-    def __init__(self, p: Portfolio, w: Window, opts: Options, assets: list[AnyAsset]) -> None:
+    def __init__(
+        self, p: Portfolio, w: Window, opts: Options, assets: list[AnyAsset], spread_periods: int | None = None
+    ) -> None:
         self.p, self.w, self.opts, self.assets = p, w, opts, assets
+        # storage keeps energy for later periods: at most its usable energy / spread_periods per period
+        self.spread = {
+            a.name: max(0.0, a.initial_soc_kwh - max(a.soc_min_kwh, a.final_soc_min_kwh or 0.0))
+            * a.discharge_efficiency
+            / w.dt_h
+            / spread_periods
+            for a in assets
+            if isinstance(a, Storage) and spread_periods
+        }
         n = w.n
         self.power = {a.name: np.zeros(n) for a in assets}
         self.on = {a.name: np.zeros(n) for a in assets if isinstance(a, Generator)}
@@ -502,6 +513,7 @@ class _Dispatcher:
         floor = max(a.soc_min_kwh, a.final_soc_min_kwh or 0.0)
         r = a.reliability if self.opts.derate else 1.0
         dmax = float(expand(a.max_discharge_kw, self.p.periods)[self.w.t0 + t]) * r
+        dmax = min(dmax, self.spread.get(a.name, dmax))
         return max(0.0, min(dmax, (self.soc[a.name] - floor) * a.discharge_efficiency / self.w.dt_h))
 
     def schedules(self, members: set[str]) -> list[AssetSchedule]:
@@ -658,9 +670,24 @@ def solve_heuristic(p: Portfolio, req: Service) -> CoalitionResult:
             key=lambda a: a.charge_cost_eur_per_mwh if isinstance(a, Storage) else a.flex_cost_eur_per_mwh,
         )
         chosen += absorb
-    d = _Dispatcher(p, w, opts, chosen)
-    for t in range(n):
-        d.step(t, float(target[t]), tol)
+    # dispatch; while some period falls short, add the next assets in merit order and redo (cheap: O(assets x T))
+    spare = [a for a in order if a not in chosen]
+    for _round in range(50):
+        d = _Dispatcher(p, w, opts, chosen, spread_periods=busy)
+        short = np.zeros(n)
+        for t in range(n):
+            short[t] = max(0.0, float(up_need[t]) - d.step(t, float(target[t]), tol))
+        if not np.any(short > 1e-6) or not spare:
+            break
+        added = np.zeros(n)
+        while spare and np.any(added < short - 1e-9):
+            a = spare.pop(0)
+            uc = unit_cost_eur_per_mwh(a, w, N, opts)
+            if uc >= penalty or not math.isfinite(uc):
+                spare = []
+                break
+            chosen.append(a)
+            added = added + upward_caps(a, w, N, opts)
     schedules = d.schedules({a.name for a in chosen})
     return evaluate(p, req, w, schedules, "heuristic", "heuristic", seconds=time.perf_counter() - t_start)
 
