@@ -43,6 +43,7 @@ import ctypes
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -224,6 +225,7 @@ class Iec61850Adapter(Adapter):
         self._unreported: list[Point] = []
         self._cmd_locks: dict[str, asyncio.Lock] = {}
         self._tls: TlsConfig | None = None
+        self._setup_lock = threading.Lock()  # connect vs teardown, both in worker threads
         # ctypes thunks must live as long as C may call them.
         self._on_report_c = ReportHandler(self._on_report)
         self._on_closed_c = ConnectionClosedHandler(self._on_closed)
@@ -392,7 +394,17 @@ class Iec61850Adapter(Adapter):
     # ------------------------------------------------------------------ connection (worker thread)
 
     def _connect(self) -> str | None:
-        """Blocking: connect, browse, prepare controls and reports. Returns an error or None."""
+        """Blocking: connect, browse, prepare controls and reports. Returns an error or None.
+
+        Holds ``_setup_lock`` so a teardown (from :meth:`close` while a connect is still
+        running in its worker thread: cancelling the awaiting task does not stop the thread)
+        waits for it instead of destroying the connection under libiec61850's feet, which
+        hung the process (seen with slow TLS handshakes).
+        """
+        with self._setup_lock:
+            return self._connect_locked()
+
+    def _connect_locked(self) -> str | None:
         dev = self.device
         con = self._tls.connection() if self._tls is not None else lib.IedConnection_create()
         self._con = con
@@ -528,6 +540,10 @@ class Iec61850Adapter(Adapter):
 
     def _teardown(self) -> None:
         """Blocking: drop the association and free everything libiec61850 gave us."""
+        with self._setup_lock:
+            self._teardown_locked()
+
+    def _teardown_locked(self) -> None:
         con, self._con = self._con, 0
         if not con:
             return
