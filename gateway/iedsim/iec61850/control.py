@@ -1,11 +1,12 @@
 """Line-based fault injection for a running ``iedsim iec61850`` (loopback TCP).
 
 Commands, one per line, each answered ``ok ...`` or ``err <reason>``: ``stop`` (clients see
-the link drop), ``start`` (serve again on the same port), ``interlock on|off`` (operations
-refused with AddCause blocked-by-interlocking), ``set NAME VALUE`` (answers ``ok <time.time()
-of the update>``; the report leaves at once), ``release NAME``, ``quality NAME good|invalid``,
-``travel SECONDS`` (breaker travel time), ``stats`` (JSON), ``quit``.
-"""
+the link drop), ``start`` (serve again on the same port), ``drop`` (both at once: every
+client loses its association and may reconnect at once, like the 104 simulator's drop),
+``interlock on|off`` (operations refused with AddCause blocked-by-interlocking), ``set NAME
+VALUE`` (answers ``ok <time.time() of the update>``; the report leaves at once), ``release
+NAME``, ``quality NAME good|invalid``, ``travel SECONDS`` (breaker travel time), ``stats``
+(JSON), ``quit``."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ class MmsControlChannel(LineControlServer):
             if cmd == "stop":
                 await sim.stop()
                 return "ok stopped"
+            if cmd == "drop":
+                # every client loses its association (libiec61850 has no per-client close): stop and serve again
+                await sim.stop()
+                await sim.start()
+                return f"ok dropped, listening on {sim.port}"
             if cmd == "start":
                 await sim.start()
                 return f"ok listening on {sim.port}"
