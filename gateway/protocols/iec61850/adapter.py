@@ -83,6 +83,7 @@ _TRG = 1 | 2 | 8 | 16  # dchg, qchg, integrity, GI
 _ORCAT_REMOTE = 3
 _ENHANCED = (3, 4)  # CONTROL_MODEL_DIRECT_ENHANCED, CONTROL_MODEL_SBO_ENHANCED (2 is SBO normal)
 _SBO = (3, 4)
+_LINK_ERRORS = (1, 3, 20)  # not connected, connection lost, timeout
 _REASON_GI = 16
 _REASON_INTEGRITY = 8
 _ADD_CAUSES = {
@@ -416,18 +417,27 @@ class Iec61850Adapter(Adapter):
         lib.IedConnection_connect(con, ctypes.byref(err), dev.host.encode(), dev.port)
         if err.value != 0:
             return f"connect to {dev.host}:{dev.port} failed: {IED_ERRORS.get(err.value, err.value)}"
-        self._browse()
+        error = self._browse()
+        if error is not None:
+            return error
         self._prepare_controls()
         return self._enable_reports()
 
-    def _browse(self) -> None:
-        """Find every configured reference in the server's name list; report the missing ones."""
+    def _browse(self) -> str | None:
+        """Find every configured reference in the server's name list; report the missing ones.
+
+        A name list that failed because the link went (connection lost, timeout) is a link
+        error, not an IED without those references: returned, so setup stops and retries
+        instead of writing every point invalid (seen when an IED restarts during setup).
+        """
         err = ctypes.c_int(0)
         names: dict[str, set[str]] = {}
         for ld in sorted({iec61850_address(p).ld_inst for p in self.points}):
             got = linked_strings(
                 lib.IedConnection_getLogicalDeviceVariables(self._con, ctypes.byref(err), f"{self._ied}{ld}".encode())
             )
+            if err.value in _LINK_ERRORS:
+                return f"browse of {self._ied}{ld} failed: {IED_ERRORS[err.value]}"
             names[ld] = set(got)
         self._missing = set()
         for p in self.points:
@@ -443,6 +453,7 @@ class Iec61850Adapter(Adapter):
             )
             if self._by_name[name].direction is Direction.MONITOR:
                 self._emit(PointUpdate(name, None, Quality.INVALID, None, now(), UpdateCause.OTHER))
+        return None
 
     def _prepare_controls(self) -> None:
         for name, pt in self._control.items():
