@@ -52,6 +52,10 @@ async def test_iedsim_iec61850_serves_the_lab_device() -> None:
                 await adapter.command(CommandRequest("mms.feeder.breaker.command", DoublePoint.OFF))
             assert await ask("stop") == "ok stopped"
             assert (await ask("start")).startswith("ok listening")
+            assert (await ask("drop")).startswith("ok dropped")
+            await asyncio.sleep(0.2)
+            await adapter.wait_connected(10)  # reconnected by itself after the drop
+            assert (await adapter.read("mms.feeder.frequency")).value == pytest.approx(50.25)
             assert (await ask("set nope 1")).startswith("err unknown point")
             assert '"operations": 0' in await ask("stats")
         finally:
