@@ -15,10 +15,10 @@ from __future__ import annotations
 import difflib
 import enum
 import os
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -945,6 +945,44 @@ def load_config(path: str | os.PathLike[str]) -> LabConfig:
     return cfg
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def load_yaml_model(
+    path: str | os.PathLike[str], model: type[_M], *, path_sections: tuple[str, ...] = ()
+) -> tuple[_M, Callable[[Path_, str], None], list[ConfigIssue]]:
+    """Load any YAML config file into ``model`` with the lab config's error reporting.
+
+    Every issue is listed with file, line and dotted key; ``*_file``/``*_dir`` values inside
+    ``path_sections`` are read relative to the file. Returns the model, an ``add(loc,
+    reason)`` function for the caller's cross-field checks and the list it appends to (the
+    caller raises ``ConfigError(issues)`` if that is not empty).
+    Used by the AMS for its own config; the lab config has :func:`load_config`.
+    """
+    p = Path(path)
+    file = str(p)
+    data, origins = _read_layered(p.resolve() if p.exists() else p)
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(file, "", "the file must hold a mapping")])
+    for section in path_sections:
+        if isinstance(data.get(section), dict):
+            _resolve_paths_in(data[section], (section,), origins)
+    issues: list[ConfigIssue] = []
+
+    def add(loc: Path_, reason: str) -> None:
+        f, line = _line_for(loc, origins, file)
+        issues.append(ConfigIssue(f, _key_text(loc, data), reason, line))
+
+    try:
+        obj = model.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            add(tuple(err["loc"]), "unknown key" if err["type"] == "extra_forbidden" else msg)
+        raise ConfigError(issues) from exc
+    return obj, add, issues
+
+
 #: File-path keys, per section of a device, that are read relative to the lab file naming them.
 _FILE_KEYS = {
     "tls": ("ca_file", "cert_file", "key_file"),
@@ -1155,9 +1193,12 @@ def transport_settings_model(name: str) -> type[BaseModel]:
 
 
 def _check_messaging(cfg: LabConfig, add: Any) -> None:
-    m = cfg.messaging
-    if m is None:
-        return
+    if cfg.messaging is not None:
+        check_messaging(cfg.messaging, add)
+
+
+def check_messaging(m: MessagingSettings, add: Any) -> None:
+    """Cross-checks of a messaging block (files exist, transports known and valid, routes)."""
     for field in ("identity_file", "peers_dir"):
         path = getattr(m, field)
         if path is not None and not os.path.exists(path):
@@ -1176,7 +1217,7 @@ def _check_messaging(cfg: LabConfig, add: Any) -> None:
             )
             continue
         try:
-            transport_settings_model(name).model_validate(raw)
+            transport_settings_model(name).model_validate({**raw, "participant": m.participant})
         except ValidationError as exc:
             for err in exc.errors():
                 msg = err["msg"].removeprefix("Value error, ")

@@ -60,8 +60,8 @@ class GatewayLike(Protocol):
 
     def latest_value(self, name: str) -> tuple[float | int | bool | None, int] | None: ...
 
-    async def execute(
-        self, point: str, value: str | float | int | bool, requested_by: str = "operator", request_id: str = ""
+    async def execute_logged(
+        self, point: str, value: str | float | int | bool, requested_by: str = "operator"
     ) -> CommandOutcome: ...
 
 
@@ -284,7 +284,7 @@ class FlexAgent:
                 await self.redis.hset(key, mapping={"state": "failed", "reason": repr(exc)})
 
     async def _command(self, point: str, value: str | float | int | bool, act_id: str) -> CommandOutcome:
-        outcome: CommandOutcome = await self.gateway.execute(point, value, requested_by=f"ams:{act_id}")
+        outcome: CommandOutcome = await self.gateway.execute_logged(point, value, requested_by=f"ams:{act_id}")
         return outcome
 
     def _step_s(self, act: ActivationNotification) -> int:

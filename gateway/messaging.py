@@ -44,18 +44,33 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from gateway.config import MessagingSettings
 from gateway.errors import StoreError, TransportError, TransportRefused
 from gateway.protocols.messaging import Delivery, MessageTransport, Outgoing, topic_for
-from gateway.semantic import Envelope, Malformed, MessageRejected, Opener, Payload, Replayed, Sealer, UnknownSender
+from gateway.semantic import (
+    Envelope,
+    Keystore,
+    KeystoreSettings,
+    Malformed,
+    MessageRejected,
+    Opener,
+    Payload,
+    RedisNonceStore,
+    Replayed,
+    Sealer,
+    SecurityMode,
+    UnknownSender,
+)
 from gateway.semantic.envelope import parse, serialise
 from gateway.store import stream_entries
 
-__all__ = ["MessagingKeys", "Messenger", "Received"]
+__all__ = ["MessagingKeys", "Messenger", "Received", "build_messenger", "build_transport"]
 
 log = logging.getLogger(__name__)
 
@@ -445,3 +460,48 @@ class Messenger:
             if stats:
                 await self.redis.hset(self.keys.stats, mapping={k: str(v) for k, v in stats.items()})
 
+
+
+def build_transport(name: str, raw: Mapping[str, Any], participant: str) -> MessageTransport:
+    """A transport from its config block (validated again; participant filled in)."""
+    from gateway.config import transport_settings_model
+
+    settings = transport_settings_model(name).model_validate({**raw, "participant": participant})
+    if name == "mqtt":
+        from gateway.protocols.mqtt import MqttTransport
+
+        return MqttTransport(settings)  # type: ignore[arg-type]
+    if name == "https":
+        from gateway.protocols.https import HttpsTransport
+
+        return HttpsTransport(settings)  # type: ignore[arg-type]
+    raise ValueError(f"unknown transport {name!r}")
+
+
+def build_messenger(settings: MessagingSettings, redis: aioredis.Redis, *, prefix: str) -> Messenger:
+    """The Messenger a config's ``messaging`` block describes (keys read now: bad ones fail here)."""
+    keystore = Keystore.load(
+        KeystoreSettings(
+            identity=Path(settings.identity_file),
+            peers_dir=Path(settings.peers_dir) if settings.peers_dir else None,
+            peers=tuple(Path(f) for f in settings.peer_files),
+        )
+    )
+    mode = SecurityMode.ENCRYPTED if settings.security == "encrypted" else SecurityMode.SIGNED
+    opener = Opener(
+        keystore,
+        RedisNonceStore(redis, prefix=f"{prefix}:msg:seen:"),
+        replay_window_s=settings.replay_window_s,
+        accept_signed_only=settings.accept_signed_only or mode is SecurityMode.SIGNED,
+    )
+    transports = {name: build_transport(name, raw, settings.participant) for name, raw in settings.transports.items()}
+    return Messenger(
+        Sealer(keystore, mode=mode),
+        opener,
+        redis,
+        transports,
+        prefix=prefix,
+        routes=settings.routes,
+        default_transport=settings.default_transport,
+        ttl_s=settings.ttl_s,
+    )

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.commands import CommandOutcome, StatusWatcher, build_request, confirm
 from gateway.config import Direction, LabConfig
@@ -20,6 +20,10 @@ from gateway.errors import CommandInvalid, LinkError
 from gateway.points import PointUpdate, Quality, UpdateCause, now
 from gateway.protocols import Adapter, LinkState, LinkStateChange, create_adapter
 from gateway.store import CommandRequestEntry, RedisStore
+
+if TYPE_CHECKING:
+    from gateway.flexibility import FlexAgent
+    from gateway.messaging import Messenger
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +70,32 @@ class Gateway:
         self._ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self.counters: dict[str, int] = {"updates": 0, "link_changes": 0, "commands": 0}
+        self.messenger: Messenger | None = None
+        self.flex_agent: FlexAgent | None = None
 
     # ----------------------------------------------------------------- running
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.store.start()
+        messenger: Messenger | None = None
+        agent_stop = asyncio.Event()
         try:
             # Started outside the task group so a start-up error (e.g. a certificate file
             # gone since the config was loaded) comes out as itself, not in an ExceptionGroup.
             for adapter in self.adapters.values():
                 await adapter.start()
+            if self.config.messaging is not None:
+                from gateway.messaging import build_messenger
+
+                messenger = build_messenger(self.config.messaging, self.store.redis, prefix=self.store.keys.prefix)
+                await messenger.start()
+                self.messenger = messenger
             async with asyncio.TaskGroup() as tg:
+                if messenger is not None and self.config.flexibility is not None:
+                    from gateway.flexibility import FlexAgent
+
+                    self.flex_agent = FlexAgent(self, messenger, self.config.flexibility, prefix=self.store.keys.prefix)
+                    tg.create_task(self.flex_agent.run(agent_stop), name="flexibility")
                 for name, adapter in self.adapters.items():
                     tg.create_task(self._pump(adapter), name=f"pump:{name}")
                 requests = tg.create_task(self._serve_requests(), name="command-requests")
@@ -93,11 +112,15 @@ class Gateway:
                 # No new command requests; commands under way finish (their devices still
                 # connected) before the links close, so none ends as failed by our own hand.
                 self._stopping.set()
+                agent_stop.set()
                 await asyncio.wait({requests}, timeout=self.drain_timeout_s)
                 reporter.cancel()
                 for adapter in self.adapters.values():
                     await adapter.close()
         finally:
+            agent_stop.set()
+            if messenger is not None:
+                await messenger.close()
             await self.store.close()
 
     async def wait_ready(self) -> None:
@@ -150,6 +173,18 @@ class Gateway:
             self.store.put(upd)
 
     # ----------------------------------------------------------------- commands
+
+    async def execute_logged(
+        self, point: str, value: str | float | int | bool, requested_by: str = "operator"
+    ) -> CommandOutcome:
+        """:meth:`execute`, then the outcome into the command log (for commands the gateway
+        decides itself, e.g. a flexibility activation, so the operator sees them too)."""
+        outcome = await self.execute(point, value, requested_by)
+        try:
+            await self.store.log_command(outcome)
+        except Exception as exc:  # the command happened; a log outage must not undo that
+            log.warning("command %s not logged: %s", outcome.request_id, exc)
+        return outcome
 
     def latest_value(self, name: str) -> tuple[float | int | bool | None, int] | None:
         """The last value and quality bits of a point as the gateway saw it (None: none yet)."""
@@ -227,10 +262,18 @@ class Gateway:
 
     async def _report_stats(self) -> None:
         """Every ``stats_period_s``, each adapter's counters go to its device hash in Redis."""
-        while True:
-            await asyncio.sleep(self.stats_period_s)
+        # Ends on _stopping, not only on cancel: a Redis client busy with a write when the
+        # cancel lands has been seen to swallow it, which left shutdown waiting forever.
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.stats_period_s):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                return
             for name, adapter in self.adapters.items():
                 await self.store.write_device_stats(name, adapter.stats())
+            if self.messenger is not None:
+                await self.messenger.write_stats()
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)

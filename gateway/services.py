@@ -491,7 +491,11 @@ class MosquittoServer(_ServerProcess):
 
     Persistence is on so QoS 1/2 sessions of clients with ``clean_start=False`` survive a
     :meth:`restart` (mosquitto saves its database on a clean stop and every
-    ``autosave_interval_s``). Without ``users`` the broker is anonymous (loopback only).
+    ``autosave_interval_s``). With ``autosave_changes`` it saves after that many changes
+    instead: 1 makes a ``kill -9`` lose (almost) nothing - sessions, subscriptions and queued
+    messages are on disk right after each change, at the cost of a write per message (right
+    for tests and the demo; a production broker weighs this itself). Without ``users`` the
+    broker is anonymous (loopback only).
     """
 
     binary = "mosquitto"
@@ -507,6 +511,7 @@ class MosquittoServer(_ServerProcess):
         users: dict[str, str] | None = None,
         acl: list[MqttAcl] | None = None,
         autosave_interval_s: int = 1,
+        autosave_changes: int | None = None,
         max_queued_messages: int = 100_000,
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
@@ -524,6 +529,7 @@ class MosquittoServer(_ServerProcess):
         self.users = dict(users or {})
         self.acl = list(acl or [])
         self.autosave_interval_s = autosave_interval_s
+        self.autosave_changes = autosave_changes
         self.max_queued_messages = max_queued_messages
 
     @property
@@ -552,7 +558,11 @@ class MosquittoServer(_ServerProcess):
             f"listener {port} {self.host}",
             "persistence true",
             f"persistence_location {data_dir}/",
-            f"autosave_interval {self.autosave_interval_s}",
+            *(
+                [f"autosave_interval {self.autosave_interval_s}"]
+                if self.autosave_changes is None
+                else ["autosave_on_changes true", f"autosave_interval {self.autosave_changes}"]
+            ),
             f"max_queued_messages {self.max_queued_messages}",
             "max_inflight_messages 100",
             "log_dest stdout",

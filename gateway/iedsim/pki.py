@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ class LabPki:
 
     ``ca`` signs ``server`` (the simulated device) and ``client`` (the gateway). ``rogue_ca``
     is an unrelated CA and ``rogue_client`` a client certificate it signed: what an attacker
-    with a certificate of their own would present.
+    with a certificate of their own would present. ``clients`` holds one more client
+    certificate per name asked for (CN = that name: one per participant of a messaging lab).
     """
 
     ca: Path
@@ -42,6 +44,7 @@ class LabPki:
     client: CertPair
     rogue_ca: Path
     rogue_client: CertPair
+    clients: Mapping[str, CertPair] = field(default_factory=dict)
 
 
 def _names(common_name: str) -> Any:
@@ -139,7 +142,12 @@ def _leaf(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def make_lab_pki(directory: Path, *, server_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> LabPki:
+def make_lab_pki(
+    directory: Path,
+    *,
+    server_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    client_names: tuple[str, ...] = (),
+) -> LabPki:
     """Write a CA, a server certificate naming ``server_hosts`` and a client certificate.
 
     EC P-256 keys and SHA-256 signatures: what IEC 62351-3 deployments use today and cheap
@@ -162,4 +170,8 @@ def make_lab_pki(directory: Path, *, server_hosts: tuple[str, ...] = ("127.0.0.1
     rogue_client = _write(
         directory, "rogue_client", *_leaf("intruder", rogue_cert, rogue_key, now, server=False, hosts=())
     )
-    return LabPki(ca_path, server, client, rogue_ca_path, rogue_client)
+    clients = {
+        name: _write(directory, f"client-{name}", *_leaf(name, ca_cert, ca_key, now, server=False, hosts=()))
+        for name in client_names
+    }
+    return LabPki(ca_path, server, client, rogue_ca_path, rogue_client, clients)

@@ -1,0 +1,235 @@
+"""``ams``: the aggregator's command line.
+
+``ams run`` serves flexibility, offers, clearance, activation and settlement; the other
+commands look at or act on the state a running AMS keeps in Redis, so an operator needs no
+other tool. Exit codes as for ``mgms``: 0 success; 1 ran but failed; 2 bad input (config,
+arguments); 3 a service (Redis) unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ams.config import AmsConfig, load_ams_config
+from gateway.errors import ConfigError, GatewayError
+from gateway.semantic import FlexibilityType
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = ["main"]
+
+DEFAULT_STATE_DIR = Path(".ams")
+log = logging.getLogger("ams")
+
+
+def _state_dir(args: argparse.Namespace, cfg: AmsConfig) -> Path:
+    base = Path(args.data_dir) if getattr(args, "data_dir", None) else DEFAULT_STATE_DIR
+    return base / cfg.participant
+
+
+def _redis_url(args: argparse.Namespace, cfg: AmsConfig) -> str:
+    if getattr(args, "redis_url", None):
+        return str(args.redis_url)
+    if cfg.redis.url:
+        return cfg.redis.url
+    marker = _state_dir(args, cfg) / "redis.url"
+    if marker.exists():
+        return marker.read_text().strip()
+    raise GatewayError(f"no Redis: give --redis-url, set redis.url, or start `ams run -c {args.config}` first")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ams", description="Aggregator Management System (AMS)")
+    ap.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", required=True, help="AMS config file (YAML)")
+        p.add_argument("--redis-url", help="Redis URL (overrides the config's redis.url)")
+        p.add_argument("--data-dir", help=f"embedded Redis data (default {DEFAULT_STATE_DIR}/<participant>)")
+
+    p = sub.add_parser("check-config", help="validate an AMS config and print a summary")
+    p.add_argument("--config", "-c", required=True)
+    p = sub.add_parser("run", help="serve the AMS until SIGINT/SIGTERM")
+    common(p)
+    p.add_argument("--worker", default="w1", help="consumer name of this worker (several may share one AMS)")
+    p = sub.add_parser("register", help="register (or move) a microgrid")
+    common(p)
+    p.add_argument("participant")
+    p.add_argument("location")
+    p = sub.add_parser("request", help="submit a DSO request; a running worker clears it")
+    common(p)
+    p.add_argument("--type", choices=[t.value for t in FlexibilityType], required=True)
+    p.add_argument("--power-kw", type=float, required=True)
+    p.add_argument("--location", default="*")
+    p.add_argument("--start-in-s", type=float, default=0.0)
+    p.add_argument("--duration-s", type=float, default=900.0)
+    p.add_argument("--price-cap", type=float, default=float("inf"), help="EUR/MWh")
+    p = sub.add_parser("status", help="microgrids, open offers, activations and settlements")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    with contextlib.suppress(ImportError):
+        from ams.vpp.cli import add_vpp_commands
+
+        add_vpp_commands(sub)
+    return ap
+
+
+async def _with_service(args: argparse.Namespace, cfg: AmsConfig, fn: Any) -> Any:
+    """Run ``fn(service)`` against the AMS state in Redis (no transports started)."""
+    import redis.asyncio as aioredis
+
+    from ams.service import AmsService
+
+    client: aioredis.Redis = aioredis.Redis.from_url(_redis_url(args, cfg), decode_responses=True)
+    try:
+        return await fn(AmsService(cfg.service_settings(), client, cfg.participant))
+    finally:
+        await client.aclose()
+
+
+async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
+    import redis.asyncio as aioredis
+
+    from ams.service import AmsService
+    from gateway.messaging import build_messenger
+    from gateway.services import RedisServer
+
+    url = args.redis_url or cfg.redis.url
+    server: RedisServer | None = None
+    state = _state_dir(args, cfg)
+    if url is None:
+        state.mkdir(parents=True, exist_ok=True)
+        server = RedisServer(data_dir=state / "redis")
+        await asyncio.to_thread(server.start)
+        url = server.url
+        (state / "redis.url").write_text(url + "\n")
+        log.info("embedded redis-server at %s (data in %s)", url, state / "redis")
+    client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        messenger = build_messenger(cfg.messaging, client, prefix=f"ams:{cfg.participant}")
+        async with messenger:
+            log.info("AMS %s running (worker %s)", cfg.participant, args.worker)
+            svc = AmsService(cfg.service_settings(), client, cfg.participant, messenger=messenger, worker=args.worker)
+            await svc.run(stop)
+    finally:
+        await client.aclose()
+        if server is not None:
+            (state / "redis.url").unlink(missing_ok=True)
+            await asyncio.to_thread(server.close)
+    return 0
+
+
+async def _status(args: argparse.Namespace, cfg: AmsConfig) -> int:
+    async def collect(svc: Any) -> dict[str, Any]:
+        r = svc.redis
+        open_offers = await svc.open_offers()
+        mgs = {k: json.loads(v) for k, v in (await r.hgetall(svc.keys.microgrids)).items()}
+        offers = [asdict(o) | {"start": o.start.isoformat(), "stop": o.stop.isoformat()} for o in open_offers]
+        settlements = [f for _, f in await r.xrevrange(svc.keys.settlements, count=20)]
+        return {"microgrids": mgs, "open_offers": offers, "settlements": settlements}
+
+    data = await _with_service(args, cfg, collect)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(f"AMS {cfg.participant}: {len(data['microgrids'])} microgrid(s)")
+    for name, mg in data["microgrids"].items():
+        print(
+            f"  {name:20s} {mg.get('location', ''):24s} reliability {float(mg.get('reliability', 1)):.3f}"
+            f"  delivered {mg.get('delivered', 0)}  failed {mg.get('failed', 0)}"
+        )
+    print(f"open offers (merit order): {len(data['open_offers'])}")
+    for o in data["open_offers"]:
+        print(
+            f"  {o['offer_id']:40s} {o['flexibility_type']:9s} {o['power_kw']:8.1f} kW"
+            f" {o['price_eur_per_mwh']:8.2f} EUR/MWh"
+        )
+    print("last settlements:")
+    for s in data["settlements"]:
+        print(
+            f"  {s['activation']:40s} {s['state']:8s} {float(s['mean_kw']):8.2f} kW"
+            f"  {float(s['payment_eur']):9.4f} EUR  {s['reason']}"
+        )
+    return 0
+
+
+async def _request(args: argparse.Namespace, cfg: AmsConfig) -> int:
+    from ams.market import DsoRequest
+    from ams.service import new_request_id, request_window
+
+    start, stop = request_window(args.start_in_s, args.duration_s)
+    req = DsoRequest(
+        request_id=new_request_id(),
+        location=args.location,
+        flexibility_type=FlexibilityType(args.type),
+        power_kw=args.power_kw,
+        start=start,
+        stop=stop,
+        price_cap_eur_per_mwh=args.price_cap,
+    )
+
+    async def submit(svc: Any) -> str:
+        return str(await svc.submit_request(req))
+
+    print(await _with_service(args, cfg, submit))
+    return 0
+
+
+async def _register(args: argparse.Namespace, cfg: AmsConfig) -> int:
+    async def reg(svc: Any) -> None:
+        await svc.register(args.participant, args.location)
+
+    await _with_service(args, cfg, reg)
+    print(f"registered {args.participant} at {args.location}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if hasattr(args, "vpp_handler"):
+            return int(args.vpp_handler(args))
+        cfg = load_ams_config(args.config)
+        if args.cmd == "check-config":
+            transports = ", ".join(cfg.messaging.transports)
+            n = len(cfg.microgrids)
+            print(f"{args.config}: OK - AMS {cfg.participant!r}, transports {transports}, {n} microgrid(s)")
+            return 0
+        handlers = {"run": _run, "status": _status, "request": _request, "register": _register}
+        return int(asyncio.run(handlers[args.cmd](args, cfg)))
+    except ConfigError as exc:
+        print(f"config error ({len(exc.issues)} issue{'s' if len(exc.issues) > 1 else ''}):", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3 if exc.retryable or "no Redis" in str(exc) else 1
+    except OSError as exc:  # e.g. Redis refused the connection
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
