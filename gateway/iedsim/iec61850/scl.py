@@ -179,7 +179,7 @@ def _parse(path: Path) -> tuple[ET.Element, dict[int, int]]:
     try:
         parser.Parse(data, True)
     except expat.ExpatError as exc:
-        raise SclError(path, exc.lineno, "?", f"malformed XML: {expat.ErrorString(exc.code)}"
+        raise SclError(path, exc.lineno, "document", f"malformed XML: {expat.ErrorString(exc.code)}"
                        f" (column {exc.offset})") from None
     root = builder.close()
     return root, lines
