@@ -232,13 +232,15 @@ def evaluate(
 # --- MILP ----------------------------------------------------------------------------------------
 
 
-def _add_service(m: Model, req: Service, w: Window, n_total: int, inj: Terms, q: Terms) -> None:
-    """The service rows on the VPP injection sum_a inj_a,t (and reactive sum_a q_a,t)."""
+def _add_service(m: Model, req: Service, w: Window, n_total: int, inj: Terms, q: Terms) -> dict[str, IntArray]:
+    """The service rows on the VPP injection sum_a inj_a,t (and reactive sum_a q_a,t); returns the service columns."""
+    cols: dict[str, IntArray] = {}
     n, e = w.n, w.dt_h / 1000
     neg = [(cols, -np.asarray(c)) for cols, c in inj]
     if isinstance(req, EnergyTrading):
         price = np.asarray(prof(req.price_eur_per_mwh, n, "price_eur_per_mwh"))
         E = m.add_vars(n, -INF, INF, cost=-price * e)
+        cols["E"] = E
         m.add_rows("VPP energy balance", [(E, 1.0), *neg], lo=0.0, hi=0.0)
         hi = w.slice(expand(req.max_export_kw, n_total, "max_export_kw")) if req.max_export_kw is not None else INF
         lo = -w.slice(expand(req.max_import_kw, n_total, "max_import_kw")) if req.max_import_kw is not None else -INF
@@ -253,6 +255,7 @@ def _add_service(m: Model, req: Service, w: Window, n_total: int, inj: Terms, q:
         m.offset -= req.reward_eur_per_mwh * float(np.sum(np.abs(d))) * e
         dp = m.add_vars(n, 0.0, INF, cost=req.deviation_penalty_eur_per_mwh * e)
         dn = m.add_vars(n, 0.0, INF, cost=req.deviation_penalty_eur_per_mwh * e)
+        cols |= {"dev_plus": dp, "dev_minus": dn}
         m.add_rows("demand response tracking", [*inj, (dp, -1.0), (dn, 1.0)], lo=d, hi=d)
         if req.max_deviation_kw is not None:
             m.add_rows("demand response max deviation", [(dp, 1.0), (dn, 1.0)], hi=req.max_deviation_kw)
@@ -262,12 +265,67 @@ def _add_service(m: Model, req: Service, w: Window, n_total: int, inj: Terms, q:
         terms: Terms = list(q)
         if not req.hard:
             sh = m.add_vars(n, 0.0, INF, cost=req.shortfall_penalty_eur_per_mvarh * e)
+            cols["short"] = sh
             terms.append((sh, 1.0))
         if not q and req.hard:
             terms = [(m.add_vars(n, 0.0, 0.0), 1.0)]
         m.add_rows("reactive power target", terms, lo=lo)
         if q:
             m.add_rows("reactive power target", list(q), hi=hi)
+    return cols
+
+
+def start_vector(
+    m: Model, req: Service, avs: list[AssetVars], svc: dict[str, IntArray], res: CoalitionResult
+) -> FloatArray:
+    """A full column vector from a heuristic coalition: HiGHS's MIP start (an incumbent from t = 0)."""
+    x = np.zeros(m.n_cols)
+    by = {s.name: s for s in res.schedules}
+    for av in avs:
+        s = by[av.asset.name]
+        c = av.cols
+        if "z" in c:
+            x[c["z"]] = 1.0 if s.member else 0.0
+        pw = s.power_kw
+        a = av.asset
+        if isinstance(a, Generator):
+            on = s.on if s.on is not None else (pw > 0).astype(np.float64)
+            x[c["u"]] = on
+            prev = np.concatenate([[0.0], on[:-1]])
+            x[c["v"]] = np.maximum(on - prev, 0.0)
+            x[c["p"]] = pw
+            rest = np.maximum(pw - a.min_kw * on, 0.0)
+            for seg, (wk, _slope) in zip(av.pieces, a.pieces()[1], strict=True):
+                used = np.minimum(rest, wk)
+                x[seg] = used
+                rest = rest - used
+        elif isinstance(a, Renewable):
+            x[c["p"]] = pw
+        elif isinstance(a, Storage):
+            ch = s.charge_kw if s.charge_kw is not None else np.maximum(-pw, 0.0)
+            dis = s.discharge_kw if s.discharge_kw is not None else np.maximum(pw, 0.0)
+            x[c["c"]], x[c["d"]] = ch, dis
+            x[c["s"]] = a.initial_soc_kwh + np.cumsum(
+                a.charge_efficiency * ch * res_dt(res) - dis * res_dt(res) / a.discharge_efficiency
+            )
+        else:
+            x[c["dn"]], x[c["up"]] = np.maximum(pw, 0.0), np.maximum(-pw, 0.0)
+        if "qp" in c and s.reactive_kvar is not None:
+            x[c["qp"]], x[c["qn"]] = np.maximum(s.reactive_kvar, 0.0), np.maximum(-s.reactive_kvar, 0.0)
+    if "E" in svc:
+        x[svc["E"]] = res.vpp_kw
+    if "dev_plus" in svc and res.target_kw is not None:
+        x[svc["dev_plus"]] = np.maximum(res.vpp_kw - res.target_kw, 0.0)
+        x[svc["dev_minus"]] = np.maximum(res.target_kw - res.vpp_kw, 0.0)
+    if "short" in svc and isinstance(req, ReactivePower):
+        lo, _ = reactive_need(req, len(res.vpp_kw))
+        q = res.vpp_kvar if res.vpp_kvar is not None else np.zeros(len(lo))
+        x[svc["short"]] = np.maximum(lo - q, 0.0)
+    return x
+
+
+def res_dt(res: CoalitionResult) -> float:
+    return res.period_min / 60
 
 
 DEFINITIONS = ("VPP energy balance", "demand response tracking", "generator output")
@@ -327,8 +385,13 @@ def solve_milp(
     time_limit_s: float | None = 60.0,
     mip_rel_gap: float = 1e-6,
     only: list[AnyAsset] | None = None,
+    warm_start: CoalitionResult | None = None,
 ) -> CoalitionResult:
-    """Optimal coalition by HiGHS; raises Infeasible naming the binding constraint group."""
+    """Optimal coalition by HiGHS; raises Infeasible naming the binding constraint group.
+
+    ``warm_start``: a (heuristic) coalition handed to HiGHS as its first incumbent, so a time
+    limit still yields a schedule and a MIP gap on very large portfolios.
+    """
     w = req.window(p)
     if only is None:
         precheck(p, req, w)
@@ -337,9 +400,12 @@ def solve_milp(
     avs = build_assets(m, p, w, opts, only)
     inj: Terms = [term for av in avs for term in av.injection]
     q: Terms = [term for av in avs for term in av.reactive]
-    _add_service(m, req, w, p.periods, inj, q)
+    svc = _add_service(m, req, w, p.periods, inj, q)
     t0 = time.perf_counter()
-    sol = m.solve(time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+    start = None
+    if warm_start is not None and not warm_start.violations:
+        start = start_vector(m, req, avs, svc, warm_start)
+    sol = m.solve(time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap, start=start)
     if not sol.has_solution:
         if sol.status == "no_solution":
             raise Infeasible("time limit", f"no feasible coalition found within {time_limit_s} s")
@@ -718,9 +784,9 @@ class GapReport:
 
 
 def compare(p: Portfolio, req: Service, time_limit_s: float | None = 60.0) -> GapReport:
-    """Run both; an infeasible heuristic has an infinite gap."""
-    s = solve_milp(p, req, time_limit_s)
+    """Run both (the heuristic first: it warm-starts the solver); an infeasible heuristic has an infinite gap."""
     h = solve_heuristic(p, req)
+    s = solve_milp(p, req, time_limit_s, warm_start=h)
     if h.status == "infeasible":
         return GapReport(s, h, INF, INF)
     g = s.value_eur - h.value_eur

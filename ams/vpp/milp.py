@@ -120,6 +120,7 @@ class Model:
         mip_rel_gap: float = 1e-6,
         drop_groups: frozenset[str] = frozenset(),
         relax_integers: bool = False,
+        start: FloatArray | None = None,
     ) -> Solution:
         """Solve with HiGHS (one thread: the machines this runs on are shared)."""
         t0 = time.perf_counter()
@@ -150,8 +151,8 @@ class Model:
         nrows = len(rlo)
         order = np.lexsort((ri, rj))
         ri, rj, rv = ri[order], rj[order], rv[order]
-        start = np.zeros(ncols + 1, dtype=np.int32)
-        np.cumsum(np.bincount(rj, minlength=ncols), out=start[1:])
+        col_start = np.zeros(ncols + 1, dtype=np.int32)
+        np.cumsum(np.bincount(rj, minlength=ncols), out=col_start[1:])
         lp.num_row_ = nrows
         lp.col_cost_ = cost
         lp.col_lower_ = lo
@@ -162,7 +163,7 @@ class Model:
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
         lp.a_matrix_.num_col_ = ncols
         lp.a_matrix_.num_row_ = nrows
-        lp.a_matrix_.start_ = start
+        lp.a_matrix_.start_ = col_start
         lp.a_matrix_.index_ = ri.astype(np.int32)
         lp.a_matrix_.value_ = rv
         if integ.any() and not relax_integers:
@@ -174,6 +175,11 @@ class Model:
         if time_limit_s is not None:
             h.setOptionValue("time_limit", float(time_limit_s))
         h.passModel(lp)
+        if start is not None:  # MIP start: HiGHS checks it and keeps it as incumbent when feasible
+            hs = highspy.HighsSolution()
+            hs.col_value = list(np.asarray(start, dtype=np.float64))
+            hs.value_valid = True
+            h.setSolution(hs)
         h.run()
         status = h.getModelStatus()
         info = h.getInfo()
