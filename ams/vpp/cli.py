@@ -30,6 +30,7 @@ from ams.vpp.report import (
 from ams.vpp.services import balance_from_mapping, dayahead_from_mapping, service_from_mapping
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 2, 3
+WARM_START_ASSETS = 200
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -70,7 +71,9 @@ def _cmd_coalition(args: argparse.Namespace) -> None:
     elif args.method == "hierarchical":
         res = solve_hierarchical(p, req, args.time_limit)
     else:
-        res = solve_milp(p, req, args.time_limit)
+        # large portfolios: the merit-order coalition is HiGHS's first incumbent, so a time limit still yields one
+        start = solve_heuristic(p, req) if len(p.assets) >= WARM_START_ASSETS else None
+        res = solve_milp(p, req, args.time_limit, warm_start=start)
     data["result"] = res.to_json()
     out = _out_dir(args)
     print(coalition_table(res))

@@ -257,3 +257,17 @@ def test_offers_from_coalition(mk: Callable[..., Portfolio]) -> None:
     assert (lines[0].stop - lines[0].start).total_seconds() == 7200
     offer = lines[0].to_offer()
     assert isinstance(offer, Offer) and offer.flexibility_ref == "B"
+
+
+def test_warm_start_keeps_the_optimum_and_bounds_a_time_limit() -> None:
+    """The heuristic coalition as MIP start: same optimum; with a zero time limit HiGHS still
+    returns (at least) the heuristic's value instead of nothing."""
+    p = load_portfolio(LAB / "portfolio.yaml")
+    r = service_from_mapping(__import__("yaml").safe_load((LAB / "request-capacity.yaml").read_text()))
+    h = solve_heuristic(p, r)
+    cold = solve_milp(p, r)
+    warm = solve_milp(p, r, warm_start=h)
+    assert warm.value_eur == pytest.approx(cold.value_eur, abs=1e-4)
+    quick = solve_milp(p, r, time_limit_s=0.0, warm_start=h)
+    assert quick.status in ("time_limit", "optimal")
+    assert quick.value_eur >= h.value_eur - 1e-6
