@@ -37,11 +37,9 @@ from ams.vpp.assets import (
     Options,
     Terms,
     Window,
-    band,
     build_assets,
     check_schedule,
     extract,
-    load_down_cap,
     load_up_cap,
     ramp_params,
     schedule_cost,
@@ -941,6 +939,3 @@ def _solve_unfirm(
         np.zeros(w.n),
         None,
     )
-
-
-_ = (band, load_down_cap, IntArray)

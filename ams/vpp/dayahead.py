@@ -31,7 +31,7 @@ import numpy as np
 from ams.vpp.assets import AssetSchedule, Options, build_assets, extract, load_down_cap, schedule_cost
 from ams.vpp.errors import Infeasible
 from ams.vpp.milp import INF, FloatArray, Model, diagnose_infeasible
-from ams.vpp.portfolio import FlexibleLoad, Generator, Portfolio, expand
+from ams.vpp.portfolio import FlexibleLoad, Portfolio, expand
 from ams.vpp.services import DayAheadRequest, prof
 
 
@@ -97,8 +97,7 @@ def plan_day_ahead(p: Portfolio, req: DayAheadRequest, time_limit_s: float | Non
         else np.zeros(n)
     )
     rbar = np.sum([load_down_cap(a, w, N) for a in loads], axis=0) if loads else np.zeros(n)
-    if req.min_reduction_kw > 0:
-        pass  # reductions are optional (delta_t = 0), so R_min alone never makes the plan infeasible
+    # R_min never makes the plan infeasible on its own: delta_t = 0 switches DR off in that period
     m = Model()
     avs = build_assets(m, p, w, opts)
     for av in avs:  # consumers pay lambda^VPP for what they consume: reduction loses it, increase earns it
@@ -162,6 +161,3 @@ def plan_day_ahead(p: Portfolio, req: DayAheadRequest, time_limit_s: float | Non
         sol.mip_gap,
         time.perf_counter() - t0,
     )
-
-
-_ = Generator
