@@ -12,6 +12,8 @@ bound of what separate processes would show.
    callback -> decoded PointUpdate ``receive_time``), no core and no Redis.
 3. commands: breaker open/close through the gateway, direct-normal (XCBR1.Pos) and
    SBO-enhanced (CSWI1.Pos), travel 0: request -> operate accepted, -> confirmed in Redis.
+4. set-point: the APC power limit (DWMX1.WMaxSpt, direct-normal): request -> operate
+   accepted, -> confirmed by the ``mxVal`` read-back in Redis.
 
 Writes ``report.json`` into --out and prints a Markdown table.
 """
@@ -114,7 +116,7 @@ async def through_gateway(cfg: LabConfig, sim: Iec61850Server, samples: int) -> 
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop))
         res: dict[str, list[float]] = {"value": [], "direct_ack": [], "direct_confirmed": [], "sbo_ack": [],
-                                       "sbo_confirmed": []}
+                                       "sbo_confirmed": [], "setpoint_ack": [], "setpoint_confirmed": []}
         try:
             await gw.wait_connected(10)
             await asyncio.sleep(0.3)
@@ -138,6 +140,15 @@ async def through_gateway(cfg: LabConfig, sim: Iec61850Server, samples: int) -> 
                         res[f"{key}_ack"].append((out.ack_ts - out.sent_ts) * 1000)
                     if out.duration_ms is not None:
                         res[f"{key}_confirmed"].append(out.duration_ms)
+            for i in range(max(10, samples // 10)):
+                # APC DWMX1.WMaxSpt: operate, confirmed by the mxVal read-back in Redis
+                out = await gw.execute("mms.feeder.p_limit.setpoint", 100.0 + (i % 50), requested_by="bench")
+                if out.result != "confirmed" or out.sent_ts is None:
+                    continue
+                if out.ack_ts is not None:
+                    res["setpoint_ack"].append((out.ack_ts - out.sent_ts) * 1000)
+                if out.duration_ms is not None:
+                    res["setpoint_confirmed"].append(out.duration_ms)
         finally:
             stop.set()
             await asyncio.wait_for(task, 15)
