@@ -174,7 +174,8 @@ def plot_coalition(res: CoalitionResult, path: Path) -> None:
         ax.bar(x, vn, bottom=neg, width=0.8, color=ax.patches[-1].get_facecolor())
         pos, neg = pos + vp, neg + vn
     if res.target_kw is not None:
-        ax.step(x, res.target_kw, where="mid", color="k", label="target")
+        edges = np.append(x - 0.5, x[-1] + 0.5) if n else x
+        ax.stairs(res.target_kw, edges, baseline=None, color="k", linewidth=2, label="target")
     ax.set_xlabel(f"period ({res.period_min} min) from {res.times[0]:%Y-%m-%d %H:%M} UTC" if res.times else "period")
     ax.set_ylabel("kvar" if res.vpp_kvar is not None else "kW (injection / reduction)")
     ax.set_title(f"{res.service} coalition ({res.method}), value {res.value_eur:,.2f} EUR")
