@@ -117,7 +117,7 @@ def _guarded(cmd: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Na
     return run
 
 
-def add_vpp_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_vpp_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``plan``, ``coalition`` and ``balance``; each sets ``args.func(args) -> exit code``."""
 
     def common(sp: argparse.ArgumentParser, request_help: str) -> None:
