@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--location", default="*")
     p.add_argument("--start-in-s", type=float, default=0.0)
     p.add_argument("--duration-s", type=float, default=900.0)
-    p.add_argument("--price-cap", type=float, default=float("inf"), help="EUR/MWh")
+    p.add_argument("--price-cap", type=float, default=None, help="EUR/MWh (default: no cap)")
     p = sub.add_parser("status", help="microgrids, open offers, activations and settlements")
     common(p)
     p.add_argument("--json", action="store_true")

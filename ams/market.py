@@ -8,7 +8,6 @@ so they are pure functions over typed values, tested with hand-computed cases; t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -85,7 +84,7 @@ class OfferRecord:
 
 class DsoRequest(BaseModel):
     """What the DSO (simulated market) buys: power of one direction over a window, at most
-    ``price_cap`` per MWh, at ``location`` (``"*"``: anywhere)."""
+    ``price_cap`` per MWh (None: any price), at ``location`` (``"*"``: anywhere)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -95,7 +94,7 @@ class DsoRequest(BaseModel):
     power_kw: float = Field(gt=0)
     start: datetime
     stop: datetime
-    price_cap_eur_per_mwh: float = math.inf
+    price_cap_eur_per_mwh: float | None = None  # None: no cap (JSON has no infinity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +133,7 @@ def clear(request: DsoRequest, offers: Iterable[OfferRecord], *, divisible: bool
             or (request.location != "*" and offer.location != request.location)
             or offer.start > request.start
             or offer.stop < request.stop
-            or offer.price_eur_per_mwh > request.price_cap_eur_per_mwh
+            or (request.price_cap_eur_per_mwh is not None and offer.price_eur_per_mwh > request.price_cap_eur_per_mwh)
         ):
             continue
         kw = min(offer.power_kw, remaining) if divisible else offer.power_kw

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from dsokit import MGMS
 from hilkit import DEVICE, REAL_CONFIG, SIM_CONFIG, Lab, start_lab
 
+from ams.sandbox import DsoSandbox
 from gateway.config import LabConfig, load_config
 from gateway.iedsim.iec104.server import Iec104Outstation
 from gateway.services import RedisServer
@@ -60,3 +62,15 @@ async def lab(base_config: LabConfig, redis_server: RedisServer, sim: Iec104Outs
     finally:
         await running.shutdown()
         await running.reader.aclose()
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[DsoSandbox]:
+    with DsoSandbox(tmp_path / "dso", mgms=[MGMS]) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def ams_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(data_dir=tmp_path / "ams-redis") as server:
+        yield server

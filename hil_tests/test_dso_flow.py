@@ -10,21 +10,15 @@ mixed, and once with the broker killed and restarted in the middle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import pytest
-import redis.asyncio as aioredis
-from hilkit import REAL_CONFIG, Lab, eventually, start_lab
+from dsokit import MGMS, Ams, dso_lab
+from hilkit import REAL_CONFIG, Lab, eventually
 
-from ams.sandbox import DsoSandbox, feeder_flexibility
-from ams.service import AmsService, AmsSettings, MicrogridEntry
+from ams.sandbox import DsoSandbox
 from gateway.config import LabConfig
 from gateway.iedsim.iec104.server import Iec104Outstation
-from gateway.messaging import Messenger, build_messenger
 from gateway.points import DoublePoint
 from gateway.services import RedisServer
 
@@ -32,78 +26,6 @@ pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.skipif(bool(REAL_CONFIG), reason="drives the breaker through the simulated AMS flow"),
 ]
-
-MGMS = "mgms-multipower"
-LOCATION = "FI-Vaasa/feeder-4"
-
-
-@pytest.fixture
-def box(tmp_path: Path) -> Iterator[DsoSandbox]:
-    with DsoSandbox(tmp_path / "dso", mgms=[MGMS]) as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def ams_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(data_dir=tmp_path / "ams-redis") as server:
-        yield server
-
-
-@dataclass
-class Ams:
-    service: AmsService
-    messenger: Messenger
-    client: aioredis.Redis
-    task: asyncio.Task[None]
-    stop: asyncio.Event
-
-    async def shutdown(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 10)
-        await self.messenger.close()
-        await self.client.aclose()
-
-
-async def start_ams(box: DsoSandbox, redis: RedisServer, transport: str, security: str) -> Ams:
-    client = aioredis.Redis.from_url(redis.url, decode_responses=True)
-    messenger = build_messenger(box.messaging("ams", transport=transport, security=security), client, prefix="ams:ams")  # type: ignore[arg-type]
-    await messenger.start()
-    service = AmsService(
-        AmsSettings(microgrids=(MicrogridEntry(participant=MGMS, location=LOCATION),)),
-        client,
-        "ams",
-        messenger=messenger,
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop), name="ams")
-    return Ams(service, messenger, client, task, stop)
-
-
-@contextlib.asynccontextmanager
-async def dso_lab(
-    box: DsoSandbox,
-    base: LabConfig,
-    redis: RedisServer,
-    ams_redis: RedisServer,
-    sim: Iec104Outstation | None,
-    transport: Literal["mqtt", "https", "both"],
-    security: Literal["encrypted", "signed"],
-) -> AsyncIterator[tuple[Lab, Ams]]:
-    cfg = base.model_copy(
-        update={
-            "messaging": box.messaging(MGMS, transport=transport, security=security),
-            "flexibility": feeder_flexibility(window_s=2, step_s=1),
-        }
-    )
-    ams = await start_ams(box, ams_redis, transport, security)
-    lab = await start_lab(cfg, redis, sim)
-    try:
-        yield lab, ams
-    finally:
-        await lab.shutdown()
-        await lab.reader.aclose()
-        await ams.shutdown()
-
 
 async def run_flow(lab: Lab, ams: Ams) -> tuple[str, dict[str, str]]:
     """Offer the feeder once; return the activation id and its settlement at the AMS."""

@@ -1,0 +1,140 @@
+"""``ams`` and the DSO lab config: example files validate once their secrets exist; errors
+name file, line and key; the state commands work against a Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config
+from gateway.iedsim.pki import make_lab_pki
+from gateway.semantic import write_key_pair
+from gateway.services import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+LAB = Path(__file__).resolve().parents[2] / "lab_configs"
+
+
+def ams(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ams.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+@pytest.fixture
+def lab_dir(tmp_path: Path) -> Path:
+    """A copy of lab_configs with the secrets the example configs name made up on the spot."""
+    d = tmp_path / "lab"
+    shutil.copytree(LAB, d, ignore=shutil.ignore_patterns("keys", "pki"))
+    pki = make_lab_pki(d / "pki", client_names=("mgms",))
+    shutil.copy(pki.server.cert, d / "pki" / "ams.crt")
+    shutil.copy(pki.server.key, d / "pki" / "ams.key")
+    shutil.copy(pki.clients["mgms"].cert, d / "pki" / "mgms.crt")
+    shutil.copy(pki.clients["mgms"].key, d / "pki" / "mgms.key")
+    write_key_pair("ams", d / "keys" / "ams")
+    write_key_pair("mgms-multipower", d / "keys" / "mgms")
+    (d / "keys" / "ams" / "peers").mkdir()
+    (d / "keys" / "mgms" / "peers").mkdir()
+    shutil.copy(d / "keys" / "mgms" / "mgms-multipower.pub", d / "keys" / "ams" / "peers")
+    shutil.copy(d / "keys" / "ams" / "ams.pub", d / "keys" / "mgms" / "peers")
+    return d
+
+
+def test_example_ams_config_validates_with_its_secrets(lab_dir: Path) -> None:
+    r = ams("check-config", "-c", str(lab_dir / "ams.yaml"), env={"AMS_MQTT_PASSWORD": "x"})
+    assert r.returncode == 0, r.stderr
+    assert "OK - AMS 'ams', transports mqtt, https, 1 microgrid(s)" in r.stdout
+
+
+def test_example_dso_lab_config_validates_with_its_secrets(lab_dir: Path) -> None:
+    cfg = load_config(lab_dir / "multipower-dso.yaml")
+    assert cfg.messaging is not None and cfg.flexibility is not None
+    assert cfg.messaging.identity_file == str(lab_dir / "keys" / "mgms" / "mgms-multipower.key")
+    assert cfg.messaging.transports["mqtt"]["ca_file"] == str(lab_dir / "pki" / "ca.crt")
+
+
+def test_missing_keys_and_bad_values_are_reported_with_lines(tmp_path: Path) -> None:
+    bad = tmp_path / "ams.yaml"
+    bad.write_text(
+        "messaging:\n"
+        "  participant: ams\n"
+        "  identity_file: nowhere/ams.key\n"
+        "  transports:\n"
+        "    mqtt: {port: 99999}\n"
+        "    carrier_pigeon: {}\n"
+    )
+    r = ams("check-config", "-c", str(bad))
+    assert r.returncode == 2
+    err = r.stderr
+    assert f"{bad}:3: messaging.identity_file: not found" in err
+    assert f"{bad}:5: messaging.transports.mqtt.port:" in err
+    assert f"{bad}:6: messaging.transports.carrier_pigeon: unknown transport" in err
+    # model errors come first (the cross checks need a valid model), all of them at once
+    bad.write_text(
+        "messaging: {participant: ams, identity_file: x, transports: {}}\n"
+        "verification: {tolerance_pct: 150}\n"
+        "market: {auto_clearing: true}\n"
+    )
+    r = ams("check-config", "-c", str(bad))
+    assert r.returncode == 2
+    assert f"{bad}:2: verification.tolerance_pct:" in r.stderr
+    assert f"{bad}:3: market.auto_clearing: unknown key" in r.stderr
+
+
+def test_flexibility_block_names_unknown_and_wrong_points(lab_dir: Path) -> None:
+    f = lab_dir / "bad-dso.yaml"
+    f.write_text(
+        "extends: multipower-dso.yaml\n"
+        "flexibility:\n"
+        "  aggregator: ams\n"
+        "  resources:\n"
+        "    - name: feeder\n"
+        "      flexibility_type: upward\n"
+        "      power_point: feeder.voltage.l1\n"
+        "      activate: [{point: feeder.brekaer.command, value: open}]\n"
+    )
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    text = str(exc.value)
+    assert "bad-dso.yaml:7: flexibility.resources[0](feeder).power_point: 'feeder.voltage.l1' is not" in text
+    assert "did you mean" in text and "feeder.breaker.command" in text
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def test_register_request_and_status_against_redis(lab_dir: Path, redis_server: RedisServer) -> None:
+    cfg = ["-c", str(lab_dir / "ams.yaml"), "--redis-url", redis_server.url]
+    env = {"AMS_MQTT_PASSWORD": "x"}
+    r = ams("register", *cfg, "mgms-other", "FI-Oulu/feeder-1", env=env)
+    assert r.returncode == 0, r.stderr
+    r = ams("request", *cfg, "--type", "upward", "--power-kw", "25", "--duration-s", "60", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("req-"), r.stderr
+    r = ams("status", *cfg, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert '"FI-Oulu/feeder-1"' in r.stdout
+    r = ams("status", *cfg, env=env)
+    assert "mgms-other" in r.stdout and "open offers (merit order): 0" in r.stdout
+
+
+def test_status_without_redis_is_a_clear_service_error(lab_dir: Path, tmp_path: Path) -> None:
+    r = ams("status", "-c", str(lab_dir / "ams.yaml"), "--data-dir", str(tmp_path / "none"),
+            env={"AMS_MQTT_PASSWORD": "x"})  # fmt: skip
+    assert r.returncode == 3
+    assert "no Redis" in r.stderr
