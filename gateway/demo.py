@@ -1,20 +1,29 @@
-"""``mgms demo``: the MultiPower lab on simulators, end to end, in about ten seconds.
+"""``mgms demo``: the MultiPower lab on simulators, end to end, in about twenty seconds.
 
 It starts what a lab would run — a redis-server (own port, throw-away data), the
-REF615/COM600 simulator as its own process (``iedsim iec104``), the gateway — then shows
-the values arriving in Redis, times value changes from the simulator into Redis, operates
-the breaker and the set-point the way an operator does (a request on the Redis command
-stream), prints every step with its timing, and shuts everything down.
+REF615/COM600 simulator as its own process (``iedsim iec104``), the 61850 and DLMS
+simulators, the gateway — then shows the values arriving in Redis, times value changes from
+the simulator into Redis, operates the breaker and the set-point the way an operator does (a
+request on the Redis command stream), and runs the DSO flexibility use case with an AMS: a
+TLS mosquitto with per-participant ACLs, the AMS with its own Redis, encrypted and signed
+messages; Flexibility over HTTPS, Activation over MQTT (the pair HEILA measured), the
+breaker opened and closed by the activation, Verification, settlement. Every step is printed
+with its timing; everything is shut down at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
+from ams.sandbox import DsoSandbox, feeder_flexibility
+from ams.service import AmsService, AmsSettings, MicrogridEntry
 from gateway.config import Direction, LabConfig, load_config
 from gateway.iedsim.dlms import DlmsMeter
 from gateway.iedsim.iec61850 import Iec61850Server
@@ -25,6 +34,9 @@ from gateway.store import RedisStore
 from gateway.watch import render
 
 __all__ = ["run_demo"]
+
+DEMO_MGMS = "mgms-multipower"
+DEMO_LOCATION = "FI-Vaasa/feeder-4"
 
 
 def _say(msg: str = "") -> None:
@@ -62,7 +74,7 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
     _say(f"MGMS demo - lab {cfg.lab.name!r} ({cfg.lab.description}) on simulators")
     _say(f"config: {config_file}")
     _say("")
-    with tempfile.TemporaryDirectory(prefix="mgms-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mgms-demo-") as tmp, contextlib.ExitStack() as stack:
         redis = RedisServer(data_dir=Path(tmp) / "redis")
         await asyncio.to_thread(redis.start)
         _say(f"[{clock.ms()}] redis-server started at {redis.url} (AOF on, data in a temp dir)")
@@ -93,6 +105,18 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                         f" ({dev.dlms.framing}, security {dev.dlms.security})"
                     )
             lab = lab.only(device, *(m.name for m in mms_sims), *(m.name for m in meters))
+            box = await asyncio.to_thread(DsoSandbox, Path(tmp) / "dso", [DEMO_MGMS])
+            await asyncio.to_thread(box.start)
+            stack.callback(box.close)
+            assert box.broker is not None
+            _say(f"[{clock.ms()}] mosquitto (TLS, per-participant users and ACLs) at 127.0.0.1:{box.broker.port}")
+            if "feeder.p" in {p.name for p in lab.points} and "feeder.breaker.command" in {p.name for p in lab.points}:
+                lab = lab.model_copy(
+                    update={
+                        "messaging": box.messaging(DEMO_MGMS, transport="both", security="encrypted"),
+                        "flexibility": feeder_flexibility(window_s=2, step_s=1),
+                    }
+                )
             store = RedisStore.from_url(lab, redis.url)
             reader = RedisStore.from_url(lab, redis.url)  # what an operator's client sees
             gateway = Gateway(lab, store)
@@ -113,6 +137,8 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                 _say("")
                 failures += await _value_latency(sim, reader, clock)
                 failures += await _commands(reader, clock, operations)
+                if gateway.flex_agent is not None:
+                    failures += await _dso_flow(gateway, box, Path(tmp), clock)
                 _say("")
                 _say(f"command log (Redis stream {lab.redis.key_prefix}:{lab.lab.name}:cmd:log), newest last:")
                 for rec in await reader.command_log(6):
@@ -206,4 +232,75 @@ async def _commands(reader: RedisStore, clock: _Clock, operations: int) -> int:
             f"[{clock.ms()}]   {point} = {value} -> {result}{why}{'' if result == expect else f'  [expected {expect}]'}"
         )
         failures += result != expect
+    return failures
+
+
+def _ms(a_ns: int | str, b_ns: int | str) -> str:
+    return f"{(int(b_ns) - int(a_ns)) / 1e6:7.2f} ms"
+
+
+async def _dso_flow(gateway: Gateway, box: DsoSandbox, tmp: Path, clock: _Clock) -> int:
+    """The DSO use case once, with an AMS in this process on its own Redis."""
+    import redis.asyncio as aioredis
+
+    from gateway.messaging import build_messenger
+
+    _say("")
+    _say("DSO flexibility use case (HEILA): MGMS -> AMS over HTTPS, AMS -> MGMS over MQTT, encrypted")
+    ams_redis = RedisServer(data_dir=tmp / "ams-redis")
+    await asyncio.to_thread(ams_redis.start)
+    client = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
+    messenger = build_messenger(box.messaging("ams", transport="both", security="encrypted"), client, prefix="ams:ams")
+    stop = asyncio.Event()
+    failures = 0
+    try:
+        await messenger.start()
+        svc = AmsService(
+            AmsSettings(microgrids=(MicrogridEntry(participant=DEMO_MGMS, location=DEMO_LOCATION),)),
+            client,
+            "ams",
+            messenger=messenger,
+        )
+        task = asyncio.create_task(svc.run(stop), name="ams")
+        _say(f"[{clock.ms()}] AMS 'ams' running (own redis-server at {ams_redis.url}, HTTPS and MQTT)")
+        agent = gateway.flex_agent
+        assert agent is not None
+        flex = (await agent.publish(window_s=2))[0]
+        _say(f"[{clock.ms()}] MGMS offered {flex.power_kw:.1f} kW upward flexibility ({flex.identifier}) for 2 s")
+        act_id = f"act:offer:{DEMO_MGMS}:{flex.identifier}"
+        deadline = time.monotonic() + 20
+        settlement: dict[str, str] = {}
+        while time.monotonic() < deadline and not settlement:
+            settlement = await svc.settlement(act_id)
+            await asyncio.sleep(0.05)
+        if not settlement:
+            _say(f"[{clock.ms()}] FAILED: no settlement within 20 s")
+            failures += 1
+        else:
+            fx = cast(dict[str, str], await client.hgetall(svc.keys.flex(DEMO_MGMS, flex.identifier)))
+            offer = cast(dict[str, str], await client.hgetall(svc.keys.offer(f"offer:{DEMO_MGMS}:{flex.identifier}")))
+            act_key = f"{gateway.store.keys.prefix}:flex:act:{act_id}"
+            act = cast(dict[str, str], await gateway.store.redis.hgetall(act_key))
+            cmds = json.loads(act.get("commands", "[]")) + json.loads(act.get("restore", "[]"))
+            _say(f"  Flexibility  MGMS created -> AMS db (HTTPS)   {_ms(fx['created_ns'], fx['stored_ns'])}")
+            _say(f"  Offer        {offer['price']} EUR/MWh, reserved and activated (simulated DSO clears at once)")
+            _say(f"  Activation   AMS created -> MGMS db (MQTT)    {_ms(act['created_ns'], act['stored_ns'])}")
+            for c in cmds:
+                _say(f"  Breaker      {c['point']} {c['value']}: {c['result']} by status in {c['ms'] or 0:.1f} ms")
+            _say(f"  Verification delivered {json.loads(act.get('series_kw', '[]'))} kW per 1 s step")
+            _say(
+                f"  Settlement   {settlement['state']}: mean {float(settlement['mean_kw']):.1f} kW,"
+                f" {float(settlement['payment_eur']):.5f} EUR ({settlement['reason']}),"
+                f" verification -> AMS db {_ms(settlement['created_ns'], settlement['stored_ns'])}"
+            )
+            if settlement["state"] != "settled":
+                failures += 1
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        stop.set()
+        await messenger.close()
+        await client.aclose()
+        await asyncio.to_thread(ams_redis.close)
+    _say(f"[{clock.ms()}] AMS stopped")
     return failures
