@@ -156,15 +156,28 @@ class AmsService:
     """One AMS worker. ``run(stop)`` serves the inbox and the DSO request stream."""
 
     def __init__(
-        self, settings: AmsSettings, messenger: Messenger, redis: aioredis.Redis, *, worker: str = "w1"
+        self,
+        settings: AmsSettings,
+        redis: aioredis.Redis,
+        participant: str,
+        *,
+        messenger: Messenger | None = None,
+        worker: str = "w1",
     ) -> None:
+        """``messenger`` None: an offline view (CLI status, register, request) that never sends."""
         self.settings = settings
-        self.messenger = messenger
+        self._messenger = messenger
         self.redis = redis
-        self.participant = messenger.participant
-        self.keys = AmsKeys(self.participant)
+        self.participant = participant
+        self.keys = AmsKeys(participant)
         self.worker = worker
         self.counters: Counter[str] = Counter()
+
+    @property
+    def messenger(self) -> Messenger:
+        if self._messenger is None:
+            raise RuntimeError("this AmsService was built without a messenger (offline view)")
+        return self._messenger
 
     # ----------------------------------------------------------------- registry
 
