@@ -2,14 +2,16 @@
 
 Why it works this way:
 
-* **Flexibility from live values.** What a resource can offer is what it draws (or feeds)
-  right now at its power point, minus what the operation plan keeps (``reserve_kw``),
-  capped (``max_kw``). The agent reads the gateway's latest values, not Redis, so an offer
-  is never older than the last field update; a point that is invalid or not topical offers
-  nothing (a stale measurement is not a promise).
+* **Flexibility from live values and the operation plan.** What a resource can offer is what
+  it draws (or feeds) right now at its power point, minus what the operation plan keeps:
+  the power an Operation Plan message (HEILA Table 2) schedules for the resource at this
+  time when one covers now, else the configured ``reserve_kw``; capped (``max_kw``). The
+  agent reads the gateway's latest values, not Redis, so an offer is never older than the
+  last field update; a point that is invalid or not topical offers nothing (a stale
+  measurement is not a promise).
 * **Activation -> commands -> confirmation.** An Activation Notification becomes the lab
   config's ``activate`` commands at its start and ``restore`` commands at its stop, run
-  through :meth:`Gateway.execute`, i.e. confirmed by their status points like any operator
+  through :meth:`Gateway.execute_logged`, i.e. confirmed by their status points like any operator
   command and logged in the command log with ``requested_by = ams:<activation id>``.
 * **Verification from measurements.** The baseline is the power just before the first
   command; every ``time_step_s`` the agent records ``baseline - measured`` (upward: less
@@ -41,6 +43,7 @@ from gateway.semantic import (
     ActivationNotification,
     Flexibility,
     FlexibilityType,
+    OperationPlan,
     ReserveNotification,
     VerificationNotification,
 )
@@ -79,6 +82,7 @@ class FlexAgent:
         self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._plans: dict[str, OperationPlan] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -93,6 +97,8 @@ class FlexAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve the inbox and (if ``period_s`` > 0) publish flexibility until ``stop``."""
+        for name, doc in cast(dict[str, str], await self.redis.hgetall(f"{self.prefix}:flex:plan")).items():
+            self._plans[name] = OperationPlan.model_validate_json(doc)  # plans survive a restart
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.messenger.serve(INBOX_GROUP, "gateway", self.handle, stop), name="flex-inbox")
@@ -128,11 +134,21 @@ class FlexAgent:
         unit = self.gateway.config.point(res.power_point).unit
         return float(value) * UNIT_SI_FACTORS[unit] / 1e3
 
+    def planned_kw(self, res: FlexResource, at: datetime | None = None) -> float:
+        """What the operation plan keeps for the resource at ``at`` (now): the plan's step
+        value when an Operation Plan covers that time, else ``reserve_kw``."""
+        plan = self._plans.get(res.name)
+        t = at or datetime.now(UTC)
+        if plan is not None and plan.start <= t < plan.stop:
+            i = int((t - plan.start).total_seconds() // plan.time_step_s)
+            return abs(plan.power_series_kw[min(i, len(plan.power_series_kw) - 1)])
+        return res.reserve_kw
+
     def available_kw(self, res: FlexResource) -> float:
         p = self.power_kw(res)
         if p is None:
             return 0.0
-        magnitude = abs(p) - res.reserve_kw
+        magnitude = abs(p) - self.planned_kw(res)
         if res.max_kw is not None:
             magnitude = min(magnitude, res.max_kw)
         return round(magnitude, 3) if magnitude >= res.min_kw else 0.0
@@ -181,6 +197,14 @@ class FlexAgent:
             raise ValueError(f"{item.envelope.type} from {item.envelope.sender}, not our aggregator")
         if isinstance(payload, ActivationNotification):
             await self.on_activation(item, payload)
+        elif isinstance(payload, OperationPlan):
+            if payload.resource not in {r.name for r in self.settings.resources}:
+                self.counters["unknown_plan_resource"] += 1
+                raise ValueError(f"operation plan {payload.identifier} for unknown resource {payload.resource!r}")
+            self._plans[payload.resource] = payload
+            await self.redis.hset(f"{self.prefix}:flex:plan", payload.resource, payload.model_dump_json())
+            self.counters["plans"] += 1
+            log.info("operation plan %s for %s from %s", payload.identifier, payload.resource, payload.start)
         elif isinstance(payload, ReserveNotification):
             self.counters["reserves"] += 1
             await self.redis.hset(

@@ -119,3 +119,35 @@ async def test_dso_flow_survives_a_broker_restart(
         await check_outcome(lab, ams, act_id, settlement)
         assert await gw.messenger.outbox_length() == 0
 
+
+
+async def test_operation_plan_from_the_ams_reduces_what_is_offered(
+    box: DsoSandbox,
+    base_config: LabConfig,
+    redis_server: RedisServer,
+    ams_redis: RedisServer,
+    sim: Iec104Outstation | None,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.semantic import OperationPlan
+
+    async with dso_lab(box, base_config, redis_server, ams_redis, sim, "mqtt", "encrypted") as (lab, ams):
+        agent = lab.gateway.flex_agent
+        assert agent is not None
+        await eventually(lambda: _value(lab.gateway, "feeder.p"), 5, "a feeder power value")
+        t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        plan = OperationPlan(identifier="plan-1", resource="feeder", start=t0, stop=t0 + timedelta(seconds=120),
+                             time_step_s=60, power_series_kw=(20.0, 20.0))  # fmt: skip
+        await ams.messenger.send(plan, MGMS)
+
+        async def taken() -> int | None:
+            return agent.counters["plans"] or None
+
+        await eventually(taken, 10, "the plan to arrive")
+        measured = await _value(lab.gateway, "feeder.p")
+        assert measured is not None
+        flex = (await agent.publish(window_s=2))[0]
+        # the plan keeps 20 kW; the feeder's load moves a little between the two reads
+        assert flex.power_kw == pytest.approx(abs(measured) - 20.0, abs=3.0)
+        assert await lab.store.redis.hexists(f"{lab.store.keys.prefix}:flex:plan", "feeder")
