@@ -17,8 +17,8 @@ fi
 PY="${PYTHON:-python3}"
 # (Re)install when a dependency is missing or the installed package is another checkout.
 here="$(pwd -P)"
-installed="$(cd / && "$PY" -c "import gateway, c104, pyiec61850, gurux_dlms, redis, yaml, pydantic, cryptography, paho.mqtt, pyld, \
-dlms_cosem, open61850, pytest_asyncio, pytest_timeout, mypy, ruff, os; \
+installed="$(cd / && "$PY" -c "import gateway, ams, c104, pyiec61850, gurux_dlms, redis, yaml, pydantic, cryptography, paho.mqtt, pyld, aiohttp, \
+dlms_cosem, open61850, highspy, numpy, matplotlib, hypothesis, pytest_asyncio, pytest_timeout, mypy, ruff, os; \
 print(os.path.dirname(os.path.dirname(os.path.realpath(gateway.__file__))))" 2>/dev/null || true)"
 if [ "$installed" != "$here" ] || [ "${MGMS_REINSTALL:-0}" = 1 ]; then
   echo "installing the gateway and its Python dependencies (pip)" >&2
