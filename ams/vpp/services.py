@@ -90,6 +90,11 @@ _service_adapter: TypeAdapter[EnergyTrading | Capacity | DemandResponse | Reacti
 
 def service_from_mapping(data: dict[str, Any]) -> EnergyTrading | Capacity | DemandResponse | ReactivePower:
     raw = data.get("request", data)
+    kinds = "energy_trading, capacity, demand_response, reactive_power"
+    if not isinstance(raw, dict) or "service" not in raw:
+        raise BadInput(f"service: missing (one of {kinds})")
+    if raw["service"] not in kinds.split(", "):
+        raise BadInput(f"service: {raw['service']!r} is not one of {kinds}")
     try:
         return _service_adapter.validate_python(raw)
     except ValidationError as exc:
