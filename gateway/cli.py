@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the lab on simulators: Redis, simulator, gateway, breaker operations")
     p.add_argument("--config", "-c", default=str(_default_sim_config()), help="simulator profile of the lab")
     p.add_argument("--operations", type=int, default=3, help="open/close cycles to time")
+
+    from gateway.bench.args import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="latency of the HEILA routes on simulators, next to each protocol's floor")
+    add_bench_arguments(p)
     return ap
 
 
@@ -237,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.demo import run_demo
 
             return asyncio.run(run_demo(Path(args.config), operations=args.operations))
+        if args.cmd == "bench":
+            from gateway.bench.runner import run as run_bench
+
+            return run_bench(args)
     except ConfigError as exc:
         print(f"config error ({len(exc.issues)} issue{'s' if len(exc.issues) > 1 else ''}):", file=sys.stderr)
         for issue in exc.issues:

@@ -1,0 +1,195 @@
+"""The floors: each protocol stack bare, on the same machine, in the same run.
+
+Why: a latency figure alone does not say how much of it the gateway adds. Each route of
+``mgms bench`` is paired with the same exchange done by the bare library with nothing of
+ours in between, so "median vs floor" is the gateway's own cost:
+
+* c104: a bare ``c104.Client`` on the 104 simulator; value change -> ``on_receive`` callback,
+  and the SBO breaker command -> position callback (travel time 0).
+* libiec61850: the adapter's own report handling without the gateway (simulator update ->
+  decoded report event), as ``bench/iec61850_bench.py`` measures it.
+* gurux: one register GET through a bare gurux session (no adapter queue, no store).
+* mosquitto: bare paho clients (their own network threads) over TLS, QoS 1, publish ->
+  subscriber's ``on_message``.
+* aiohttp: a bare TLS POST (mutual TLS, keep-alive) to a bare aiohttp handler.
+"""
+
+# No ``from __future__ import annotations`` here: c104 checks a callback's signature by its
+# annotation objects and refuses strings.
+import asyncio
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import c104
+import paho.mqtt.client as mqtt
+from aiohttp import ClientSession, TCPConnector, web
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.config import Iec104Address, LabConfig, Point
+from gateway.iedsim.pki import LabPki
+from gateway.protocols.messaging import inbox_filter, topic_for
+from gateway.services import free_port
+
+__all__ = ["BareC104", "aiohttp_floor", "ioa_of", "paho_floor"]
+
+
+def ioa_of(point: Point) -> tuple[int, str]:
+    """(IOA, c104 type name) of an IEC 104 point."""
+    if not isinstance(point.address, Iec104Address):
+        raise TypeError(f"{point.name} is not an IEC 104 point")
+    return point.address.ioa, point.address.type
+
+
+class BareC104:
+    """A bare c104 client on the simulator: the floor of the 104 stack without the gateway."""
+
+    def __init__(self, port: int, cfg: LabConfig, device: str, command_point: str) -> None:
+        self.client = c104.Client(tick_rate_ms=50, command_timeout_ms=5000)
+        conn = self.client.add_connection(ip="127.0.0.1", port=port, init=c104.Init.INTERROGATION)
+        station = None if conn is None else conn.add_station(common_address=cfg.devices[device].common_address)
+        if conn is None or station is None:
+            raise RuntimeError("c104 refused the connection or station")
+        self.conn = conn
+        self.seen_t = 0.0
+        self.event = threading.Event()
+        self._watch: tuple[int, float] | None = None
+        for p in cfg.points_of(device):
+            ioa, kind = ioa_of(p)
+            cp = station.add_point(io_address=ioa, type=getattr(c104.Type, kind))
+            if cp is not None and p.direction.value == "monitor":
+                cp.on_receive(callable=self._on_receive)
+        breaker = station.get_point(io_address=ioa_of(cfg.point(command_point))[0])
+        if breaker is None:
+            raise RuntimeError(f"no 104 point for {command_point}")
+        breaker.command_mode = c104.CommandMode.SELECT_AND_EXECUTE
+        self.breaker = breaker
+
+    def _on_receive(
+        self, point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage
+    ) -> c104.ResponseState:
+        t = time.time()
+        watch = self._watch
+        if watch is not None and point.io_address == watch[0]:
+            v: Any = point.value
+            v = getattr(v, "value", v) if not isinstance(v, float) else v
+            if abs(float(v) - watch[1]) < 1e-3:
+                self.seen_t = t
+                self.event.set()
+        return c104.ResponseState.NONE
+
+    def arm(self, ioa: int, value: float) -> None:
+        """Wait for ``value`` at ``ioa`` next (the callback sets :attr:`event`)."""
+        self.event.clear()
+        self._watch = (ioa, value)
+
+    def start(self) -> None:
+        """Blocking (run it in a thread): connect and wait for the interrogation to settle."""
+        self.client.start()
+        deadline = time.monotonic() + 10
+        while not self.conn.is_connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        if self.conn.is_muted:
+            self.conn.unmute()
+
+    def stop(self) -> None:
+        self.client.stop()
+
+
+def paho_floor(
+    host: str,
+    port: int,
+    pki: LabPki,
+    users: tuple[tuple[str, str], tuple[str, str]],
+    n: int,
+    payload: bytes,
+    step: Callable[[int], None],
+) -> list[float]:
+    """Bare paho over TLS, QoS 1: publish -> subscriber ``on_message`` (ms). Blocking."""
+    (pub_user, pub_pw), (sub_user, sub_pw) = users
+    arrived: queue.Queue[int] = queue.Queue()
+
+    def client(user: str, pw: str, cid: str) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+        c.username_pw_set(user, pw)
+        c.tls_set_context(ssl.create_default_context(cafile=str(pki.ca)))
+        up = threading.Event()
+        c.on_connect = lambda cl, u, f, rc, p: up.set()
+        c.connect(host, port, clean_start=True)
+        c.loop_start()
+        if not up.wait(5):
+            c.loop_stop()
+            raise RuntimeError(f"{cid}: no CONNACK from the broker")
+        return c
+
+    sub = client(sub_user, sub_pw, f"floor-sub-{time.time_ns()}")
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda cl, u, mid, rcs, p: subscribed.set()
+    sub.on_message = lambda cl, u, m: arrived.put(time.perf_counter_ns())
+    sub.subscribe(inbox_filter(sub_user), qos=1)
+    subscribed.wait(5)
+    pub = client(pub_user, pub_pw, f"floor-pub-{time.time_ns()}")
+    topic = topic_for(sub_user, pub_user, "Flexibility")
+    out: list[float] = []
+    try:
+        for i in range(n + 20):
+            t0 = time.perf_counter_ns()
+            pub.publish(topic, payload, qos=1)
+            t1 = arrived.get(timeout=5)
+            if i >= 20:  # warm-up
+                out.append((t1 - t0) / 1e6)
+                step(i - 19)
+    finally:
+        for c in (pub, sub):
+            c.disconnect()
+            c.loop_stop()
+    return out
+
+
+async def aiohttp_floor(
+    pki: LabPki, client_cert: tuple[str, str], n: int, body: bytes, step: Callable[[int], None]
+) -> list[float]:
+    """Bare aiohttp over mutual TLS, keep-alive: POST sent -> body read in the handler (ms).
+
+    One way, like the routes (they end where the receiver stored the message), not the
+    round trip; requests go one at a time."""
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    server_tls.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    server_tls.verify_mode = ssl.CERT_REQUIRED
+    client_tls = ssl.create_default_context(cafile=str(pki.ca))
+    client_tls.load_cert_chain(*client_cert)
+
+    got: list[int] = []
+
+    async def take(request: web.Request) -> web.Response:
+        await request.read()
+        got.append(time.perf_counter_ns())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/m", take)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_tls)
+    await site.start()
+    out: list[float] = []
+    try:
+        async with ClientSession(connector=TCPConnector(ssl=client_tls)) as session:
+            url = f"https://127.0.0.1:{port}/m"
+            for i in range(n + 20):
+                t0 = time.perf_counter_ns()
+                async with session.post(url, data=body) as resp:
+                    await resp.read()
+                    resp.raise_for_status()
+                if i >= 20:
+                    out.append((got[-1] - t0) / 1e6)
+                    step(i - 19)
+                await asyncio.sleep(0)
+    finally:
+        await runner.cleanup()
+    return out

@@ -1,0 +1,296 @@
+"""The outputs of ``mgms bench``: report.json, samples.csv, report.md, PNG plots, the table.
+
+Why these shapes: report.json is what other tools (and the tests) read, with the keys the
+latency issue fixes per route; the CSV keeps every sample so a reader can recompute any
+statistic; the Markdown report is what goes into docs/latency/ unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.bench.stats import Summary, TargetResult, evaluate, summarise
+
+__all__ = ["RouteResult", "RouteSpec", "build_report", "machine", "table", "write_outputs"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """A measured route: its series key, what it is, its floor series and HEILA's mean."""
+
+    key: str
+    name: str
+    protocol: str
+    direction: str
+    floor: str | None = None  # series key of the floor, or a "+"-joined sum of floor keys
+    heila_ms: float | None = None
+    loop: bool = False
+    measures: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    spec: RouteSpec
+    summary: Summary
+    floor_median_ms: float | None
+    target: TargetResult
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "key": self.spec.key,
+            "protocol": self.spec.protocol,
+            "direction": self.spec.direction,
+            **self.summary.as_dict(),
+            "floor_median_ms": self.floor_median_ms,
+            "floor": self.spec.floor,
+            "heila_ms": self.spec.heila_ms,
+            "measures": self.spec.measures,
+            "target": self.target.as_dict(),
+        }
+
+
+def _floor_median(spec: RouteSpec, series: Mapping[str, Sequence[float]]) -> float | None:
+    if spec.floor is None:
+        return None
+    parts = spec.floor.split("+")
+    medians = [summarise(series.get(p, [])).median_ms for p in parts]
+    if any(math.isnan(m) for m in medians):
+        return None
+    return sum(medians)
+
+
+def build_report(
+    specs: Sequence[RouteSpec], series: Mapping[str, Sequence[float]], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """report.json's content: routes (with targets), floors, probe hops, machine, ``extra``."""
+    routes: list[RouteResult] = []
+    for spec in specs:
+        if spec.key not in series:
+            continue
+        s = summarise(series[spec.key])
+        floor = _floor_median(spec, series)
+        routes.append(RouteResult(spec, s, floor, evaluate(s, floor, loop=spec.loop)))
+    floors = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("floor_")}
+    hops = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("loop_hop_")}
+    judged = [r.target.passed for r in routes if r.target.passed is not None]
+    return {
+        "routes": [r.as_dict() for r in routes],
+        "floors": floors,
+        "loop_hops": hops,
+        "targets_met": sum(1 for p in judged if p),
+        "targets_judged": len(judged),
+        "machine": machine(),
+        **extra,
+    }
+
+
+def _version(cmd: list[str], pattern: str) -> str | None:
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(pattern, out.stdout + out.stderr)
+    return m.group(1) if m else None
+
+
+def _pkg(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores and the versions of everything on the measured paths."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "c104": _pkg("c104"),
+        "paho": _pkg("paho-mqtt"),
+        "aiohttp": _pkg("aiohttp"),
+        "redis_py": _pkg("redis"),
+        "gurux_dlms": _pkg("gurux-dlms"),
+        "redis_server": _version(["redis-server", "--version"], r"v=(\S+)"),
+        "mosquitto": _version(["mosquitto", "-h"], r"mosquitto version (\S+)"),
+    }
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _verdict(t: dict[str, Any]) -> str:
+    p = t.get("passed")
+    if p is None:
+        return "-"
+    if p:
+        return "pass"
+    why = []
+    if t.get("median_ok") is False:
+        why.append(f"median > {_f(t['median_limit_ms'])}")
+    if t.get("p99_ok") is False:
+        why.append(f"p99 > {_f(t['p99_limit_ms'])}")
+    return "FAIL (" + ", ".join(why) + ")"
+
+
+def table(report: Mapping[str, Any]) -> str:
+    """The HEILA-like table (Markdown), one row per route, with the target verdict."""
+    head = (
+        "| route | protocol | direction | n | mean ms | median ms | p95 ms | p99 ms | max ms "
+        "| floor median ms | HEILA ms | target |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = [
+        f"| {r['name']} | {r['protocol']} | {r['direction']} | {r['n']} | {_f(r['mean_ms'])} | {_f(r['median_ms'])} "
+        f"| {_f(r['p95_ms'])} | {_f(r['p99_ms'])} | {_f(r['max_ms'])} | {_f(r['floor_median_ms'])} "
+        f"| {_f(r['heila_ms'], 0)} | {_verdict(r['target'])} |"
+        for r in report["routes"]
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
+def _stats_table(title: str, rows: Mapping[str, Mapping[str, Any]]) -> str:
+    out = f"| {title} | n | mean ms | median ms | p95 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|\n"
+    for k, s in rows.items():
+        out += (
+            f"| {k} | {s['n']} | {_f(s['mean_ms'])} | {_f(s['median_ms'])} | {_f(s['p95_ms'])} "
+            f"| {_f(s['p99_ms'])} | {_f(s['max_ms'])} |\n"
+        )
+    return out
+
+
+def markdown(report: Mapping[str, Any], plots: Sequence[str]) -> str:
+    m = report["machine"]
+    clock = report.get("clock")
+    parts = [
+        "# mgms bench report\n",
+        f"Run {report.get('started', '')}, {report.get('duration_s', 0):.0f} s; "
+        f"machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, c104 {m['c104']}, paho {m['paho']}, "
+        f"aiohttp {m['aiohttp']}, redis-server {m['redis_server']}, mosquitto {m['mosquitto']}.\n",
+        f"Command: `{report.get('command', '')}`. Breaker travel time in the simulators: 0 "
+        "(the command routes end at the confirmed status; a real breaker adds its travel).\n",
+        "## Routes\n",
+        table(report),
+        f"\nTargets met: {report['targets_met']} of {report['targets_judged']} judged routes "
+        "(route: median <= 1.3 x floor median + 0.5 ms and p99 <= 5 x median; "
+        "DSO loop: median <= 10 ms).\n",
+        "\n## What each route measures\n",
+        *[f"- **{r['name']}**: {r['measures']}\n" for r in report["routes"] if r.get("measures")],
+        "\n## Floors (bare stacks, same run)\n",
+        _stats_table("floor", report["floors"]),
+    ]
+    if report.get("loop_hops"):
+        parts += ["\n## DSO loop, hop by hop (from the stored probes)\n", _stats_table("hop", report["loop_hops"])]
+    if clock:
+        parts.append(
+            f"\n## Clock offset (NTP-style exchange over HTTPS, {clock['exchanges']} exchanges)\n\n"
+            f"offset {clock['offset_ms']:+.3f} ms +- {clock['uncertainty_ms']:.3f} ms "
+            f"(min delay {clock['min_delay_ms']:.3f} ms, median {clock['median_delay_ms']:.3f} ms), "
+            f"against {clock['url']}. {clock.get('note', '')}\n"
+        )
+    if plots:
+        parts.append("\n## Plots\n\n" + "".join(f"![{p}]({p})\n\n" for p in plots))
+    return "".join(parts)
+
+
+def plots(report: Mapping[str, Any], series: Mapping[str, Sequence[float]], out: Path) -> list[str]:
+    """latency_distributions.png (per route, log x) and median_vs_floor.png (vs HEILA)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routes = [r for r in report["routes"] if series.get(r["key"])]
+    files: list[str] = []
+    if not routes:
+        return files
+    fig, axes = plt.subplots(len(routes), 1, figsize=(9, 1.5 * len(routes) + 1), squeeze=False)
+    for ax, r in zip(axes[:, 0], routes, strict=True):
+        vals = [v for v in series[r["key"]] if v > 0]
+        if vals:
+            lo, hi = min(vals), max(vals)
+            bins = [lo * (hi / lo) ** (i / 60) for i in range(61)] if hi > lo else 10
+            ax.hist(vals, bins=bins, color="tab:blue", alpha=0.8)
+            ax.set_xscale("log")
+        ax.axvline(r["median_ms"], color="k", lw=1, label="median")
+        if r["floor_median_ms"] is not None:
+            ax.axvline(r["floor_median_ms"], color="tab:green", lw=1, ls="--", label="floor median")
+        ax.axvline(r["p99_ms"], color="tab:red", lw=1, ls=":", label="p99")
+        ax.set_title(r["name"], fontsize=8, loc="left")
+        ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("ms (log)")
+    fig.tight_layout()
+    fig.savefig(out / "latency_distributions.png", dpi=90)
+    plt.close(fig)
+    files.append("latency_distributions.png")
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(routes) + 1.5))
+    y = list(range(len(routes)))
+    h = 0.27
+    ax.barh([i - h for i in y], [r["median_ms"] for r in routes], h, label="median (ours)", color="tab:blue")
+    ax.barh(y, [r["floor_median_ms"] or 0 for r in routes], h, label="floor median", color="tab:green")
+    ax.barh([i + h for i in y], [r["heila_ms"] or 0 for r in routes], h, label="HEILA mean", color="tab:orange")
+    ax.set_yticks(y, [r["name"] for r in routes], fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (log)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "median_vs_floor.png", dpi=90)
+    plt.close(fig)
+    files.append("median_vs_floor.png")
+    return files
+
+
+def write_outputs(report: dict[str, Any], series: Mapping[str, Sequence[float]], out: Path) -> list[Path]:
+    """report.json, samples.csv, report.md and the PNGs into ``out``; returns the files."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "samples.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["series", "i", "ms"])
+        for key, values in series.items():
+            for i, v in enumerate(values):
+                w.writerow([key, i, f"{v:.4f}"])
+    pngs = plots(report, series, out)
+    (out / "report.json").write_text(json.dumps(_no_nan(report), indent=2, allow_nan=False) + "\n")
+    (out / "report.md").write_text(markdown(report, pngs))
+    return [out / "report.json", out / "samples.csv", out / "report.md", *(out / p for p in pngs)]
+
+
+def _no_nan(o: Any) -> Any:
+    """NaN (a route with no samples) as null: JSON has no NaN."""
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _no_nan(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_no_nan(v) for v in o]
+    return o

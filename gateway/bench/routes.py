@@ -1,0 +1,610 @@
+"""The measured routes of ``mgms bench``, phase by phase, each next to its floor.
+
+Every function returns ``{series key: [ms, ...]}``; :mod:`gateway.bench.runner` names the
+series as routes or floors. Start and end of each route are taken from the probe hops the
+system stores anyway (see :mod:`gateway.bench` for the hop list), so the bench measures what
+the running system records, not a special instrumented path.
+
+Phases (each one starts and stops what it needs, so routes do not load each other):
+
+* **iec104**: the 104 simulator in its own process (``iedsim iec104``, breaker travel 0);
+  a bare c104 client alone first (floors), then the gateway alone.
+* **iec61850**: the 61850 simulator in this process; the bare adapter (floor), then the
+  gateway.
+* **dlms**: the meter simulator in this process; a bare gurux session (floor), then the
+  gateway's adapter read -> Redis.
+* **messages**: a TLS mosquitto with ACLs and HTTPS listeners (:class:`DsoSandbox`), one
+  Redis per participant, a Messenger for the MGMS and one for the AMS; bare paho and bare
+  aiohttp floors on the same broker and PKI.
+* **loop**: the gateway with its FlexAgent and the AMS service, the whole DSO use case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import c104
+import redis.asyncio as aioredis
+
+from ams.sandbox import DsoSandbox, feeder_flexibility
+from ams.service import AmsService, AmsSettings, MicrogridEntry
+from gateway.bench.floors import BareC104, aiohttp_floor, ioa_of, paho_floor
+from gateway.bench.progress import Progress
+from gateway.bench.stats import summarise
+from gateway.config import LabConfig
+from gateway.iedsim.launch import SimProcess
+from gateway.messaging import Messenger, Received, build_messenger
+from gateway.points import PointUpdate
+from gateway.protocols.messaging import topic_for
+from gateway.runtime import Gateway
+from gateway.semantic import ActivationNotification, Envelope, Flexibility, FlexibilityType, VerificationNotification
+from gateway.services import RedisServer, free_port
+from gateway.store import RedisStore
+
+__all__ = ["Series", "dlms_phase", "iec104_phase", "iec61850_phase", "loop_phase", "messages_phase"]
+
+Series = dict[str, list[float]]
+MGMS = "mgms-bench"
+AMS = "ams"
+LOCATION = "bench/feeder"
+DEVICE_104 = "ref615"
+DEVICE_MMS = "ref615_mms"
+DEVICE_DLMS = "meter1"
+VOLTAGE = "feeder.voltage.l1"
+BREAKER = "feeder.breaker.command"
+POSITION = "feeder.breaker.position"
+MMS_VOLTAGE = "mms.feeder.voltage.l1"
+DLMS_VOLTAGE = "meter.voltage.l1"
+
+
+def _run(progress: Progress, label: str, n: int) -> Callable[[int], None]:
+    return lambda i: progress.step(label, i, n)
+
+
+def _finish(progress: Progress, label: str, values: list[float], n: int) -> list[float]:
+    progress.done(label, len(values), n, summarise(values).median_ms)
+    return values
+
+
+def _voltage(i: int) -> float:
+    return 225.0 + (i % 20) * 1.0 + 0.25  # steps of 1 V: above the 0.5 V deadband
+
+
+async def _until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Check ``pred`` every 20 ms (no event exists for these states); TimeoutError naming ``what``."""
+    for _ in range(int(timeout_s / 0.02) + 1):
+        if pred():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"not within {timeout_s:g} s: {what}")
+
+
+# ---------------------------------------------------------------------------- IEC 104
+
+
+async def _next_change(
+    reader: RedisStore, last_id: str, point: str, value: float, timeout_s: float = 3.0
+) -> tuple[str, float]:
+    """Follow the change feed until ``point`` shows ``value``: (stream id, store time)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for e in await reader.changes(last_id, block_ms=int(timeout_s * 1000), count=100):
+            last_id = e.id
+            if e.point == point and e.value is not None and abs(float(e.value) - value) < 1e-3:
+                return last_id, e.store_ts
+    raise TimeoutError(f"{point}={value} not in the change feed")
+
+
+async def iec104_phase(sim_config: Path, base: LabConfig, redis: RedisServer, n: int, progress: Progress) -> Series:
+    """Floors (bare c104) then routes (gateway) on one simulator process, travel time 0.
+
+    Routes: simulator change -> stored in Redis (``st`` of the change feed); breaker command
+    request written into Redis (``P:cmd:requests``) -> confirmed position stored in Redis.
+    """
+    port = free_port()
+    sim = SimProcess(sim_config, DEVICE_104, port, free_port())
+    await sim.start()
+    out: Series = {}
+    try:
+        await sim.control("travel 0")
+        cfg = base.only(DEVICE_104).with_device(DEVICE_104, port=port, gi_period_s=0)
+        bare = BareC104(port, cfg, DEVICE_104, BREAKER)
+        await asyncio.to_thread(bare.start)
+        try:
+            vpt, ppt = cfg.point(VOLTAGE), cfg.point(POSITION)
+            label = "floor c104 value callback"
+            vals: list[float] = []
+            for i in range(n):
+                value = _voltage(i)
+                bare.arm(ioa_of(vpt)[0], float(vpt.to_raw(value)))
+                sent = float((await sim.control(f"set {VOLTAGE} {value}")).split()[1])
+                if await asyncio.to_thread(bare.event.wait, 2.0):
+                    vals.append((bare.seen_t - sent) * 1000)
+                progress.step(label, i + 1, n)
+            await sim.control(f"release {VOLTAGE}")
+            out["floor_c104_value"] = _finish(progress, label, vals, n)
+            label = "floor c104 SBO command -> position callback"
+            cmds: list[float] = []
+            for i in range(n):
+                state = c104.Double.OFF if i % 2 == 0 else c104.Double.ON
+                bare.arm(ioa_of(ppt)[0], float(int(state.value)))
+                bare.breaker.value = state
+                t0 = time.time()
+                ok = await asyncio.to_thread(bare.breaker.transmit, cause=c104.Cot.ACTIVATION)
+                if ok and await asyncio.to_thread(bare.event.wait, 2.0):
+                    cmds.append((bare.seen_t - t0) * 1000)
+                await asyncio.sleep(0.005)  # c104 clears an SBO selection in a deferred task
+                progress.step(label, i + 1, n)
+            out["floor_c104_command"] = _finish(progress, label, cmds, n)
+        finally:
+            await asyncio.to_thread(bare.stop)
+        async with _gateway(cfg, redis) as (_gw, reader):
+            label = "104 feeder voltage -> MGMS db"
+            vals = []
+            last_id = await reader.changes_tail()
+            for i in range(n):
+                value = _voltage(i)
+                sent = float((await sim.control(f"set {VOLTAGE} {value}")).split()[1])
+                last_id, st = await _next_change(reader, last_id, VOLTAGE, value)
+                vals.append((st - sent) * 1000)
+                progress.step(label, i + 1, n)
+            await sim.control(f"release {VOLTAGE}")
+            out["iec104_voltage"] = _finish(progress, label, vals, n)
+            label = "104 breaker command MGMS db -> confirmed"
+            cmds = []
+            now_pos = await reader.latest(POSITION)
+            first = 0 if now_pos is None or now_pos.value != 1 else 1  # start by changing it (1 = open)
+            for i in range(n):
+                word, state_v = ("open", 1.0) if (i + first) % 2 == 0 else ("close", 2.0)
+                t0 = time.time()
+                rid = await reader.submit_command(BREAKER, word, by="bench")
+                last_id, st = await _next_change(reader, last_id, POSITION, state_v, 5.0)
+                rec = await reader.wait_reply(rid, 5.0)
+                if rec is not None and rec.result == "confirmed":
+                    cmds.append((st - t0) * 1000)
+                progress.step(label, i + 1, n)
+            out["iec104_breaker"] = _finish(progress, label, cmds, n)
+    finally:
+        await sim.stop()
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _gateway(cfg: LabConfig, redis: RedisServer) -> AsyncIterator[tuple[Gateway, RedisStore]]:
+    """A running gateway on ``cfg`` and a second store client reading as an operator would."""
+    store = RedisStore.from_url(cfg, redis.url)
+    reader = RedisStore.from_url(cfg, redis.url)
+    gw = Gateway(cfg, store, stats_period_s=1.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop), name="bench-gateway")
+    try:
+        await gw.wait_connected(15)
+        await asyncio.sleep(0.3)  # the interrogation's burst is not a sample
+        yield gw, reader
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await reader.aclose()
+
+
+# ---------------------------------------------------------------------------- IEC 61850
+
+
+async def iec61850_phase(base: LabConfig, redis: RedisServer, n: int, progress: Progress) -> Series:
+    """Simulator update -> decoded report in the bare adapter (floor) / stored in Redis (route)."""
+    from gateway.iedsim.iec61850 import Iec61850Server  # lazily: loads libiec61850
+    from gateway.protocols import create_adapter
+
+    cfg = base.only(DEVICE_MMS)
+    simcfg = cfg.devices[DEVICE_MMS].simulator.model_dump()
+    cfg = cfg.with_device(DEVICE_MMS, simulator={**simcfg, "period_s": 3600, "breaker_travel_s": 0.0})
+    sim = Iec61850Server(cfg, DEVICE_MMS, host="127.0.0.1", port=0, seed=1)
+    await sim.start()
+    out: Series = {}
+    try:
+        cfg = cfg.with_device(DEVICE_MMS, port=sim.port)
+        adapter = create_adapter(cfg.devices[DEVICE_MMS], cfg.points)
+        seen: asyncio.Queue[PointUpdate] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for ev in adapter.events():
+                if isinstance(ev, PointUpdate) and ev.point == MMS_VOLTAGE:
+                    seen.put_nowait(ev)
+
+        task = asyncio.create_task(pump(), name="bench-61850-pump")
+        label = "floor libiec61850 report (bare adapter)"
+        vals: list[float] = []
+        try:
+            await adapter.start()
+            await adapter.wait_connected(10)
+            await asyncio.sleep(0.3)
+            while not seen.empty():
+                seen.get_nowait()
+            for i in range(n):
+                value = 230.0 + (i % 50) * 0.25 + 0.125
+                t0 = time.time()
+                sim.set_value(MMS_VOLTAGE, value)
+                async with asyncio.timeout(3):
+                    while True:
+                        ev = await seen.get()
+                        if ev.value is not None and abs(float(ev.value) - value) < 1e-3:
+                            vals.append((ev.receive_time - t0) * 1000)
+                            break
+                await asyncio.sleep(0.002)
+                progress.step(label, i + 1, n)
+        finally:
+            await adapter.close()
+            await task
+        out["floor_iec61850_report"] = _finish(progress, label, vals, n)
+        label = "61850 feeder voltage report -> MGMS db"
+        vals = []
+        async with _gateway(cfg, redis) as (_gw, reader):
+            last_id = await reader.changes_tail()
+            for i in range(n):
+                value = 240.0 + (i % 50) * 0.25 + 0.125
+                t0 = time.time()
+                sim.set_value(MMS_VOLTAGE, value)
+                last_id, st = await _next_change(reader, last_id, MMS_VOLTAGE, value)
+                vals.append((st - t0) * 1000)
+                await asyncio.sleep(0.002)
+                progress.step(label, i + 1, n)
+        out["iec61850_voltage"] = _finish(progress, label, vals, n)
+    finally:
+        await sim.close()
+    return out
+
+
+# ---------------------------------------------------------------------------- DLMS
+
+
+async def dlms_phase(base: LabConfig, redis: RedisServer, n: int, progress: Progress) -> Series:
+    """One register GET: bare gurux session (floor) / adapter read -> stored in Redis (route)."""
+    from gateway.iedsim.dlms import DlmsMeter  # lazily: loads gurux
+    from gateway.protocols.dlms import DlmsAdapter
+
+    cfg = base.only(DEVICE_DLMS)
+    dev = cfg.devices[DEVICE_DLMS]
+    assert dev.dlms is not None
+    dl = dev.dlms.model_dump()
+    # Polls out of the way: the requested reads are the only traffic.
+    dl.update(
+        poll_period_s=3600,
+        clock_period_s=3600,
+        load_profile={**dl["load_profile"], "read_period_s": 86400, "backfill_s": 0},
+    )
+    cfg = cfg.with_device(DEVICE_DLMS, dlms=dl)
+    meter = DlmsMeter(cfg, DEVICE_DLMS, host="127.0.0.1", port=0, seed=1)
+    await meter.start()
+    out: Series = {}
+    try:
+        cfg = cfg.with_device(DEVICE_DLMS, port=meter.port)
+        bare = DlmsAdapter(cfg.devices[DEVICE_DLMS], cfg.points_of(DEVICE_DLMS))
+        session = await bare._connect()
+        label = "floor gurux register read"
+        vals: list[float] = []
+        try:
+            reg = bare._registers[DLMS_VOLTAGE]
+            for i in range(n):
+                t0 = time.perf_counter()
+                await session.read(reg.obj, 2, "voltage")
+                vals.append((time.perf_counter() - t0) * 1000)
+                progress.step(label, i + 1, n)
+        finally:
+            session.close()
+        out["floor_gurux_read"] = _finish(progress, label, vals, n)
+        label = "DLMS register read -> MGMS db"
+        vals = []
+        async with _gateway(cfg, redis) as (gw, reader):
+            adapter = gw.adapters[DEVICE_DLMS]
+            for i in range(n):
+                t0 = time.time()
+                upd = await adapter.read(DLMS_VOLTAGE)
+                async with asyncio.timeout(3):
+                    while True:
+                        stored = await reader.latest(DLMS_VOLTAGE)
+                        if stored is not None and stored.recv_ts >= upd.receive_time - 1e-6:
+                            vals.append((stored.store_ts - t0) * 1000)
+                            break
+                        await asyncio.sleep(0.0002)
+                progress.step(label, i + 1, n)
+        out["dlms_read"] = _finish(progress, label, vals, n)
+    finally:
+        await meter.close()
+    return out
+
+
+# ---------------------------------------------------------------------------- messages
+
+Security = Literal["signed", "encrypted"]
+
+
+@dataclass
+class _Pair:
+    mgms: Messenger
+    ams: Messenger
+    clients: list[aioredis.Redis] = field(default_factory=list)
+
+    async def close(self) -> None:
+        await self.mgms.close()
+        await self.ams.close()
+        for c in self.clients:
+            await c.aclose()
+
+
+async def _pair(
+    box: DsoSandbox,
+    mgms_redis: RedisServer,
+    ams_redis: RedisServer,
+    transport: Literal["mqtt", "https"],
+    security: Security,
+) -> _Pair:
+    mc = aioredis.Redis.from_url(mgms_redis.url, decode_responses=True)
+    ac = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
+    tag = secrets.token_hex(3)  # fresh keys per pair: no inbox or consumer group left from the last
+    mgms = build_messenger(
+        box.messaging(MGMS, transport=transport, security=security, mqtt={"unique_id": True}),
+        mc,
+        prefix=f"mgms:bench{tag}",
+    )
+    ams = build_messenger(
+        box.messaging(AMS, transport=transport, security=security, mqtt={"unique_id": True}),
+        ac,
+        prefix=f"ams:bench{tag}",
+    )
+    await ams.start()
+    await mgms.start()
+    return _Pair(mgms, ams, [mc, ac])
+
+
+async def _wait_for(m: Messenger, message_id: str, timeout_s: float = 5.0) -> Received:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            for item in await m.read("bench", "bench", block_ms=1000):
+                await m.ack("bench", item.entry_id)
+                if item.envelope.id == message_id:
+                    return item
+
+
+def _flex(i: int) -> Flexibility:
+    start = datetime.now(UTC) + timedelta(minutes=5)
+    return Flexibility(
+        identifier=f"bench-{i}-{time.time_ns()}",
+        flexibility_type=FlexibilityType.UPWARD,
+        power_kw=50.0 + i % 10,
+        start=start,
+        stop=start + timedelta(minutes=15),
+    )
+
+
+def _activation(i: int) -> ActivationNotification:
+    start = datetime.now(UTC) + timedelta(minutes=5)
+    return ActivationNotification(
+        identifier=f"act-bench-{i}-{time.time_ns()}",
+        flexibility_type=FlexibilityType.UPWARD,
+        power_kw=50.0,
+        start=start,
+        stop=start + timedelta(minutes=15),
+    )
+
+
+def _sealed_size(m: Messenger) -> int:
+    """Bytes of one sealed flexibility: the floors move payloads of the same size."""
+    env = Envelope.create(_flex(0), sender=MGMS, recipient=AMS, topic=topic_for(AMS, MGMS, "Flexibility"), ttl_s=60)
+    return len(m.sealer.seal(env))
+
+
+async def _message_route(
+    send: Messenger, recv: Messenger, recipient: str, make: Callable[[int], Any], n: int, label: str, progress: Progress
+) -> list[float]:
+    """Created at the sender (sealed into its db) -> stored in the receiver's inbox (Redis TIME)."""
+    vals: list[float] = []
+    for i in range(n + 5):
+        env = await send.send(make(i), recipient)
+        item = await _wait_for(recv, env.id)
+        if i >= 5:  # warm-up: TLS sessions, Lua script load
+            vals.append((item.stored_ns - item.created_ns) / 1e6)
+            progress.step(label, i - 4, n)
+    return _finish(progress, label, vals, n)
+
+
+async def messages_phase(
+    box: DsoSandbox, mgms_redis: RedisServer, ams_redis: RedisServer, n: int, progress: Progress
+) -> Series:
+    """Flexibility over HTTPS and MQTT, activation over MQTT, signed and encrypted; the floors."""
+    out: Series = {}
+    assert box.broker is not None
+    payload_len = 1500
+    for security in ("signed", "encrypted"):
+        for transport in ("https", "mqtt"):
+            pair = await _pair(box, mgms_redis, ams_redis, transport, security)
+            try:
+                if security == "encrypted":
+                    payload_len = _sealed_size(pair.mgms)
+                key = f"flex_{transport}_{security}"
+                out[key] = await _message_route(
+                    pair.mgms,
+                    pair.ams,
+                    AMS,
+                    _flex,
+                    n,
+                    f"flexibility MGMS db -> AMS db, {transport.upper()}, {security}",
+                    progress,
+                )
+                if transport == "mqtt":
+                    out[f"activation_mqtt_{security}"] = await _message_route(
+                        pair.ams,
+                        pair.mgms,
+                        MGMS,
+                        _activation,
+                        n,
+                        f"activation AMS db -> MGMS db, MQTT, {security}",
+                        progress,
+                    )
+            finally:
+                await pair.close()
+    body = secrets.token_bytes(payload_len)
+    label = "floor bare paho publish -> on_message (TLS, QoS 1)"
+    b = box.broker
+    out["floor_mqtt"] = _finish(
+        progress,
+        label,
+        await asyncio.to_thread(
+            paho_floor,
+            "127.0.0.1",
+            b.port,
+            box.pki,
+            ((MGMS, box.passwords[MGMS]), (AMS, box.passwords[AMS])),
+            n,
+            body,
+            _run(progress, label, n),
+        ),
+        n,
+    )
+    label = "floor bare aiohttp POST -> handler (mutual TLS)"
+    cert = box.pki.clients[MGMS]
+    out["floor_https"] = _finish(
+        progress,
+        label,
+        await aiohttp_floor(box.pki, (str(cert.cert), str(cert.key)), n, body, _run(progress, label, n)),
+        n,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------- the DSO loop
+
+
+class ProbedAms(AmsService):
+    """The AMS service with one extra probe: when a verification was settled (AMS clock).
+
+    The settlement record holds when the verification was stored, not when the worker
+    finished settling it; this subclass notes that moment so the loop can end there.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settled: dict[str, tuple[int, int]] = {}  # activation id -> (verification created, settled ns)
+        self.settled_event = asyncio.Event()
+
+    async def on_verification(self, item: Received, ver: VerificationNotification) -> None:
+        await super().on_verification(item, ver)
+        self.settled[ver.activation_ref or ""] = (item.created_ns, time.time_ns())
+        self.settled_event.set()
+
+
+async def loop_phase(
+    sim_config: Path,
+    base: LabConfig,
+    box: DsoSandbox,
+    mgms_redis: RedisServer,
+    ams_redis: RedisServer,
+    n: int,
+    progress: Progress,
+    transport: Literal["mqtt", "https", "both"] = "mqtt",
+    security: Security = "encrypted",
+) -> Series:
+    """Flexibility -> offer -> reserve -> activation -> breaker open confirmed ... verification
+    -> settled, ``n`` times, with the scheduled waits (activation window) left out.
+
+    loop = (breaker open confirmed - flexibility created) + (settled - verification created);
+    the hops of both parts are returned too (``loop_hop_*``).
+    """
+    port = free_port()
+    sim = SimProcess(sim_config, DEVICE_104, port, free_port())
+    await sim.start()
+    out: Series = {
+        k: []
+        for k in (
+            "dso_loop",
+            "loop_hop_flex_to_ams_db",
+            "loop_hop_ams_db_to_activation_sent",
+            "loop_hop_activation_to_mgms_db",
+            "loop_hop_mgms_db_to_command_sent",
+            "loop_hop_command_to_confirmed",
+            "loop_hop_verification_to_ams_db",
+            "loop_hop_ams_db_to_settled",
+        )
+    }
+    ac = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
+    ams_m = build_messenger(
+        box.messaging(AMS, transport=transport, security=security, mqtt={"unique_id": True}), ac, prefix="ams:loop"
+    )
+    await ams_m.start()
+    ams = ProbedAms(
+        AmsSettings(microgrids=(MicrogridEntry(participant=MGMS, location=LOCATION),)), ac, AMS, messenger=ams_m
+    )
+    ams_stop = asyncio.Event()
+    ams_task = asyncio.create_task(ams.run(ams_stop), name="bench-ams")
+    label = f"DSO loop ({transport.upper()}, {security}, travel 0, window excluded)"
+    try:
+        await sim.control("travel 0")
+        cfg = base.only(DEVICE_104).with_device(DEVICE_104, port=port, gi_period_s=0)
+        cfg = cfg.model_copy(
+            update={
+                "messaging": box.messaging(MGMS, transport=transport, security=security, mqtt={"unique_id": True}),
+                "flexibility": feeder_flexibility(AMS, window_s=1, step_s=1),
+            }
+        )
+        async with _gateway(cfg, mgms_redis) as (gw, reader):
+            agent = gw.flex_agent
+            assert agent is not None
+            await _until(lambda: gw.latest_value("feeder.p") is not None, 10, "a feeder power value")
+            prefix = reader.keys.prefix
+            for i in range(n):
+                ams.settled_event.clear()
+                sent: list[Flexibility] = []
+                async with asyncio.timeout(10):
+                    while not sent:  # the previous activation may still hold the resource
+                        sent = await agent.publish(start=datetime.now(UTC), window_s=1)
+                        if not sent:
+                            await asyncio.sleep(0.05)
+                flex = sent[0]
+                act_id = f"act:offer:{MGMS}:{flex.identifier}"
+                async with asyncio.timeout(15):
+                    while act_id not in ams.settled:
+                        await ams.settled_event.wait()
+                        ams.settled_event.clear()
+                ver_created, settled_ns = ams.settled[act_id]
+                fh = await ac.hgetall(ams.keys.flex(MGMS, flex.identifier))
+                ah = await ac.hgetall(ams.keys.activation(act_id))
+                mh = await reader.redis.hgetall(f"{prefix}:flex:act:{act_id}")
+                commands = json.loads(mh.get("commands", "[]"))
+                if not commands or commands[0].get("result") != "confirmed":
+                    progress.note(f"  loop {i}: breaker not confirmed: {commands}")
+                    continue
+                c0 = commands[0]
+                created = int(fh["created_ns"])
+                confirm_ns = int(float(c0["confirm_ts"]) * 1e9)
+                sent_ns = int(float(c0["sent_ts"]) * 1e9)
+                part1 = confirm_ns - created
+                part2 = settled_ns - ver_created
+                ms = 1e-6
+                out["dso_loop"].append((part1 + part2) * ms)
+                out["loop_hop_flex_to_ams_db"].append((int(fh["stored_ns"]) - created) * ms)
+                out["loop_hop_ams_db_to_activation_sent"].append((int(ah["sent_ns"]) - int(fh["stored_ns"])) * ms)
+                out["loop_hop_activation_to_mgms_db"].append((int(mh["stored_ns"]) - int(ah["sent_ns"])) * ms)
+                out["loop_hop_mgms_db_to_command_sent"].append((sent_ns - int(mh["stored_ns"])) * ms)
+                out["loop_hop_command_to_confirmed"].append((confirm_ns - sent_ns) * ms)
+                settle = await ac.hgetall(ams.keys.settlement(act_id))
+                out["loop_hop_verification_to_ams_db"].append((int(settle["stored_ns"]) - ver_created) * ms)
+                out["loop_hop_ams_db_to_settled"].append((settled_ns - int(settle["stored_ns"])) * ms)
+                progress.step(label, i + 1, n)
+            # let the last restore (breaker close) finish before the gateway stops
+            await _until(lambda: not agent._busy_resources(), 10, "the last restore")
+    finally:
+        ams_stop.set()
+        await asyncio.wait_for(ams_task, 10)
+        await ams_m.close()
+        await ac.aclose()
+        await sim.stop()
+    _finish(progress, label, out["dso_loop"], n)
+    return out
