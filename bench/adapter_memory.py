@@ -80,7 +80,7 @@ def sample(n: int, trim: bool) -> dict[str, float]:
 
 async def start_sim(protocol: str, device: str, port: int, control_port: int) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.iedsim.cli", "--log-level", "WARNING", protocol,
+        sys.executable, "-X", "faulthandler", "-m", "gateway.iedsim.cli", "--log-level", "WARNING", protocol,
         "--config", str(SIM_CONFIG), "--device", device, "--host", "127.0.0.1", "--port", str(port),
         "--control-port", str(control_port),
         stdout=asyncio.subprocess.PIPE,
@@ -130,7 +130,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 await ctl_w.drain()
                 answer = (await asyncio.wait_for(ctl_r.readline(), 10)).decode().strip()
                 if not answer.startswith("ok"):
-                    raise RuntimeError(f"simulator refused drop: {answer}")
+                    await asyncio.sleep(0.5)
+                    raise RuntimeError(f"simulator refused drop after {i} cycles: {answer!r}"
+                                       f" (simulator exit status {sim.returncode})")
                 went_down = came_up = False
                 async with asyncio.timeout(20):
                     async for ev in events:
@@ -149,7 +151,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         else:
             stats = {}
         ctl_w.close()
-        sim.terminate()
+        if sim.returncode is None:
+            sim.terminate()
         await sim.wait()
     base = next(s for s in samples if s["cycles"] >= args.warmup)
     end = samples[-1]
