@@ -58,7 +58,7 @@ from gateway.semantic import (
     ReserveNotification,
     VerificationNotification,
 )
-from gateway.store import stream_entries
+from gateway.store import reraise_lost_cancel, stream_entries
 
 __all__ = ["AmsKeys", "AmsService", "AmsSettings", "MarketSettings", "MicrogridEntry", "NotRegistered"]
 
@@ -209,6 +209,7 @@ class AmsService:
 
     async def _report(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            reraise_lost_cancel()
             try:
                 stats = {**self.messenger.stats(), **{f"ams_{k}": v for k, v in self.counters.items()}}
                 if stats:
@@ -339,6 +340,7 @@ class AmsService:
             if "BUSYGROUP" not in str(exc):
                 raise
         while not stop.is_set():
+            reraise_lost_cancel()
             try:
                 entries = stream_entries(
                     await self.redis.xreadgroup(group, self.worker, {self.keys.requests: "0"}, count=10)

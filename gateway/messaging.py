@@ -68,7 +68,7 @@ from gateway.semantic import (
     UnknownSender,
 )
 from gateway.semantic.envelope import parse, serialise
-from gateway.store import stream_entries
+from gateway.store import reraise_lost_cancel, stream_entries
 
 __all__ = ["MessagingKeys", "Messenger", "Received", "build_messenger", "build_transport"]
 
@@ -264,6 +264,7 @@ class Messenger:
         wake = self._wake[name]
         attempt = 0
         while True:
+            reraise_lost_cancel()  # redis-py can swallow a cancel (see gateway.store)
             try:
                 entries = stream_entries(await self.redis.xrange(key, "-", "+", count=self.send_window))
             except RedisError as exc:
@@ -330,6 +331,10 @@ class Messenger:
         topic = delivery.topic.lstrip("/")
         if topic != envelope.topic:
             self._reject(Malformed(f"arrived on {topic!r}, signed for {envelope.topic!r}", message_id=envelope.id))
+        if topic != topic_for(envelope.recipient, envelope.sender, envelope.type):
+            # signed, but not on the layout's topic for its sender: broker ACLs are written
+            # per layout topic, so a message outside it could dodge them
+            self._reject(Malformed(f"topic {topic!r} does not follow the layout", message_id=envelope.id))
         if delivery.peer is not None and delivery.peer != envelope.sender:
             self._reject(
                 UnknownSender(
@@ -411,6 +416,7 @@ class Messenger:
         """
         attempt = 0
         while not stop.is_set():
+            reraise_lost_cancel()
             try:
                 batch = await self.read(group, consumer, block_ms=200)
                 attempt = 0

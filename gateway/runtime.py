@@ -19,7 +19,7 @@ from gateway.config import Direction, LabConfig
 from gateway.errors import CommandInvalid, LinkError
 from gateway.points import PointUpdate, Quality, UpdateCause, now
 from gateway.protocols import Adapter, LinkState, LinkStateChange, create_adapter
-from gateway.store import CommandRequestEntry, RedisStore
+from gateway.store import CommandRequestEntry, RedisStore, reraise_lost_cancel
 
 if TYPE_CHECKING:
     from gateway.flexibility import FlexAgent
@@ -265,6 +265,7 @@ class Gateway:
         # Ends on _stopping, not only on cancel: a Redis client busy with a write when the
         # cancel lands has been seen to swallow it, which left shutdown waiting forever.
         while not self._stopping.is_set():
+            reraise_lost_cancel()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.stats_period_s):
                     await self._stopping.wait()

@@ -97,7 +97,7 @@ _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 5.0
 
 
-def _reraise_lost_cancel() -> None:
+def reraise_lost_cancel() -> None:
     """Re-raise a cancellation that redis-py swallowed.
 
     Seen with redis-py 8.1 on Python 3.11: a task cancelled while a command was answered
@@ -772,7 +772,7 @@ class RedisStore:
         failures = 0
         down_since = 0.0
         while True:
-            _reraise_lost_cancel()
+            reraise_lost_cancel()
             if not self._buf and self._side_written >= self._side_gen:
                 self._progress.set()
                 self._wake.clear()
@@ -1132,7 +1132,7 @@ class RedisStore:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-            _reraise_lost_cancel()  # this is where redis-py was seen to swallow one
+            reraise_lost_cancel()  # this is where redis-py was seen to swallow one
         self._group_ready = True
 
     async def submit_command(
@@ -1169,7 +1169,7 @@ class RedisStore:
         deadline = time.monotonic() + timeout_s
         attempt = 0
         while True:
-            _reraise_lost_cancel()
+            reraise_lost_cancel()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -1204,7 +1204,7 @@ class RedisStore:
         not yielded. Redis outages are ridden out with backoff.
 
         ``stop`` ends the stream within ``block_ms`` once set, between two requests: the
-        graceful way. Cancelling the consuming task works too (see _reraise_lost_cancel for
+        graceful way. Cancelling the consuming task works too (see reraise_lost_cancel for
         why that needed care).
         """
         key = self.keys.cmd_requests
@@ -1212,7 +1212,7 @@ class RedisStore:
         pending_from = "0"
         attempt = 0
         while not self._closed and not (stop is not None and stop.is_set()):
-            _reraise_lost_cancel()
+            reraise_lost_cancel()
             try:
                 if pending:
                     if pending_from == "0":
@@ -1324,7 +1324,7 @@ class RedisStore:
         deadline = time.monotonic() + timeout_s
         attempt = 0
         while True:
-            _reraise_lost_cancel()
+            reraise_lost_cancel()
             try:
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.xadd(keys.cmd_log, _fields(record.to_fields()))
