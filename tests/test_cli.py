@@ -18,7 +18,7 @@ def mgms(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 def test_check_config_ok_prints_a_summary() -> None:
     r = mgms("check-config", "lab_configs/multipower.yaml")
     assert r.returncode == 0, r.stderr
-    assert "OK - lab 'multipower': 3 device(s), 41 point(s)" in r.stdout
+    assert "OK - lab 'multipower': 3 device(s), 43 point(s)" in r.stdout
     assert "feeder.breaker.command -> confirmed by feeder.breaker.position (SBO)" in r.stdout
 
 
