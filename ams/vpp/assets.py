@@ -15,7 +15,8 @@ Per asset and period t of a window of T periods (dt hours), all powers in kW:
 With ``membership`` a binary z_a per asset gates every upward and downward variable (eDREAM's
 subset selection); ``reliability`` derates the upward power by the asset's score.
 Simultaneous charge and discharge is not excluded by a binary: with losses or a throughput cost
-it is never optimal except to burn surplus energy, which no service here rewards.
+it is never optimal except to burn energy in the losses, which only pays at negative trading
+prices (a binary per storage and period would cost many binaries in large portfolios).
 """
 
 from __future__ import annotations
