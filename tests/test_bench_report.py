@@ -1,0 +1,71 @@
+"""The bench's outputs from hand-made series: files, report.json keys, table, targets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.bench.report import RouteSpec, build_report, table, write_outputs
+
+SPECS = (
+    RouteSpec("a", "route A", "IEC 104", "monitoring", "floor_a", 483.0, measures="A's path"),
+    RouteSpec("b", "route B", "MQTT", "AMS -> MGMS", "floor_a+floor_b", None),
+    RouteSpec("loop", "the loop", "MQTT + IEC 104", "loop", None, loop=True),
+    RouteSpec("missing", "not run", "x", "y"),
+)
+SERIES = {
+    "a": [1.0, 1.0, 1.0, 1.0, 1.0],
+    "floor_a": [0.2, 0.2, 0.2],
+    "b": [3.0, 3.0, 3.0],
+    "floor_b": [0.5, 0.5, 0.5],
+    "loop": [12.0, 12.0, 12.0],
+    "loop_hop_x": [4.0],
+}
+ROUTE_KEYS = {"name", "protocol", "direction", "n", "mean_ms", "median_ms", "p95_ms", "p99_ms", "max_ms",
+              "floor_median_ms", "heila_ms"}  # fmt: skip
+
+
+def test_report_routes_floors_targets() -> None:
+    r = build_report(SPECS, SERIES, {"n": 5})
+    by = {x["key"]: x for x in r["routes"]}
+    assert set(by) == {"a", "b", "loop"}  # a route with no series is left out
+    assert set(by["a"]) >= ROUTE_KEYS
+    assert by["a"]["floor_median_ms"] == pytest.approx(0.2)
+    assert by["a"]["target"]["median_limit_ms"] == pytest.approx(0.76) and by["a"]["target"]["passed"] is False
+    assert by["b"]["floor_median_ms"] == pytest.approx(0.7)  # a sum of floors
+    assert by["b"]["heila_ms"] is None
+    assert by["loop"]["target"]["median_limit_ms"] == 10.0 and by["loop"]["target"]["passed"] is False
+    assert (r["targets_met"], r["targets_judged"]) == (0, 3)
+    assert set(r["floors"]) == {"floor_a", "floor_b"} and set(r["loop_hops"]) == {"loop_hop_x"}
+    assert {"cpu", "cores", "python", "c104", "paho", "aiohttp", "redis_server", "mosquitto"} <= set(r["machine"])
+
+
+def test_table_has_heila_columns_and_verdicts() -> None:
+    text = table(build_report(SPECS, SERIES, {}))
+    assert text.splitlines()[0] == (
+        "| route | protocol | direction | n | mean ms | median ms | p95 ms | p99 ms | max ms | floor median ms "
+        "| HEILA ms | target |"
+    )
+    row_a = "| route A | IEC 104 | monitoring | 5 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 0.20 | 483 |"
+    assert row_a + " FAIL (median > 0.76) |" in text
+    assert "| the loop |" in text and "FAIL (median > 10.00)" in text
+
+
+def test_outputs_written_nan_as_null(tmp_path: Path) -> None:
+    series = {**SERIES, "a": []}  # a route that produced no sample
+    r = build_report(SPECS, series, {"started": "now", "duration_s": 1.0, "command": "mgms bench"})
+    files = write_outputs(r, series, tmp_path)
+    names = {f.name for f in files}
+    assert names == {"report.json", "samples.csv", "report.md", "latency_distributions.png", "median_vs_floor.png"}
+    data = json.loads((tmp_path / "report.json").read_text())
+    a = next(x for x in data["routes"] if x["key"] == "a")
+    assert a["n"] == 0 and a["median_ms"] is None and a["target"]["passed"] is None
+    rows = list(csv.reader((tmp_path / "samples.csv").read_text().splitlines()))
+    assert rows[0] == ["series", "i", "ms"] and ["floor_b", "2", "0.5000"] in rows
+    assert len(rows) == 1 + sum(len(v) for v in series.values())
+    md = (tmp_path / "report.md").read_text()
+    assert "![median_vs_floor.png](median_vs_floor.png)" in md and "| floor_a | 3 |" in md
+    assert (tmp_path / "median_vs_floor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
