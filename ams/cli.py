@@ -104,35 +104,25 @@ async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
 
     from ams.service import AmsService
     from gateway.messaging import build_messenger
-    from gateway.services import RedisServer
+    from gateway.services import embedded_redis
 
-    url = args.redis_url or cfg.redis.url
-    server: RedisServer | None = None
-    state = _state_dir(args, cfg)
-    if url is None:
-        state.mkdir(parents=True, exist_ok=True)
-        server = RedisServer(data_dir=state / "redis")
-        await asyncio.to_thread(server.start)
-        url = server.url
-        (state / "redis.url").write_text(url + "\n")
-        log.info("embedded redis-server at %s (data in %s)", url, state / "redis")
-    client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    try:
-        messenger = build_messenger(cfg.messaging, client, prefix=f"ams:{cfg.participant}")
-        async with messenger:
-            log.info("AMS %s running (worker %s)", cfg.participant, args.worker)
-            svc = AmsService(cfg.service_settings(), client, cfg.participant, messenger=messenger, worker=args.worker)
-            await svc.run(stop)
-    finally:
-        await client.aclose()
-        if server is not None:
-            (state / "redis.url").unlink(missing_ok=True)
-            await asyncio.to_thread(server.close)
+    async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="ams") as url:
+        client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            messenger = build_messenger(cfg.messaging, client, prefix=f"ams:{cfg.participant}")
+            async with messenger:
+                log.info("AMS %s running (worker %s)", cfg.participant, args.worker)
+                svc = AmsService(
+                    cfg.service_settings(), client, cfg.participant, messenger=messenger, worker=args.worker
+                )
+                await svc.run(stop)
+        finally:
+            await client.aclose()
     return 0
 
 

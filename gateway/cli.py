@@ -135,31 +135,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     from gateway.runtime import Gateway, run_until_signal
-    from gateway.services import RedisServer
+    from gateway.services import embedded_redis
     from gateway.store import RedisStore
 
     cfg = load_config(args.config)
-    url = args.redis_url or cfg.redis.url
-    server: RedisServer | None = None
-    state = _state_dir(args, cfg)
-    if url is None:
-        # No Redis named: start our own, keeping its AOF under the state dir so a restarted
-        # gateway finds its state (and pending command requests) again.
-        state.mkdir(parents=True, exist_ok=True)
-        server = RedisServer(data_dir=state / "redis")
-        await asyncio.to_thread(server.start)
-        url = server.url
-        (state / "redis.url").write_text(url + "\n")
-        logging.getLogger("mgms").info("embedded redis-server at %s (data in %s)", url, state / "redis")
-    try:
+    async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="mgms") as url:
         store = RedisStore.from_url(cfg, url)
         await store.write_meta(str(args.config))
         await _warn_if_not_durable(store, url)
         await run_until_signal(Gateway(cfg, store))
-    finally:
-        if server is not None:
-            (state / "redis.url").unlink(missing_ok=True)
-            await asyncio.to_thread(server.close)
     return 0
 
 

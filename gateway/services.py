@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,7 @@ __all__ = [
     "RedisServer",
     "ServiceError",
     "ServiceNotInstalled",
+    "embedded_redis",
     "free_port",
 ]
 
@@ -602,3 +604,35 @@ class MosquittoServer(_ServerProcess):
         conf = data_dir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return [executable, "-c", str(conf)]
+
+
+@contextlib.asynccontextmanager
+async def embedded_redis(url: str | None, state_dir: Path, *, who: str) -> AsyncIterator[str]:
+    """The Redis URL to use: ``url`` if given, else one of our own started for the duration.
+
+    Our own keeps its AOF under ``state_dir/redis`` so a restarted service finds its state
+    (pending requests, outbox, inbox) again, and writes its URL to ``state_dir/redis.url`` so
+    the CLI commands of the same service find it while it runs.
+    """
+    if url is not None:
+        yield url
+        return
+    server = await asyncio.to_thread(_start_embedded_redis, state_dir)
+    logging.getLogger(who).info("embedded redis-server at %s (data in %s)", server.url, state_dir / "redis")
+    try:
+        yield server.url
+    finally:
+        await asyncio.to_thread(_stop_embedded_redis, server, state_dir)
+
+
+def _start_embedded_redis(state_dir: Path) -> RedisServer:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(data_dir=state_dir / "redis")
+    server.start()
+    (state_dir / "redis.url").write_text(server.url + "\n")
+    return server
+
+
+def _stop_embedded_redis(server: RedisServer, state_dir: Path) -> None:
+    (state_dir / "redis.url").unlink(missing_ok=True)
+    server.close()

@@ -138,3 +138,45 @@ def test_status_without_redis_is_a_clear_service_error(lab_dir: Path, tmp_path: 
             env={"AMS_MQTT_PASSWORD": "x"})  # fmt: skip
     assert r.returncode == 3
     assert "no Redis" in r.stderr
+
+
+def test_ams_run_serves_until_sigterm_with_its_own_redis(tmp_path: Path) -> None:
+    """`ams run` on an embedded Redis and a TLS broker: up, found by `ams status`, clean exit."""
+    import signal
+    import time
+
+    import yaml
+
+    from ams.sandbox import DsoSandbox
+
+    with DsoSandbox(tmp_path / "dso", mgms=["mgms-x"]) as box:
+        settings = box.messaging("ams", transport="mqtt")
+        cfg_file = tmp_path / "ams.yaml"
+        cfg_file.write_text(yaml.safe_dump({
+            "messaging": settings.model_dump(mode="json"),
+            "microgrids": [{"participant": "mgms-x", "location": "L1"}],
+        }))  # fmt: skip
+        data = tmp_path / "state"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ams.cli", "run", "-c", str(cfg_file), "--data-dir", str(data)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not (data / "ams" / "redis.url").exists():
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "ams run did not start its Redis"
+                time.sleep(0.05)
+            status = ""
+            while "mgms-x" not in status:  # the worker registers the configured microgrids
+                assert time.monotonic() < deadline, status
+                status = ams("status", "-c", str(cfg_file), "--data-dir", str(data)).stdout
+                time.sleep(0.1)
+            assert "L1" in status
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "AMS ams running" in err
+        assert not (data / "ams" / "redis.url").exists()
