@@ -198,6 +198,8 @@ def markdown(report: Mapping[str, Any], plots: Sequence[str]) -> str:
         "(the command routes end at the confirmed status; a real breaker adds its travel).\n",
         "## Routes\n",
         table(report),
+        f"\nn is the number of good samples of {report.get('n', '?')} requested ({report.get('loop_n', '?')} for "
+        "the DSO loop); one below that was lost (timeout or refused command) and is named in the run's log.\n",
         f"\nTargets met: {report['targets_met']} of {report['targets_judged']} judged routes "
         "(route: median <= 1.3 x floor median + 0.5 ms and p99 <= 5 x median; "
         "DSO loop: median <= 10 ms).\n",
