@@ -271,3 +271,29 @@ def test_warm_start_keeps_the_optimum_and_bounds_a_time_limit() -> None:
     quick = solve_milp(p, r, time_limit_s=0.0, warm_start=h)
     assert quick.status in ("time_limit", "optimal")
     assert quick.value_eur >= h.value_eur - 1e-6
+
+
+def test_offers_carry_direction(mk: Callable[..., Portfolio]) -> None:
+    """The arbitrage battery above charges 50 kW (DOWNWARD: more consumption) then discharges 45 kW (UPWARD).
+    Its cost is 0, so both lines are priced 0 EUR/MWh and sorted by start."""
+    p = mk(
+        [
+            {
+                "kind": "storage",
+                "name": "b",
+                "capacity_kwh": 100,
+                "depth_of_discharge": 1.0,
+                "max_charge_kw": 50,
+                "max_discharge_kw": 50,
+                "initial_soc_kwh": 0,
+                "charge_efficiency": 0.9,
+                "discharge_efficiency": 1.0,
+            }
+        ],
+        periods=2,
+    )
+    res = solve_milp(p, req(service="energy_trading", periods=2, price_eur_per_mwh=[20, 100]))
+    lines = offers_from_coalition(res)
+    assert [o.flexibility_type for o in lines] == [FlexibilityType.DOWNWARD, FlexibilityType.UPWARD]
+    assert [o.power_kw for o in lines] == pytest.approx([50.0, 45.0])
+    assert lines[0].stop == lines[1].start
