@@ -54,6 +54,16 @@ class BareC104:
         if conn is None or station is None:
             raise RuntimeError("c104 refused the connection or station")
         self.conn = conn
+        # The device's own link timers, as the adapter sets them: c104's default t2 (10 s)
+        # is longer than the simulator's t1 (2 s), so an idle bare client would lose its link.
+        timers = cfg.devices[device].timers
+        params = conn.protocol_parameters
+        params.connection_timeout = timers.t0_s
+        params.message_timeout = timers.t1_s
+        params.confirm_interval = timers.t2_s
+        params.keep_alive_interval = timers.t3_s
+        params.send_window_size = timers.k
+        params.receive_window_size = timers.w
         self.seen_t = 0.0
         self.event = threading.Event()
         self._watch: tuple[int, float] | None = None
