@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -151,6 +152,8 @@ class Iec61850Server:
         self._controls: list[_Control] = []
         self._callbacks: list[object] = []  # ctypes thunks: alive as long as the server
         self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._serving = False
         self._moving_until: dict[int, tuple[float, int]] = {}
         self.missing: list[str] = []
 
@@ -168,10 +171,13 @@ class Iec61850Server:
         server = self._server
         assert server is not None
         lib.IedServer_setLocalIpAddress(server, self.host.encode())
-        await asyncio.to_thread(lib.IedServer_start, server, self.port)
+        await asyncio.to_thread(lib.IedServer_startThreadless, server, self.port)
         if not lib.IedServer_isRunning(server):
             self._destroy()
             raise OSError(f"iec61850 simulator {self.name}: cannot listen on {self.host}:{self.port}")
+        self._serving = True
+        self._thread = threading.Thread(target=self._serve, args=(server,), name=f"iec61850-sim-{self.name}")
+        self._thread.start()
         self._push_all()
         self._task = asyncio.create_task(self._run(), name=f"iec61850-sim:{self.name}")
         log.info("%s: IEC 61850 server %s on %s:%d%s", self.name, self.ied_name, self.host, self.port,
@@ -193,9 +199,27 @@ class Iec61850Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._thread is not None:
+            self._serving = False
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         if self._server is not None:
-            await asyncio.to_thread(lib.IedServer_stop, self._server)
+            await asyncio.to_thread(lib.IedServer_stopThreadless, self._server)
             self._destroy()
+
+    def _serve(self, server: int) -> None:
+        """The server loop ``IedServer_start`` would run, on our thread so :meth:`stop` can end it first.
+
+        Why not ``IedServer_start``/``IedServer_stop``: in this single-threaded libiec61850 build
+        ``IedServer_stop`` deactivates every report control block while its server thread may
+        still be sending a report, a race that crashed the simulator (SIGSEGV in
+        ``sendNextReportEntrySegment``, seen under gdb after 100-900 link drops). Here the loop
+        is joined before ``IedServer_stopThreadless``. Each turn waits at most 1 ms for
+        socket data (as libiec61850's own thread does), so reports leave as fast as before.
+        """
+        while self._serving:
+            lib.IedServer_processIncomingData(server)
+            lib.IedServer_performPeriodicTasks(server)
 
     async def close(self) -> None:
         await self.stop()
