@@ -513,6 +513,84 @@ class CommandRecord:
 
 
 # ---------------------------------------------------------------------------------------
+# Replies of the writer's pipelines
+
+
+class _BadReply(RedisConnectionError):
+    """A reply the writer's scanner cannot read: the connection is dropped and the batch retried."""
+
+
+# RESP2/RESP3 types whose whole reply is one line, and the aggregate types (by their first byte)
+_LINE_TYPES = frozenset(b"+:_,#(")
+_BULK_TYPES = frozenset(b"$=")
+_AGG_TYPES = {ord("*"): 1, ord("~"): 1, ord(">"): 1, ord("%"): 2, ord("|"): 2}
+
+
+async def _read_replies(reader: asyncio.StreamReader, n_replies: int) -> tuple[list[Any], bool]:
+    """Scan ``n_replies`` RESP replies from ``reader``: ``None`` per success, ResponseError per
+    error, and whether the stream ended exactly after the last reply (else the caller drops
+    the connection, whose next reply would be out of step).
+
+    The writer's commands answer with ids, integers or errors, and it only needs to know
+    which failed. Reading them with redis-py costs an ``asyncio.timeout`` and a parser call
+    per reply, which at ~4,000 replies per batch was the largest single cost of ingest
+    (py-spy, docs/scale.md); here they are scanned chunk by chunk straight off the stream.
+    """
+    results: list[Any] = []
+    buf = b""
+    pos = 0
+    pending = 1  # elements still to read of the current top-level reply (aggregates add)
+    top_error: Exception | None = None
+    while len(results) < n_replies:
+        nl = buf.find(b"\r\n", pos)
+        if nl < 0:
+            chunk = await reader.read(1 << 18)
+            if not chunk:
+                raise _BadReply("connection closed while reading replies")
+            buf = buf[pos:] + chunk
+            pos = 0
+            continue
+        kind = buf[pos]
+        error: Exception | None = None
+        if kind in _LINE_TYPES:
+            pos = nl + 2
+        elif kind == 0x2D:  # "-" error
+            error = ResponseError(buf[pos + 1 : nl].decode("utf-8", "replace"))
+            pos = nl + 2
+        elif kind in _BULK_TYPES or kind == 0x21:  # "$", "=", "!" bulk (error)
+            length = int(buf[pos + 1 : nl])
+            if length < 0:  # RESP2 null
+                pos = nl + 2
+            else:
+                end = nl + 2 + length + 2
+                while len(buf) < end:
+                    chunk = await reader.read(max(1 << 16, end - len(buf)))
+                    if not chunk:
+                        raise _BadReply("connection closed while reading replies")
+                    buf += chunk
+                if kind == 0x21:
+                    error = ResponseError(buf[nl + 2 : end - 2].decode("utf-8", "replace"))
+                pos = end
+        elif kind in _AGG_TYPES:
+            count = int(buf[pos + 1 : nl])
+            pos = nl + 2
+            if count > 0:
+                pending += count * _AGG_TYPES[kind]
+        else:
+            raise _BadReply(f"unexpected reply type {chr(kind)!r}")
+        pending -= 1
+        if error is not None and top_error is None:
+            top_error = error  # (inside an aggregate: the whole reply counts as failed)
+        if pending == 0:
+            results.append(top_error)
+            pending, top_error = 1, None
+            if len(results) % 1024 == 0:
+                # let the field side run now and then during a big batch
+                await asyncio.sleep(0)
+    return results, pos == len(buf)
+
+
+# ---------------------------------------------------------------------------------------
 # The store
 
 
@@ -941,26 +1019,45 @@ class RedisStore:
     async def _roundtrip(self, payload: bytes, n_replies: int) -> list[Any]:
         """Send packed commands in one write and read their replies; errors become values.
 
-        Any failure mid-way (connection lost, cancelled) makes redis-py drop the connection,
-        so a half-read reply stream never goes back into the pool.
+        Successful replies come back as ``None`` (the writer only looks at errors). Any
+        failure mid-way (connection lost, cancelled, timeout) drops the connection, so a
+        half-read reply stream never goes back into the pool.
         """
         pool = self.redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await conn.send_packed_command(payload)
-            results: list[Any] = []
-            for i in range(n_replies):
+            reader = getattr(conn, "_reader", None)
+            parser = getattr(conn, "_parser", None)
+            if isinstance(reader, asyncio.StreamReader) and not getattr(parser, "_buffer", b""):
                 try:
-                    results.append(await conn.read_response())
-                except ResponseError as exc:
-                    results.append(exc)
-                if i % 512 == 511:
-                    # replies already buffered are read without yielding; let the field
-                    # side run now and then during a big batch
-                    await asyncio.sleep(0)
-            return results
+                    timeout = getattr(conn, "socket_timeout", None) or 5.0
+                    async with asyncio.timeout(timeout + n_replies * 0.001):
+                        results, clean = await _read_replies(reader, n_replies)
+                except BaseException:
+                    await conn.disconnect()
+                    raise
+                if not clean:
+                    log.warning("Redis sent more than the replies expected; reconnecting")
+                    await conn.disconnect()
+                return results
+            return await self._read_replies_slow(conn, n_replies)
         finally:
             await pool.release(conn)
+
+    @staticmethod
+    async def _read_replies_slow(conn: Any, n_replies: int) -> list[Any]:
+        """Reply by reply through redis-py (a connection without a plain StreamReader)."""
+        results: list[Any] = []
+        for i in range(n_replies):
+            try:
+                await conn.read_response()
+                results.append(None)
+            except ResponseError as exc:
+                results.append(exc)
+            if i % 512 == 511:
+                await asyncio.sleep(0)
+        return results
 
     # -- device links, counters, meta -------------------------------------------------------
 
