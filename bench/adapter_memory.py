@@ -133,14 +133,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                     await asyncio.sleep(0.5)
                     raise RuntimeError(f"simulator refused drop after {i} cycles: {answer!r}"
                                        f" (simulator exit status {sim.returncode})")
-                went_down = came_up = False
+                went_down = came_up = fresh = False
                 async with asyncio.timeout(20):
                     async for ev in events:
                         if isinstance(ev, LinkStateChange):
                             went_down |= ev.state is LinkState.DOWN
                             came_up |= went_down and ev.state is LinkState.UP
-                        elif came_up and isinstance(ev, PointUpdate) and ev.value is not None:
-                            break  # resynchronised: a value after the new link came up
+                        elif went_down and isinstance(ev, PointUpdate) and ev.value is not None:
+                            # the GI of the new association may be queued before the UP event
+                            fresh = True
+                        if came_up and fresh:
+                            break  # resynchronised: link up again and a value from the new association
             if i + 1 == args.warmup or (i + 1) % max(1, args.cycles // 10) == 0:
                 samples.append(sample(i + 1, args.trim))
                 print(f"  {json.dumps(samples[-1])}", file=sys.stderr)
