@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-in-s", type=float, default=0.0)
     p.add_argument("--duration-s", type=float, default=900.0)
     p.add_argument("--price-cap", type=float, default=None, help="EUR/MWh (default: no cap)")
+    p = sub.add_parser(
+        "dispatch",
+        help="form a VPP coalition for a service and activate it through the running AMS",
+        description="Solve the coalition (ams.vpp) with the reliabilities the AMS measured, then queue the "
+        "chosen assets' blocks: a running `ams run` worker sends their Activation Notifications.",
+    )
+    common(p)
+    p.add_argument("portfolio", help="portfolio YAML/JSON (lab_configs/vpp/portfolio.yaml)")
+    p.add_argument("request", help="service request YAML/JSON (lab_configs/vpp/request-*.yaml)")
+    p.add_argument("--method", choices=("milp", "heuristic", "hierarchical"), default="milp")
+    p.add_argument("--time-limit", type=float, default=60.0, help="HiGHS time limit in seconds")
     p = sub.add_parser("status", help="microgrids, open offers, activations and settlements")
     common(p)
     p.add_argument("--json", action="store_true")
@@ -182,6 +193,52 @@ async def _request(args: argparse.Namespace, cfg: AmsConfig) -> int:
     return 0
 
 
+async def _dispatch(args: argparse.Namespace, cfg: AmsConfig) -> int:
+    from ams.dispatch import portfolio_with_reliability
+    from ams.service import new_request_id
+    from ams.vpp.coalition import solve_heuristic, solve_hierarchical, solve_milp
+    from ams.vpp.errors import BadInput, Infeasible
+    from ams.vpp.offers import offers_from_coalition
+    from ams.vpp.portfolio import load_portfolio, read_mapping
+    from ams.vpp.report import coalition_table
+    from ams.vpp.services import service_from_mapping
+
+    async def run(svc: Any) -> int:
+        try:
+            portfolio = await portfolio_with_reliability(load_portfolio(args.portfolio), svc.redis, cfg.participant)
+            req = service_from_mapping(read_mapping(args.request))
+            if args.method == "heuristic":
+                res = solve_heuristic(portfolio, req)
+            elif args.method == "hierarchical":
+                res = solve_hierarchical(portfolio, req, args.time_limit)
+            else:
+                # large portfolios: the merit-order coalition as HiGHS's first incumbent, so a
+                # time limit still yields a coalition (as `ams coalition` does)
+                start = solve_heuristic(portfolio, req) if len(portfolio.assets) >= 200 else None
+                res = solve_milp(portfolio, req, args.time_limit, warm_start=start)
+        except BadInput as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Infeasible as exc:
+            print(f"infeasible: binding constraint: {exc.constraint} {exc.detail}", file=sys.stderr)
+            return 3
+        print(coalition_table(res))
+        lines = offers_from_coalition(res)
+        if not lines:
+            print("the coalition chose no active-power block: nothing to activate", file=sys.stderr)
+            return 1
+        dispatch_id = await svc.submit_dispatch(lines, new_request_id())
+        print(f"dispatch {dispatch_id}: {len(lines)} block(s) queued for the AMS workers")
+        for x in lines:
+            print(
+                f"  {x.microgrid:18s} {x.asset:14s} {x.flexibility_type.value:9s} {x.power_kw:8.1f} kW"
+                f" {x.start:%Y-%m-%d %H:%M}-{x.stop:%H:%M} {x.price_eur_per_mwh:8.2f} EUR/MWh"
+            )
+        return 0
+
+    return int(await _with_service(args, cfg, run))
+
+
 async def _register(args: argparse.Namespace, cfg: AmsConfig) -> int:
     async def reg(svc: Any) -> None:
         await svc.register(args.participant, args.location)
@@ -196,15 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if hasattr(args, "vpp_handler"):
-            return int(args.vpp_handler(args))
+        if getattr(args, "func", None) is not None:  # the VPP commands (ams.vpp.cli)
+            return int(args.func(args))
         cfg = load_ams_config(args.config)
         if args.cmd == "check-config":
             transports = ", ".join(cfg.messaging.transports)
             n = len(cfg.microgrids)
             print(f"{args.config}: OK - AMS {cfg.participant!r}, transports {transports}, {n} microgrid(s)")
             return 0
-        handlers = {"run": _run, "status": _status, "request": _request, "register": _register}
+        handlers = {"run": _run, "status": _status, "request": _request, "register": _register, "dispatch": _dispatch}
         return int(asyncio.run(handlers[args.cmd](args, cfg)))
     except ConfigError as exc:
         print(f"config error ({len(exc.issues)} issue{'s' if len(exc.issues) > 1 else ''}):", file=sys.stderr)

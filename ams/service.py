@@ -20,20 +20,28 @@ Key layout (``A`` = ``ams:{participant}``)::
     A:settlement:{act}    HASH    verdict and payment of one activation
     A:settlements         STREAM  every settlement, in order
     A:events              STREAM  audit trail: what the AMS did and why (capped)
+    A:asset-reliability   HASH    VPP asset -> reliability (delivered / requested, averaged)
+
+A VPP coalition (``ams.vpp``) enters the same flow through :meth:`AmsService.dispatch`:
+each chosen asset's block becomes an offer (owner = the asset's microgrid), accepted by
+construction, so it is reserved and activated at once; its verification settles it and
+updates the asset's reliability, which the next coalition reads back
+(:func:`ams.dispatch.portfolio_with_reliability`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,7 +55,7 @@ from ams.market import (
     clear,
     verify_delivery,
 )
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StoreError
 from gateway.messaging import Messenger, Received
 from gateway.semantic import (
     ActivationNotification,
@@ -60,11 +68,15 @@ from gateway.semantic import (
 )
 from gateway.store import reraise_lost_cancel, stream_entries
 
+if TYPE_CHECKING:
+    from ams.vpp.offers import OfferLine
+
 __all__ = ["AmsKeys", "AmsService", "AmsSettings", "MarketSettings", "MicrogridEntry", "NotRegistered"]
 
 log = logging.getLogger(__name__)
 
 WORKER_GROUP = "ams"
+ASSET_RELIABILITY_WEIGHT = 0.3  # as ams.vpp.portfolio.update_reliability
 
 
 class NotRegistered(GatewayError):
@@ -142,6 +154,10 @@ class AmsKeys:
     @property
     def events(self) -> str:
         return f"{self.prefix}:events"
+
+    @property
+    def asset_reliability(self) -> str:
+        return f"{self.prefix}:asset-reliability"
 
     @property
     def stats(self) -> str:
@@ -356,11 +372,22 @@ class AmsService:
             for eid, fields in entries:
                 if fields:
                     try:
-                        await self.clear_request(DsoRequest.model_validate_json(fields["request"]))
-                    except ValueError as exc:
-                        log.error("bad DSO request %s: %s", eid, exc)
+                        if "dispatch" in fields:
+                            await self.dispatch(_lines_from_json(fields["dispatch"]), fields.get("id", eid))
+                        else:
+                            await self.clear_request(DsoRequest.model_validate_json(fields["request"]))
+                    except (RedisError, StoreError) as exc:
+                        # not judged: the entry stays pending and is taken again
+                        log.warning("DSO request %s: %s; retrying", eid, exc)
+                        await asyncio.sleep(0.5)
+                        break
+                    except Exception as exc:  # a bad request must not stop the worker
+                        log.exception("DSO request %s failed", eid)
                         self.counters["bad_requests"] += 1
-                await self.redis.xack(self.keys.requests, group, eid)
+                        with contextlib.suppress(RedisError):
+                            await self._event("refused", reason=f"request failed: {exc}", request=eid)
+                with contextlib.suppress(RedisError):  # unacknowledged: handled again, idempotently
+                    await self.redis.xack(self.keys.requests, group, eid)
 
     async def clear_request(self, request: DsoRequest, *, only: list[str] | None = None) -> None:
         offers = await self.open_offers(None if request.location == "*" else request.location)
@@ -445,6 +472,65 @@ class AmsService:
         await self._event("activated", activation=act_id, microgrid=h["microgrid"], power_kw=kw)
         return act_id
 
+    async def submit_dispatch(self, lines: Sequence[OfferLine], dispatch_id: str) -> str:
+        """Queue a coalition's offer lines (what ``ams dispatch`` does); a worker sends them."""
+        await self.redis.xadd(self.keys.requests, {"dispatch": _lines_to_json(lines), "id": dispatch_id})
+        return dispatch_id
+
+    async def dispatch(self, lines: Sequence[OfferLine], dispatch_id: str) -> list[str]:
+        """A coalition's chosen assets become offers, reserved and activated to their owners.
+
+        Returns the activation ids. Idempotent per (dispatch id, asset, start): a re-run after
+        a crash re-activates nothing that was activated.
+        """
+        acts: list[str] = []
+        for line in lines:
+            try:
+                mg = await self.microgrid(line.microgrid)
+            except NotRegistered:
+                self.counters["unregistered"] += 1
+                await self._event("refused", reason="asset of an unregistered microgrid", dispatch=dispatch_id,
+                                  asset=line.asset, microgrid=line.microgrid)  # fmt: skip
+                continue
+            offer_id = f"offer:{line.microgrid}:{dispatch_id}:{line.asset}:{line.start:%Y%m%dT%H%M%SZ}"
+            location = str(mg["location"])
+            rank = self.settings.cost_model.rank_key(line.price_eur_per_mwh, float(mg.get("reliability", 1.0)))
+            if await self.redis.hsetnx(self.keys.offer(offer_id), "state", "open"):
+                await self.redis.hset(
+                    self.keys.offer(offer_id),
+                    mapping={
+                        "microgrid": line.microgrid,
+                        "location": location,
+                        "type": line.flexibility_type.value,
+                        "power_kw": repr(line.power_kw),
+                        "start": _iso(line.start),
+                        "stop": _iso(line.stop),
+                        "price": repr(line.price_eur_per_mwh),
+                        "rank": repr(rank),
+                        "asset": line.asset,
+                        "dispatch": dispatch_id,
+                    },
+                )
+                self.counters["offers"] += 1
+                await self._event("offer", offer=offer_id, microgrid=line.microgrid, asset=line.asset,
+                                  price=line.price_eur_per_mwh, power_kw=line.power_kw)  # fmt: skip
+            record = _offer_record(offer_id, await self._hash(self.keys.offer(offer_id)))
+            request = DsoRequest(
+                request_id=dispatch_id,
+                location=location,
+                flexibility_type=line.flexibility_type,
+                power_kw=line.power_kw,
+                start=line.start,
+                stop=line.stop,
+            )
+            if await self.redis.hget(self.keys.offer(offer_id), "state") == "open":
+                await self.reserve(record, line.power_kw, request)
+            if await self.redis.hget(self.keys.offer(offer_id), "state") == "reserved":
+                await self.activate(offer_id)  # accepted by construction: activate even without activate_on_reserve
+            acts.append(f"act:{offer_id}")
+        await self._event("dispatched", dispatch=dispatch_id, lines=len(lines))
+        return acts
+
     # ----------------------------------------------------------------- verification -> settlement
 
     async def on_verification(self, item: Received, ver: VerificationNotification) -> None:
@@ -494,6 +580,13 @@ class AmsService:
         pipe.hset(act_key, "state", state)
         pipe.hset(self.keys.offer(act["offer"]), "state", state)
         pipe.hset(self.keys.microgrids, act["microgrid"], json.dumps(mg))
+        asset = await self.redis.hget(self.keys.offer(act["offer"]), "asset")
+        if asset:
+            # the VPP's per-asset record (eDREAM risk): share of the requested power delivered
+            old = float(await self.redis.hget(self.keys.asset_reliability, asset) or 1.0)
+            share = min(1.0, max(0.0, verdict.mean_kw) / float(act["power_kw"]))
+            new = (1 - ASSET_RELIABILITY_WEIGHT) * old + ASSET_RELIABILITY_WEIGHT * share
+            pipe.hset(self.keys.asset_reliability, asset, repr(round(new, 6)))
         await pipe.execute()
         self.counters["settlements"] += 1
         await self._event(
@@ -536,3 +629,37 @@ def new_request_id() -> str:
 def request_window(start_in_s: float, duration_s: float) -> tuple[datetime, datetime]:
     start = datetime.now(UTC) + timedelta(seconds=start_in_s)
     return start, start + timedelta(seconds=max(duration_s, 1e-3))
+
+
+def _lines_to_json(lines: Sequence[OfferLine]) -> str:
+    return json.dumps(
+        [
+            {
+                "microgrid": x.microgrid,
+                "asset": x.asset,
+                "power_kw": x.power_kw,
+                "start": _iso(x.start),
+                "stop": _iso(x.stop),
+                "price_eur_per_mwh": x.price_eur_per_mwh,
+                "flexibility_type": x.flexibility_type.value,
+            }
+            for x in lines
+        ]
+    )
+
+
+def _lines_from_json(text: str) -> list[OfferLine]:
+    from ams.vpp.offers import OfferLine
+
+    return [
+        OfferLine(
+            d["microgrid"],
+            d["asset"],
+            float(d["power_kw"]),
+            datetime.fromisoformat(d["start"]),
+            datetime.fromisoformat(d["stop"]),
+            float(d["price_eur_per_mwh"]),
+            FlexibilityType(d["flexibility_type"]),
+        )
+        for d in json.loads(text)
+    ]
