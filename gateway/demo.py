@@ -282,7 +282,10 @@ async def _dso_flow(gateway: Gateway, box: DsoSandbox, tmp: Path, clock: _Clock)
             act_key = f"{gateway.store.keys.prefix}:flex:act:{act_id}"
             act = cast(dict[str, str], await gateway.store.redis.hgetall(act_key))
             cmds = json.loads(act.get("commands", "[]")) + json.loads(act.get("restore", "[]"))
-            _say(f"  Flexibility  MGMS created -> AMS db (HTTPS)   {_ms(fx['created_ns'], fx['stored_ns'])}")
+            _say(
+                f"  Flexibility  MGMS created -> AMS db (HTTPS)   {_ms(fx['created_ns'], fx['stored_ns'])}"
+                "  (first message: includes connecting; warm figures: mgms bench)"
+            )
             _say(f"  Offer        {offer['price']} EUR/MWh, reserved and activated (simulated DSO clears at once)")
             _say(f"  Activation   AMS created -> MGMS db (MQTT)    {_ms(act['created_ns'], act['stored_ns'])}")
             for c in cmds:
