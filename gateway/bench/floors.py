@@ -118,8 +118,16 @@ def paho_floor(
     n: int,
     payload: bytes,
     step: Callable[[int], None],
+    *,
+    threaded: bool = False,
 ) -> list[float]:
-    """Bare paho over TLS, QoS 1: publish -> subscriber ``on_message`` (ms). Blocking."""
+    """Bare paho over TLS, QoS 1: publish -> subscriber ``on_message`` (ms). Blocking.
+
+    ``threaded`` False (the floor): both clients driven from this one thread (``loop()``),
+    so the figure is broker + TLS + paho's parsing with no thread hand-off. ``threaded``
+    True: paho as usually used, each client with its network thread (``loop_start()``);
+    on a loaded machine every hand-off between threads waits for the scheduler and the GIL.
+    """
     (pub_user, pub_pw), (sub_user, sub_pw) = users
     arrived: queue.Queue[int] = queue.Queue()
 
@@ -130,9 +138,16 @@ def paho_floor(
         up = threading.Event()
         c.on_connect = lambda cl, u, f, rc, p: up.set()
         c.connect(host, port, clean_start=True)
-        c.loop_start()
-        if not up.wait(5):
-            c.loop_stop()
+        if threaded:
+            c.loop_start()
+            up.wait(5)
+        else:
+            deadline = time.monotonic() + 5
+            while not up.is_set() and time.monotonic() < deadline:
+                c.loop(0.05)
+        if not up.is_set():
+            if threaded:
+                c.loop_stop()
             raise RuntimeError(f"{cid}: no CONNACK from the broker")
         return c
 
@@ -141,7 +156,12 @@ def paho_floor(
     sub.on_subscribe = lambda cl, u, mid, rcs, p: subscribed.set()
     sub.on_message = lambda cl, u, m: arrived.put(time.perf_counter_ns())
     sub.subscribe(inbox_filter(sub_user), qos=1)
-    subscribed.wait(5)
+    deadline = time.monotonic() + 5
+    while not subscribed.is_set() and time.monotonic() < deadline:
+        if threaded:
+            subscribed.wait(0.1)
+        else:
+            sub.loop(0.05)
     pub = client(pub_user, pub_pw, f"floor-pub-{time.time_ns()}")
     topic = topic_for(sub_user, pub_user, "Flexibility")
     out: list[float] = []
@@ -149,14 +169,25 @@ def paho_floor(
         for i in range(n + 20):
             t0 = time.perf_counter_ns()
             pub.publish(topic, payload, qos=1)
-            t1 = arrived.get(timeout=5)
+            if threaded:
+                t1 = arrived.get(timeout=5)
+            else:
+                pub.loop_write()
+                limit = time.monotonic() + 5
+                while arrived.empty() and time.monotonic() < limit:
+                    sub.loop(0.01)
+                t1 = arrived.get_nowait()
+                pub.loop(0.0)  # the PUBACK, untimed
             if i >= 20:  # warm-up
                 out.append((t1 - t0) / 1e6)
                 step(i - 19)
     finally:
         for c in (pub, sub):
             c.disconnect()
-            c.loop_stop()
+            if threaded:
+                c.loop_stop()
+            else:
+                c.loop(0.05)
     return out
 
 

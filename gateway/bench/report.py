@@ -83,7 +83,8 @@ def build_report(
         s = summarise(series[spec.key])
         floor = _floor_median(spec, series)
         routes.append(RouteResult(spec, s, floor, evaluate(s, floor, loop=spec.loop)))
-    floors = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("floor_")}
+    # floor_*: the floors routes are judged against; ref_*: the same stack used differently, for comparison
+    floors = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith(("floor_", "ref_"))}
     hops = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("loop_hop_")}
     judged = [r.target.passed for r in routes if r.target.passed is not None]
     return {

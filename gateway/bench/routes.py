@@ -471,7 +471,7 @@ async def messages_phase(
             finally:
                 await pair.close()
     body = secrets.token_bytes(payload_len)
-    label = "floor bare paho publish -> on_message (TLS, QoS 1)"
+    label = "floor bare paho publish -> on_message (TLS, QoS 1, one thread)"
     b = box.broker
     out["floor_mqtt"] = _finish(
         progress,
@@ -485,6 +485,23 @@ async def messages_phase(
             n,
             body,
             _run(progress, label, n),
+        ),
+        n,
+    )
+    label = "bare paho, network threads (loop_start), for reference"
+    out["ref_mqtt_paho_threaded"] = _finish(
+        progress,
+        label,
+        await asyncio.to_thread(
+            paho_floor,
+            "127.0.0.1",
+            b.port,
+            box.pki,
+            ((MGMS, box.passwords[MGMS]), (AMS, box.passwords[AMS])),
+            n,
+            body,
+            _run(progress, label, n),
+            threaded=True,
         ),
         n,
     )
