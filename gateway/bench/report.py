@@ -86,11 +86,13 @@ def build_report(
     # floor_*: the floors routes are judged against; ref_*: the same stack used differently, for comparison
     floors = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith(("floor_", "ref_"))}
     hops = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("loop_hop_")}
+    message_hops = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("hop_")}
     judged = [r.target.passed for r in routes if r.target.passed is not None]
     return {
         "routes": [r.as_dict() for r in routes],
         "floors": floors,
         "loop_hops": hops,
+        "message_hops": message_hops,
         "targets_met": sum(1 for p in judged if p),
         "targets_judged": len(judged),
         "machine": machine(),
@@ -209,6 +211,9 @@ def markdown(report: Mapping[str, Any], plots: Sequence[str]) -> str:
         "\n## Floors (bare stacks, same run)\n",
         _stats_table("floor", report["floors"]),
     ]
+    if report.get("message_hops"):
+        title = "\n## Message routes, hop by hop (from the stored probes)\n"
+        parts += [title, _stats_table("hop", report["message_hops"])]
     if report.get("loop_hops"):
         parts += ["\n## DSO loop, hop by hop (from the stored probes)\n", _stats_table("hop", report["loop_hops"])]
     if clock:

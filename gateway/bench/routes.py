@@ -422,15 +422,31 @@ def _sealed_size(m: Messenger) -> int:
 
 
 async def _message_route(
-    send: Messenger, recv: Messenger, recipient: str, make: Callable[[int], Any], n: int, label: str, progress: Progress
+    send: Messenger,
+    recv: Messenger,
+    recipient: str,
+    make: Callable[[int], Any],
+    n: int,
+    label: str,
+    progress: Progress,
+    hops: Series,
+    key: str,
 ) -> list[float]:
-    """Created at the sender (sealed into its db) -> stored in the receiver's inbox (Redis TIME)."""
+    """Created at the sender (sealed into its db) -> stored in the receiver's inbox (Redis TIME).
+
+    The two hops go into ``hops``: ``hop_{key}_created_to_received`` (seal, outbox, transport)
+    and ``hop_{key}_received_to_stored`` (open: verify, decrypt; the accepting Lua script).
+    """
     vals: list[float] = []
+    sent_hop = hops.setdefault(f"hop_{key}_created_to_received", [])
+    store_hop = hops.setdefault(f"hop_{key}_received_to_stored", [])
     for i in range(n + 5):
         env = await send.send(make(i), recipient)
         item = await _wait_for(recv, env.id)
         if i >= 5:  # warm-up: TLS sessions, Lua script load
             vals.append((item.stored_ns - item.created_ns) / 1e6)
+            sent_hop.append((item.received_ns - item.created_ns) / 1e6)
+            store_hop.append((item.stored_ns - item.received_ns) / 1e6)
             progress.step(label, i - 4, n)
     return _finish(progress, label, vals, n)
 
@@ -457,6 +473,8 @@ async def messages_phase(
                     n,
                     f"flexibility MGMS db -> AMS db, {transport.upper()}, {security}",
                     progress,
+                    out,
+                    key,
                 )
                 if transport == "mqtt":
                     out[f"activation_mqtt_{security}"] = await _message_route(
@@ -467,6 +485,8 @@ async def messages_phase(
                         n,
                         f"activation AMS db -> MGMS db, MQTT, {security}",
                         progress,
+                        out,
+                        f"activation_mqtt_{security}",
                     )
             finally:
                 await pair.close()
