@@ -75,6 +75,14 @@ __all__ = ["MessagingKeys", "Messenger", "Received", "build_messenger", "build_t
 log = logging.getLogger(__name__)
 
 # Claim the id and store the message in one step; TIME gives the "stored" probe hop.
+# Queue to the outbox unless it is full, in one round trip (never trim: unsent is unsent).
+_QUEUE_LUA = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return false
+end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+"""
+
 _ACCEPT_LUA = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   local t = redis.call('TIME')
@@ -178,6 +186,7 @@ class Messenger:
         self.outbox_max = outbox_max
         self.counters: Counter[str] = Counter()
         self._accept = self.redis.register_script(_ACCEPT_LUA)
+        self._queue = self.redis.register_script(_QUEUE_LUA)
         self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in self.transports}
         self._senders: list[asyncio.Task[None]] = []
         self._started = False
@@ -240,16 +249,23 @@ class Messenger:
         data = self.sealer.seal(envelope)
         transport = self.transport_for(recipient)
         key = self.keys.outbox(transport)
+        args: list[str | bytes | int] = [
+            self.outbox_max,
+            "id",
+            envelope.id,
+            "recipient",
+            recipient,
+            "topic",
+            envelope.topic,
+            "data",
+            data,
+        ]
         try:
-            length = await self.redis.xlen(key)
-            if length >= self.outbox_max:
-                raise StoreError(f"outbox {key} holds {length} unsent messages (limit {self.outbox_max})")
-            await self.redis.xadd(
-                key,
-                {"id": envelope.id, "recipient": recipient, "topic": envelope.topic, "data": data.decode()},
-            )
+            queued = await self._queue(keys=[key], args=args)
         except RedisError as exc:
             raise StoreError(f"outbox: {exc}") from exc
+        if queued is None:
+            raise StoreError(f"outbox {key} holds {self.outbox_max} unsent messages (the limit): not queued")
         self.counters["queued"] += 1
         self._wake[transport].set()
         return envelope
@@ -265,6 +281,8 @@ class Messenger:
         attempt = 0
         while True:
             reraise_lost_cancel()  # redis-py can swallow a cancel (see gateway.store)
+            # Cleared before looking, so a send() that lands while we look is not missed.
+            wake.clear()
             try:
                 entries = stream_entries(await self.redis.xrange(key, "-", "+", count=self.send_window))
             except RedisError as exc:
@@ -273,8 +291,6 @@ class Messenger:
                 attempt += 1
                 continue
             if not entries:
-                wake.clear()
-                # Re-check after clearing: a send() between the XRANGE and clear() is not lost.
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
@@ -465,7 +481,6 @@ class Messenger:
             stats = self.stats()
             if stats:
                 await self.redis.hset(self.keys.stats, mapping={k: str(v) for k, v in stats.items()})
-
 
 
 def build_transport(name: str, raw: Mapping[str, Any], participant: str) -> MessageTransport:
