@@ -23,9 +23,9 @@ from typing import Any, Literal, Self
 
 from gateway.config import FlexAction, FlexibilitySettings, FlexResource, MessagingSettings
 from gateway.iedsim.pki import LabPki, make_lab_pki
-from gateway.protocols.messaging import TOPIC_ROOT
 from gateway.semantic import write_key_pair
 from gateway.services import MosquittoServer, MqttAcl, MqttTls, free_port
+from gateway.transport.base import TOPIC_ROOT
 
 __all__ = ["DsoSandbox", "feeder_flexibility"]
 

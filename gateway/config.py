@@ -670,8 +670,8 @@ class MessagingSettings(_Frozen):
     """How this participant talks to the aggregator: identity, keys, security, transports.
 
     ``transports`` maps a transport name (``mqtt``, ``https``) to its own settings, checked
-    by that transport's settings model at load (``gateway.protocols.mqtt.MqttSettings``,
-    ``gateway.protocols.https.HttpsSettings``). ``routes`` names the transport per peer;
+    by that transport's settings model at load (``gateway.transport.mqtt.MqttSettings``,
+    ``gateway.transport.https.HttpsSettings``). ``routes`` names the transport per peer;
     other peers use ``default_transport`` (else the first one). Key files are read relative
     to the lab file; the private key is never in the config itself.
     """
@@ -1179,8 +1179,8 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
 #: Transport name -> "module:SettingsModel" that validates its block (imported lazily so a
 #: lab without messaging needs neither paho nor aiohttp).
 TRANSPORT_SETTINGS = {
-    "mqtt": "gateway.protocols.mqtt:MqttSettings",
-    "https": "gateway.protocols.https:HttpsSettings",
+    "mqtt": "gateway.transport.mqtt:MqttSettings",
+    "https": "gateway.transport.https:HttpsSettings",
 }
 
 

@@ -52,7 +52,6 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import MessagingSettings
 from gateway.errors import StoreError, TransportError, TransportRefused
-from gateway.protocols.messaging import Delivery, MessageTransport, Outgoing, topic_for
 from gateway.semantic import (
     Envelope,
     Keystore,
@@ -69,6 +68,7 @@ from gateway.semantic import (
 )
 from gateway.semantic.envelope import parse, serialise
 from gateway.store import reraise_lost_cancel, stream_entries
+from gateway.transport.base import Delivery, MessageTransport, Outgoing, topic_for
 
 __all__ = ["MessagingKeys", "Messenger", "Received", "build_messenger", "build_transport"]
 
@@ -489,11 +489,11 @@ def build_transport(name: str, raw: Mapping[str, Any], participant: str) -> Mess
 
     settings = transport_settings_model(name).model_validate({**raw, "participant": participant})
     if name == "mqtt":
-        from gateway.protocols.mqtt import MqttTransport
+        from gateway.transport.mqtt import MqttTransport
 
         return MqttTransport(settings)  # type: ignore[arg-type]
     if name == "https":
-        from gateway.protocols.https import HttpsTransport
+        from gateway.transport.https import HttpsTransport
 
         return HttpsTransport(settings)  # type: ignore[arg-type]
     raise ValueError(f"unknown transport {name!r}")

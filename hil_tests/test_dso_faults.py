@@ -16,9 +16,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from ams.sandbox import DsoSandbox
 from gateway.config import LabConfig
 from gateway.iedsim.iec104.server import Iec104Outstation
-from gateway.protocols.messaging import topic_for
 from gateway.semantic import ActivationNotification, Flexibility
 from gateway.services import RedisServer
+from gateway.transport.base import topic_for
 
 pytestmark = [
     pytest.mark.timeout(60),

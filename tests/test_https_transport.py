@@ -22,8 +22,6 @@ from pydantic import ValidationError
 
 from gateway.errors import ConfigError, TransportError, TransportRefused
 from gateway.iedsim.pki import LabPki, make_lab_pki
-from gateway.protocols.https import HttpsPeer, HttpsSettings, HttpsTransport, PeerUnavailable
-from gateway.protocols.messaging import Delivery, Outgoing, topic_for
 from gateway.semantic import (
     Envelope,
     FlexibilityType,
@@ -37,6 +35,8 @@ from gateway.semantic import (
 from gateway.semantic.errors import Replayed
 from gateway.semantic.jsonld import CONTEXT_FILE
 from gateway.services import free_port
+from gateway.transport.base import Delivery, Outgoing, topic_for
+from gateway.transport.https import HttpsPeer, HttpsSettings, HttpsTransport, PeerUnavailable
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 from ams.market import DsoRequest
 from ams.service import AmsService, AmsSettings, MarketSettings, NotRegistered
 from gateway.messaging import Received
-from gateway.protocols.messaging import topic_for
 from gateway.semantic import Envelope, Flexibility, FlexibilityType, Payload, VerificationNotification
 from gateway.services import RedisServer
+from gateway.transport.base import topic_for
 
 pytestmark = pytest.mark.timeout(30)
 T0 = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=5)

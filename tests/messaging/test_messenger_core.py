@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 
 from gateway.errors import TransportError, TransportRefused
 from gateway.messaging import Messenger, Received
-from gateway.protocols.messaging import Delivery, MessageHandler, MessageTransport, Outgoing
 from gateway.semantic import (
     Flexibility,
     Keystore,
@@ -30,6 +29,7 @@ from gateway.semantic import (
     write_key_pair,
 )
 from gateway.services import RedisServer
+from gateway.transport.base import Delivery, MessageHandler, MessageTransport, Outgoing
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -252,8 +252,8 @@ async def test_serve_retries_retryable_errors_and_dead_letters_bugs(
 
 
 def _envelope(keys: dict[str, Keystore]):  # type: ignore[no-untyped-def]
-    from gateway.protocols.messaging import topic_for
     from gateway.semantic import Envelope
+    from gateway.transport.base import topic_for
 
     return Envelope.create(flex(), sender="mgms", recipient="ams", topic=topic_for("ams", "mgms", "Flexibility"))
 

@@ -23,10 +23,10 @@ from pydantic import SecretStr
 
 from gateway.errors import ConfigError, TransportError, TransportRefused
 from gateway.iedsim.pki import LabPki, make_lab_pki
-from gateway.protocols.messaging import Delivery, MessageHandler, Outgoing, inbox_filter, topic_for
-from gateway.protocols.mqtt import MqttSettings, MqttTransport
 from gateway.semantic.errors import Malformed
 from gateway.services import MosquittoServer, MqttAcl, MqttTls, free_port
+from gateway.transport.base import Delivery, MessageHandler, Outgoing, inbox_filter, topic_for
+from gateway.transport.mqtt import MqttSettings, MqttTransport
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -1,11 +1,11 @@
 """HTTPS message transport: sealed messages as ``POST /heila/v1/to/<r>/from/<s>/<Type>``.
 
-See :mod:`gateway.protocols.https.transport` for the wire contract and
-:mod:`gateway.protocols.messaging` for the interface and its acknowledgement semantics.
+See :mod:`gateway.transport.https.transport` for the wire contract and
+:mod:`gateway.transport.base` for the interface and its acknowledgement semantics.
 """
 
-from gateway.protocols.https.settings import ClientAuth, HttpsPeer, HttpsSettings
-from gateway.protocols.https.transport import CONTENT_TYPE, HttpsTransport, PeerUnavailable, context_paths
+from gateway.transport.https.settings import ClientAuth, HttpsPeer, HttpsSettings
+from gateway.transport.https.transport import CONTENT_TYPE, HttpsTransport, PeerUnavailable, context_paths
 
 __all__ = [
     "CONTENT_TYPE",

@@ -4,7 +4,7 @@ Why HTTPS next to MQTT: a participant behind a firewall that allows only outboun
 peer that runs no broker, can still exchange messages point to point. The transport is a pipe:
 it never parses the body; the messaging core verifies, decrypts and de-duplicates.
 
-Wire contract (the path *is* the message topic, see :mod:`gateway.protocols.messaging`)::
+Wire contract (the path *is* the message topic, see :mod:`gateway.transport.base`)::
 
     POST /heila/v1/to/<recipient>/from/<sender>/<MessageType>
     Content-Type: application/ld+json
@@ -61,8 +61,9 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.errors import ConfigError, ConfigIssue, TransportError, TransportRefused
-from gateway.protocols.https.settings import HttpsPeer, HttpsSettings
-from gateway.protocols.messaging import (
+from gateway.semantic.errors import MessageRejected
+from gateway.semantic.jsonld import CONTEXT_FILE, CONTEXT_IRI, context_bytes
+from gateway.transport.base import (
     TOPIC_ROOT,
     Delivery,
     MessageHandler,
@@ -70,8 +71,7 @@ from gateway.protocols.messaging import (
     Outgoing,
     topic_for,
 )
-from gateway.semantic.errors import MessageRejected
-from gateway.semantic.jsonld import CONTEXT_FILE, CONTEXT_IRI, context_bytes
+from gateway.transport.https.settings import HttpsPeer, HttpsSettings
 
 __all__ = ["CONTENT_TYPE", "HttpsTransport", "PeerUnavailable", "context_paths"]
 

@@ -9,7 +9,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from gateway.errors import ConfigError, ConfigIssue
-from gateway.protocols.messaging import inbox_filter
+from gateway.transport.base import inbox_filter
 
 __all__ = ["MqttSettings"]
 

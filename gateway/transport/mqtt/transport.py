@@ -66,9 +66,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.errors import TransportError, TransportRefused
-from gateway.protocols.messaging import Delivery, MessageHandler, MessageTransport, Outgoing
-from gateway.protocols.mqtt.settings import MqttSettings
 from gateway.semantic.errors import MessageRejected
+from gateway.transport.base import Delivery, MessageHandler, MessageTransport, Outgoing
+from gateway.transport.mqtt.settings import MqttSettings
 
 __all__ = ["CONTENT_TYPE", "COUNTERS", "MqttTransport"]
 
