@@ -111,6 +111,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for p in ctl:
             print(f"    {p.name} -> confirmed by {p.status_point}{' (SBO)' if p.select_before_operate else ''}")
     print(f"  redis: {cfg.redis.url or 'embedded (started by the gateway)'}")
+    if cfg.messaging is not None:
+        m = cfg.messaging
+        routes = (
+            ", ".join(f"{peer} via {t}" for peer, t in m.routes.items())
+            or f"all via {m.default_transport or next(iter(m.transports))}"
+        )
+        print(
+            f"  messaging: participant {m.participant}, {m.security}, transports {', '.join(m.transports)} ({routes})"
+        )
+    if cfg.flexibility is not None:
+        f = cfg.flexibility
+        for r in f.resources:
+            every = f"every {f.period_s:g} s" if f.period_s else "on demand"
+            print(f"  flexibility: {r.name} ({r.flexibility_type}, {r.power_point}) to {f.aggregator}, {every}")
     return 0
 
 

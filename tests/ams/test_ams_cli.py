@@ -62,6 +62,13 @@ def test_example_dso_lab_config_validates_with_its_secrets(lab_dir: Path) -> Non
     assert cfg.messaging is not None and cfg.flexibility is not None
     assert cfg.messaging.identity_file == str(lab_dir / "keys" / "mgms" / "mgms-multipower.key")
     assert cfg.messaging.transports["mqtt"]["ca_file"] == str(lab_dir / "pki" / "ca.crt")
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check-config", str(lab_dir / "multipower-dso.yaml")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "messaging: participant mgms-multipower, encrypted, transports mqtt, https (ams via mqtt)" in r.stdout
+    assert "flexibility: feeder (upward, feeder.p) to ams, every 60 s" in r.stdout
 
 
 def test_missing_keys_and_bad_values_are_reported_with_lines(tmp_path: Path) -> None:
