@@ -99,6 +99,7 @@ class FlexAgent:
         """Serve the inbox and (if ``period_s`` > 0) publish flexibility until ``stop``."""
         for name, doc in cast(dict[str, str], await self.redis.hgetall(f"{self.prefix}:flex:plan")).items():
             self._plans[name] = OperationPlan.model_validate_json(doc)  # plans survive a restart
+        await self._resume_unfinished()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.messenger.serve(INBOX_GROUP, "gateway", self.handle, stop), name="flex-inbox")
@@ -253,30 +254,70 @@ class FlexAgent:
             },
         )
         self.counters["activations"] += 1
+        self._start(act, res)
+
+    def _start(self, act: ActivationNotification, res: FlexResource, **resume: Any) -> None:
         # Executed in the background: the inbox goes on (a second activation, a reserve)
         # while this one waits for its start and stop.
-        task = asyncio.create_task(self._execute(act, res), name=f"activation:{act.identifier}")
+        task = asyncio.create_task(self._execute(act, res, **resume), name=f"activation:{act.identifier}")
         self._running[act.identifier] = task
         task.add_done_callback(lambda _t: self._forget(act.identifier))
 
     def _forget(self, act_id: str) -> None:
         self._running.pop(act_id, None)
 
-    async def _execute(self, act: ActivationNotification, res: FlexResource) -> None:
+    async def _resume_unfinished(self) -> None:
+        """Take up activations a previous run left unfinished (the gateway stopped during one).
+
+        Their inbox entries are acknowledged already, so Redis state is the only record. One
+        whose commands ran is not switched again: it is sampled to its stop (steps missed while
+        the gateway was down count as nothing delivered), restored, and verified.
+        """
+        by_name = {r.name: r for r in self.settings.resources}
+        async for key in self.redis.scan_iter(match=self._act_key("*"), count=500):
+            h = cast(dict[str, str], await self.redis.hgetall(key))
+            state, doc, res = h.get("state"), h.get("doc"), by_name.get(h.get("resource", ""))
+            if state not in ("received", "active", "command_failed") or doc is None or res is None:
+                continue
+            act = ActivationNotification.model_validate_json(doc)
+            if act.identifier in self._running:
+                continue
+            baseline = h.get("baseline_kw")
+            self.counters["resumed"] += 1
+            log.info("activation %s resumes after a restart (state %s)", act.identifier, state)
+            self._start(
+                act,
+                res,
+                resumed_state=state,
+                resumed_baseline=float(baseline) if baseline not in (None, "None") else None,
+            )
+
+    async def _execute(
+        self,
+        act: ActivationNotification,
+        res: FlexResource,
+        *,
+        resumed_state: str | None = None,
+        resumed_baseline: float | None = None,
+    ) -> None:
         key = self._act_key(act.identifier)
         try:
-            await self._sleep_until(act.start)
-            baseline = self.power_kw(res)
-            outcomes = [await self._command(a.point, a.value, act.identifier) for a in res.activate]
-            ok = all(o.ok for o in outcomes)
-            await self.redis.hset(
-                key,
-                mapping={
-                    "state": "active" if ok else "command_failed",
-                    "baseline_kw": repr(baseline),
-                    "commands": json.dumps([_outcome(o) for o in outcomes]),
-                },
-            )
+            if resumed_state in ("active", "command_failed"):
+                # the commands ran before the restart: never switch the field twice
+                baseline, ok = resumed_baseline, resumed_state == "active"
+            else:
+                await self._sleep_until(act.start)
+                baseline = self.power_kw(res)
+                outcomes = [await self._command(a.point, a.value, act.identifier) for a in res.activate]
+                ok = all(o.ok for o in outcomes)
+                await self.redis.hset(
+                    key,
+                    mapping={
+                        "state": "active" if ok else "command_failed",
+                        "baseline_kw": repr(baseline),
+                        "commands": json.dumps([_outcome(o) for o in outcomes]),
+                    },
+                )
             series = await self._sample(act, res, baseline)
             restored = [await self._command(a.point, a.value, act.identifier) for a in res.restore]
             ver = VerificationNotification(
@@ -325,9 +366,12 @@ class FlexAgent:
         sign = 1.0 if res.flexibility_type == "upward" else -1.0
         series: list[float] = []
         for i in range(n):
-            await self._sleep_until(act.start + timedelta(seconds=(i + 1) * step))
+            due = act.start + timedelta(seconds=(i + 1) * step)
+            await self._sleep_until(due)
             measured = self.power_kw(res)
-            if baseline is None or measured is None:
+            late = (datetime.now(UTC) - due).total_seconds() > step
+            if baseline is None or measured is None or late:
+                # not measured in time (e.g. the gateway was down then): nothing is claimed
                 series.append(0.0)
             else:
                 series.append(round(sign * (abs(baseline) - abs(measured)), 3))

@@ -178,3 +178,43 @@ async def test_forged_and_garbled_messages_on_the_broker_are_rejected_and_counte
             return (await ams.service.settlement(f"act:offer:{MGMS}:{flex.identifier}")) or None
 
         assert (await eventually(settled, 15, "the settlement"))["state"] == "settled"
+
+
+async def test_gateway_restart_mid_activation_resumes_restores_and_verifies(
+    box: DsoSandbox, base_config: LabConfig, redis_server: RedisServer, ams_redis: RedisServer,
+    sim: Iec104Outstation | None,
+) -> None:  # fmt: skip
+    """The gateway stops with the breaker open for an activation; the next run does not open it
+    again, closes it at the activation's stop and sends the verification, which settles."""
+    from hilkit import start_lab
+
+    from gateway.points import DoublePoint
+
+    async with dso_lab(box, base_config, redis_server, ams_redis, sim, "mqtt", "encrypted") as (lab, ams):
+        flex = await _offer(lab, window_s=4)
+        act_id = f"act:offer:{MGMS}:{flex.identifier}"
+        act_key = f"{lab.store.keys.prefix}:flex:act:{act_id}"
+
+        async def active() -> str | None:
+            state = await lab.store.redis.hget(act_key, "state")
+            return state if state == "active" else None
+
+        await eventually(active, 10, "the breaker opened for the activation")
+        await lab.shutdown()  # mid-activation
+        again = await start_lab(lab.config, redis_server, sim)
+        try:
+
+            async def settled() -> dict[str, str] | None:
+                return (await ams.service.settlement(act_id)) or None
+
+            settlement = await eventually(settled, 20, "the settlement after the gateway restart")
+            assert again.gateway.flex_agent is not None and again.gateway.flex_agent.counters["resumed"] == 1
+            assert await again.store.redis.hget(act_key, "state") == "verified"
+            ours = [r for r in await again.reader.command_log(50) if r.requested_by == f"ams:{act_id}"]
+            assert sorted(str(r.value) for r in ours) == ["1", "2"]  # opened once (first run), closed once
+            stored = await again.reader.latest("feeder.breaker.position")
+            assert stored is not None and stored.value == DoublePoint.ON
+            assert settlement["state"] in ("settled", "failed")  # steps missed while down count as 0
+        finally:
+            await again.shutdown()
+            await again.reader.aclose()
