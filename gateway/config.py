@@ -213,6 +213,10 @@ class SimulatorSettings(_Frozen):
     seed: int | None = None
     #: COT 1 (periodic) transmission of every measured point at this period; 0 = off.
     cyclic_period_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    #: Meter readings at simulator start (a real meter's registers are not 0): the energy
+    #: registers integrate the simulated power from here.
+    initial_energy_kwh: Annotated[float, Field(ge=0)] = 0.0
+    initial_reactive_energy_kvarh: Annotated[float, Field(ge=0)] = 0.0
     #: Server side of TLS, used when the device's ``tls.enabled``: the outstation's own
     #: certificate and key (PEM), and the CA client certificates must chain to (none: the
     #: outstation asks for no client certificate).

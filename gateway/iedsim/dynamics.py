@@ -92,7 +92,9 @@ class FeederModel:
                 self.p_limit_w = self._to_si(p, limit)
         self._pinned: dict[str, float] = {}
         self._draws = _Draws(0.0, (0.0, 0.0, 0.0), 0.0)
-        self._state = self._compute(start_time, 0.0, 0.0, self._draws)
+        self._state = self._compute(
+            start_time, settings.initial_energy_kwh * 1e3, settings.initial_reactive_energy_kvarh * 1e3, self._draws
+        )
         self.step(start_time)
 
     # -- driving ---------------------------------------------------------------------

@@ -122,3 +122,21 @@ def test_maps_by_quantity_phase_and_unit() -> None:
     assert v["sw"] == DoublePoint.ON
     model.step(T0 + 3600)
     assert model.values()["e"] == pytest.approx(v["p_mw"] * 1e3, rel=1e-9)  # one hour at P
+
+
+def test_energy_registers_go_on_from_the_initial_reading() -> None:
+    """A meter starting at 1000 kWh / 50 kvarh at P=p, Q=q for one hour reads 1000 + p, 50 + q."""
+    settings = SimulatorSettings(mean_load_kw=30, noise=0, initial_energy_kwh=1000, initial_reactive_energy_kvarh=50)
+    points = [
+        Point(name="e", device="m", quantity="active_energy", unit="kWh",
+              address=Iec104Address(ioa=1, type="M_ME_NC_1")),
+        Point(name="eq", device="m", quantity="reactive_energy", unit="kvarh",
+              address=Iec104Address(ioa=2, type="M_ME_NC_1")),
+    ]  # fmt: skip
+    model = FeederModel(settings, points, start_time=T0)
+    start = model.values()
+    assert start["e"] == pytest.approx(1000.0) and start["eq"] == pytest.approx(50.0)
+    p_kw, q_kvar = model.state.p_w / 1e3, model.state.q_var / 1e3
+    model.step(T0 + 3600)
+    assert model.values()["e"] == pytest.approx(1000.0 + p_kw, rel=1e-9)
+    assert model.values()["eq"] == pytest.approx(50.0 + q_kvar, rel=1e-9)
