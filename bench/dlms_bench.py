@@ -28,6 +28,7 @@ from typing import Any
 from gurux_dlms.enums import Security
 from gurux_dlms.GXDLMSChipperingStream import GXDLMSChipperingStream
 
+from gateway.bench.stats import pct
 from gateway.config import LabConfig, load_config
 from gateway.iedsim.dlms import DlmsMeter
 from gateway.protocols.dlms import DlmsAdapter
@@ -49,11 +50,6 @@ points:
   - {name: meter.voltage.l1, device: meter1, quantity: voltage, unit: V, phase: L1, address: {obis: 1.0.32.7.0.255}}
   - {name: meter.energy, device: meter1, quantity: active_energy, unit: kWh, address: {obis: 1.0.1.8.0.255}}
 """
-
-
-def _pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def _config(framing: str, security: str) -> LabConfig:
@@ -102,9 +98,9 @@ async def _one(framing: str, security: str, samples: int, rows: int) -> dict[str
         "framing": framing,
         "security": security,
         "association_ms_median": statistics.median(assoc_ms),
-        "association_ms_p95": _pct(assoc_ms, 95),
+        "association_ms_p95": pct(assoc_ms, 0.95),
         "read_ms_median": statistics.median(read_ms),
-        "read_ms_p95": _pct(read_ms, 95),
+        "read_ms_p95": pct(read_ms, 0.95),
         "profile_rows": got,
         "profile_rows_per_s": got / dt if dt > 0 else 0.0,
     }

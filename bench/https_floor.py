@@ -28,7 +28,6 @@ import asyncio
 import hashlib
 import os
 import ssl
-import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -37,9 +36,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from gateway.bench.stats import summarise
 from gateway.iedsim.pki import LabPki, make_lab_pki
-from gateway.protocols.https import HttpsPeer, HttpsSettings, HttpsTransport
-from gateway.protocols.messaging import Delivery, Outgoing, topic_for
+from gateway.transport.base import Delivery, Outgoing, topic_for
+from gateway.transport.https import HttpsPeer, HttpsSettings, HttpsTransport
 
 TOKEN_ENV = "HTTPS_FLOOR_BENCH_TOKEN"
 
@@ -143,12 +143,8 @@ async def transport(pki: LabPki, n: int, warmup: int, body: bytes, auth: str) ->
 
 
 def row(name: str, us: list[float]) -> str:
-    us = sorted(us)
-    p99 = us[min(len(us) - 1, round(0.99 * len(us)) - 1)]
-    return (
-        f"| {name:<29} | {statistics.median(us) / 1000:9.3f} | {p99 / 1000:6.3f} | "
-        f"{statistics.fmean(us) / 1000:7.3f} | {1e6 / statistics.fmean(us):5.0f} |"
-    )
+    s = summarise([u / 1000 for u in us])
+    return f"| {name:<29} | {s.median_ms:9.3f} | {s.p99_ms:6.3f} | {s.mean_ms:7.3f} | {1e3 / s.mean_ms:5.0f} |"
 
 
 async def main() -> None:

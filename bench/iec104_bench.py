@@ -26,7 +26,6 @@ import csv
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 import c104
 import yaml
 
+from gateway.bench.stats import summarise
 from gateway.config import LabConfig, load_config
 from gateway.iedsim.launch import SimProcess
 from gateway.runtime import Gateway
@@ -48,24 +48,9 @@ SIM_CONFIG = ROOT / "lab_configs" / "multipower-sim.yaml"
 DEVICE = "ref615"
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "mean_ms": statistics.fmean(values) if values else float("nan"),
-        "median_ms": statistics.median(values) if values else float("nan"),
-        "p95_ms": pct(values, 0.95),
-        "p99_ms": pct(values, 0.99),
-        "max_ms": max(values) if values else float("nan"),
-    }
+    """n, mean, median, p95, p99, max (ms) by the one definition in gateway.bench.stats."""
+    return dict(summarise(values).as_dict())
 
 
 class BareClient:

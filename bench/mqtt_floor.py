@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import queue
 import ssl
-import statistics
 import tempfile
 import threading
 import time
@@ -31,10 +30,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.bench.stats import summarise
 from gateway.iedsim.pki import LabPki, make_lab_pki
-from gateway.protocols.messaging import Delivery, Outgoing, inbox_filter, topic_for
-from gateway.protocols.mqtt import MqttSettings, MqttTransport
 from gateway.services import MosquittoServer, MqttAcl, MqttTls
+from gateway.transport.base import Delivery, Outgoing, inbox_filter, topic_for
+from gateway.transport.mqtt import MqttSettings, MqttTransport
 
 LAB, AMS = "mgms-lab1", "ams"
 USERS = {LAB: "pw-lab1", AMS: "pw-ams"}
@@ -49,9 +49,8 @@ def acl() -> list[MqttAcl]:
 
 
 def summary(samples_ns: list[int]) -> tuple[float, float, float]:
-    ms = sorted(s / 1e6 for s in samples_ns)
-    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
-    return statistics.mean(ms), statistics.median(ms), p99
+    s = summarise([x / 1e6 for x in samples_ns])
+    return s.mean_ms, s.median_ms, s.p99_ms
 
 
 # -- floor: bare paho, its own threads ---------------------------------------------------

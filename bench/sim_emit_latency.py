@@ -17,7 +17,6 @@ No ``from __future__ import annotations``: c104 checks callback annotations at r
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import c104
 
+from gateway.bench.stats import pct, summarise
 from gateway.config import LabConfig, load_config
 from gateway.iedsim.iec104 import Iec104Outstation
 
@@ -97,16 +97,16 @@ def next_value(kind: str, base: float, i: int) -> float:
 
 
 def summary(samples_s: list[float]) -> dict[str, float]:
-    ms = sorted(x * 1000 for x in samples_s)
-    q = statistics.quantiles(ms, n=100, method="inclusive")
+    ms = [x * 1000 for x in samples_s]
+    s = summarise(ms)
     return {
-        "n": len(ms),
-        "median_ms": statistics.median(ms),
-        "mean_ms": statistics.fmean(ms),
-        "p90_ms": q[89],
-        "p99_ms": q[98],
-        "max_ms": ms[-1],
-        "min_ms": ms[0],
+        "n": s.n,
+        "median_ms": s.median_ms,
+        "mean_ms": s.mean_ms,
+        "p90_ms": pct(ms, 0.90),
+        "p99_ms": s.p99_ms,
+        "max_ms": s.max_ms,
+        "min_ms": min(ms),
     }
 
 

@@ -31,8 +31,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import Iec104Address, LabConfig, Point
 from gateway.iedsim.pki import LabPki
-from gateway.protocols.messaging import inbox_filter, topic_for
 from gateway.services import free_port
+from gateway.transport.base import inbox_filter, topic_for
 
 __all__ = ["BareC104", "aiohttp_floor", "ioa_of", "paho_floor"]
 

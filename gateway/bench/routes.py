@@ -44,11 +44,11 @@ from gateway.config import LabConfig
 from gateway.iedsim.launch import SimProcess
 from gateway.messaging import Messenger, Received, build_messenger
 from gateway.points import PointUpdate
-from gateway.protocols.messaging import topic_for
 from gateway.runtime import Gateway
 from gateway.semantic import ActivationNotification, Envelope, Flexibility, FlexibilityType, VerificationNotification
 from gateway.services import RedisServer, free_port
 from gateway.store import RedisStore
+from gateway.transport.base import topic_for
 
 __all__ = ["Series", "dlms_phase", "iec104_phase", "iec61850_phase", "loop_phase", "messages_phase"]
 
