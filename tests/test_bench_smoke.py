@@ -42,8 +42,10 @@ def test_bench_smoke_every_phase_writes_every_output(tmp_path: Path) -> None:
         assert route["floor_median_ms"] is not None and route["floor_median_ms"] > 0, key
         assert route["heila_ms"] == HEILA.get(key, HEILA.get(key.replace("encrypted", "signed"))), key
         assert route["target"]["passed"] in (True, False), key
-    assert set(data["floors"]) == {"floor_c104_value", "floor_c104_command", "floor_iec61850_report",
-                                   "floor_gurux_read", "floor_mqtt", "floor_https", "ref_mqtt_paho_threaded"}  # fmt: skip
+    floors = {"floor_c104_value", "floor_c104_command", "floor_iec61850_report", "floor_gurux_read", "floor_mqtt",
+              "floor_https", "ref_mqtt_paho_threaded"}  # fmt: skip
+    assert set(data["floors"]) == floors
+    assert len(data["message_hops"]) == 12  # created -> received -> stored, per message route
     assert len(data["loop_hops"]) == 7
     m = data["machine"]
     assert m["cores"] >= 1 and m["cpu"] and all(m[k] for k in ("python", "c104", "paho", "aiohttp", "redis_server",
