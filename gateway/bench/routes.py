@@ -491,40 +491,16 @@ async def messages_phase(
             finally:
                 await pair.close()
     body = secrets.token_bytes(payload_len)
-    label = "floor bare paho publish -> on_message (TLS, QoS 1, one thread)"
     b = box.broker
-    out["floor_mqtt"] = _finish(
-        progress,
-        label,
-        await asyncio.to_thread(
-            paho_floor,
-            "127.0.0.1",
-            b.port,
-            box.pki,
-            ((MGMS, box.passwords[MGMS]), (AMS, box.passwords[AMS])),
-            n,
-            body,
-            _run(progress, label, n),
-        ),
-        n,
-    )
-    label = "bare paho, network threads (loop_start), for reference"
-    out["ref_mqtt_paho_threaded"] = _finish(
-        progress,
-        label,
-        await asyncio.to_thread(
-            paho_floor,
-            "127.0.0.1",
-            b.port,
-            box.pki,
-            ((MGMS, box.passwords[MGMS]), (AMS, box.passwords[AMS])),
-            n,
-            body,
-            _run(progress, label, n),
-            threaded=True,
-        ),
-        n,
-    )
+    users = ((MGMS, box.passwords[MGMS]), (AMS, box.passwords[AMS]))
+    for key, label, threaded in (
+        ("floor_mqtt", "floor bare paho publish -> on_message (TLS, QoS 1, one thread)", False),
+        ("ref_mqtt_paho_threaded", "bare paho, network threads (loop_start), for reference", True),
+    ):
+        samples = await asyncio.to_thread(
+            paho_floor, "127.0.0.1", b.port, box.pki, users, n, body, _run(progress, label, n), threaded=threaded
+        )
+        out[key] = _finish(progress, label, samples, n)
     label = "floor bare aiohttp POST -> handler (mutual TLS)"
     cert = box.pki.clients[MGMS]
     out["floor_https"] = _finish(
