@@ -225,7 +225,7 @@ def markdown(report: Mapping[str, Any], plots: Sequence[str]) -> str:
         )
     if plots:
         parts.append("\n## Plots\n\n" + "".join(f"![{p}]({p})\n\n" for p in plots))
-    return "".join(parts)
+    return "\n".join(p.strip("\n") + "\n" for p in parts if p.strip())
 
 
 def plots(report: Mapping[str, Any], series: Mapping[str, Sequence[float]], out: Path) -> list[str]:
