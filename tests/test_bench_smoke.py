@@ -43,7 +43,7 @@ def test_bench_smoke_every_phase_writes_every_output(tmp_path: Path) -> None:
         assert route["heila_ms"] == HEILA.get(key, HEILA.get(key.replace("encrypted", "signed"))), key
         assert route["target"]["passed"] in (True, False), key
     floors = {"floor_c104_value", "floor_c104_command", "floor_iec61850_report", "floor_gurux_read", "floor_mqtt",
-              "floor_https", "ref_mqtt_paho_threaded"}  # fmt: skip
+              "floor_https", "ref_mqtt_paho_threaded", "ref_durable_signed", "ref_durable_encrypted"}  # fmt: skip
     assert set(data["floors"]) == floors
     assert len(data["message_hops"]) == 12  # created -> received -> stored, per message route
     assert len(data["loop_hops"]) == 7

@@ -46,6 +46,7 @@ from gateway.messaging import Messenger, Received, build_messenger
 from gateway.points import PointUpdate
 from gateway.runtime import Gateway
 from gateway.semantic import ActivationNotification, Envelope, Flexibility, FlexibilityType, VerificationNotification
+from gateway.semantic.envelope import serialise
 from gateway.services import RedisServer, free_port
 from gateway.store import RedisStore
 from gateway.transport.base import topic_for
@@ -451,6 +452,47 @@ async def _message_route(
     return _finish(progress, label, vals, n)
 
 
+async def _durable_reference(
+    box: DsoSandbox,
+    mgms_redis: RedisServer,
+    ams_redis: RedisServer,
+    security: Security,
+    n: int,
+    progress: Progress,
+    label: str,
+) -> list[float]:
+    """What a message route must do whatever the code around it: seal, one fsync'd write at
+    the sender, open, one fsync'd write at the receiver - with no transport in between.
+
+    Not a floor the targets use (those are the bare transports), but the cost of durability
+    and security on this machine, so the report can tell it from the Messenger's own.
+    """
+    mc = aioredis.Redis.from_url(mgms_redis.url, decode_responses=True)
+    ac = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
+    sender = build_messenger(box.messaging(MGMS, transport="https", security=security), mc, prefix="mgms:durable")
+    receiver = build_messenger(box.messaging(AMS, transport="https", security=security), ac, prefix="ams:durable")
+    topic = topic_for(AMS, MGMS, "Flexibility")
+    vals: list[float] = []
+    try:
+        for i in range(n + 5):
+            t0 = time.perf_counter_ns()
+            env = Envelope.create(_flex(i), sender=MGMS, recipient=AMS, topic=topic, ttl_s=300)
+            data = sender.sealer.seal(env)
+            await mc.xadd("mgms:durable:outbox", {"id": env.id, "data": data.decode()}, maxlen=1000, approximate=True)
+            opened, _ttl = receiver.opener.open_unclaimed(data)
+            await ac.xadd("ams:durable:inbox", {"id": opened.id, "doc": serialise(opened).decode()}, maxlen=1000,
+                          approximate=True)  # fmt: skip
+            if i >= 5:
+                vals.append((time.perf_counter_ns() - t0) / 1e6)
+                progress.step(label, i - 4, n)
+    finally:
+        await sender.close()
+        await receiver.close()
+        await mc.aclose()
+        await ac.aclose()
+    return vals
+
+
 async def messages_phase(
     box: DsoSandbox, mgms_redis: RedisServer, ams_redis: RedisServer, n: int, progress: Progress
 ) -> Series:
@@ -490,6 +532,12 @@ async def messages_phase(
                     )
             finally:
                 await pair.close()
+    securities: tuple[Security, ...] = ("signed", "encrypted")
+    for security in securities:
+        label = f"reference: seal + fsync'd XADD -> open + fsync'd XADD, no transport ({security})"
+        out[f"ref_durable_{security}"] = _finish(
+            progress, label, await _durable_reference(box, mgms_redis, ams_redis, security, n, progress, label), n
+        )
     body = secrets.token_bytes(payload_len)
     b = box.broker
     users = ((MGMS, box.passwords[MGMS]), (AMS, box.passwords[AMS]))
