@@ -103,6 +103,12 @@ async def test_adapter_browses_the_icd_and_every_point_checks_out(
     assert (await a.read("mms.feeder.breaker.position")).value == int(DoublePoint.ON)
     # APC set-point in protocol units (W): read back from mxVal
     await a.command(CommandRequest("mms.feeder.p_limit.setpoint", 75_000.0))
+    # the simulator counts in its control handler, on libiec61850's thread: it may lag the
+    # positive response the adapter already returned on
+    for _ in range(200):
+        if sim.setpoints:
+            break
+        await asyncio.sleep(0.01)
     assert sim.setpoints == 1
     assert (await a.read("mms.feeder.p_limit.actual")).value == pytest.approx(75.0)
 
