@@ -251,7 +251,7 @@ def plots(report: Mapping[str, Any], series: Mapping[str, Sequence[float]], out:
         if r["floor_median_ms"] is not None:
             ax.axvline(r["floor_median_ms"], color="tab:green", lw=1, ls="--", label="floor median")
         ax.axvline(r["p99_ms"], color="tab:red", lw=1, ls=":", label="p99")
-        ax.set_title(r["name"], fontsize=8, loc="left")
+        ax.set_title(f"{r['name']} - {r['protocol']}", fontsize=8, loc="left")
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("ms (log)")
@@ -266,7 +266,7 @@ def plots(report: Mapping[str, Any], series: Mapping[str, Sequence[float]], out:
     ax.barh([i - h for i in y], [r["median_ms"] for r in routes], h, label="median (ours)", color="tab:blue")
     ax.barh(y, [r["floor_median_ms"] or 0 for r in routes], h, label="floor median", color="tab:green")
     ax.barh([i + h for i in y], [r["heila_ms"] or 0 for r in routes], h, label="HEILA mean", color="tab:orange")
-    ax.set_yticks(y, [r["name"] for r in routes], fontsize=7)
+    ax.set_yticks(y, [f"{r['name']} - {r['protocol']}" for r in routes], fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("ms (log)")
     ax.invert_yaxis()
