@@ -75,6 +75,11 @@ _CAUSES: dict[str, UpdateCause] = {
 }
 
 
+def _cause_of(cot: str) -> UpdateCause:
+    """The update cause for a c104 cause-of-transmission name."""
+    return UpdateCause.INTERROGATED if cot.startswith("INTERROGATED") else _CAUSES.get(cot, UpdateCause.OTHER)
+
+
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(max, initial * 2**attempt)].
 
@@ -217,6 +222,8 @@ class Iec104Adapter(Adapter):
         self._background: set[asyncio.Future[bool]] = set()
         self._tx_by_ioa: dict[int, asyncio.Future[bool]] = {}
         self._tls_bridge: TlsBridge | None = None
+        self._cause_cache: dict[Any, UpdateCause] = {}
+        self._quality_cache: dict[int, Quality] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -364,6 +371,12 @@ class Iec104Adapter(Adapter):
         name, kind, scale, offset = pt.name, pt.address.kind, pt.scale, pt.offset
         none = c104.ResponseState.NONE
         counters = self._counters
+        # c104 builds a new Python object for every attribute read, and enum ``.name`` and
+        # ``Quality(int)`` cost microseconds each, all on c104's thread with the GIL held:
+        # the cause per c104 Cot and the Quality per raw bits are looked up once, then cached.
+        causes = self._cause_cache
+        qualities = self._quality_cache
+        good = Quality.GOOD
 
         def on_value(
             point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage
@@ -378,10 +391,17 @@ class Iec104Adapter(Adapter):
             else:
                 value = bool(raw)
             q = point.quality
-            quality = Quality(q.value) if q is not None else Quality.GOOD
+            if q is None:
+                quality = good
+            else:
+                bits = q.value
+                cached = qualities.get(bits)  # (not `or`: GOOD is 0, falsy)
+                quality = cached if cached is not None else qualities.setdefault(bits, Quality(bits))
             rec = point.recorded_at
-            cot = message.cot.name
-            cause = UpdateCause.INTERROGATED if cot.startswith("INTERROGATED") else _CAUSES.get(cot, UpdateCause.OTHER)
+            c = message.cot
+            cause = causes.get(c)
+            if cause is None:
+                cause = causes[c] = _cause_of(c.name)
             upd = PointUpdate(name, value, quality, rec.timestamp() if rec is not None else None, rcv, cause)
             counters["values"] += 1
             self._emit(upd)
