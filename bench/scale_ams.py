@@ -164,8 +164,8 @@ async def stop_senders(senders: list[Sender]) -> None:
 # one run
 
 
-def write_worker_settings(box: DsoSandbox, tmp: Path, name: str, share: bool) -> Path:
-    mqtt: dict[str, Any] = {"client_id": f"{AMS}-{name}", "max_inflight": 200}
+def write_worker_settings(box: DsoSandbox, tmp: Path, name: str, share: bool, inflight: int) -> Path:
+    mqtt: dict[str, Any] = {"client_id": f"{AMS}-{name}", "max_inflight": inflight}
     if share:
         mqtt["share_group"] = "ams-workers"
     settings = box.messaging(AMS, transport="mqtt", security="encrypted", mqtt=mqtt)
@@ -175,7 +175,14 @@ def write_worker_settings(box: DsoSandbox, tmp: Path, name: str, share: bool) ->
 
 
 async def one_run(
-    box: DsoSandbox, names: list[str], workers: int, rate: float, seconds: float, redis_url: str, tmp: Path
+    box: DsoSandbox,
+    names: list[str],
+    workers: int,
+    rate: float,
+    seconds: float,
+    redis_url: str,
+    tmp: Path,
+    ams_inflight: int = 1000,
 ) -> dict[str, Any]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     await client.flushdb()
@@ -190,7 +197,7 @@ async def one_run(
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for w in range(workers):
         name = f"w{w + 1}"
-        settings = write_worker_settings(box, tmp, name, share=workers > 1)
+        settings = write_worker_settings(box, tmp, name, share=workers > 1, inflight=ams_inflight)
         outs.append(tmp / f"result-{len(names)}-{workers}-{name}.json")
         cmd = [sys.executable, __file__, "worker", str(settings), redis_url, name, str(stop_file), str(outs[-1])]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env))  # noqa: ASYNC220 - before timing
@@ -319,7 +326,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     for workers in args.workers:
                         for rate in args.rate:
                             print(f"{n} microgrids, {workers} worker(s), {rate:,.0f}/s", file=sys.stderr, flush=True)
-                            row = await one_run(box, names[:n], workers, rate, args.seconds, redis.url, tmp)
+                            row = await one_run(
+                                box, names[:n], workers, rate, args.seconds, redis.url, tmp, args.ams_inflight
+                            )
                             print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
                             results["runs"].append(row)
         finally:
@@ -338,6 +347,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rate", type=float, nargs="+", default=[500.0], help="offered Flexibility messages/s (total)")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--ams-inflight",
+        type=int,
+        default=1000,
+        help="max_inflight (MQTT Receive Maximum; the transport's inbox holds 4x) of each AMS worker",
+    )
     ap.add_argument("--out", default="bench-out/scale")
     args = ap.parse_args()
     r = asyncio.run(main_async(args))
