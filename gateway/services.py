@@ -566,6 +566,8 @@ class MosquittoServer(_ServerProcess):
                 else ["autosave_on_changes true", f"autosave_interval {self.autosave_changes}"]
             ),
             f"max_queued_messages {self.max_queued_messages}",
+            # Nagle off: back-to-back messages must not wait for a delayed ACK (~40 ms)
+            "set_tcp_nodelay true",
             "max_inflight_messages 100",
             "log_dest stdout",
             "log_type error",
