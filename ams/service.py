@@ -260,24 +260,28 @@ class AmsService:
             raise
         key = self.keys.flex(mg_name, flex.identifier)
         offer_id = f"offer:{mg_name}:{flex.identifier}"
-        fresh = await self.redis.hsetnx(key, "doc", flex.model_dump_json())
-        if fresh:
-            await self.redis.hset(
-                key,
-                mapping={
-                    "message": item.envelope.id,
-                    "created_ns": str(item.created_ns),
-                    "received_ns": str(item.received_ns),
-                    "stored_ns": str(item.stored_ns),
-                    "offer": offer_id,
-                },
-            )
+        # first-seen values win (HSETNX per field), in one round trip
+        pipe = self.redis.pipeline(transaction=True)
+        for field, value in (
+            ("doc", flex.model_dump_json()),
+            ("message", item.envelope.id),
+            ("created_ns", str(item.created_ns)),
+            ("received_ns", str(item.received_ns)),
+            ("stored_ns", str(item.stored_ns)),
+            ("offer", offer_id),
+        ):
+            pipe.hsetnx(key, field, value)
+        if (await pipe.execute())[0]:
             self.counters["flexibilities"] += 1
         location = str(mg["location"])
         price = self.settings.cost_model.price(flex.flexibility_type, flex.power_kw, location)
         rank = self.settings.cost_model.rank_key(price, float(mg.get("reliability", 1.0)))
         offer_key = self.keys.offer(offer_id)
-        if await self.redis.hsetnx(offer_key, "state", "open"):
+        record = OfferRecord(
+            offer_id, mg_name, location, flex.flexibility_type, flex.power_kw, flex.start, flex.stop, price, rank
+        )
+        fresh_offer = await self.redis.hsetnx(offer_key, "state", "open")
+        if fresh_offer:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(
                 offer_key,
@@ -295,9 +299,9 @@ class AmsService:
             )
             pipe.zadd(self.keys.offers(location), {offer_id: rank})
             pipe.sadd(self.keys.offer_locations, location)
+            self._event_in(pipe, "offer", offer=offer_id, microgrid=mg_name, price=price, power_kw=flex.power_kw)
             await pipe.execute()
             self.counters["offers"] += 1
-            await self._event("offer", offer=offer_id, microgrid=mg_name, price=price, power_kw=flex.power_kw)
         if self.settings.market.auto_clear:
             request = DsoRequest(
                 request_id=f"auto:{offer_id}",
@@ -308,7 +312,10 @@ class AmsService:
                 stop=flex.stop,
                 price_cap_eur_per_mwh=self.settings.market.price_cap_eur_per_mwh,
             )
-            await self.clear_request(request, only=[offer_id])
+            # the offer just made is known: no need to read it back (a redelivered
+            # flexibility reads the offer's state, so a reserved one is not taken again)
+            offers = [record] if fresh_offer else await self.open_offers(location)
+            await self.clear_request(request, offers=[o for o in offers if o.offer_id == offer_id])
 
     async def open_offers(self, location: str | None = None) -> list[OfferRecord]:
         if location:
@@ -389,10 +396,10 @@ class AmsService:
                 with contextlib.suppress(RedisError):  # unacknowledged: handled again, idempotently
                     await self.redis.xack(self.keys.requests, group, eid)
 
-    async def clear_request(self, request: DsoRequest, *, only: list[str] | None = None) -> None:
-        offers = await self.open_offers(None if request.location == "*" else request.location)
-        if only is not None:
-            offers = [o for o in offers if o.offer_id in only]
+    async def clear_request(self, request: DsoRequest, *, offers: list[OfferRecord] | None = None) -> None:
+        """Clear ``request`` against ``offers`` (default: every open offer it may take)."""
+        if offers is None:
+            offers = await self.open_offers(None if request.location == "*" else request.location)
         result = clear(request, offers, divisible=self.settings.market.divisible)
         await self._event(
             "cleared",
@@ -424,9 +431,9 @@ class AmsService:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(offer_key, mapping={"state": "reserved", "reserved_kw": repr(kw), "request": request.request_id})
             pipe.zrem(self.keys.offers(offer.location), offer.offer_id)
+            self._event_in(pipe, "reserved", offer=offer.offer_id, power_kw=kw)
             await pipe.execute()
             self.counters["reserves"] += 1
-            await self._event("reserved", offer=offer.offer_id, power_kw=kw)
             state = "reserved"
         if state == "reserved" and self.settings.market.activate_on_reserve:
             await self.activate(offer.offer_id)
@@ -467,9 +474,9 @@ class AmsService:
             },
         )
         pipe.hset(offer_key, "state", "activated")
+        self._event_in(pipe, "activated", activation=act_id, microgrid=h["microgrid"], power_kw=kw)
         await pipe.execute()
         self.counters["activations"] += 1
-        await self._event("activated", activation=act_id, microgrid=h["microgrid"], power_kw=kw)
         return act_id
 
     async def submit_dispatch(self, lines: Sequence[OfferLine], dispatch_id: str) -> str:
@@ -580,6 +587,9 @@ class AmsService:
         pipe.hset(act_key, "state", state)
         pipe.hset(self.keys.offer(act["offer"]), "state", state)
         pipe.hset(self.keys.microgrids, act["microgrid"], json.dumps(mg))
+        self._event_in(
+            pipe, "settled", activation=act_id, state=state, payment_eur=verdict.payment_eur, reason=verdict.reason
+        )
         asset = await self.redis.hget(self.keys.offer(act["offer"]), "asset")
         if asset:
             # the VPP's per-asset record (eDREAM risk): share of the requested power delivered
@@ -589,9 +599,7 @@ class AmsService:
             pipe.hset(self.keys.asset_reliability, asset, repr(round(new, 6)))
         await pipe.execute()
         self.counters["settlements"] += 1
-        await self._event(
-            "settled", activation=act_id, state=state, payment_eur=verdict.payment_eur, reason=verdict.reason
-        )
+
 
     async def settlement(self, act_id: str) -> dict[str, str]:
         return dict(await self._hash(self.keys.settlement(act_id)))
@@ -603,8 +611,14 @@ class AmsService:
         return cast(dict[str, str], await self.redis.hgetall(key))
 
     async def _event(self, event: str, **fields: Any) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        self._event_in(pipe, event, **fields)
+        await pipe.execute()
+
+    def _event_in(self, pipe: Any, event: str, **fields: Any) -> None:
+        """Queue an audit entry on ``pipe``: written with the state change it describes."""
         data = {"event": event, "worker": self.worker, **{k: str(v) for k, v in fields.items()}}
-        await self.redis.xadd(self.keys.events, cast(Any, data), maxlen=10_000, approximate=True)
+        pipe.xadd(self.keys.events, cast(Any, data), maxlen=10_000, approximate=True)
         log.info("AMS %s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
