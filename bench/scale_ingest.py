@@ -17,7 +17,11 @@ For each size it reports:
   and no drop counted anywhere -> ``lossless``;
 * latency percentiles from the change feed entries written during the window:
   ``rcv -> st`` (c104 callback to the Redis write: what the gateway adds) and
-  ``src -> st`` (the simulator's CP56Time2a time tag, ms resolution, to the Redis write).
+  ``src -> st`` (the CP56Time2a time tag to the Redis write). Caution: in cyclic
+  transmission the simulator tags each value with the time it last *changed* (as a relay
+  does), not the time it was sent, so ``src -> st`` here is not a transfer time; it is kept
+  in the JSON only. The transfer time simulator -> Redis is measured one value at a time by
+  ``bench/iec104_bench.py``.
 
 ``--rate`` may be given several times (e.g. 10000 20000 30000): each size is run at each
 rate, so the highest lossless rate per size can be read off the table. A run is lossless
@@ -34,7 +38,9 @@ import asyncio
 import json
 import os
 import platform
+import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -113,30 +119,53 @@ def scale_config(stations: int, base_port: int, cyclic_s: float, capacity: int, 
     return load_config(path), path
 
 
+def free_range(n: int, attempts: int = 50) -> int:
+    """A base port with ``n`` consecutive free ports after it (others run benches here too)."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20_000, 60_000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                sk = socket.socket()
+                socks.append(sk)
+                sk.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def measured_per_station(cfg: LabConfig) -> int:
     first = next(iter(cfg.devices))
     return sum(1 for p in cfg.points_of(first) if p.direction.value == "monitor" and p.address.kind == "measured")
 
 
-async def latency_samples(url: str, cfg: LabConfig, t0: float, t1: float, limit: int = 50_000) -> dict[str, Any]:
-    """rcv->st and src->st of change-feed entries stored between t0 and t1 (wall clock)."""
+async def latency_samples(
+    url: str, cfg: LabConfig, t0: float, t1: float, chunks: int = 20, per: int = 1000
+) -> dict[str, Any]:
+    """rcv->st and src->st of change-feed entries stored between t0 and t1 (wall clock):
+    ``chunks`` runs of ``per`` consecutive entries spread evenly over the window."""
     keys = StoreKeys.for_lab(cfg)
-    r = aioredis.Redis.from_url(url, decode_responses=True)
-    try:
-        total = await r.xlen(keys.changes)
-        raw = await r.xrange(keys.changes, min=f"{int(t0 * 1000)}", max=f"{int(t1 * 1000)}", count=limit * 4)
-    finally:
-        await r.aclose()
-    raw = raw or []
-    step = max(1, len(raw) // limit)
+    r = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=60)
     added: list[float] = []
     e2e: list[float] = []
-    for _sid, f in raw[::step]:
-        assert f is not None
-        st = float(f["st"])
-        added.append((st - float(f["rcv"])) * 1000)
-        if f.get("src"):
-            e2e.append((st - float(f["src"])) * 1000)
+    try:
+        total = await r.xlen(keys.changes)
+        for k in range(chunks):
+            start = t0 + (t1 - t0) * k / chunks
+            raw = await r.xrange(keys.changes, min=f"{int(start * 1000)}", max=f"{int(t1 * 1000)}", count=per)
+            for _sid, f in raw or []:
+                assert f is not None
+                st = float(f["st"])
+                added.append((st - float(f["rcv"])) * 1000)
+                if f.get("src"):
+                    e2e.append((st - float(f["src"])) * 1000)
+    finally:
+        await r.aclose()
     return {"feed_len": total, "added": summary(added), "src_to_stored": summary(e2e)}
 
 
@@ -172,17 +201,23 @@ class PySpy:
 async def one_run(
     stations: int, rate: float, seconds: float, redis: RedisServer, tmp: Path, spy: PySpy
 ) -> dict[str, Any]:
-    base_port = free_port()
-    probe, _ = scale_config(1, base_port, 1.0, 1000, tmp)
+    probe, _ = scale_config(1, 20_000, 1.0, 1000, tmp)
     per_station = measured_per_station(probe)
     cyclic_s = per_station * stations / rate
     capacity = int(rate * (seconds + 20) * 1.5) + 100_000
-    cfg, path = scale_config(stations, base_port, cyclic_s, capacity, tmp)
     flush = aioredis.Redis.from_url(redis.url)
     await flush.flushdb()
     await flush.aclose()
-    sim = SimProcess(path, "st000", base_port, free_port(), stations=stations)
-    await sim.start(60)
+    for attempt in range(5):  # a port taken between our check and the simulator's bind
+        base_port = free_range(stations)
+        cfg, path = scale_config(stations, base_port, cyclic_s, capacity, tmp)
+        sim = SimProcess(path, "st000", base_port, free_port(), stations=stations)
+        try:
+            await sim.start(60)
+            break
+        except RuntimeError:
+            if attempt == 4:
+                raise
     store = RedisStore.from_url(cfg, redis.url)
     gateway = Gateway(cfg, store, stats_period_s=3600)
     stop = asyncio.Event()
@@ -214,6 +249,7 @@ async def one_run(
         written_total = sum(r["objects_out"] for r in final)
         received_total = gateway.counters["updates"]
         stored_total = store.stats().get("updates_stored", 0)
+        link_changes = gateway.counters["link_changes"]
         sent = sum(r["objects_out"] for r in stats1) - sum(r["objects_out"] for r in stats0)
         sim_drops = sum(r["drops"] for r in final)
         gw_dropped = store.stats().get("updates_dropped", 0) + sum(
@@ -226,8 +262,15 @@ async def one_run(
         await sim.stop()
     received = recv1 - recv0
     stored = stored1 - stored0
+    # A link that drops (c104 under GIL pressure missing its timers) makes the gateway mark
+    # that station's points stale: extra stored updates, not received ones. Lossless means
+    # nothing received went missing and nothing was dropped.
     lossless = (
-        written_total == received_total == stored_total == lat["feed_len"] and sim_drops == 0 and gw_dropped == 0
+        written_total == received_total
+        and stored_total >= received_total
+        and lat["feed_len"] >= received_total
+        and sim_drops == 0
+        and gw_dropped == 0
     )
     return {
         "stations": stations,
@@ -247,6 +290,8 @@ async def one_run(
         "change_feed_total": lat["feed_len"],
         "sim_drops": sim_drops,
         "gateway_dropped": gw_dropped,
+        "stale_marks_stored": stored_total - received_total,
+        "link_changes": link_changes,
         "lossless": lossless,
         "kept_up": lossless and stored >= 0.98 * received,
         "latency_rcv_to_stored": lat["added"],
@@ -257,16 +302,16 @@ async def one_run(
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| stations | offered/s | sent/s | received/s | stored/s | max buffered | lossless | kept up "
-        "| rcv->st p50 / p95 / p99 ms | src->st p50 / p95 / p99 ms |",
+        "| rcv->st p50 / p95 / p99 ms | link changes |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in rows:
-        a, e = g["latency_rcv_to_stored"], g["latency_src_to_stored"]
+        a = g["latency_rcv_to_stored"]
         lines.append(
             f"| {g['stations']} | {g['rate_offered']:,.0f} | {g['sent_per_s']:,} | {g['received_per_s']:,} | "
             f"{g['stored_per_s']:,} | {g['max_buffered']:,} | {'yes' if g['lossless'] else 'NO'} | "
             f"{'yes' if g['kept_up'] else 'no'} | {a['median_ms']:.1f} / {a['p95_ms']:.1f} / {a['p99_ms']:.1f} | "
-            f"{e['median_ms']:.1f} / {e['p95_ms']:.1f} / {e['p99_ms']:.1f} |"
+            f"{g['link_changes']} |"
         )
     return "\n".join(lines)
 
