@@ -165,7 +165,13 @@ async def stop_senders(senders: list[Sender]) -> None:
 
 
 def write_worker_settings(box: DsoSandbox, tmp: Path, name: str, share: bool, inflight: int) -> Path:
-    mqtt: dict[str, Any] = {"client_id": f"{AMS}-{name}", "max_inflight": inflight}
+    # a fresh client id and no session kept after the run: a session left by an earlier run
+    # (same id, other subscription) would have the broker deliver to it twice or queue for it
+    mqtt: dict[str, Any] = {
+        "client_id": f"{AMS}-{name}-{os.urandom(3).hex()}",
+        "max_inflight": inflight,
+        "session_expiry_s": 0,
+    }
     if share:
         mqtt["share_group"] = "ams-workers"
     settings = box.messaging(AMS, transport="mqtt", security="encrypted", mqtt=mqtt)
