@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ams.config import AmsConfig, load_ams_config
-from gateway.errors import ConfigError, GatewayError
+from gateway.cli import report_config_error
+from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.semantic import FlexibilityType
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def _redis_url(args: argparse.Namespace, cfg: AmsConfig) -> str:
     marker = _state_dir(args, cfg) / "redis.url"
     if marker.exists():
         return marker.read_text().strip()
-    raise GatewayError(f"no Redis: give --redis-url, set redis.url, or start `ams run -c {args.config}` first")
+    raise StoreError(f"no Redis: give --redis-url, set redis.url, or start `ams run -c {args.config}` first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,15 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers = {"run": _run, "status": _status, "request": _request, "register": _register, "dispatch": _dispatch}
         return int(asyncio.run(handlers[args.cmd](args, cfg)))
     except ConfigError as exc:
-        print(f"config error ({len(exc.issues)} issue{'s' if len(exc.issues) > 1 else ''}):", file=sys.stderr)
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
-        return 2
+        return report_config_error(exc)
     except KeyboardInterrupt:
         return 130
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 3 if exc.retryable or "no Redis" in str(exc) else 1
+        return 3 if exc.retryable else 1
     except OSError as exc:  # e.g. Redis refused the connection
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -22,7 +22,7 @@ from gateway.errors import CommandInvalid, ConfigError, GatewayError
 if TYPE_CHECKING:
     from gateway.store import RedisStore
 
-__all__ = ["main"]
+__all__ = ["main", "report_config_error"]
 
 DEFAULT_STATE_DIR = Path(".mgms")
 
@@ -221,6 +221,14 @@ async def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_config_error(exc: ConfigError) -> int:
+    """Print every issue of a config error (file:line: key: reason) to stderr; exit code 2."""
+    print(f"config error ({len(exc.issues)} issue{'s' if len(exc.issues) > 1 else ''}):", file=sys.stderr)
+    for issue in exc.issues:
+        print(f"  {issue}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
@@ -245,10 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_bench(args)
     except ConfigError as exc:
-        print(f"config error ({len(exc.issues)} issue{'s' if len(exc.issues) > 1 else ''}):", file=sys.stderr)
-        for issue in exc.issues:
-            print(f"  {issue}", file=sys.stderr)
-        return 2
+        return report_config_error(exc)
     except KeyboardInterrupt:
         return 130
     except CommandInvalid as exc:
