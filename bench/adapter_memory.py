@@ -78,16 +78,19 @@ def sample(n: int, trim: bool) -> dict[str, float]:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
-async def start_sim(protocol: str, device: str, port: int, control_port: int) -> asyncio.subprocess.Process:
+async def start_sim(protocol: str, device: str, port: int, control_port: int | None) -> asyncio.subprocess.Process:
+    """The device's simulator as a child process; with ``control_port`` (IEC 104 and 61850
+    only: the DLMS meter has no control channel) its fault-injection channel too."""
+    control = ["--control-port", str(control_port)] if control_port is not None else []
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-X", "faulthandler", "-m", "gateway.iedsim.cli", "--log-level", "WARNING", protocol,
-        "--config", str(SIM_CONFIG), "--device", device, "--host", "127.0.0.1", "--port", str(port),
-        "--control-port", str(control_port),
+        "--config", str(SIM_CONFIG), "--device", device, "--host", "127.0.0.1", "--port", str(port), *control,
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
+    ready = b"control channel listening" if control else str(port).encode()
     async with asyncio.timeout(20):
-        while b"control channel listening" not in await proc.stdout.readline():
+        while ready not in await proc.stdout.readline():
             if proc.returncode is not None:
                 raise RuntimeError(f"{protocol} simulator exited")
     return proc
@@ -107,13 +110,18 @@ async def connect_read_close(dev: Device, points: tuple[Point, ...]) -> None:
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     cfg = load_config(SIM_CONFIG)
     dev = cfg.devices[args.device]
-    port, control_port = free_port(), free_port()
+    if args.mode == "reconnect" and dev.protocol == "dlms":
+        raise SystemExit("--mode reconnect needs a simulator control channel: iec104 and iec61850 devices only")
+    port = free_port()
+    control_port = free_port() if dev.protocol != "dlms" else None
     sim = await start_sim(dev.protocol, args.device, port, control_port)
     dev = cfg.with_device(args.device, port=port, reconnect={"initial_s": 0.02, "max_s": 0.05}).devices[args.device]
     points = cfg.points_of(args.device)
     samples: list[dict[str, float]] = []
     t0 = time.monotonic()
-    ctl_r, ctl_w = await asyncio.open_connection("127.0.0.1", control_port)
+    ctl_r, ctl_w = (
+        await asyncio.open_connection("127.0.0.1", control_port) if control_port is not None else (None, None)
+    )
     adapter = create_adapter(dev, points) if args.mode == "reconnect" else None
     if args.tracemalloc:
         tracemalloc.start()
@@ -126,6 +134,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             if adapter is None:
                 await connect_read_close(dev, points)
             else:
+                assert ctl_w is not None and ctl_r is not None
                 ctl_w.write(b"drop\n")
                 await ctl_w.drain()
                 answer = (await asyncio.wait_for(ctl_r.readline(), 10)).decode().strip()
@@ -153,7 +162,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             await adapter.close()
         else:
             stats = {}
-        ctl_w.close()
+        if ctl_w is not None:
+            ctl_w.close()
         if sim.returncode is None:
             sim.terminate()
         await sim.wait()
