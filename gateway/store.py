@@ -541,6 +541,8 @@ async def _read_replies(reader: asyncio.StreamReader, n_replies: int) -> tuple[l
     pos = 0
     pending = 1  # elements still to read of the current top-level reply (aggregates add)
     top_error: Exception | None = None
+    at_top = True  # the next element starts a top-level reply
+    top_is_push = False  # RESP3 out-of-band push (">"): not a reply to our commands
     while len(results) < n_replies:
         nl = buf.find(b"\r\n", pos)
         if nl < 0:
@@ -572,18 +574,22 @@ async def _read_replies(reader: asyncio.StreamReader, n_replies: int) -> tuple[l
                     error = ResponseError(buf[nl + 2 : end - 2].decode("utf-8", "replace"))
                 pos = end
         elif kind in _AGG_TYPES:
+            if at_top and kind == 0x3E:  # ">"
+                top_is_push = True
             count = int(buf[pos + 1 : nl])
             pos = nl + 2
             if count > 0:
                 pending += count * _AGG_TYPES[kind]
         else:
             raise _BadReply(f"unexpected reply type {chr(kind)!r}")
+        at_top = False
         pending -= 1
         if error is not None and top_error is None:
             top_error = error  # (inside an aggregate: the whole reply counts as failed)
         if pending == 0:
-            results.append(top_error)
-            pending, top_error = 1, None
+            if not top_is_push:
+                results.append(top_error)
+            pending, top_error, at_top, top_is_push = 1, None, True, False
             if len(results) % 1024 == 0:
                 # let the field side run now and then during a big batch
                 await asyncio.sleep(0)
