@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -64,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True)
     p = sub.add_parser("run", help="serve the AMS until SIGINT/SIGTERM")
     common(p)
-    p.add_argument("--worker", default="w1", help="consumer name of this worker (several may share one AMS)")
+    p.add_argument(
+        "--worker",
+        default=f"{socket.gethostname()}-{os.getpid()}",
+        help="consumer name of this worker, unique per running worker (default host-pid); entries a "
+        "stopped worker left pending are taken over by the others after 30 s",
+    )
     p = sub.add_parser("register", help="register (or move) a microgrid")
     common(p)
     p.add_argument("participant")

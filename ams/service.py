@@ -368,6 +368,11 @@ class AmsService:
                 entries = stream_entries(
                     await self.redis.xreadgroup(group, self.worker, {self.keys.requests: "0"}, count=10)
                 )
+                if not entries:  # requests a stopped worker left pending for 30 s
+                    claimed = await self.redis.xautoclaim(
+                        self.keys.requests, group, self.worker, 30_000, "0-0", count=10
+                    )
+                    entries = stream_entries(claimed[1]) if claimed and len(claimed) > 1 else []
                 if not entries:
                     entries = stream_entries(
                         await self.redis.xreadgroup(group, self.worker, {self.keys.requests: ">"}, count=10, block=200)

@@ -394,10 +394,23 @@ class Messenger:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read(self, group: str, consumer: str, *, count: int = 100, block_ms: int = 1000) -> list[Received]:
-        """Entries for this consumer: first its own pending ones (after a restart), then new."""
+    async def read(
+        self, group: str, consumer: str, *, count: int = 100, block_ms: int = 1000, claim_idle_ms: int = 30_000
+    ) -> list[Received]:
+        """Entries for this consumer: its own pending ones (after a restart), then entries
+        another consumer of the group left pending for ``claim_idle_ms`` (it died, or it
+        was restarted under a new name), then new ones.
+
+        Consumer names must be unique per running worker: two workers under one name would
+        both re-read that name's pending entries and handle them twice.
+        """
         await self.ensure_group(group)
         entries = stream_entries(await self.redis.xreadgroup(group, consumer, {self.keys.inbox: "0"}, count=count))
+        if not entries and claim_idle_ms > 0:
+            claimed = await self.redis.xautoclaim(self.keys.inbox, group, consumer, claim_idle_ms, "0-0", count=count)
+            entries = stream_entries(claimed[1]) if claimed and len(claimed) > 1 else []
+            if entries:
+                self.counters["claimed"] += len(entries)
         if not entries:
             reply = await self.redis.xreadgroup(group, consumer, {self.keys.inbox: ">"}, count=count, block=block_ms)
             entries = stream_entries(reply)

@@ -262,3 +262,17 @@ def _envelope_topic(data: bytes) -> str:
     import json
 
     return str(json.loads(data)["topic"])
+
+
+async def test_entries_a_dead_worker_left_pending_are_taken_over(keys: dict[str, Keystore], rc: aioredis.Redis) -> None:
+    net: dict[str, Pipe] = {}
+    async with messenger("ams", keys, rc, net) as ams, messenger("mgms", keys, rc, net) as mgms:
+        sent = await mgms.send(flex(), "ams")
+        first = await ams.read("svc", "w1", block_ms=2000)  # w1 takes it, then dies unacknowledged
+        assert [r.envelope.id for r in first] == [sent.id]
+        assert await ams.read("svc", "w2", block_ms=10, claim_idle_ms=60_000) == []  # not idle long enough
+        await asyncio.sleep(0.15)
+        taken = await ams.read("svc", "w2", block_ms=10, claim_idle_ms=100)
+        assert [r.envelope.id for r in taken] == [sent.id] and ams.counters["claimed"] == 1
+        await ams.ack("svc", taken[0].entry_id)
+        assert await ams.read("svc", "w1", block_ms=10, claim_idle_ms=100) == []  # handled once
