@@ -22,92 +22,16 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-import c104
 import paho.mqtt.client as mqtt
 from aiohttp import ClientSession, TCPConnector, web
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.config import Iec104Address, LabConfig, Point
 from gateway.iedsim.pki import LabPki
 from gateway.services import free_port
 from gateway.transport.base import inbox_filter, topic_for
 
-__all__ = ["BareC104", "aiohttp_floor", "ioa_of", "paho_floor"]
-
-
-def ioa_of(point: Point) -> tuple[int, str]:
-    """(IOA, c104 type name) of an IEC 104 point."""
-    if not isinstance(point.address, Iec104Address):
-        raise TypeError(f"{point.name} is not an IEC 104 point")
-    return point.address.ioa, point.address.type
-
-
-class BareC104:
-    """A bare c104 client on the simulator: the floor of the 104 stack without the gateway."""
-
-    def __init__(self, port: int, cfg: LabConfig, device: str, command_point: str) -> None:
-        self.client = c104.Client(tick_rate_ms=50, command_timeout_ms=5000)
-        conn = self.client.add_connection(ip="127.0.0.1", port=port, init=c104.Init.INTERROGATION)
-        station = None if conn is None else conn.add_station(common_address=cfg.devices[device].common_address)
-        if conn is None or station is None:
-            raise RuntimeError("c104 refused the connection or station")
-        self.conn = conn
-        # The device's own link timers, as the adapter sets them: c104's default t2 (10 s)
-        # is longer than the simulator's t1 (2 s), so an idle bare client would lose its link.
-        timers = cfg.devices[device].timers
-        params = conn.protocol_parameters
-        params.connection_timeout = timers.t0_s
-        params.message_timeout = timers.t1_s
-        params.confirm_interval = timers.t2_s
-        params.keep_alive_interval = timers.t3_s
-        params.send_window_size = timers.k
-        params.receive_window_size = timers.w
-        self.seen_t = 0.0
-        self.event = threading.Event()
-        self._watch: tuple[int, float] | None = None
-        for p in cfg.points_of(device):
-            ioa, kind = ioa_of(p)
-            cp = station.add_point(io_address=ioa, type=getattr(c104.Type, kind))
-            if cp is not None and p.direction.value == "monitor":
-                cp.on_receive(callable=self._on_receive)
-        breaker = station.get_point(io_address=ioa_of(cfg.point(command_point))[0])
-        if breaker is None:
-            raise RuntimeError(f"no 104 point for {command_point}")
-        breaker.command_mode = c104.CommandMode.SELECT_AND_EXECUTE
-        self.breaker = breaker
-
-    def _on_receive(
-        self, point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage
-    ) -> c104.ResponseState:
-        t = time.time()
-        watch = self._watch
-        if watch is not None and point.io_address == watch[0]:
-            v: Any = point.value
-            v = getattr(v, "value", v) if not isinstance(v, float) else v
-            if abs(float(v) - watch[1]) < 1e-3:
-                self.seen_t = t
-                self.event.set()
-        return c104.ResponseState.NONE
-
-    def arm(self, ioa: int, value: float) -> None:
-        """Wait for ``value`` at ``ioa`` next (the callback sets :attr:`event`)."""
-        self.event.clear()
-        self._watch = (ioa, value)
-
-    def start(self) -> None:
-        """Blocking (run it in a thread): connect and wait for the interrogation to settle."""
-        self.client.start()
-        deadline = time.monotonic() + 10
-        while not self.conn.is_connected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
-        if self.conn.is_muted:
-            self.conn.unmute()
-
-    def stop(self) -> None:
-        self.client.stop()
+__all__ = ["aiohttp_floor", "paho_floor"]
 
 
 def paho_floor(

@@ -32,18 +32,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import c104
 import redis.asyncio as aioredis
 
 from ams.sandbox import DsoSandbox, feeder_flexibility
 from ams.service import AmsService, AmsSettings, MicrogridEntry
-from gateway.bench.floors import BareC104, aiohttp_floor, ioa_of, paho_floor
+from gateway.bench.floors import aiohttp_floor, paho_floor
 from gateway.bench.progress import Progress
 from gateway.bench.stats import summarise
 from gateway.config import LabConfig
 from gateway.iedsim.launch import SimProcess
 from gateway.messaging import Messenger, Received, build_messenger
-from gateway.points import PointUpdate
+from gateway.points import DoublePoint, PointUpdate
+from gateway.protocols.iec104.bare import BareC104, ioa_of
 from gateway.runtime import Gateway
 from gateway.semantic import ActivationNotification, Envelope, Flexibility, FlexibilityType, VerificationNotification
 from gateway.semantic.envelope import serialise
@@ -136,11 +136,10 @@ async def iec104_phase(sim_config: Path, base: LabConfig, redis: RedisServer, n:
             label = "floor c104 SBO command -> position callback"
             cmds: list[float] = []
             for i in range(n):
-                state = c104.Double.OFF if i % 2 == 0 else c104.Double.ON
-                bare.arm(ioa_of(ppt)[0], float(int(state.value)))
-                bare.breaker.value = state
+                close = i % 2 == 1
+                bare.arm(ioa_of(ppt)[0], float(DoublePoint.ON if close else DoublePoint.OFF))
                 t0 = time.time()
-                ok = await asyncio.to_thread(bare.breaker.transmit, cause=c104.Cot.ACTIVATION)
+                ok = await asyncio.to_thread(bare.transmit_breaker, close)
                 if ok and await asyncio.to_thread(bare.event.wait, 2.0):
                     cmds.append((bare.seen_t - t0) * 1000)
                 await asyncio.sleep(0.005)  # c104 clears an SBO selection in a deferred task
