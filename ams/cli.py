@@ -202,7 +202,7 @@ async def _request(args: argparse.Namespace, cfg: AmsConfig) -> int:
 
 
 async def _dispatch(args: argparse.Namespace, cfg: AmsConfig) -> int:
-    from ams.dispatch import portfolio_with_reliability
+    from ams.dispatch import portfolio_as_known
     from ams.service import new_request_id
     from ams.vpp.coalition import solve_heuristic, solve_hierarchical, solve_milp
     from ams.vpp.errors import BadInput, Infeasible
@@ -213,7 +213,7 @@ async def _dispatch(args: argparse.Namespace, cfg: AmsConfig) -> int:
 
     async def run(svc: Any) -> int:
         try:
-            portfolio = await portfolio_with_reliability(load_portfolio(args.portfolio), svc.redis, cfg.participant)
+            portfolio = await portfolio_as_known(load_portfolio(args.portfolio), svc.redis, cfg.participant)
             req = service_from_mapping(read_mapping(args.request))
             if args.method == "heuristic":
                 res = solve_heuristic(portfolio, req)
