@@ -45,6 +45,7 @@ import redis.asyncio as aioredis
 
 from ams.sandbox import DsoSandbox
 from ams.service import AmsService, AmsSettings, MarketSettings
+from gateway.bench.stats import pct
 from gateway.config import MessagingSettings
 from gateway.messaging import Received, build_messenger
 from gateway.semantic import Envelope, Flexibility, FlexibilityType, Keystore, KeystoreSettings, Sealer, SecurityMode
@@ -57,15 +58,6 @@ AMS = "ams"
 PREFIX = "ams:ams"
 LOCATION = "FI-Vaasa/feeder-4"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def summary(values: list[float]) -> dict[str, float]:

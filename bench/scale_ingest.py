@@ -52,6 +52,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import yaml
 
+from gateway.bench.stats import pct
 from gateway.config import LabConfig, load_config
 from gateway.iedsim.launch import SimProcess
 from gateway.runtime import Gateway
@@ -61,15 +62,6 @@ from gateway.store import RedisStore, StoreKeys
 ROOT = Path(__file__).resolve().parents[1]
 SIM_CONFIG = ROOT / "lab_configs" / "multipower-sim.yaml"
 DEVICE = "ref615"
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def summary(values: list[float]) -> dict[str, float]:
