@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from gateway.config import LabConfig
 from gateway.points import DoublePoint, PointUpdate, Quality, UpdateCause
 from gateway.services import RedisServer
-from gateway.store import RedisStore, StoreKeys
+from gateway.store import RedisStore, StoreKeys, _BadReply, _read_replies
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -259,3 +261,47 @@ async def test_store_takes_a_client_that_does_not_decode(
         assert await raw.ping()  # not ours: the store leaves it open
     finally:
         await raw.aclose()
+
+
+async def test_a_refused_command_fails_alone_and_is_counted(
+    store: RedisStore, client: aioredis.Redis
+) -> None:
+    """One point's history key holds the wrong type: inside the batch's MULTI/EXEC only that
+    command fails (Redis runs the rest of a transaction), the others land and the error is
+    counted."""
+    await client.set(K.hist("feeder.p"), "not a stream")
+    store.put(PointUpdate("feeder.p", 1.0))
+    store.put(PointUpdate("x.other", 2.0))
+    await store.flush(5)
+    assert await client.get(K.hist("feeder.p")) == "not a stream"
+    assert [f["point"] for _, f in await client.xrange(K.changes)] == ["feeder.p", "x.other"]
+    assert await client.xlen(K.hist("x.other")) == 1
+    assert (await store.read_stats())["write_errors"] == 1
+
+
+def _stream(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def test_reply_scanner_unwraps_exec() -> None:
+    ok_queued = b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+    results, clean = await _read_replies(
+        _stream(ok_queued + b"*2\r\n$3\r\n1-0\r\n-WRONGTYPE bad\r\n"), 5, unwrap_at=3
+    )
+    assert clean and results[:4] == [None, None, None, None]
+    assert isinstance(results[4], ResponseError) and "WRONGTYPE" in str(results[4])
+
+
+async def test_reply_scanner_execabort_fails_every_command() -> None:
+    data = b"+OK\r\n-ERR wrong number of arguments\r\n+QUEUED\r\n-EXECABORT discarded\r\n"
+    results, clean = await _read_replies(_stream(data), 5, unwrap_at=3)
+    assert clean and results[0] is None and isinstance(results[1], ResponseError)
+    assert [str(r) for r in results[3:]] == ["EXECABORT discarded"] * 2
+
+
+async def test_reply_scanner_rejects_a_short_exec() -> None:
+    with pytest.raises(_BadReply):
+        await _read_replies(_stream(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*1\r\n:1\r\n"), 5, unwrap_at=3)
