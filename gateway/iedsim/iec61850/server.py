@@ -156,6 +156,9 @@ class Iec61850Server:
         self._serving = False
         self._moving_until: dict[int, tuple[float, int]] = {}
         self.missing: list[str] = []
+        #: attribute values written into the model (each can trigger a report): a benchmark
+        #: compares it with what the gateway received
+        self.values_written = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -191,6 +194,15 @@ class Iec61850Server:
     def controls(self) -> dict[str, str]:
         """Controllable objects of the running model: reference -> kind."""
         return {c.ref: c.kind for c in self._controls}
+
+    async def freeze(self) -> None:
+        """Stop the periodic model steps while serving on: a benchmark's end of the flow, after
+        which every value written must still reach the client."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     async def stop(self) -> None:
         """Stop serving (clients see the link drop); :meth:`start` serves again on the same port."""
@@ -440,9 +452,11 @@ class Iec61850Server:
         if server is None:
             return
         t_ms = int(time.time() * 1000)
+        written = 0
         lib.IedServer_lockDataModel(server)
         try:
             for s, engineering in values:
+                written += 1
                 raw = s.point.to_raw(engineering)
                 lib.IedServer_updateUTCTimeAttributeValue(server, s.t_node, t_ms)
                 if quality is not None:
@@ -455,6 +469,7 @@ class Iec61850Server:
                     lib.IedServer_updateFloatAttributeValue(server, s.value_node, float(raw))
         finally:
             lib.IedServer_unlockDataModel(server)
+            self.values_written += written
 
     def _push_all(self) -> None:
         self._write((s, self.model.value(name)) for name, s in self._served.items())
