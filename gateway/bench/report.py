@@ -21,14 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.bench.clock import ClockOffset, Correction, Host, correction
 from gateway.bench.stats import Summary, TargetResult, evaluate, summarise
 
-__all__ = ["RouteResult", "RouteSpec", "build_report", "machine", "table", "write_outputs"]
+__all__ = ["RouteResult", "RouteSpec", "apply_clock", "build_report", "machine", "table", "write_outputs"]
 
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
-    """A measured route: its series key, what it is, its floor series and HEILA's mean."""
+    """A measured route: its series key, what it is, its floor series and HEILA's mean.
+
+    ``start_host``/``end_host``: whose clock stamps its start and its end, so a route
+    between the MGMS and the AMS can be corrected by the clock offset when they are on
+    different hosts.
+    """
 
     key: str
     name: str
@@ -38,6 +44,8 @@ class RouteSpec:
     heila_ms: float | None = None
     loop: bool = False
     measures: str = ""
+    start_host: Host = "mgms"
+    end_host: Host = "mgms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,7 @@ class RouteResult:
     summary: Summary
     floor_median_ms: float | None
     target: TargetResult
+    correction: Correction
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +67,7 @@ class RouteResult:
             "floor": self.spec.floor,
             "heila_ms": self.spec.heila_ms,
             "measures": self.spec.measures,
+            **self.correction.as_dict(),
             "target": self.target.as_dict(),
         }
 
@@ -72,27 +82,62 @@ def _floor_median(spec: RouteSpec, series: Mapping[str, Sequence[float]]) -> flo
     return sum(medians)
 
 
+def apply_clock(
+    specs: Sequence[RouteSpec],
+    series: Mapping[str, Sequence[float]],
+    hop_hosts: Mapping[str, tuple[Host, Host]],
+    offset: ClockOffset | None,
+    *,
+    ams_remote: bool,
+) -> tuple[dict[str, list[float]], dict[str, Correction]]:
+    """Every route and hop series with its clock correction applied, and the corrections.
+
+    The series come in as raw stamp differences (end - start); a cross-host one goes out as
+    ``end - start - offset(start host -> end host)`` (see :mod:`gateway.bench.clock`).
+    """
+    hosts = {**hop_hosts, **{s.key: (s.start_host, s.end_host) for s in specs}}
+    out: dict[str, list[float]] = {}
+    corrections: dict[str, Correction] = {}
+    for key, values in series.items():
+        start, end = hosts.get(key, ("mgms", "mgms"))
+        c = correction(start, end, offset, ams_remote=ams_remote)
+        corrections[key] = c
+        out[key] = c.apply(values)
+    return out, corrections
+
+
 def build_report(
-    specs: Sequence[RouteSpec], series: Mapping[str, Sequence[float]], extra: Mapping[str, Any]
+    specs: Sequence[RouteSpec],
+    series: Mapping[str, Sequence[float]],
+    extra: Mapping[str, Any],
+    corrections: Mapping[str, Correction] | None = None,
 ) -> dict[str, Any]:
-    """report.json's content: routes (with targets), floors, probe hops, machine, ``extra``."""
+    """report.json's content: routes (with targets), floors, probe hops, machine, ``extra``.
+
+    ``series`` are already corrected (:func:`apply_clock`); ``corrections`` says how, per
+    series key (none: every route on one clock, nothing applied).
+    """
     routes: list[RouteResult] = []
+    corrections = corrections or {}
     for spec in specs:
         if spec.key not in series:
             continue
         s = summarise(series[spec.key])
         floor = _floor_median(spec, series)
-        routes.append(RouteResult(spec, s, floor, evaluate(s, floor, loop=spec.loop)))
+        corr = corrections.get(spec.key) or correction(spec.start_host, spec.end_host, None, ams_remote=False)
+        routes.append(RouteResult(spec, s, floor, evaluate(s, floor, loop=spec.loop), corr))
     # floor_*: the floors routes are judged against; ref_*: the same stack used differently, for comparison
     floors = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith(("floor_", "ref_"))}
     hops = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("loop_hop_")}
     message_hops = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("hop_")}
     judged = [r.target.passed for r in routes if r.target.passed is not None]
+    hop_clock = {k: c.as_dict() for k, c in corrections.items() if c.cross_host and k in {**hops, **message_hops}}
     return {
         "routes": [r.as_dict() for r in routes],
         "floors": floors,
         "loop_hops": hops,
         "message_hops": message_hops,
+        "hop_clock_corrections": hop_clock,
         "targets_met": sum(1 for p in judged if p),
         "targets_judged": len(judged),
         "machine": machine(),
@@ -189,40 +234,84 @@ def _stats_table(title: str, rows: Mapping[str, Mapping[str, Any]]) -> str:
     return out
 
 
+def _clock_section(report: Mapping[str, Any]) -> list[str]:
+    """The offset(s) found, and per route whose clocks stamp it and what was applied."""
+    parts: list[str] = []
+    clock = report.get("clock")
+    if clock:
+        others = [
+            f"{c['method'].upper()}: {c['offset_ms']:+.3f} ms +- {c['uncertainty_ms']:.3f} ms "
+            f"(min delay {c['min_delay_ms']:.3f} ms, {c['exchanges']} exchanges with {c['peer']})"
+            for c in report.get("clock_estimates", [clock])
+        ]
+        parts.append(
+            "\n## Clock offset (AMS clock - MGMS clock, NTP-style exchanges)\n\n"
+            + "".join(f"- {o}\n" for o in others)
+            + f"\nUsed: {clock['method'].upper()} (the tightest bound). {report.get('clock_note', '')}\n"
+        )
+    elif report.get("clock_note"):
+        parts.append(f"\n## Clock offset\n\n{report['clock_note']}\n")
+    rows = [
+        f"| {r['name']} | {r.get('clock_hosts', '-')} | {'yes' if r.get('cross_host') else 'no'} "
+        f"| {_f(r.get('offset_applied_ms'), 3)} | {_f(r.get('offset_uncertainty_ms'), 3)} |"
+        for r in report["routes"]
+    ]
+    if rows:
+        parts.append(
+            "\n## Clocks per route\n\n| route | stamped by | cross-host | offset applied ms | +- ms |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        )
+    return parts
+
+
 def markdown(report: Mapping[str, Any], plots: Sequence[str]) -> str:
     m = report["machine"]
-    clock = report.get("clock")
+    mode = report.get("mode", "simulators")
+    if mode == "lab":
+        setting = (
+            f"Mode: **lab** (no simulators started; measured from the probes the running system stored over "
+            f"{report.get('window_s', 0):g} s). Command: `{report.get('command', '')}`.\n"
+        )
+    else:
+        setting = (
+            f"Mode: simulators; Redis `appendfsync {report.get('redis_appendfsync', 'always')}`. "
+            f"Command: `{report.get('command', '')}`. Breaker travel time in the simulators: 0 "
+            "(the command routes end at the confirmed status; a real breaker adds its travel).\n"
+        )
     parts = [
         "# mgms bench report\n",
         f"Run {report.get('started', '')}, {report.get('duration_s', 0):.0f} s; "
         f"machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, c104 {m['c104']}, paho {m['paho']}, "
         f"aiohttp {m['aiohttp']}, redis-server {m['redis_server']}, mosquitto {m['mosquitto']}.\n",
-        f"Command: `{report.get('command', '')}`. Breaker travel time in the simulators: 0 "
-        "(the command routes end at the confirmed status; a real breaker adds its travel).\n",
+        setting,
         "## Routes\n",
         table(report),
-        f"\nn is the number of good samples of {report.get('n', '?')} requested ({report.get('loop_n', '?')} for "
-        "the DSO loop); one below that was lost (timeout or refused command) and is named in the run's log.\n",
+    ]
+    if mode == "lab":
+        parts.append("\nn is the number of samples the running system stored in the window.\n")
+    else:
+        parts.append(
+            f"\nn is the number of good samples of {report.get('n', '?')} requested ({report.get('loop_n', '?')} "
+            "for the DSO loop); one below that was lost (timeout or refused command) and is named in the run's log.\n"
+        )
+    parts += [
         f"\nTargets met: {report['targets_met']} of {report['targets_judged']} judged routes "
         "(route: median <= 1.3 x floor median + 0.5 ms and p99 <= 5 x median; "
         "DSO loop: median <= 10 ms).\n",
         "\n## What each route measures\n",
         *[f"- **{r['name']}**: {r['measures']}\n" for r in report["routes"] if r.get("measures")],
-        "\n## Floors (bare stacks, same run)\n",
-        _stats_table("floor", report["floors"]),
     ]
+    if report.get("not_measured"):
+        parts.append(
+            "\n## Not measured\n\n" + "".join(f"- `{k}`: {why}\n" for k, why in report["not_measured"].items())
+        )
+    parts += ["\n## Floors (bare stacks, same run)\n", _stats_table("floor", report["floors"])]
     if report.get("message_hops"):
         title = "\n## Message routes, hop by hop (from the stored probes)\n"
         parts += [title, _stats_table("hop", report["message_hops"])]
     if report.get("loop_hops"):
         parts += ["\n## DSO loop, hop by hop (from the stored probes)\n", _stats_table("hop", report["loop_hops"])]
-    if clock:
-        parts.append(
-            f"\n## Clock offset (NTP-style exchange over HTTPS, {clock['exchanges']} exchanges)\n\n"
-            f"offset {clock['offset_ms']:+.3f} ms +- {clock['uncertainty_ms']:.3f} ms "
-            f"(min delay {clock['min_delay_ms']:.3f} ms, median {clock['median_delay_ms']:.3f} ms), "
-            f"against {clock['url']}. {clock.get('note', '')}\n"
-        )
+    parts += _clock_section(report)
     if plots:
         parts.append("\n## Plots\n\n" + "".join(f"![{p}]({p})\n\n" for p in plots))
     return "\n".join(p.strip("\n") + "\n" for p in parts if p.strip())

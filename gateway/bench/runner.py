@@ -2,7 +2,8 @@
 
 Run on simulators (the default): every phase starts what it needs (Redis, simulators, a TLS
 mosquitto, HTTPS listeners) on loopback, in temporary directories, and stops it again.
-See docs/latency.md for what each route measures and how to run against a real lab.
+With ``--lab`` nothing is started: :mod:`gateway.bench.lab` reads the probes a running
+gateway (and AMS) stored. See docs/latency.md for what each route measures.
 """
 
 from __future__ import annotations
@@ -14,20 +15,39 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ams.sandbox import DsoSandbox
-from gateway.bench.args import PHASES
-from gateway.bench.clock import ClockEstimate, clock_app, estimate_offset
+from gateway.bench.args import PHASES, BenchError
+from gateway.bench.clock import (
+    ClockOffset,
+    Host,
+    MqttClockResponder,
+    clock_acl,
+    clock_app,
+    estimate_offset,
+    estimate_offset_mqtt,
+)
 from gateway.bench.progress import Progress
-from gateway.bench.report import RouteSpec, build_report, table, write_outputs
-from gateway.bench.routes import MGMS, Series, dlms_phase, iec104_phase, iec61850_phase, loop_phase, messages_phase
+from gateway.bench.report import RouteSpec, apply_clock, build_report, table, write_outputs
+from gateway.bench.routes import (
+    AMS,
+    MGMS,
+    Series,
+    dlms_phase,
+    iec104_phase,
+    iec61850_phase,
+    loop_phase,
+    messages_phase,
+)
 from gateway.config import load_config
 from gateway.services import MosquittoServer, MqttTls, RedisServer, free_port
+from gateway.transport.mqtt import MqttSettings
 
-__all__ = ["ROUTES", "run", "run_bench"]
+__all__ = ["HOP_HOSTS", "ROUTES", "hop_hosts", "run", "run_bench"]
 
 
 _MSG = "created in the sender's Messenger (signed/encrypted, queued in its Redis outbox) -> stored in the receiver's"
@@ -41,6 +61,8 @@ ROUTES: tuple[RouteSpec, ...] = (
             f"floor_{t}",
             heila,
             measures=f"{_MSG} inbox (Redis TIME in the accepting Lua script), over {t.upper()}.",
+            start_host="mgms",
+            end_host="ams",
         )
         for sec in ("signed", "encrypted")
         for t, heila in (("https", 47.0), ("mqtt", 52.0))
@@ -64,6 +86,8 @@ ROUTES: tuple[RouteSpec, ...] = (
             "floor_mqtt",
             36.0,
             measures=f"{_MSG} inbox, over MQTT (TLS, QoS 1).",
+            start_host="ams",
+            end_host="mgms",
         )
         for sec in ("signed", "encrypted")
     ),
@@ -105,8 +129,34 @@ ROUTES: tuple[RouteSpec, ...] = (
         measures="(breaker open confirmed - flexibility created) + (verification settled at the AMS - verification "
         "created): the AMS clears, reserves and activates at once; the activation window and the restore are "
         "scheduled waits and left out; breaker travel 0. Floor: three bare MQTT hops and a bare c104 command.",
+        start_host="mgms",
+        end_host="ams",
     ),
 )
+
+#: Whose clocks stamp each DSO-loop hop (start, end).
+HOP_HOSTS: dict[str, tuple[Host, Host]] = {
+    "loop_hop_flex_to_ams_db": ("mgms", "ams"),
+    "loop_hop_ams_db_to_activation_sent": ("ams", "ams"),
+    "loop_hop_activation_to_mgms_db": ("ams", "mgms"),
+    "loop_hop_mgms_db_to_command_sent": ("mgms", "mgms"),
+    "loop_hop_command_to_confirmed": ("mgms", "mgms"),
+    "loop_hop_verification_to_ams_db": ("mgms", "ams"),
+    "loop_hop_ams_db_to_settled": ("ams", "ams"),
+}
+
+
+def hop_hosts(keys: Iterable[str]) -> dict[str, tuple[Host, Host]]:
+    """The loop hops above, and each message route's two hops: ``created_to_received`` spans
+    the sender's clock to the receiver's, ``received_to_stored`` is the receiver's alone."""
+    out = dict(HOP_HOSTS)
+    for k in keys:
+        if not k.startswith("hop_"):
+            continue
+        sender: Host = "ams" if k.startswith("hop_activation") else "mgms"
+        receiver: Host = "mgms" if sender == "ams" else "ams"
+        out[k] = (sender, receiver) if k.endswith("_created_to_received") else (receiver, receiver)
+    return out
 
 
 def _sim_config(args: argparse.Namespace) -> Path:
@@ -116,7 +166,8 @@ def _sim_config(args: argparse.Namespace) -> Path:
 
 
 def _broker(box: DsoSandbox) -> MosquittoServer:
-    """The sandbox's broker (TLS, users, layout ACLs) with mosquitto's periodic autosave.
+    """The sandbox's broker (TLS, users, layout ACLs, the clock exchange's ACLs) with
+    mosquitto's periodic autosave.
 
     Not the sandbox's save-on-every-change (there so a ``kill -9`` in the HIL tests loses
     nothing): that writes the broker's database after each QoS 1 message and measured
@@ -127,11 +178,25 @@ def _broker(box: DsoSandbox) -> MosquittoServer:
         data_dir=box.directory / "mosquitto",
         tls=MqttTls(box.pki.server.cert, box.pki.server.key, box.pki.ca),
         users=box.passwords,
-        acl=box.acl(),
+        acl=[*box.acl(), *clock_acl([box.ams, *box.mgms])],
     )
 
 
-async def _local_clock(box: DsoSandbox) -> ClockEstimate:
+async def _local_clock_mqtt(box: DsoSandbox) -> ClockOffset:
+    """The exchange over the sandbox's broker: an AMS responder, the MGMS probing it."""
+
+    def settings(p: str) -> MqttSettings:
+        return MqttSettings.model_validate({**box.mqtt_block(p), "participant": p})
+
+    responder = MqttClockResponder(settings(AMS))
+    await responder.start()
+    try:
+        return await estimate_offset_mqtt(settings(MGMS), AMS)
+    finally:
+        await responder.close()
+
+
+async def _local_clock(box: DsoSandbox) -> ClockOffset:
     """The exchange against a /clock endpoint on loopback with the sandbox's mutual TLS."""
     from aiohttp import web
 
@@ -151,31 +216,45 @@ async def _local_clock(box: DsoSandbox) -> ClockEstimate:
         await runner.cleanup()
 
 
+def _command_line() -> str:
+    return "mgms bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [])
+
+
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the selected phases; write the outputs; return report.json's content."""
+    """Run the selected phases (or, with ``--lab``, measure a running lab); write the outputs;
+    return report.json's content."""
+    if getattr(args, "lab", False):
+        from gateway.bench.lab import run_lab
+
+        return await run_lab(args)
     phases = [p.strip() for p in args.routes.split(",") if p.strip()]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
-        raise ValueError(f"unknown phase(s) {unknown}; known: {', '.join(PHASES)}")
+        raise BenchError(f"unknown phase(s) {unknown}; known: {', '.join(PHASES)}")
     n: int = args.n
     loop_n: int = args.loop_n if args.loop_n is not None else min(n, 100)
+    fsync: str = getattr(args, "fsync", "always")
+    ams_remote: bool = getattr(args, "ams_remote", False)
     progress = Progress(quiet=args.quiet)
     sim_config = _sim_config(args)
     base = load_config(sim_config)
     series: Series = {}
     extra: dict[str, Any] = {
+        "mode": "simulators",
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "mgms bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else []),
+        "command": _command_line(),
         "n": n,
         "loop_n": loop_n,
         "phases": phases,
         "breaker_travel_s": 0.0,
+        "redis_appendfsync": fsync,
     }
+    estimates: list[ClockOffset] = []
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mgms-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        mgms_redis = RedisServer(data_dir=tmp / "mgms-redis")
-        ams_redis = RedisServer(data_dir=tmp / "ams-redis")
+        mgms_redis = RedisServer(data_dir=tmp / "mgms-redis", appendfsync=fsync)
+        ams_redis = RedisServer(data_dir=tmp / "ams-redis", appendfsync=fsync)
         await asyncio.to_thread(mgms_redis.start)
         await asyncio.to_thread(ams_redis.start)
         box: DsoSandbox | None = None
@@ -196,41 +275,59 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if "messages" in phases and box is not None:
                 progress.note("phase messages: TLS mosquitto + HTTPS, two Redis, MGMS and AMS Messengers")
                 series.update(await messages_phase(box, mgms_redis, ams_redis, n, progress))
-                local = await _local_clock(box)
-                extra["clock"] = {
-                    **local.as_dict(),
-                    "applied": False,
-                    "note": "MGMS and AMS share this host's clock: the offset is ~0 by construction and the "
-                    "exchange shows its own resolution; no correction applied.",
-                }
             if "loop" in phases and box is not None and loop_n > 0:
                 progress.note("phase loop: gateway + FlexAgent + AMS service, MQTT, encrypted")
                 series.update(await loop_phase(sim_config, base, box, mgms_redis, ams_redis, loop_n, progress))
+            if box is not None:
+                progress.note("clock offset MGMS -> AMS: NTP-style exchanges over HTTPS and MQTT (loopback)")
+                estimates = [await _local_clock(box), await _local_clock_mqtt(box)]
             if args.clock_url:
                 ctx = ssl.create_default_context(cafile=args.clock_ca) if args.clock_url.startswith("https") else None
                 remote = await estimate_offset(args.clock_url, ctx)
                 extra["clock_remote"] = {
                     **remote.as_dict(),
                     "applied": False,
-                    "note": "AMS host clock minus this host's clock",
+                    "note": "another host's clock minus this host's: the simulator run's AMS is on this host",
                 }
         finally:
             if box is not None:
                 await asyncio.to_thread(box.close)
             await asyncio.to_thread(ams_redis.close)
             await asyncio.to_thread(mgms_redis.close)
+    clock = min(estimates, key=lambda e: e.uncertainty_ms) if estimates else None
+    if clock is not None:
+        extra["clock"] = {**clock.as_dict(), "applied": ams_remote}
+        extra["clock_estimates"] = [e.as_dict() for e in estimates]
+        extra["clock_note"] = (
+            "--ams-remote: cross-host routes corrected by this offset (here on one host, so ~0 +- its bound)."
+            if ams_remote
+            else "MGMS and AMS share this host's clock: the offset is ~0 by construction and the exchange shows "
+            "its own resolution; no correction applied."
+        )
+    elif ams_remote:
+        raise BenchError("--ams-remote needs the messages or loop phase (the clock exchange runs with them)")
     extra["duration_s"] = round(time.monotonic() - t0, 1)
-    report = build_report(ROUTES, series, extra)
-    write_outputs(report, series, Path(args.out))
+    corrected, corrections = apply_clock(ROUTES, series, hop_hosts(series), clock, ams_remote=ams_remote)
+    report = build_report(ROUTES, corrected, extra, corrections)
+    write_outputs(report, corrected, Path(args.out))
     return report
 
 
 def run(args: argparse.Namespace) -> int:
-    """The CLI entry: 0 when every judged target is met, 1 when one is missed."""
-    report = asyncio.run(run_bench(args))
+    """The CLI entry: 0 when every judged target is met, 1 when one is missed; 2 on bad input."""
+    try:
+        report = asyncio.run(run_bench(args))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(table(report))
+    if report.get("not_measured"):
+        for key, why in report["not_measured"].items():
+            print(f"not measured: {key}: {why}")
     print(f"targets met: {report['targets_met']} of {report['targets_judged']}; outputs in {args.out}")
     if "clock" in report:
         c = report["clock"]
-        print(f"clock offset (HTTPS, loopback): {c['offset_ms']:+.3f} ms +- {c['uncertainty_ms']:.3f} ms")
+        applied = "applied to cross-host routes" if c.get("applied") else "not applied"
+        print(f"clock offset ({c['method'].upper()}, {c['peer']}): {c['offset_ms']:+.3f} ms +- "
+              f"{c['uncertainty_ms']:.3f} ms, {applied}")  # fmt: skip
     return 0 if report["targets_met"] == report["targets_judged"] else 1
