@@ -305,7 +305,8 @@ def markdown(report: Mapping[str, Any], plots: Sequence[str]) -> str:
         parts.append(
             "\n## Not measured\n\n" + "".join(f"- `{k}`: {why}\n" for k, why in report["not_measured"].items())
         )
-    parts += ["\n## Floors (bare stacks, same run)\n", _stats_table("floor", report["floors"])]
+    if report["floors"]:
+        parts += ["\n## Floors (bare stacks, same run)\n", _stats_table("floor", report["floors"])]
     if report.get("message_hops"):
         title = "\n## Message routes, hop by hop (from the stored probes)\n"
         parts += [title, _stats_table("hop", report["message_hops"])]

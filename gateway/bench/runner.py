@@ -217,7 +217,10 @@ async def _local_clock(box: DsoSandbox) -> ClockOffset:
 
 
 def _command_line() -> str:
-    return "mgms bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else [])
+    """``mgms bench ...`` as typed (global options such as --log-level before ``bench`` left out)."""
+    argv = sys.argv[1:]
+    rest = argv[argv.index("bench") + 1 :] if "bench" in argv else []
+    return shlex.join(["mgms", "bench", *rest])
 
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
