@@ -4,9 +4,12 @@ corrected routes come out at the true latencies within the exchange's bound."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,8 @@ from aiohttp import web
 
 from ams.sandbox import DsoSandbox
 from gateway.bench.args import BenchError
-from gateway.bench.clock import clock_app
-from gateway.bench.runner import run_bench
+from gateway.bench.clock import MqttClockResponder, clock_app, mqtt_settings_of
+from gateway.bench.runner import bench_broker, run_bench
 from gateway.cli import build_parser
 from gateway.config import load_config
 from gateway.services import RedisServer, free_port
@@ -145,3 +148,93 @@ async def test_same_host_ams_is_reported_not_corrected(setup: Setup, tmp_path: P
 async def test_remote_ams_without_an_exchange_is_refused(setup: Setup, tmp_path: Path) -> None:
     with pytest.raises(BenchError, match="--clock-url or --clock-mqtt"):
         await run_bench(args_for(setup, tmp_path / "o", "--ams-remote"))
+
+
+# ---------------------------------------------------------------------------- over the lab's broker
+
+
+@dataclass
+class MqttLab:
+    box: DsoSandbox
+    lab: Path
+    ams_config: Path
+    mgms_url: str
+    ams_url: str
+
+
+@pytest.fixture
+def mqtt_lab(tmp_path: Path) -> Iterator[MqttLab]:
+    """A lab config whose messaging goes over a real TLS mosquitto (layout + clock ACLs)."""
+    box = DsoSandbox(tmp_path / "dso", mgms=[MGMS], start_broker=False)
+    box.broker = bench_broker(box)
+    cfg = load_config(ROOT / "lab_configs" / "multipower-sim.yaml").only("ref615")
+    with box.broker, RedisServer(data_dir=tmp_path / "m") as mr, RedisServer(data_dir=tmp_path / "a") as ar:
+        doc = {
+            "lab": cfg.lab.model_dump(),
+            "devices": {n: d.model_dump(mode="json", exclude={"name"}) for n, d in cfg.devices.items()},
+            "points": [p.model_dump(mode="json", exclude_defaults=True) for p in cfg.points],
+            "redis": {"url": mr.url},
+            "messaging": box.messaging(MGMS, transport="mqtt").model_dump(mode="json"),
+        }
+        lab = tmp_path / "lab.yaml"
+        lab.write_text(yaml.safe_dump(doc, sort_keys=False))
+        ams_config = tmp_path / "ams.yaml"
+        ams_config.write_text(
+            yaml.safe_dump({"messaging": box.messaging(AMS, transport="mqtt").model_dump(mode="json")})
+        )
+        yield MqttLab(box, lab, ams_config, mr.url, ar.url)
+
+
+async def test_clock_over_the_lab_broker_and_the_mqtt_floor(mqtt_lab: MqttLab, tmp_path: Path) -> None:
+    settings = mqtt_settings_of(str(mqtt_lab.ams_config), "ams")
+    responder = MqttClockResponder(settings, clock=ams_clock)
+    await responder.start()
+    try:
+        s = Setup(mqtt_lab.lab, mqtt_lab.mgms_url, mqtt_lab.ams_url, "")
+        true = await store_a_loop(s)
+        args = build_parser().parse_args([
+            "bench", "--lab", "--config", str(mqtt_lab.lab), "--ams-redis", mqtt_lab.ams_url, "--window-s", "0.3",
+            "--lookback-s", "30", "--floors", "mqtt", "--n", "10", "--clock-mqtt", "--ams-remote", "--quiet",
+            "--out", str(tmp_path / "o"),
+        ])  # fmt: skip
+        report = await run_bench(args)
+    finally:
+        await responder.close()
+    clock = report["clock"]
+    assert clock["method"] == "mqtt" and abs(clock["offset_ms"] - 25.0) <= clock["uncertainty_ms"]
+    assert report["floors"]["floor_mqtt"]["n"] == 10 and report["floors"]["floor_mqtt"]["median_ms"] > 0
+    flex = {r["key"]: r for r in report["routes"]}["lab_flexibility"]
+    assert flex["protocol"] == "MQTT" and flex["floor_median_ms"] == report["floors"]["floor_mqtt"]["median_ms"]
+    assert abs(flex["median_ms"] - true["flex"]) <= clock["uncertainty_ms"] + 1e-6
+
+
+async def test_clock_cli_serves_and_probes_over_mqtt(mqtt_lab: MqttLab) -> None:
+    """The documented commands: the responder on the AMS side, the probe on the MGMS side."""
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.bench.clock", "serve", "--mqtt", "--config", str(mqtt_lab.ams_config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        async with asyncio.timeout(15):
+            line = (await serve.stdout.readline()).decode()
+        assert line.startswith("clock responder ams on mqtt://"), line
+        probe = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.bench.clock", "probe", "--mqtt", "--config", str(mqtt_lab.lab),
+            "--peer", AMS, "-n", "10", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(probe.communicate(), 20)
+        assert probe.returncode == 0, err.decode()[-2000:]
+        text = out.decode()
+        assert "over mqtt" in text and "10 exchanges" in text
+        offset = float(text.split()[1])
+        bound = float(text.split()[4])
+        assert abs(offset) <= bound + 0.05  # one host: ~0
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(serve.communicate(), 10)
+        except TimeoutError:
+            serve.kill()
+            await serve.wait()
+    assert serve.returncode == 0

@@ -68,6 +68,7 @@ __all__ = [
     "correction",
     "estimate_offset",
     "estimate_offset_mqtt",
+    "mqtt_settings_of",
     "offset_from",
 ]
 

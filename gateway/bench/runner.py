@@ -47,7 +47,7 @@ from gateway.config import load_config
 from gateway.services import MosquittoServer, MqttTls, RedisServer, free_port
 from gateway.transport.mqtt import MqttSettings
 
-__all__ = ["HOP_HOSTS", "ROUTES", "hop_hosts", "run", "run_bench"]
+__all__ = ["HOP_HOSTS", "ROUTES", "bench_broker", "hop_hosts", "run", "run_bench"]
 
 
 _MSG = "created in the sender's Messenger (signed/encrypted, queued in its Redis outbox) -> stored in the receiver's"
@@ -165,7 +165,7 @@ def _sim_config(args: argparse.Namespace) -> Path:
     return Path(__file__).resolve().parents[2] / "lab_configs" / "multipower-sim.yaml"
 
 
-def _broker(box: DsoSandbox) -> MosquittoServer:
+def bench_broker(box: DsoSandbox) -> MosquittoServer:
     """The sandbox's broker (TLS, users, layout ACLs, the clock exchange's ACLs) with
     mosquitto's periodic autosave.
 
@@ -273,7 +273,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 series.update(await dlms_phase(base, mgms_redis, n, progress))
             if "messages" in phases or "loop" in phases:
                 box = DsoSandbox(tmp / "dso", mgms=[MGMS], start_broker=False)
-                box.broker = _broker(box)
+                box.broker = bench_broker(box)
                 await asyncio.to_thread(box.broker.start)
             if "messages" in phases and box is not None:
                 progress.note("phase messages: TLS mosquitto + HTTPS, two Redis, MGMS and AMS Messengers")
