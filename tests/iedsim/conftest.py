@@ -22,7 +22,7 @@ import pytest
 
 from gateway.config import LabConfig, load_config
 from gateway.iedsim.iec104 import Iec104Outstation
-from gateway.iedsim.iec104.codec import (
+from gateway.protocols.iec104.codec import (
     SEQ_MODULO,
     Asdu,
     Frame,

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.iedsim.iec104.codec import (
+from gateway.protocols.iec104.codec import (
     MAX_ASDU_LENGTH,
     Asdu,
     AsduError,
@@ -49,7 +49,7 @@ from gateway.iedsim.iec104.codec import (
     encode_frame,
     mirror,
 )
-from gateway.iedsim.iec104.codec import (
+from gateway.protocols.iec104.codec import (
     TestCommand as TsCommand,
 )
 from gateway.points import Quality

@@ -17,7 +17,7 @@ import pytest
 from gateway.config import LabConfig
 from gateway.iedsim.cli import main
 from gateway.iedsim.iec104 import ControlChannel, Iec104Outstation, serve_many
-from gateway.iedsim.iec104.codec import Cot, FloatInfo, TypeId, UFrame, UFunction
+from gateway.protocols.iec104.codec import Cot, FloatInfo, TypeId, UFrame, UFunction
 from gateway.points import Quality
 
 pytestmark = pytest.mark.timeout(20)

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.config import Iec104Address, Iec104Timers, LabConfig, Point
 from gateway.iedsim.iec104 import Iec104Outstation
-from gateway.iedsim.iec104.codec import (
+from gateway.protocols.iec104.codec import (
     MAX_ASDU_LENGTH,
     Asdu,
     ClockSync,

@@ -24,7 +24,7 @@ from gateway.config import LabConfig
 from gateway.errors import ConfigError
 from gateway.iedsim.cli import main
 from gateway.iedsim.iec104 import Iec104Outstation
-from gateway.iedsim.iec104.codec import (
+from gateway.protocols.iec104.codec import (
     Asdu,
     Cot,
     FrameDecoder,

@@ -37,7 +37,7 @@ from gateway.config import Device, Direction, Iec104Timers, LabConfig, Point, ie
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.iedsim.control import LineControlServer
 from gateway.iedsim.dynamics import FeederModel
-from gateway.iedsim.iec104.codec import (
+from gateway.protocols.iec104.codec import (
     SEQ_MODULO,
     Asdu,
     AsduError,
