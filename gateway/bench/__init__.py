@@ -1,4 +1,5 @@
-"""``mgms bench``: latency of the HEILA routes on simulators, next to each protocol's floor.
+"""``mgms bench``: latency of the HEILA routes on simulators, next to each protocol's floor;
+``mgms bench --lab``: the same routes on a running lab, from the probes below (``lab.py``).
 
 Probe hops, i.e. the timestamps the running system stores anyway and the bench reads back
 (wall clock of the host that writes them; ``Redis TIME`` where Redis writes them):

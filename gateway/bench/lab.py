@@ -210,8 +210,16 @@ async def _floors(p: LabPlan, n: int, progress: Progress) -> None:
         "a bare POST needs a bare handler on the AMS host; the AMS's own listener would take it as a message "
         "(and count it rejected)"
     )
-    if any(d.protocol == "iec104" for d in p.cfg.devices.values()):
+    protocols = {d.protocol for d in p.cfg.devices.values()}
+    if "iec104" in protocols:
         p.not_measured[FLOOR_104] = NOT_MEASURED_104 if "iec104" in p.floors else "not asked (--floors)"
+    if "iec61850" in protocols:
+        p.not_measured["floor_iec61850_report"] = (
+            "a second MMS association on real equipment competes with the gateway's (report control blocks are "
+            "reserved per client): not attempted"
+        )
+    if "dlms" in protocols:
+        p.not_measured["floor_gurux_read"] = "a meter usually allows one DLMS association: not attempted"
 
 
 # ---------------------------------------------------------------------------- window
