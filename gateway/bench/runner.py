@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from ams.sandbox import DsoSandbox
 from gateway.bench.args import PHASES, BenchError
 from gateway.bench.clock import (
@@ -216,6 +218,18 @@ async def _local_clock(box: DsoSandbox) -> ClockOffset:
         await runner.cleanup()
 
 
+async def _appendfsync(*urls: str) -> str:
+    """The policy the servers report (not the one asked for): what the figures were taken with."""
+    seen: set[str] = set()
+    for url in urls:
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            seen.add(str((await client.config_get("appendfsync"))["appendfsync"]))
+        finally:
+            await client.aclose()
+    return ",".join(sorted(seen))
+
+
 def _command_line() -> str:
     """``mgms bench ...`` as typed (global options such as --log-level before ``bench`` left out)."""
     argv = sys.argv[1:]
@@ -260,6 +274,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         ams_redis = RedisServer(data_dir=tmp / "ams-redis", appendfsync=fsync)
         await asyncio.to_thread(mgms_redis.start)
         await asyncio.to_thread(ams_redis.start)
+        extra["redis_appendfsync"] = await _appendfsync(mgms_redis.url, ams_redis.url)
         box: DsoSandbox | None = None
         try:
             if "iec104" in phases:
