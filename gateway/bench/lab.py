@@ -51,7 +51,7 @@ from gateway.bench.progress import Progress
 from gateway.bench.report import RouteSpec, apply_clock, build_report, write_outputs
 from gateway.bench.stats import summarise
 from gateway.config import Direction, LabConfig, load_config
-from gateway.errors import TransportError
+from gateway.errors import StoreError, TransportError
 from gateway.store import RedisStore, stream_entries
 from gateway.transport.mqtt import MqttSettings
 
@@ -525,13 +525,13 @@ async def run_lab(args: argparse.Namespace) -> dict[str, Any]:
         try:
             await store.redis.ping()
         except RedisError as exc:
-            raise BenchError(f"no Redis at {_redacted(p.url)}: {exc}") from exc
+            raise StoreError(f"no Redis at {_redacted(p.url)}: {exc}") from exc
         if args.ams_redis:
             ams = aioredis.Redis.from_url(args.ams_redis, decode_responses=True)
             try:
                 await ams.ping()
             except RedisError as exc:
-                raise BenchError(f"no AMS Redis at {_redacted(args.ams_redis)}: {exc}") from exc
+                raise StoreError(f"no AMS Redis at {_redacted(args.ams_redis)}: {exc}") from exc
         progress.note(
             f"lab {p.cfg.lab.name}: attached to {_redacted(p.url)}"
             + (f" and the AMS's {_redacted(args.ams_redis)}" if ams is not None else "")
@@ -547,12 +547,24 @@ async def run_lab(args: argparse.Namespace) -> dict[str, Any]:
             + (f", {args.command_n + args.command_n % 2} commands on {p.command_point}" if p.command_point else "")
         )
         deadline = time.monotonic() + float(args.window_s)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(_follow(store, p, deadline, float(args.window_s), progress), name="bench-lab-follow")
+        # the commands run in the window (their status changes are field values too); an error
+        # in either ends both and comes out as itself
+        follow = asyncio.create_task(
+            _follow(store, p, deadline, float(args.window_s), progress), name="bench-lab-follow"
+        )
+        try:
             if p.command_point is not None:
-                tg.create_task(_commands(store, p, args.command_n, progress), name="bench-lab-commands")
+                await _commands(store, p, args.command_n, progress)
+            await follow
+        finally:
+            if not follow.done():
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
         if p.command_point is None:
             p.not_measured["lab_command"] = "commands operate the breaker: only with --allow-commands"
+        elif not p.series.get("lab_command"):
+            p.not_measured["lab_command"] = "no command was confirmed (see the run's log)"
         until_mgms = await _redis_time(store.redis)
         until_ams = await _redis_time(ams) if ams is not None else None
         _field(p, await _hist(store, p, since_mgms, until_mgms))
@@ -570,6 +582,8 @@ async def run_lab(args: argparse.Namespace) -> dict[str, Any]:
             )
         ams_window = (since_ams, until_ams) if since_ams is not None and until_ams is not None else None
         await _messages(store, ams, p, (since_mgms, until_mgms), ams_window)
+    except RedisError as exc:  # mgms's convention: an unreachable service is exit code 3
+        raise StoreError(f"bench --lab: Redis failed while reading the probes: {exc}") from exc
     finally:
         await store.aclose()
         if ams is not None:
