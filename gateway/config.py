@@ -379,6 +379,17 @@ class Device(_Frozen):
     report_control_blocks: tuple[Annotated[str, Field(pattern=_RCB_PATTERN)], ...] = ()
     #: DLMS/COSEM association and polling (protocol dlms only).
     dlms: DlmsSettings = DlmsSettings()
+    #: IEC 104 client engine (protocol iec104 only): "c104" (lib60870 threads, the default)
+    #: or "asyncio" (the project's own client on the event loop: no threads, whole TCP reads
+    #: decoded in bulk; about twice the ingest rate, see docs/scale.md).
+    iec104_engine: Literal["c104", "asyncio"] = "c104"
+
+    @model_validator(mode="after")
+    def _engine_for_104_only(self) -> Device:
+        # (not model_fields_set: with_device() re-validates a full dump, default included)
+        if self.iec104_engine != "c104" and self.protocol != "iec104":
+            raise ValueError(f"iec104_engine is for protocol iec104 devices, not {self.protocol}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,9 +14,14 @@ __all__ = ["Adapter", "LinkState", "LinkStateChange", "create_adapter"]
 
 
 def create_adapter(device: Device, points: tuple[Point, ...]) -> Adapter:
-    """Build the adapter for ``device``; the import is lazy so a lab without 104 needs no c104."""
+    """Build the adapter for ``device``; imports are lazy so a lab without 104 (or on the
+    asyncio 104 engine) never loads c104."""
     if device.protocol == "iec104":
-        from gateway.protocols.iec104 import Iec104Adapter
+        if device.iec104_engine == "asyncio":
+            from gateway.protocols.iec104.aio import AsyncIec104Adapter
+
+            return AsyncIec104Adapter(device, points)
+        from gateway.protocols.iec104.adapter import Iec104Adapter
 
         return Iec104Adapter(device, points)
     if device.protocol == "iec61850":

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from gateway.points import Quality
 from gateway.protocols.iec104.codec import (
     MAX_ASDU_LENGTH,
     Asdu,
@@ -52,7 +53,6 @@ from gateway.protocols.iec104.codec import (
 from gateway.protocols.iec104.codec import (
     TestCommand as TsCommand,
 )
-from gateway.points import Quality
 
 H = bytes.fromhex
 

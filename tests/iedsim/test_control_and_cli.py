@@ -17,8 +17,8 @@ import pytest
 from gateway.config import LabConfig
 from gateway.iedsim.cli import main
 from gateway.iedsim.iec104 import ControlChannel, Iec104Outstation, serve_many
-from gateway.protocols.iec104.codec import Cot, FloatInfo, TypeId, UFrame, UFunction
 from gateway.points import Quality
+from gateway.protocols.iec104.codec import Cot, FloatInfo, TypeId, UFrame, UFunction
 
 pytestmark = pytest.mark.timeout(20)
 

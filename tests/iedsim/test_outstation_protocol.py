@@ -14,6 +14,7 @@ import pytest
 
 from gateway.config import Iec104Address, Iec104Timers, LabConfig, Point
 from gateway.iedsim.iec104 import Iec104Outstation
+from gateway.points import DoublePoint, Quality
 from gateway.protocols.iec104.codec import (
     MAX_ASDU_LENGTH,
     Asdu,
@@ -38,7 +39,6 @@ from gateway.protocols.iec104.codec import (
     encode_frame,
     mirror,
 )
-from gateway.points import DoublePoint, Quality
 
 pytestmark = pytest.mark.timeout(20)
 

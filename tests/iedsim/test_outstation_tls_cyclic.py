@@ -24,6 +24,7 @@ from gateway.config import LabConfig
 from gateway.errors import ConfigError
 from gateway.iedsim.cli import main
 from gateway.iedsim.iec104 import Iec104Outstation
+from gateway.iedsim.pki import LabPki, make_lab_pki
 from gateway.protocols.iec104.codec import (
     Asdu,
     Cot,
@@ -39,7 +40,6 @@ from gateway.protocols.iec104.codec import (
     encode_asdu,
     encode_frame,
 )
-from gateway.iedsim.pki import LabPki, make_lab_pki
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -37,6 +37,7 @@ from gateway.config import Device, Direction, Iec104Timers, LabConfig, Point, ie
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.iedsim.control import LineControlServer
 from gateway.iedsim.dynamics import FeederModel
+from gateway.points import DoublePoint, Quality
 from gateway.protocols.iec104.codec import (
     SEQ_MODULO,
     Asdu,
@@ -69,7 +70,6 @@ from gateway.protocols.iec104.codec import (
     mirror,
     object_size,
 )
-from gateway.points import DoublePoint, Quality
 
 __all__ = [
     "ControlChannel",

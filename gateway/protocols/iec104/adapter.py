@@ -32,10 +32,8 @@ import logging
 import math
 import random
 import ssl
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import c104
@@ -44,6 +42,8 @@ from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, LinkError
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
+from gateway.protocols.iec104.common import COMMAND_VALUE_LEN as _COMMAND_VALUE_LEN
+from gateway.protocols.iec104.common import COT_ACTCON, Confirmation, backoff_delay, parse_confirmation
 from gateway.protocols.iec104.tls import TlsBridge, client_tls_context
 
 log = logging.getLogger(__name__)
@@ -51,19 +51,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Iec104Adapter", "backoff_delay", "parse_confirmation"]
 
 Event = PointUpdate | LinkStateChange
-
-# Causes of transmission (IEC 60870-5-101 7.2.3) the adapter looks at in raw frames.
-COT_ACTCON = 7
-COT_ACTTERM = 10
-COT_UNKNOWN = {
-    44: "unknown type id",
-    45: "unknown cause of transmission",
-    46: "unknown common address",
-    47: "unknown information object address",
-}
-
-# Command type ids -> length of the value in front of the qualifier octet (S/E bit there).
-_COMMAND_VALUE_LEN = {45: 0, 46: 0, 58: 0, 59: 0, 48: 2, 49: 2, 50: 4, 61: 2, 62: 2, 63: 4}
 
 _CAUSES: dict[str, UpdateCause] = {
     "SPONTANEOUS": UpdateCause.SPONTANEOUS,
@@ -78,59 +65,6 @@ _CAUSES: dict[str, UpdateCause] = {
 def _cause_of(cot: str) -> UpdateCause:
     """The update cause for a c104 cause-of-transmission name."""
     return UpdateCause.INTERROGATED if cot.startswith("INTERROGATED") else _CAUSES.get(cot, UpdateCause.OTHER)
-
-
-def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(max, initial * 2**attempt)].
-
-    Jitter spreads the reconnects of many gateways after a shared outage (e.g. a COM600
-    reboot) instead of having them all knock at the same instant.
-    """
-    cap = min(max_s, initial_s * (2 ** min(attempt, 30)))
-    return rng.uniform(min(initial_s, cap) / 2, cap)
-
-
-@dataclass(frozen=True, slots=True)
-class Confirmation:
-    """What a raw command-direction frame from the device says about a command."""
-
-    type_id: int
-    ioa: int
-    common_address: int
-    cot: int
-    negative: bool
-    select: bool
-    received_at: float = 0.0
-
-    @property
-    def reason(self) -> str:
-        if self.cot in COT_UNKNOWN:
-            return COT_UNKNOWN[self.cot]
-        what = "select" if self.select else "execute"
-        return f"negative confirmation of {what} (cot {self.cot})"
-
-
-def parse_confirmation(apdu: bytes) -> Confirmation | None:
-    """Decode the header of an I-frame carrying a command confirmation, else None.
-
-    Only the fixed header and the qualifier octet are read: the frame was already validated
-    by lib60870, this only tells ACTCON/negative/select apart.
-    """
-    if len(apdu) < 16 or apdu[0] != 0x68 or apdu[2] & 0x01:
-        return None
-    type_id = apdu[6]
-    value_len = _COMMAND_VALUE_LEN.get(type_id)
-    if value_len is None:
-        return None
-    cot = apdu[8] & 0x3F
-    if cot != COT_ACTCON and cot not in COT_UNKNOWN:
-        return None
-    q_index = 15 + value_len
-    select = bool(apdu[q_index] & 0x80) if q_index < len(apdu) else False
-    (ca,) = struct.unpack_from("<H", apdu, 10)
-    ioa = apdu[12] | apdu[13] << 8 | apdu[14] << 16
-    negative = bool(apdu[8] & 0x40) or cot in COT_UNKNOWN
-    return Confirmation(type_id, ioa, ca, cot, negative, select, now())
 
 
 class _ThreadBridge:

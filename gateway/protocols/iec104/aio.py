@@ -1,0 +1,842 @@
+"""IEC 60870-5-104 client adapter on the asyncio event loop (``iec104_engine: asyncio``).
+
+Why a second engine: the c104 adapter gets one Python call per information object from
+2-3 native threads per station; with ten stations the GIL handover between those threads
+and the event loop caps the gateway near 10k updates/s and c104's deadlock detector can
+abort the process (docs/scale.md). Here there are no threads: each connection is an
+:class:`asyncio.Protocol`, every TCP read is split into frames and its monitor ASDUs are
+decoded in bulk with the project's own codec (:func:`~.codec.decode_monitor`, one
+precompiled struct per type), and the resulting :class:`PointUpdate`s enter the event
+queue as one batch per read.
+
+Protocol duties done here (IEC 60870-5-104 5.x): STARTDT on connect and a general
+interrogation after it; receive sequence check; S-frame after ``w`` unacknowledged I-frames
+or ``t2``; TESTFR act after ``t3`` idle and closing on ``t1`` without TESTFR con or without
+acknowledgement of our own I-frames; at most ``k`` of our own I-frames unacknowledged (the
+rest waits). Garbage on the link (bad framing, a receive sequence gap) is counted, logged
+and closes the connection; the supervisor reconnects with the c104 adapter's backoff.
+
+Not done: STOPDT/redundancy groups, clock synchronisation and test commands (C_CS, C_TS),
+group interrogations, counters (M_IT), SQ=1 command ASDUs, files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+from gateway.config import Device, Direction, Point, iec104_address
+from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, DeviceError, LinkError
+from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
+from gateway.protocols.base import Adapter, LinkState, LinkStateChange
+from gateway.protocols.iec104.codec import (
+    MONITOR_TYPE_IDS,
+    SEQ_MODULO,
+    Asdu,
+    AsduError,
+    Cot,
+    Cp56Time,
+    DoubleCommand,
+    Element,
+    FloatSetpoint,
+    FrameDecoder,
+    IFrame,
+    InfoObject,
+    Interrogation,
+    NormalizedSetpoint,
+    ReadCommand,
+    ScaledSetpoint,
+    SFrame,
+    SingleCommand,
+    TypeId,
+    UFrame,
+    UFunction,
+    decode_monitor,
+    encode_asdu,
+    encode_frame,
+)
+from gateway.protocols.iec104.common import (
+    COMMAND_VALUE_LEN,
+    COT_ACTCON,
+    COT_ACTTERM,
+    COT_UNKNOWN,
+    Confirmation,
+    backoff_delay,
+    command_reply,
+)
+from gateway.protocols.iec104.tls import _tls_failure, client_tls_context
+
+__all__ = ["AsyncIec104Adapter"]
+
+log = logging.getLogger(__name__)
+
+Event = PointUpdate | LinkStateChange
+
+_SEQ_MASK: Final = SEQ_MODULO - 1
+_STARTDT_ACT: Final = encode_frame(UFrame(UFunction.STARTDT_ACT))
+_TESTFR_ACT: Final = encode_frame(UFrame(UFunction.TESTFR_ACT))
+_TESTFR_CON: Final = encode_frame(UFrame(UFunction.TESTFR_CON))
+_GI_QOI: Final = 20
+_KIND_MEASURED, _KIND_DOUBLE, _KIND_SINGLE = 0, 1, 2
+_KINDS: Final = {"measured": _KIND_MEASURED, "double": _KIND_DOUBLE, "single": _KIND_SINGLE}
+_WARN_FIRST: Final = 10  # log the first N of a repeated anomaly, then only count it
+
+
+def _cause_table() -> tuple[UpdateCause, ...]:
+    """Update cause per 6-bit COT, indexed by the COT itself (no enum built per object)."""
+    table = [UpdateCause.OTHER] * 64
+    table[Cot.PERIODIC] = table[Cot.BACKGROUND_SCAN] = UpdateCause.PERIODIC
+    table[Cot.SPONTANEOUS] = UpdateCause.SPONTANEOUS
+    table[Cot.REQUEST] = UpdateCause.REQUESTED
+    table[Cot.RETURN_INFO_REMOTE] = table[Cot.RETURN_INFO_LOCAL] = UpdateCause.RETURN
+    for cot in range(Cot.INTERROGATED_BY_STATION, Cot.INTERROGATED_BY_GROUP_16 + 1):
+        table[cot] = UpdateCause.INTERROGATED
+    return tuple(table)
+
+
+_CAUSE_OF_COT: Final = _cause_table()
+
+
+class _EventQueue:
+    """The adapter's bounded event stream, loop-only: one extend and one wake-up per read.
+
+    Same policy as the c104 adapter's bridge: when the consumer falls ``maxlen`` events
+    behind, the oldest are dropped, counted and logged (at most once a second).
+    """
+
+    def __init__(self, maxlen: int) -> None:
+        self._items: collections.deque[Event] = collections.deque()
+        self._maxlen = maxlen
+        self._event = asyncio.Event()
+        self.dropped = 0
+        self._last_drop_log = 0.0
+
+    def put_many(self, items: list[Event]) -> None:
+        queued = len(self._items)
+        excess = queued + len(items) - self._maxlen
+        if excess > 0:
+            self._drop(excess)
+            if excess > queued:  # more new ones than fit: the oldest of them go too
+                items = items[excess - queued :]
+        self._items.extend(items)
+        self._event.set()
+
+    def put(self, item: Event) -> None:
+        self.put_many([item])
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        for _ in range(min(n, len(self._items))):
+            self._items.popleft()
+        t = time.monotonic()
+        if t - self._last_drop_log > 1.0:
+            self._last_drop_log = t
+            log.warning("event queue full: %d events dropped so far", self.dropped)
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def get_batch(self, limit: int = 4096) -> list[Event]:
+        """Up to ``limit`` events; [] only when woken with nothing to give (close)."""
+        items = self._items
+        if not items:
+            self._event.clear()
+            await self._event.wait()
+            if not items:
+                return []
+        if len(items) <= limit:
+            batch = list(items)
+            items.clear()
+            return batch
+        return [items.popleft() for _ in range(limit)]
+
+
+class _Link(asyncio.Protocol):
+    """One TCP (or TLS) connection to the device: framing, sequence numbers, windows, timers.
+
+    Bytes in are split and checked here; monitor and confirmation ASDUs go to the adapter in
+    one call per read. Timers are one loop timer armed at the nearest deadline (t1 of our
+    oldest unacknowledged I-frame or TESTFR, t2 of the oldest unacknowledged received
+    I-frame, t3 idle), not a polling task.
+    """
+
+    def __init__(self, adapter: AsyncIec104Adapter) -> None:
+        dev = adapter.device
+        self._adapter = adapter
+        self._name = dev.name
+        self._loop = asyncio.get_running_loop()
+        self._t1 = float(dev.timers.t1_s)
+        self._t2 = float(dev.timers.t2_s)
+        self._t3 = float(dev.timers.t3_s)
+        self._k = dev.timers.k
+        self._w = dev.timers.w
+        self._counters = adapter._counters
+        self._decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.started: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[str] = self._loop.create_future()
+        self._reason = ""
+        self._vs = 0  # our next send sequence number
+        self._vr = 0  # the device's next expected send sequence number
+        self._acked = 0  # our oldest I-frame the device has not acknowledged
+        self._sent: collections.deque[tuple[int, float]] = collections.deque()  # (seq, sent at)
+        self._waiting: collections.deque[bytes] = collections.deque()  # ASDUs held back by k
+        self._unacked_in = 0
+        self._first_unacked_at = 0.0
+        self._last_rx = self._loop.time()
+        self._testfr_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._last_rx = self._loop.time()
+        self._arm(self._last_rx + self._t3)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        reason = self._reason or (f"connection lost: {exc}" if exc else "connection closed by the device")
+        if not self.started.done():
+            self.started.set_exception(LinkError(self._name, reason))
+        if not self.closed.done():
+            self.closed.set_result(reason)
+
+    def eof_received(self) -> bool | None:
+        self._reason = self._reason or "connection closed by the device"
+        return None  # close our side too
+
+    def data_received(self, data: bytes) -> None:
+        frames, error = self._decoder.feed_batch(data)
+        counters = self._counters
+        self._last_rx = self._loop.time()
+        asdus: list[bytes] = []
+        problem = ""
+        vr = self._vr
+        for f in frames:
+            if type(f) is IFrame:
+                if f.send_seq != vr:
+                    counters["sequence_errors"] += 1
+                    problem = f"I-frame N(S) {f.send_seq}, expected {vr}"
+                    break
+                vr = (vr + 1) & _SEQ_MASK
+                if f.recv_seq != self._acked and not self._ack_ours(f.recv_seq):
+                    problem = f"N(R) {f.recv_seq} acknowledges frames never sent"
+                    break
+                asdus.append(f.asdu)
+            elif type(f) is SFrame:
+                counters["s_frames_in"] += 1
+                if not self._ack_ours(f.recv_seq):
+                    problem = f"S-frame N(R) {f.recv_seq} acknowledges frames never sent"
+                    break
+            else:
+                assert isinstance(f, UFrame)
+                self._on_u(f.function)
+        self._vr = vr
+        if asdus:
+            n = len(asdus)
+            counters["frames_in"] += n
+            if not self._unacked_in:
+                self._first_unacked_at = self._last_rx
+                self._arm(self._last_rx + self._t2)
+            self._unacked_in += n
+            if self._unacked_in >= self._w:
+                self._send_s()
+            self._adapter._on_asdus(asdus)
+        if error is not None:
+            counters["garbled_frames"] += 1
+            self._fail(f"garbled frame: {error}", warn=True)
+        elif problem:
+            self._fail(f"protocol error: {problem}", warn=True)
+
+    # -- frames ----------------------------------------------------------------------------
+
+    def _on_u(self, fn: UFunction) -> None:
+        self._counters["u_frames_in"] += 1
+        if fn is UFunction.STARTDT_CON:
+            if not self.started.done():
+                self.started.set_result(None)
+        elif fn is UFunction.TESTFR_ACT:
+            self._write(_TESTFR_CON)
+        elif fn is UFunction.TESTFR_CON:
+            self._testfr_at = None
+        else:
+            log.info("%s: unexpected %s from the device ignored", self._name, fn.name)
+
+    def _ack_ours(self, nr: int) -> bool:
+        """Take the device's N(R); False when it acknowledges more than we sent."""
+        outstanding = (self._vs - self._acked) & _SEQ_MASK
+        if (nr - self._acked) & _SEQ_MASK > outstanding:
+            return False
+        self._acked = nr
+        sent = self._sent
+        while sent and sent[0][0] != nr:
+            sent.popleft()
+        while self._waiting and self._window_open():
+            self._write_i(self._waiting.popleft())
+        return True
+
+    def _window_open(self) -> bool:
+        return (self._vs - self._acked) & _SEQ_MASK < self._k
+
+    def send_asdu(self, asdu: bytes) -> None:
+        """Send now, or as soon as the device's acknowledgements open the k window."""
+        if self.transport is None or self.transport.is_closing():
+            raise LinkError(self._name, "link is down")
+        if self._waiting or not self._window_open():
+            self._counters["k_window_waits"] += 1
+            self._waiting.append(asdu)
+        else:
+            self._write_i(asdu)
+
+    def _write_i(self, asdu: bytes) -> None:
+        at = self._loop.time()
+        if not self._sent:
+            self._arm(at + self._t1)
+        self._sent.append((self._vs, at))
+        self._write(encode_frame(IFrame(self._vs, self._vr, asdu)))
+        self._vs = (self._vs + 1) & _SEQ_MASK
+        self._unacked_in = 0  # N(R) in the I-frame acknowledges what we received
+        self._counters["frames_out"] += 1
+
+    def _send_s(self) -> None:
+        self._unacked_in = 0
+        self._counters["s_frames_out"] += 1
+        self._write(encode_frame(SFrame(self._vr)))
+
+    def send_u(self, frame: bytes) -> None:
+        self._write(frame)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _fail(self, reason: str, *, warn: bool = False) -> None:
+        """Close the link for ``reason`` (what the supervisor reports as link-down reason)."""
+        if self.transport is None:
+            return
+        if warn:
+            log.warning("%s: %s; closing the link", self._name, reason)
+        self._reason = self._reason or reason
+        self.transport.abort()
+
+    def close(self) -> None:
+        self._fail("closed")
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        """Make sure the timer fires no later than ``when`` (loop time)."""
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        t = self._loop.time()
+        if self._sent and t - self._sent[0][1] >= self._t1:
+            self._counters["t1_timeouts"] += 1
+            self._fail(f"t1 = {self._t1:g} s expired: I-frame {self._sent[0][0]} not acknowledged", warn=True)
+            return
+        if self._testfr_at is not None and t - self._testfr_at >= self._t1:
+            self._counters["t1_timeouts"] += 1
+            self._fail(f"t1 = {self._t1:g} s expired: no TESTFR con", warn=True)
+            return
+        if self._unacked_in and t - self._first_unacked_at >= self._t2:
+            self._send_s()
+        if self._testfr_at is None and t - self._last_rx >= self._t3:
+            self._counters["testfr_sent"] += 1
+            self._testfr_at = t
+            self._write(_TESTFR_ACT)
+        deadlines = []
+        if self._sent:
+            deadlines.append(self._sent[0][1] + self._t1)
+        if self._testfr_at is not None:
+            deadlines.append(self._testfr_at + self._t1)
+        else:
+            deadlines.append(self._last_rx + self._t3)
+        if self._unacked_in:
+            deadlines.append(self._first_unacked_at + self._t2)
+        self._arm(max(min(deadlines), t + 0.001))
+
+
+class AsyncIec104Adapter(Adapter):
+    """One IEC 104 connection to one device/station, driven by the event loop alone."""
+
+    def __init__(self, device: Device, points: tuple[Point, ...], *, queue_max: int = 200_000) -> None:
+        super().__init__(device, points)
+        self._queue_max = queue_max
+        ca = device.common_address
+        # (ca, ioa) -> (name, kind, scale, offset): everything the hot loop needs per object
+        self._monitor: dict[tuple[int, int], tuple[str, int, float, float]] = {
+            (ca, iec104_address(p).ioa): (p.name, _KINDS[iec104_address(p).kind], p.scale, p.offset)
+            for p in points
+            if p.direction is Direction.MONITOR
+        }
+        self._monitor_ioa = {p.name: iec104_address(p).ioa for p in points if p.direction is Direction.MONITOR}
+        self._control = {p.name: p for p in points if p.direction is Direction.CONTROL}
+        self._state = LinkState.CLOSED
+        self._rng = random.Random()
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._queue: _EventQueue | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._link: _Link | None = None
+        self._up = asyncio.Event()
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._gi_task: asyncio.Task[None] | None = None
+        # commands: ioa -> (future of the device's answer, whether a select is awaited)
+        self._pending: dict[int, tuple[asyncio.Future[Confirmation], bool]] = {}
+        self._terms: dict[int, asyncio.Future[None]] = {}  # executed commands awaiting ACTTERM
+        self._gi_waiters: list[asyncio.Future[bool]] = []
+        self._readers: dict[str, list[asyncio.Future[PointUpdate]]] = {}
+        self._quality_cache: dict[int, Quality] = {0: Quality.GOOD}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._supervisor is not None:
+            return
+        # TLS first: a bad certificate file is a ConfigError before anything runs.
+        self._tls = client_tls_context(self.device) if self.device.tls.enabled else None
+        self._queue = _EventQueue(self._queue_max)
+        self._closing = False
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"iec104-aio:{self.device.name}")
+        if self.device.gi_period_s > 0:
+            self._gi_task = asyncio.create_task(self._periodic_gi(), name=f"iec104-aio-gi:{self.device.name}")
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._up.wait()
+        except TimeoutError:
+            raise LinkError(self.device.name, f"not connected within {timeout_s:g} s") from None
+
+    async def close(self) -> None:
+        self._closing = True
+        link = self._link
+        for task in (self._gi_task, self._supervisor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._gi_task = None
+        self._link = None
+        if link is not None:
+            link.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await link.closed  # connection_lost has run: the transport is gone
+        self._up.clear()
+        self._fail_pending("adapter closed")
+        self._set_state(LinkState.CLOSED, "closed")
+        if self._queue is not None:
+            self._queue.wake()
+
+    @property
+    def link_state(self) -> LinkState:
+        return self._state
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self._counters)
+        if self._queue is not None:
+            out["events_dropped"] = self._queue.dropped
+        return out
+
+    async def events(self) -> AsyncIterator[Event]:
+        assert self._queue is not None, "start() first"
+        queue = self._queue
+        while True:
+            if self._closing and not queue.pending:
+                return  # closed and drained: the stream ends
+            for item in await queue.get_batch():
+                yield item
+
+    # ----------------------------------------------------------------- receiving
+
+    def _on_asdus(self, asdus: list[bytes]) -> None:
+        """Every ASDU of one TCP read: monitor values into the queue as one batch."""
+        rcv = now()
+        updates: list[Event] = []
+        append = updates.append
+        monitor = self._monitor
+        qualities = self._quality_cache
+        causes = _CAUSE_OF_COT
+        values = 0
+        for raw in asdus:
+            if raw[0] not in MONITOR_TYPE_IDS:
+                self._on_other_asdu(raw)
+                continue
+            try:
+                m = decode_monitor(raw)
+            except AsduError as exc:
+                self._anomaly("garbled_asdus", "garbled ASDU %s: %s", raw[:24].hex(" "), exc)
+                continue
+            cause = causes[m.cot]
+            ca = m.common_address
+            for ioa, value, bits, ts in m.objects:
+                info = monitor.get((ca, ioa))
+                if info is None:
+                    self._anomaly("unknown_points", "device sent unconfigured ca %d ioa %d; ignored", ca, ioa)
+                    continue
+                name, kind, scale, offset = info
+                quality = qualities.get(bits)
+                if quality is None:
+                    quality = qualities[bits] = Quality(bits)
+                if kind == _KIND_MEASURED:
+                    v: float | int | bool = float(value) * scale + offset
+                elif kind == _KIND_DOUBLE:
+                    v = int(value)
+                else:
+                    v = bool(value)
+                append(PointUpdate(name, v, quality, ts, rcv, cause))
+                values += 1
+        if updates:
+            self._counters["values"] += values
+            assert self._queue is not None
+            self._queue.put_many(updates)
+            if self._readers:
+                for upd in updates:
+                    assert isinstance(upd, PointUpdate)
+                    for fut in self._readers.pop(upd.point, ()):
+                        if not fut.done():
+                            fut.set_result(upd)
+
+    def _on_other_asdu(self, raw: bytes) -> None:
+        """Confirmations of our commands, interrogations and reads; anything else is counted."""
+        if len(raw) < 6:
+            self._anomaly("garbled_asdus", "ASDU of %d octets: %s", len(raw), raw.hex(" "))
+            return
+        type_id, cot, negative = raw[0], raw[2] & 0x3F, bool(raw[2] & 0x40)
+        if type_id in COMMAND_VALUE_LEN:
+            conf = command_reply(raw)
+            if conf is None:
+                self._anomaly("garbled_asdus", "short command confirmation %s", raw.hex(" "))
+            else:
+                self._on_confirmation(conf)
+        elif type_id == TypeId.C_IC_NA_1:
+            if cot == COT_ACTCON or cot in COT_UNKNOWN:
+                ok = not negative and cot == COT_ACTCON
+                if not ok:
+                    self._counters["negative_confirmations"] += 1
+                waiters, self._gi_waiters = self._gi_waiters, []
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(ok)
+            elif cot == COT_ACTTERM:
+                self._counters["interrogations_done"] += 1
+        elif type_id == TypeId.C_RD_NA_1:
+            if negative:
+                self._counters["negative_confirmations"] += 1
+                ioa = raw[6] | raw[7] << 8 | raw[8] << 16 if len(raw) >= 9 else -1
+                reason = COT_UNKNOWN.get(cot, f"cot {cot}")
+                for name, point_ioa in self._monitor_ioa.items():
+                    if point_ioa == ioa:
+                        for reader in self._readers.pop(name, ()):
+                            if not reader.done():
+                                reader.set_exception(DeviceError(self.device.name, f"read of {name} refused: {reason}"))
+        elif type_id == TypeId.M_EI_NA_1:
+            log.info("%s: device reports end of initialisation", self.device.name)
+        else:
+            self._anomaly("unknown_types", "ASDU type %d (cot %d) not handled; ignored", type_id, cot)
+
+    def _on_confirmation(self, conf: Confirmation) -> None:
+        if conf.cot == COT_ACTTERM:
+            self._counters["actterm"] += 1
+            term = self._terms.pop(conf.ioa, None)
+            if term is not None and not term.done():
+                term.set_result(None)
+            return
+        entry = self._pending.get(conf.ioa)
+        if entry is None:
+            return
+        fut, select = entry
+        if fut.done():
+            return
+        if conf.negative:
+            self._counters["negative_confirmations"] += 1
+            fut.set_result(conf)
+        elif conf.cot == COT_ACTCON and conf.select == select:
+            fut.set_result(conf)
+
+    def _anomaly(self, counter: str, msg: str, *args: object) -> None:
+        """Count something the device should not send; log the first few of each kind."""
+        self._counters[counter] += 1
+        if self._counters[counter] <= _WARN_FIRST:
+            log.warning("%s: " + msg, self.device.name, *args)
+
+    # ----------------------------------------------------------------- link supervision
+
+    def _set_state(self, state: LinkState, reason: str = "") -> None:
+        if state is self._state:
+            return
+        self._state = state
+        log.info("%s: link %s%s", self.device.name, state.value, f" ({reason})" if reason else "")
+        if self._queue is not None:
+            self._queue.put(LinkStateChange(self.device.name, state, reason))
+
+    async def _connect(self) -> _Link:
+        """TCP (and TLS) within t0, then STARTDT confirmed within t1."""
+        dev = self.device
+        loop = asyncio.get_running_loop()
+        link = _Link(self)
+        t0 = float(dev.timers.t0_s)
+        try:
+            async with asyncio.timeout(t0):
+                if self._tls is not None:
+                    await loop.create_connection(
+                        lambda: link,
+                        dev.host,
+                        dev.port,
+                        ssl=self._tls,
+                        server_hostname=dev.host,
+                        ssl_handshake_timeout=t0,
+                    )
+                else:
+                    await loop.create_connection(lambda: link, dev.host, dev.port)
+        except (OSError, TimeoutError) as exc:
+            if self._tls is not None:
+                raise LinkError(dev.name, _tls_failure(exc)) from exc
+            if isinstance(exc, TimeoutError):
+                raise LinkError(dev.name, f"no link within t0 = {dev.timers.t0_s} s") from exc
+            raise LinkError(dev.name, f"connect failed: {exc.strerror or exc}") from exc
+        link.send_u(_STARTDT_ACT)
+        try:
+            async with asyncio.timeout(float(dev.timers.t1_s)):
+                await link.started
+        except TimeoutError:
+            link.close()
+            raise LinkError(dev.name, f"no STARTDT con within t1 = {dev.timers.t1_s} s") from None
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    async def _supervise(self) -> None:
+        dev = self.device
+        attempt = 0
+        while not self._closing:
+            self._set_state(LinkState.CONNECTING, f"attempt {attempt + 1} to {dev.host}:{dev.port}")
+            try:
+                link = await self._connect()
+            except LinkError as exc:
+                reason = str(exc).removeprefix(f"{dev.name}: ")
+            else:
+                self._link = link
+                self._counters["connects"] += 1
+                self._up.set()
+                self._set_state(LinkState.UP, f"{dev.host}:{dev.port}")
+                up_at = time.monotonic()
+                with contextlib.suppress(LinkError):  # lost again already: link.closed says why
+                    self._send_interrogation()  # as c104's Init.INTERROGATION: all values after connect
+                try:
+                    reason = await asyncio.shield(link.closed)
+                finally:
+                    self._up.clear()
+                    self._link = None
+                    if self._closing:  # close() takes it from here
+                        link.close()
+                if time.monotonic() - up_at > max(5.0, dev.reconnect.initial_s * 4):
+                    attempt = 0
+            self._fail_pending(reason)
+            self._set_state(LinkState.DOWN, reason)
+            delay = backoff_delay(attempt, dev.reconnect.initial_s, dev.reconnect.max_s, self._rng)
+            attempt += 1
+            self._counters["reconnect_attempts"] += 1
+            log.info("%s: reconnect in %.2f s", dev.name, delay)
+            await asyncio.sleep(delay)
+
+    def _fail_pending(self, reason: str) -> None:
+        err = LinkError(self.device.name, reason)
+        for fut, _select in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        for term in self._terms.values():
+            if not term.done():
+                term.set_result(None)
+        self._terms.clear()
+        waiters, self._gi_waiters = self._gi_waiters, []
+        for gi in waiters:
+            if not gi.done():
+                gi.set_exception(err)
+        readers, self._readers = self._readers, {}
+        for futs in readers.values():
+            for r in futs:
+                if not r.done():
+                    r.set_exception(err)
+
+    async def _periodic_gi(self) -> None:
+        period = self.device.gi_period_s
+        while not self._closing:
+            await asyncio.sleep(period)
+            if self._state is LinkState.UP:
+                try:
+                    await self.interrogate()
+                except LinkError as exc:
+                    log.warning("%s: periodic interrogation failed: %s", self.device.name, exc)
+
+    # ----------------------------------------------------------------- requests
+
+    def _require_link(self) -> _Link:
+        link = self._link
+        if link is None or not self._up.is_set():
+            raise LinkError(self.device.name, f"link is {self._state.value}")
+        return link
+
+    def _asdu(self, type_id: TypeId, cot: Cot, ioa: int, element: Element) -> bytes:
+        timed = type_id.name.endswith("TA_1")
+        obj = InfoObject(ioa, element, Cp56Time.from_timestamp(now()) if timed else None)
+        dev = self.device
+        return encode_asdu(Asdu(type_id, cot, dev.common_address, (obj,), originator=dev.originator_address))
+
+    def _send_interrogation(self) -> None:
+        link = self._require_link()
+        self._counters["interrogations"] += 1
+        link.send_asdu(self._asdu(TypeId.C_IC_NA_1, Cot.ACTIVATION, 0, Interrogation(_GI_QOI)))
+
+    async def interrogate(self) -> None:
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._send_interrogation()
+        self._gi_waiters.append(fut)
+        timeout_s = self.device.command_timeout_s + 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                ok = await fut
+        except TimeoutError:
+            raise LinkError(self.device.name, f"general interrogation not confirmed within {timeout_s:g} s") from None
+        finally:
+            if fut in self._gi_waiters:
+                self._gi_waiters.remove(fut)
+        if not ok:
+            raise LinkError(self.device.name, "general interrogation not confirmed")
+
+    async def read(self, point: str) -> PointUpdate:
+        ioa = self._monitor_ioa.get(point)
+        if ioa is None:
+            raise CommandInvalid(point, "not a monitored point of this device")
+        link = self._require_link()
+        fut: asyncio.Future[PointUpdate] = asyncio.get_running_loop().create_future()
+        self._readers.setdefault(point, []).append(fut)
+        try:
+            link.send_asdu(self._asdu(TypeId.C_RD_NA_1, Cot.REQUEST, ioa, ReadCommand()))
+            async with asyncio.timeout(self.device.command_timeout_s):
+                return await fut
+        except TimeoutError:
+            raise CommandTimeout(point, f"no answer to read within {self.device.command_timeout_s:g} s") from None
+        finally:
+            waiting = self._readers.get(point, [])
+            if fut in waiting:
+                waiting.remove(fut)
+                if not waiting:
+                    del self._readers[point]
+
+    def _element(self, pt: Point, value: float | int | bool) -> Callable[[bool], Element]:
+        """The command element for ``value`` as a function of the S/E bit; checks the value
+        the way the c104 adapter does, so both engines refuse the same requests."""
+        t = iec104_address(pt).type
+        if t.startswith("C_DC"):
+            try:
+                state = DoublePoint(int(value))
+            except ValueError:
+                raise CommandInvalid(pt.name, f"double command takes 1 (off) or 2 (on), not {value!r}") from None
+            if state not in (DoublePoint.ON, DoublePoint.OFF):
+                raise CommandInvalid(pt.name, "double command takes 1 (off) or 2 (on)")
+            return lambda select: DoubleCommand(int(state), select)
+        if t.startswith("C_SC"):
+            on = bool(value)
+            return lambda select: SingleCommand(on, select)
+        if isinstance(value, bool) or not math.isfinite(float(value)):
+            raise CommandInvalid(pt.name, f"set-point needs a finite number, not {value!r}")
+        if t in ("C_SE_NB_1", "C_SE_TB_1"):
+            raw = round(float(value))
+            if not -32768 <= raw <= 32767:
+                raise CommandInvalid(pt.name, f"scaled set-point {raw} outside -32768..32767")
+            return lambda select: ScaledSetpoint(raw, select)
+        if t in ("C_SE_NA_1", "C_SE_TA_1"):
+            if not -1.0 <= float(value) < 1.0:
+                raise CommandInvalid(pt.name, f"normalized set-point {value} outside -1..1")
+            nva = float(value)
+            return lambda select: NormalizedSetpoint(nva, select)
+        r32 = float(value)
+        return lambda select: FloatSetpoint(r32, select)
+
+    async def _exchange(self, link: _Link, ioa: int, asdu: bytes, *, select: bool) -> Confirmation:
+        """Send one command ASDU and wait for the device's answer to that phase."""
+        fut: asyncio.Future[Confirmation] = asyncio.get_running_loop().create_future()
+        self._pending[ioa] = (fut, select)
+        try:
+            link.send_asdu(asdu)
+            return await fut
+        finally:
+            self._pending.pop(ioa, None)
+            if not fut.done():
+                fut.cancel()
+
+    async def command(self, request: CommandRequest) -> float:
+        pt = self._control.get(request.point)
+        if pt is None:
+            raise CommandInvalid(request.point, f"not a control point of device {self.device.name}")
+        if self.device.read_only:
+            raise CommandInvalid(pt.name, f"device {self.device.name} is read-only (read_only: true in the lab config)")
+        element = self._element(pt, request.value)
+        link = self._require_link()
+        addr = iec104_address(pt)
+        ioa, type_id = addr.ioa, TypeId[addr.type]
+        if ioa in self._pending:
+            raise CommandRejected(pt.name, "another command on this point is still in progress")
+        timeout_s = self.device.command_timeout_s
+        previous = self._terms.get(ioa)
+        if previous is not None and not previous.done():
+            # as with c104: a second command on a point waits for the first one's ACTTERM
+            # (the breaker's travel), at most the command timeout
+            await asyncio.wait({previous}, timeout=timeout_s)
+            self._terms.pop(ioa, None)
+            link = self._require_link()
+        sbo = pt.select_before_operate or request.select_before_operate
+        self._counters["commands"] += 1
+        term: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        executing = False
+        confirmed = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                if sbo:
+                    self._counters["selects"] += 1
+                    asdu = self._asdu(type_id, Cot.ACTIVATION, ioa, element(True))
+                    conf = await self._exchange(link, ioa, asdu, select=True)
+                    if conf.negative:
+                        raise CommandRejected(pt.name, conf.reason)
+                # ACTTERM may arrive in the same read as ACTCON: wait for it from before sending
+                self._terms[ioa] = term
+                executing = True
+                asdu = self._asdu(type_id, Cot.ACTIVATION, ioa, element(False))
+                conf = await self._exchange(link, ioa, asdu, select=False)
+                if conf.negative:
+                    raise CommandRejected(pt.name, conf.reason)
+                confirmed = True
+                return conf.received_at
+        except TimeoutError:
+            what = "execute" if executing else "select"
+            raise CommandTimeout(pt.name, f"no ACTCON of {what} within {timeout_s:g} s") from None
+        finally:
+            if not confirmed and self._terms.get(ioa) is term:
+                del self._terms[ioa]

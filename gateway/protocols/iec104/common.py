@@ -1,0 +1,98 @@
+"""IEC 104 pieces both client engines share (c104 and asyncio): confirmations, backoff.
+
+Kept free of c104 so the asyncio engine can use them without loading the native library.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass
+
+from gateway.points import now
+
+__all__ = [
+    "COMMAND_VALUE_LEN",
+    "COT_ACTCON",
+    "COT_ACTTERM",
+    "COT_UNKNOWN",
+    "Confirmation",
+    "backoff_delay",
+    "command_reply",
+    "parse_confirmation",
+]
+
+# Causes of transmission (IEC 60870-5-101 7.2.3) the adapter looks at in raw frames.
+COT_ACTCON = 7
+COT_ACTTERM = 10
+COT_UNKNOWN = {
+    44: "unknown type id",
+    45: "unknown cause of transmission",
+    46: "unknown common address",
+    47: "unknown information object address",
+}
+
+# Command type ids -> length of the value in front of the qualifier octet (S/E bit there).
+COMMAND_VALUE_LEN = {45: 0, 46: 0, 58: 0, 59: 0, 48: 2, 49: 2, 50: 4, 61: 2, 62: 2, 63: 4}
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(max, initial * 2**attempt)].
+
+    Jitter spreads the reconnects of many gateways after a shared outage (e.g. a COM600
+    reboot) instead of having them all knock at the same instant.
+    """
+    cap = min(max_s, initial_s * (2 ** min(attempt, 30)))
+    return rng.uniform(min(initial_s, cap) / 2, cap)
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """What a raw command-direction frame from the device says about a command."""
+
+    type_id: int
+    ioa: int
+    common_address: int
+    cot: int
+    negative: bool
+    select: bool
+    received_at: float = 0.0
+
+    @property
+    def reason(self) -> str:
+        if self.cot in COT_UNKNOWN:
+            return COT_UNKNOWN[self.cot]
+        what = "select" if self.select else "execute"
+        return f"negative confirmation of {what} (cot {self.cot})"
+
+
+def parse_confirmation(apdu: bytes) -> Confirmation | None:
+    """Decode the header of an I-frame carrying a command confirmation, else None.
+
+    Only the fixed header and the qualifier octet are read: the frame was already validated
+    by lib60870, this only tells ACTCON/negative/select apart.
+    """
+    if len(apdu) < 16 or apdu[0] != 0x68 or apdu[2] & 0x01:
+        return None
+    conf = command_reply(apdu[6:])
+    if conf is None or (conf.cot != COT_ACTCON and conf.cot not in COT_UNKNOWN):
+        return None
+    return conf
+
+
+def command_reply(asdu: bytes) -> Confirmation | None:
+    """Any command-direction ASDU from the device (ACTCON, ACTTERM, negative mirrors) read
+    down to what a client needs; None for other type ids or an ASDU too short to say."""
+    if len(asdu) < 10:
+        return None
+    type_id = asdu[0]
+    value_len = COMMAND_VALUE_LEN.get(type_id)
+    if value_len is None:
+        return None
+    cot = asdu[2] & 0x3F
+    q_index = 9 + value_len
+    select = bool(asdu[q_index] & 0x80) if q_index < len(asdu) else False
+    (ca,) = struct.unpack_from("<H", asdu, 4)
+    ioa = asdu[6] | asdu[7] << 8 | asdu[8] << 16
+    negative = bool(asdu[2] & 0x40) or cot in COT_UNKNOWN
+    return Confirmation(type_id, ioa, ca, cot, negative, select, now())
