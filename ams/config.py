@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ams.market import CostModel, VerificationPolicy
 from ams.service import AmsSettings, MarketSettings, MicrogridEntry
-from gateway.config import MessagingSettings, check_messaging, load_yaml_model
+from gateway.config import MessagingSettings, ProbeSettings, check_messaging, load_yaml_model
 from gateway.errors import ConfigError
 
 __all__ = ["AmsConfig", "AmsRedis", "load_ams_config"]
@@ -38,6 +38,7 @@ class AmsConfig(BaseModel):
     market: MarketSettings = MarketSettings()
     microgrids: tuple[MicrogridEntry, ...] = ()
     reliability_memory: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    probes: ProbeSettings = ProbeSettings()
     source: str = ""
 
     @property

@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictBool,
     Tag,
     ValidationError,
     field_validator,
@@ -742,6 +743,28 @@ class FlexibilitySettings(_Frozen):
     resources: tuple[FlexResource, ...] = Field(min_length=1)
 
 
+class ProbeSettings(_Frozen):
+    """The hop timestamps values and messages carry for latency measurement (docs/latency.md).
+
+    On by default because ``mgms bench`` and the latency figures read them; a lab that wants
+    no clock read and no byte for them switches them off. ``probes: true`` / ``probes:
+    false`` is short for ``probes: {enabled: ...}``. Timestamps the system itself decides
+    with (command times, a value's receive time, a flexibility's creation time) are not
+    probes and stay either way.
+    """
+
+    enabled: StrictBool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, bool):
+            return {"enabled": data}
+        if isinstance(data, Mapping):
+            return data
+        raise ValueError(f"must be true, false or {{enabled: true|false}}, not {data!r}")
+
+
 class LabConfig(_Frozen):
     """A whole validated lab: look points up by name with :meth:`point`."""
 
@@ -751,6 +774,7 @@ class LabConfig(_Frozen):
     redis: RedisSettings = RedisSettings()
     messaging: MessagingSettings | None = None
     flexibility: FlexibilitySettings | None = None
+    probes: ProbeSettings = ProbeSettings()
     source: str = ""
 
     def point(self, name: str) -> Point:
@@ -1060,6 +1084,7 @@ def _known_fields(loc: Path_, data: Any) -> list[str]:
         "": LabConfig,
         "messaging": MessagingSettings,
         "flexibility": FlexibilitySettings,
+        "probes": ProbeSettings,
         "resources": FlexResource,
         "activate": FlexAction,
         "restore": FlexAction,

@@ -193,6 +193,36 @@ _B_SRC = _bulk("src")
 _B_RCV = _bulk("rcv")
 _B_ST = _bulk("st")
 
+# With probes on an entry is ``v q src rcv st`` (10 arguments after the key part), without
+# them ``v q src`` (6); the XADD prefixes carry the argument count, so it is fixed per store.
+_XADD_HEAD = 6  # XADD key MAXLEN ~ n *
+_ENTRY_ARGS_PROBED = 10
+_ENTRY_ARGS_BARE = 6
+
+
+def _tail_probed(v: str, q: int, u: PointUpdate, st_b: bytes) -> bytes:
+    """The value-and-after part of a history/change entry, with the adapter and store hops."""
+    return b"".join((
+        _bulk(v), _B_Q, _bulk(str(q)), _B_SRC, _bulk(_enc_ts(u.source_time)),
+        _B_RCV, _bulk(repr(u.receive_time)), _B_ST, st_b,
+    ))  # fmt: skip
+
+
+def _tail_bare(v: str, q: int, u: PointUpdate, st_b: bytes) -> bytes:
+    """The same without the hops (probes off): value, quality and the device's own time tag."""
+    return b"".join((_bulk(v), _B_Q, _bulk(str(q)), _B_SRC, _bulk(_enc_ts(u.source_time))))
+
+
+def _stamp_now() -> tuple[bytes, dict[str, str]]:
+    """The store hop of a batch: one clock read, as a bulk string and as the hash field."""
+    st = repr(now())
+    return _bulk(st), {"store_ts": st}
+
+
+def _stamp_none() -> tuple[bytes, dict[str, str]]:
+    """Probes off: no clock read, no field."""
+    return b"", {}
+
 
 def _fields(d: Mapping[str, str]) -> dict[FieldT, EncodableT]:
     """redis-py's stubs want their own key type; the data is plain text either way."""
@@ -288,7 +318,12 @@ def _stream_ts(stream_id: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class StoredValue:
-    """The latest value of one point as held in ``P:point:{name}``."""
+    """The latest value of one point as held in ``P:point:{name}``.
+
+    ``recv_ts`` (the adapter got it) is written with probes on or off, since ``mgms watch``
+    shows a value's age from it; ``store_ts`` is a probe hop only and reads 0.0 when the
+    gateway ran with probes off.
+    """
 
     point: str
     value: float | int | bool | None
@@ -325,7 +360,11 @@ class StoredValue:
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
-    """One entry of ``P:hist:{name}`` or ``P:changes``; ``id`` is the stream id."""
+    """One entry of ``P:hist:{name}`` or ``P:changes``; ``id`` is the stream id.
+
+    ``recv_ts`` and ``store_ts`` are probe hops: 0.0 in entries written with probes off (the
+    stream id still tells when Redis added the entry, to the millisecond).
+    """
 
     id: str
     point: str
@@ -657,6 +696,10 @@ class RedisStore:
     store builds a client from ``url`` or ``config.redis.url`` and closes it in :meth:`close`.
     The buffered writer runs between :meth:`start` and :meth:`close`; the command and read
     methods work without it (the CLI uses them that way).
+
+    ``config.probes.enabled`` picks the entry encoding once, here: with probes off the writer
+    reads no clock per batch and writes no ``rcv``/``st``/``store_ts`` field, rather than
+    testing a flag per value.
     """
 
     def __init__(
@@ -689,6 +732,10 @@ class RedisStore:
             self._owns_client = False
         self.redis: aioredis.Redis = client
 
+        self.probes = config.probes.enabled
+        self._entry_args = _ENTRY_ARGS_PROBED if self.probes else _ENTRY_ARGS_BARE
+        self._tail = _tail_probed if self.probes else _tail_bare
+        self._stamp = _stamp_now if self.probes else _stamp_none
         self._points: dict[str, _PointInfo] = {p.name: self._info(p) for p in config.points}
         self._cap = self.settings.buffer_max
         self._batch_max = self.settings.batch_max
@@ -740,9 +787,16 @@ class RedisStore:
             },
             point_key=self.keys.point(name),
             hist_key=hist_key,
-            hist_prefix=_xadd_prefix(hist_key, self.settings.history_maxlen, 16, "v"),
+            hist_prefix=_xadd_prefix(
+                hist_key, self.settings.history_maxlen, _XADD_HEAD + self._entry_args, "v"
+            ),
             change_prefix=_xadd_prefix(
-                self.keys.changes, self.settings.changes_maxlen, 18, "point", name, "v"
+                self.keys.changes,
+                self.settings.changes_maxlen,
+                _XADD_HEAD + 2 + self._entry_args,
+                "point",
+                name,
+                "v",
             ),
         )
 
@@ -946,8 +1000,8 @@ class RedisStore:
         executing them, and that CPU is the event loop's, which the field side needs.
         """
         keys = self.keys
-        st = repr(now())
-        st_b = _bulk(st)
+        st_b, stamp = self._stamp()
+        tail_of = self._tail
         parts: list[bytes] = []
         add = parts.append
         n_cmds = 0
@@ -979,12 +1033,9 @@ class RedisStore:
                     suppressed += 1
                     continue
             new_last[name] = (num, q)
-            # XADD hist MAXLEN ~ n * v . q . src . rcv . st .   and the same to the change
+            # XADD hist MAXLEN ~ n * v . q . src . [rcv . st .]   and the same to the change
             # feed with the point name first: the value-and-after part is shared
-            tail = b"".join((
-                _bulk(v), _B_Q, _bulk(str(q)), _B_SRC, _bulk(_enc_ts(u.source_time)),
-                _B_RCV, _bulk(repr(u.receive_time)), _B_ST, st_b,
-            ))  # fmt: skip
+            tail = tail_of(v, q, u, st_b)
             add(info.hist_prefix)
             add(tail)
             add(info.change_prefix)
@@ -1000,7 +1051,7 @@ class RedisStore:
                 "flags": flags,
                 "source_ts": _enc_ts(u.source_time),
                 "recv_ts": repr(u.receive_time),
-                "store_ts": st,
+                **stamp,
                 "cause": str(u.cause),
                 **info.static,
             }
