@@ -133,11 +133,18 @@ async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
     async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="ams") as url:
         client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
         try:
-            messenger = build_messenger(cfg.messaging, client, prefix=f"ams:{cfg.participant}")
+            messenger = build_messenger(
+                cfg.messaging, client, prefix=f"ams:{cfg.participant}", probes=cfg.probes.enabled
+            )
             async with messenger:
                 log.info("AMS %s running (worker %s)", cfg.participant, args.worker)
                 svc = AmsService(
-                    cfg.service_settings(), client, cfg.participant, messenger=messenger, worker=args.worker
+                    cfg.service_settings(),
+                    client,
+                    cfg.participant,
+                    messenger=messenger,
+                    worker=args.worker,
+                    probes=cfg.probes.enabled,
                 )
                 await svc.run(stop)
         finally:

@@ -42,6 +42,10 @@ async def portfolio_with_flexibility(portfolio: Portfolio, redis: aioredis.Redis
     name is an asset of that microgrid in the portfolio updates that asset
     (:func:`ams.vpp.portfolio.apply_flexibility`), the newest per asset winning. One outside the
     portfolio's horizon or not representable for the asset is skipped and logged.
+
+    Newest means created last by its MGMS (``created_ns``, from the signed envelope and
+    written whether probes are on or off); a late resend of an older one arriving after a
+    newer one must not win. Hashes without it (written by hand) fall back to ``stored_ns``.
     """
     keys = AmsKeys(participant)
     latest: dict[str, tuple[int, Flexibility]] = {}
@@ -50,9 +54,9 @@ async def portfolio_with_flexibility(portfolio: Portfolio, redis: aioredis.Redis
             h = cast(dict[str, str], await redis.hgetall(key))
             if "doc" not in h:
                 continue
-            stored = int(h.get("stored_ns", "0"))
-            if asset.name not in latest or stored > latest[asset.name][0]:
-                latest[asset.name] = (stored, Flexibility.model_validate_json(h["doc"]))
+            created = int(h.get("created_ns") or h.get("stored_ns") or 0)
+            if asset.name not in latest or created > latest[asset.name][0]:
+                latest[asset.name] = (created, Flexibility.model_validate_json(h["doc"]))
     for name, (_, flex) in latest.items():
         try:
             portfolio = apply_flexibility(portfolio, name, flex)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError, ResponseError
+from redis.typing import EncodableT, FieldT
 
 from ams.market import (
     CostModel,
@@ -179,9 +180,18 @@ class AmsService:
         *,
         messenger: Messenger | None = None,
         worker: str = "w1",
+        probes: bool = True,
     ) -> None:
-        """``messenger`` None: an offline view (CLI status, register, request) that never sends."""
+        """``messenger`` None: an offline view (CLI status, register, request) that never sends.
+
+        ``probes`` False (the AMS config's ``probes``): the hop times of flexibilities,
+        activations and settlements are neither read from the clock nor written. A
+        flexibility's ``created_ns`` stays: it comes from the signed envelope, no clock is
+        read for it, and :func:`ams.dispatch.portfolio_with_flexibility` picks the newest
+        flexibility per asset by it. One flag test per message: not a per-value path.
+        """
         self.settings = settings
+        self.probes = probes
         self._messenger = messenger
         self.redis = redis
         self.participant = participant
@@ -261,15 +271,16 @@ class AmsService:
         key = self.keys.flex(mg_name, flex.identifier)
         offer_id = f"offer:{mg_name}:{flex.identifier}"
         # first-seen values win (HSETNX per field), in one round trip
-        pipe = self.redis.pipeline(transaction=True)
-        for field, value in (
+        fields = [
             ("doc", flex.model_dump_json()),
             ("message", item.envelope.id),
             ("created_ns", str(item.created_ns)),
-            ("received_ns", str(item.received_ns)),
-            ("stored_ns", str(item.stored_ns)),
             ("offer", offer_id),
-        ):
+        ]
+        if self.probes:
+            fields += [("received_ns", str(item.received_ns)), ("stored_ns", str(item.stored_ns))]
+        pipe = self.redis.pipeline(transaction=True)
+        for field, value in fields:
             pipe.hsetnx(key, field, value)
         if (await pipe.execute())[0]:
             self.counters["flexibilities"] += 1
@@ -451,7 +462,7 @@ class AmsService:
             raise ValueError(f"offer {offer_id} is {h.get('state', 'unknown')}, not reserved")
         act_id = f"act:{offer_id}"
         kw = float(h.get("reserved_kw", h["power_kw"]))
-        sent_ns = time.time_ns()
+        hops: dict[FieldT, EncodableT] = {"sent_ns": str(time.time_ns())} if self.probes else {}
         envelope = await self.messenger.send(
             ActivationNotification(
                 identifier=act_id,
@@ -474,7 +485,7 @@ class AmsService:
                 "start": h["start"],
                 "stop": h["stop"],
                 "message": envelope.id,
-                "sent_ns": str(sent_ns),
+                **hops,
                 "state": "activated",
             },
         )
@@ -574,10 +585,13 @@ class AmsService:
             "verification": ver.identifier,
             "state": state,
             **{k: str(v) for k, v in asdict(verdict).items()},
-            "received_ns": str(item.received_ns),
-            "stored_ns": str(item.stored_ns),
-            "created_ns": str(item.created_ns),
         }
+        if self.probes:
+            record |= {
+                "received_ns": str(item.received_ns),
+                "stored_ns": str(item.stored_ns),
+                "created_ns": str(item.created_ns),
+            }
         mg = await self.microgrid(act["microgrid"])
         m = self.settings.reliability_memory
         mg["reliability"] = round(

@@ -20,6 +20,12 @@ Why it works this way:
 * **Restart-safe and once only.** Activation state lives in Redis (``P:flex:act:{id}``); a
   re-delivered or duplicated activation (same business id, new message id) does not switch
   the breaker a second time; one interrupted by a restart resumes from its state.
+* **Probes only when asked.** The hop times an activation carries (``created_ns``,
+  ``received_ns``, ``stored_ns``, ``handled_ns``, ``verified_ns``, the commands'
+  ``sent_ts``/``confirm_ts``) are for latency measurement and nothing here decides with
+  them, so with the lab's ``probes`` off they are neither read from the clock nor written.
+  This path runs once per message, so it tests the flag there; the per-value paths choose
+  at construction instead.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from gateway.commands import CommandOutcome
 from gateway.config import UNIT_SI_FACTORS, FlexibilitySettings, FlexResource, LabConfig
@@ -79,6 +86,7 @@ class FlexAgent:
         self.settings = settings
         self.prefix = prefix
         self.redis = messenger.redis
+        self.probes = gateway.config.probes.enabled
         self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -208,10 +216,10 @@ class FlexAgent:
             log.info("operation plan %s for %s from %s", payload.identifier, payload.resource, payload.start)
         elif isinstance(payload, ReserveNotification):
             self.counters["reserves"] += 1
-            await self.redis.hset(
-                f"{self.prefix}:flex:reserve:{payload.identifier}",
-                mapping={"doc": payload.model_dump_json(), "received_ns": str(item.received_ns)},
-            )
+            reserve: dict[FieldT, EncodableT] = {"doc": payload.model_dump_json()}
+            if self.probes:
+                reserve["received_ns"] = str(item.received_ns)
+            await self.redis.hset(f"{self.prefix}:flex:reserve:{payload.identifier}", mapping=reserve)
             log.info(
                 "reserved: %s %.1f kW at %.2f EUR/MWh", payload.identifier, payload.power_kw, payload.price_eur_per_mwh
             )
@@ -241,18 +249,19 @@ class FlexAgent:
             log.info("activation %s resumes from state %s", act.identifier, state)
         offered = cast(dict[str, str], await self.redis.hgetall(self._offered_key))
         res = self._resource_for(act, offered)
-        await self.redis.hset(
-            key,
-            mapping={
-                "doc": act.model_dump_json(),
-                "resource": res.name,
-                "message": item.envelope.id,
+        record: dict[FieldT, EncodableT] = {
+            "doc": act.model_dump_json(),
+            "resource": res.name,
+            "message": item.envelope.id,
+        }
+        if self.probes:
+            record |= {
                 "created_ns": str(item.created_ns),
                 "received_ns": str(item.received_ns),
                 "stored_ns": str(item.stored_ns),
                 "handled_ns": str(time.time_ns()),
-            },
-        )
+            }
+        await self.redis.hset(key, mapping=record)
         self.counters["activations"] += 1
         self._start(act, res)
 
@@ -315,7 +324,7 @@ class FlexAgent:
                     mapping={
                         "state": "active" if ok else "command_failed",
                         "baseline_kw": repr(baseline),
-                        "commands": json.dumps([_outcome(o) for o in outcomes]),
+                        "commands": json.dumps([_outcome(o, self.probes) for o in outcomes]),
                     },
                 )
             series = await self._sample(act, res, baseline)
@@ -329,15 +338,14 @@ class FlexAgent:
                 power_series_kw=tuple(series),
             )
             await self.messenger.send(ver, self.settings.aggregator)
-            await self.redis.hset(
-                key,
-                mapping={
-                    "state": "verified" if ok else "failed",
-                    "restore": json.dumps([_outcome(o) for o in restored]),
-                    "series_kw": json.dumps(series),
-                    "verified_ns": str(time.time_ns()),
-                },
-            )
+            done: dict[FieldT, EncodableT] = {
+                "state": "verified" if ok else "failed",
+                "restore": json.dumps([_outcome(o, self.probes) for o in restored]),
+                "series_kw": json.dumps(series),
+            }
+            if self.probes:
+                done["verified_ns"] = str(time.time_ns())
+            await self.redis.hset(key, mapping=done)
             self.counters["verifications"] += 1
             log.info("activation %s done: delivered %s kW", act.identifier, series)
         except asyncio.CancelledError:
@@ -384,13 +392,17 @@ class FlexAgent:
             await asyncio.sleep(delay)
 
 
-def _outcome(o: CommandOutcome) -> dict[str, Any]:
-    return {
+def _outcome(o: CommandOutcome, probes: bool) -> dict[str, Any]:
+    """A command's outcome for the activation hash. Its duration stays either way (it is what
+    the operator reads); the two instants are copies of the command log's, kept as probes."""
+    out: dict[str, Any] = {
         "point": o.point,
         "value": o.value,
         "result": o.result,
         "reason": o.reason,
-        "sent_ts": o.sent_ts,
-        "confirm_ts": o.confirm_ts,
         "ms": o.duration_ms,
     }
+    if probes:
+        out["sent_ts"] = o.sent_ts
+        out["confirm_ts"] = o.confirm_ts
+    return out

@@ -92,6 +92,14 @@ end
 return false
 """
 
+# The same without the probe hop (probes off): no TIME, no stored_ns field.
+_ACCEPT_BARE_LUA = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+end
+return false
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class MessagingKeys:
@@ -123,7 +131,9 @@ class Received:
     """One accepted message as a consumer gets it from the inbox, with its probe hops.
 
     ``created_ns`` is when the sender created (and queued) it, ``received_ns`` when our
-    transport got the bytes, ``stored_ns`` when Redis stored it (Redis clock).
+    transport got the bytes, ``stored_ns`` when Redis stored it (Redis clock). The last two
+    are probe hops: 0 when the receiving Messenger runs with probes off. ``created_ns``
+    comes from the envelope and is always there.
     """
 
     entry_id: str
@@ -138,6 +148,14 @@ class Received:
         return int(self.envelope.created.timestamp() * 1e9)
 
 
+def _received_field(delivery: Delivery) -> tuple[str, ...]:
+    return ("received_ns", str(delivery.received_ns))
+
+
+def _no_fields(delivery: Delivery) -> tuple[str, ...]:
+    return ()
+
+
 def _backoff(attempt: int, low: float = 0.05, high: float = 5.0) -> float:
     return random.uniform(0, min(high, low * 2**attempt))
 
@@ -150,6 +168,10 @@ class Messenger:
 
     ``routes`` names the transport that reaches each peer; peers not listed use
     ``default_transport`` (the first transport when not given).
+
+    ``probes`` False: the inbox entry gets no ``received_ns`` and no ``stored_ns`` (the
+    accept script is chosen here, without Redis ``TIME``). Build the transports with the
+    same setting (:func:`build_messenger` does) so they do not read the clock either.
     """
 
     def __init__(
@@ -165,6 +187,7 @@ class Messenger:
         ttl_s: float = 300.0,
         send_window: int = 64,
         outbox_max: int = 100_000,
+        probes: bool = True,
     ) -> None:
         if not transports:
             raise ValueError("a Messenger needs at least one transport")
@@ -185,7 +208,9 @@ class Messenger:
         self.send_window = send_window
         self.outbox_max = outbox_max
         self.counters: Counter[str] = Counter()
-        self._accept = self.redis.register_script(_ACCEPT_LUA)
+        self.probes = probes
+        self._accept = self.redis.register_script(_ACCEPT_LUA if probes else _ACCEPT_BARE_LUA)
+        self._hop_fields = _received_field if probes else _no_fields
         self._queue = self.redis.register_script(_QUEUE_LUA)
         self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in self.transports}
         self._senders: list[asyncio.Task[None]] = []
@@ -363,12 +388,12 @@ class Messenger:
             "sender": envelope.sender,
             "transport": delivery.transport,
             "peer": delivery.peer or "",
-            "received_ns": str(delivery.received_ns),
             "doc": serialise(envelope).decode(),
         }
         args: list[Any] = [max(1, int(ttl_s * 1000))]
         for k, v in fields.items():
             args += [k, v]
+        args += self._hop_fields(delivery)
         try:
             entry = await self._accept(keys=[self.keys.seen(envelope.id), self.keys.inbox], args=args)
         except RedisError as exc:
@@ -496,7 +521,7 @@ class Messenger:
                 await self.redis.hset(self.keys.stats, mapping={k: str(v) for k, v in stats.items()})
 
 
-def build_transport(name: str, raw: Mapping[str, Any], participant: str) -> MessageTransport:
+def build_transport(name: str, raw: Mapping[str, Any], participant: str, *, probes: bool = True) -> MessageTransport:
     """A transport from its config block (validated again; participant filled in)."""
     from gateway.config import transport_settings_model
 
@@ -504,16 +529,21 @@ def build_transport(name: str, raw: Mapping[str, Any], participant: str) -> Mess
     if name == "mqtt":
         from gateway.transport.mqtt import MqttTransport
 
-        return MqttTransport(settings)  # type: ignore[arg-type]
+        return MqttTransport(settings, probes=probes)  # type: ignore[arg-type]
     if name == "https":
         from gateway.transport.https import HttpsTransport
 
-        return HttpsTransport(settings)  # type: ignore[arg-type]
+        return HttpsTransport(settings, probes=probes)  # type: ignore[arg-type]
     raise ValueError(f"unknown transport {name!r}")
 
 
-def build_messenger(settings: MessagingSettings, redis: aioredis.Redis, *, prefix: str) -> Messenger:
-    """The Messenger a config's ``messaging`` block describes (keys read now: bad ones fail here)."""
+def build_messenger(
+    settings: MessagingSettings, redis: aioredis.Redis, *, prefix: str, probes: bool = True
+) -> Messenger:
+    """The Messenger a config's ``messaging`` block describes (keys read now: bad ones fail here).
+
+    ``probes`` is the config's ``probes.enabled``; the transports get it too.
+    """
     keystore = Keystore.load(
         KeystoreSettings(
             identity=Path(settings.identity_file),
@@ -528,7 +558,10 @@ def build_messenger(settings: MessagingSettings, redis: aioredis.Redis, *, prefi
         replay_window_s=settings.replay_window_s,
         accept_signed_only=settings.accept_signed_only or mode is SecurityMode.SIGNED,
     )
-    transports = {name: build_transport(name, raw, settings.participant) for name, raw in settings.transports.items()}
+    transports = {
+        name: build_transport(name, raw, settings.participant, probes=probes)
+        for name, raw in settings.transports.items()
+    }
     return Messenger(
         Sealer(keystore, mode=mode),
         opener,
@@ -538,4 +571,5 @@ def build_messenger(settings: MessagingSettings, redis: aioredis.Redis, *, prefi
         routes=settings.routes,
         default_transport=settings.default_transport,
         ttl_s=settings.ttl_s,
+        probes=probes,
     )

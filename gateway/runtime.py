@@ -87,7 +87,12 @@ class Gateway:
             if self.config.messaging is not None:
                 from gateway.messaging import build_messenger
 
-                messenger = build_messenger(self.config.messaging, self.store.redis, prefix=self.store.keys.prefix)
+                messenger = build_messenger(
+                    self.config.messaging,
+                    self.store.redis,
+                    prefix=self.store.keys.prefix,
+                    probes=self.config.probes.enabled,
+                )
                 await messenger.start()
                 self.messenger = messenger
             async with asyncio.TaskGroup() as tg:

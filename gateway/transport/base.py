@@ -42,6 +42,7 @@ __all__ = [
     "MessageTransport",
     "Outgoing",
     "inbox_filter",
+    "received_clock",
     "topic_for",
 ]
 
@@ -75,7 +76,7 @@ class Delivery:
     ``peer`` is who the transport authenticated (TLS client certificate CN, bearer token
     owner, MQTT username), or None when the transport cannot tell; the core may compare it
     with the signed sender. ``received_ns`` is ``time.time_ns()`` when the bytes arrived (a
-    latency probe hop).
+    latency probe hop), 0 from a transport built with probes off.
     """
 
     data: bytes
@@ -83,6 +84,16 @@ class Delivery:
     transport: str
     peer: str | None = None
     received_ns: int = field(default_factory=time.time_ns)
+
+
+def _not_stamped() -> int:
+    return 0
+
+
+def received_clock(probes: bool) -> Callable[[], int]:
+    """What a transport stamps ``Delivery.received_ns`` with, chosen once at construction:
+    the wall clock with probes on, a constant 0 (no clock read) with them off."""
+    return time.time_ns if probes else _not_stamped
 
 
 MessageHandler = Callable[[Delivery], Awaitable[None]]

@@ -69,6 +69,7 @@ from gateway.transport.base import (
     MessageHandler,
     MessageTransport,
     Outgoing,
+    received_clock,
     topic_for,
 )
 from gateway.transport.https.settings import HttpsPeer, HttpsSettings
@@ -222,12 +223,15 @@ class HttpsTransport(MessageTransport):
     Every file and environment variable is read in the constructor, so a bad configuration
     fails at once with a :class:`~gateway.errors.ConfigError`, not at the first message.
     ``port`` is the bound port after :meth:`start` (useful with ``listen_port=0``).
+    ``probes`` False: received messages are not stamped with their arrival time (no clock
+    read; ``Delivery.received_ns`` is 0).
     """
 
     name = NAME
 
-    def __init__(self, settings: HttpsSettings) -> None:
+    def __init__(self, settings: HttpsSettings, *, probes: bool = True) -> None:
         self.settings = settings
+        self._received_ns = received_clock(probes)
         self._counts: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         default_token = _env("bearer_token_env", settings.bearer_token_env) if settings.bearer_token_env else None
         self._routes: dict[str, _Route] = {}
@@ -479,7 +483,7 @@ class HttpsTransport(MessageTransport):
             self._counts["too_large"] += 1
             return _problem(413, f"body exceeds {self.settings.max_body_bytes} bytes")
         topic = topic_for(recipient, sender, info["message_type"])
-        delivery = Delivery(data, topic, NAME, peer=participant)
+        delivery = Delivery(data, topic, NAME, peer=participant, received_ns=self._received_ns())
         handler = self._handler
         assert handler is not None  # the route exists only after start()
         try:

@@ -53,7 +53,6 @@ import random
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -67,7 +66,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.errors import TransportError, TransportRefused
 from gateway.semantic.errors import MessageRejected
-from gateway.transport.base import Delivery, MessageHandler, MessageTransport, Outgoing
+from gateway.transport.base import Delivery, MessageHandler, MessageTransport, Outgoing, received_clock
 from gateway.transport.mqtt.settings import MqttSettings
 
 __all__ = ["CONTENT_TYPE", "COUNTERS", "MqttTransport"]
@@ -180,12 +179,17 @@ class MqttTransport(MessageTransport):
     the handler. See the module docstring for the acknowledgement rules.
 
     ``ssl_context`` overrides the context built from the settings (tests, custom trust).
+    ``probes`` False: inbound messages are not stamped with their arrival time (no clock read
+    on paho's thread; ``Delivery.received_ns`` is 0).
     """
 
     name = "mqtt"
 
-    def __init__(self, settings: MqttSettings, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, settings: MqttSettings, *, ssl_context: ssl.SSLContext | None = None, probes: bool = True
+    ) -> None:
         self.settings = settings
+        self._received_ns = received_clock(probes)
         self._password = settings.resolved_password()
         self._ssl_context = ssl_context
         self._counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -572,7 +576,7 @@ class MqttTransport(MessageTransport):
             # (and so not acked); the broker redelivers it, in order, on the next connection
             return
         try:
-            self._inbox.put_nowait((self._generation, msg, time.time_ns()))
+            self._inbox.put_nowait((self._generation, msg, self._received_ns()))
         except asyncio.QueueFull:
             if msg.qos == 0:
                 self._counters["dropped"] += 1
