@@ -1,12 +1,13 @@
 """Scale scenario, ingest side: many IEC 104 stations on one gateway, lossless updates/s.
 
-Run:  python bench/scale_ingest.py --stations 10 50 100 --rate 20000 --seconds 10 [--out bench-out/scale]
+Run:  python bench/scale_ingest.py --stations 10 50 100 --rate 20000 --seconds 10 [--engine asyncio] [--out DIR]
 
 The simulator (``iedsim iec104 --stations N``) runs in its own process and serves N
 stations on consecutive ports, each with the REF615 feeder's 12 measured points. Every
 station sends all of them cyclically (COT periodic, packed into one ASDU) with the period
-that makes the offered total ``--rate`` updates/s; the gateway (this process: one c104
-client per station, the pump and ``RedisStore``) stores every one of them (deadband 0, so
+that makes the offered total ``--rate`` updates/s; the gateway (this process: one IEC 104
+client per station on the engine ``--engine`` selects - c104 or the asyncio client - the
+pump and ``RedisStore``) stores every one of them (deadband 0, so
 nothing is suppressed) into a local ``redis-server`` (AOF, ``appendfsync always``).
 
 For each size it reports:
@@ -35,6 +36,7 @@ given with ``--py-spy``) into collapsed stacks per run (``DIR/st<N>-r<rate>.txt`
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import platform
@@ -64,6 +66,25 @@ SIM_CONFIG = ROOT / "lab_configs" / "multipower-sim.yaml"
 DEVICE = "ref615"
 
 
+def _version(dist: str) -> str:
+    """A package's version without importing it (the bench imports no protocol library)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far; 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "n": len(values),
@@ -74,7 +95,9 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def scale_config(stations: int, base_port: int, cyclic_s: float, capacity: int, tmp: Path) -> tuple[LabConfig, Path]:
+def scale_config(
+    stations: int, base_port: int, cyclic_s: float, capacity: int, tmp: Path, engine: str = "c104"
+) -> tuple[LabConfig, Path]:
     """``stations`` copies of the REF615 feeder (distinct point names, consecutive ports)."""
     raw = yaml.safe_load(SIM_CONFIG.read_text())
     parent = yaml.safe_load((SIM_CONFIG.parent / raw["extends"]).read_text())
@@ -83,6 +106,7 @@ def scale_config(stations: int, base_port: int, cyclic_s: float, capacity: int, 
     # transmission, which the simulator packs 12 objects to an ASDU
     dev["simulator"] = {**dev.get("simulator", {}), "period_s": 1.0, "noise": 0.0, "cyclic_period_s": cyclic_s}
     dev["gi_period_s"] = 0
+    dev["iec104_engine"] = engine
     devices = {}
     points = []
     for s in range(stations):
@@ -191,7 +215,7 @@ class PySpy:
 
 
 async def one_run(
-    stations: int, rate: float, seconds: float, redis: RedisServer, tmp: Path, spy: PySpy
+    stations: int, rate: float, seconds: float, redis: RedisServer, tmp: Path, spy: PySpy, engine: str
 ) -> dict[str, Any]:
     probe, _ = scale_config(1, 20_000, 1.0, 1000, tmp)
     per_station = measured_per_station(probe)
@@ -202,7 +226,7 @@ async def one_run(
     await flush.aclose()
     for attempt in range(5):  # a port taken between our check and the simulator's bind
         base_port = free_range(stations)
-        cfg, path = scale_config(stations, base_port, cyclic_s, capacity, tmp)
+        cfg, path = scale_config(stations, base_port, cyclic_s, capacity, tmp, engine)
         sim = SimProcess(path, "st000", base_port, free_port(), stations=stations)
         try:
             await sim.start(60)
@@ -221,6 +245,10 @@ async def one_run(
         recv0 = gateway.counters["updates"]
         stored0 = store.stats().get("updates_stored", 0)
         t0_wall, t0 = time.time(), time.monotonic()
+        sim_pid = sim.proc.pid if sim.proc is not None else None
+        redis_pid = redis._proc.pid if redis._proc is not None else None
+        cpu0 = (time.process_time(), cpu_s(sim_pid), cpu_s(redis_pid))
+        adapter0 = [a.stats() for a in gateway.adapters.values()]
         spy.start(seconds)
         max_buffered = 0
         while time.monotonic() - t0 < seconds:
@@ -230,6 +258,9 @@ async def one_run(
         recv1 = gateway.counters["updates"]
         stored1 = store.stats().get("updates_stored", 0)
         elapsed, t1_wall = time.monotonic() - t0, time.time()
+        cpu1 = (time.process_time(), cpu_s(sim_pid), cpu_s(redis_pid))
+        adapter1 = [a.stats() for a in gateway.adapters.values()]
+        load = os.getloadavg()[0]
         # stop the flow, let everything in flight land, compare totals
         await sim.control("stall")
         await asyncio.sleep(1.0)
@@ -253,6 +284,10 @@ async def one_run(
         await asyncio.wait_for(task, 60)
         await sim.stop()
     received = recv1 - recv0
+    reads = sum(a.get("reads", 0) for a in adapter1) - sum(a.get("reads", 0) for a in adapter0)
+    frames = sum(a.get("frames_in", 0) for a in adapter1) - sum(a.get("frames_in", 0) for a in adapter0)
+    names = ("gateway", "simulator", "redis")
+    cpu = {k: round((b - a) / elapsed, 3) for k, a, b in zip(names, cpu0, cpu1, strict=True)}
     stored = stored1 - stored0
     # A link that drops (c104 under GIL pressure missing its timers) makes the gateway mark
     # that station's points stale: extra stored updates, not received ones. Lossless means
@@ -266,6 +301,7 @@ async def one_run(
     )
     return {
         "stations": stations,
+        "engine": engine,
         "protocols": {"iec104": stations},
         "points": len(cfg.points),
         "rate_offered": rate,
@@ -286,6 +322,9 @@ async def one_run(
         "link_changes": link_changes,
         "lossless": lossless,
         "kept_up": lossless and stored >= 0.98 * received,
+        "cpu_cores": cpu,
+        "load_1min": round(load, 2),
+        "frames_per_read": round(frames / reads, 2) if reads else None,
         "latency_rcv_to_stored": lat["added"],
         "latency_src_to_stored": lat["src_to_stored"],
     }
@@ -293,17 +332,19 @@ async def one_run(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| stations | offered/s | sent/s | received/s | stored/s | max buffered | lossless | kept up "
-        "| rcv->st p50 / p95 / p99 ms | link changes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | stations | offered/s | sent/s | received/s | stored/s | max buffered | lossless | kept up "
+        "| rcv->st p50 / p95 / p99 ms | link changes | CPU gw / sim / redis | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in rows:
         a = g["latency_rcv_to_stored"]
+        c = g["cpu_cores"]
         lines.append(
-            f"| {g['stations']} | {g['rate_offered']:,.0f} | {g['sent_per_s']:,} | {g['received_per_s']:,} | "
+            f"| {g.get('engine', 'c104')} | {g['stations']} | {g['rate_offered']:,.0f} | {g['sent_per_s']:,} | "
+            f"{g['received_per_s']:,} | "
             f"{g['stored_per_s']:,} | {g['max_buffered']:,} | {'yes' if g['lossless'] else 'NO'} | "
             f"{'yes' if g['kept_up'] else 'no'} | {a['median_ms']:.1f} / {a['p95_ms']:.1f} / {a['p99_ms']:.1f} | "
-            f"{g['link_changes']} |"
+            f"{g['link_changes']} | {c['gateway']:.2f} / {c['simulator']:.2f} / {c['redis']:.2f} | {g['load_1min']} |"
         )
     return "\n".join(lines)
 
@@ -312,18 +353,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything is timed
     spy_exe = args.py_spy or shutil.which("py-spy")
-    import c104
-
     results: dict[str, Any] = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
-            "c104": getattr(c104, "__version__", "?"),
+            "c104": _version("c104"),
             "load_before": os.getloadavg(),
         },
         "seconds": args.seconds,
         "fsync": args.fsync,
+        "engine": args.engine,
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="mgms-scale-") as tmpdir:
@@ -333,10 +373,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for stations in args.stations:
                 for rate in args.rate:
-                    print(f"{stations} stations at {rate:,.0f}/s for {args.seconds:g} s", file=sys.stderr, flush=True)
+                    what = f"{stations} stations at {rate:,.0f}/s for {args.seconds:g} s ({args.engine})"
+                    print(what, file=sys.stderr, flush=True)
                     spy = PySpy(spy_exe if args.profile else None, Path(args.profile) if args.profile else None,
                                 f"st{stations}-r{int(rate)}")  # fmt: skip
-                    row = await one_run(stations, rate, args.seconds, redis, tmp, spy)
+                    row = await one_run(stations, rate, args.seconds, redis, tmp, spy, args.engine)
                     print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
                     results["runs"].append(row)
         finally:
@@ -351,6 +392,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, nargs="+", default=[20_000.0], help="offered point updates/s (total)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measuring window per run")
     ap.add_argument("--fsync", choices=("always", "everysec", "no"), default="always")
+    ap.add_argument("--engine", choices=("c104", "asyncio"), default="c104", help="IEC 104 client engine")
     ap.add_argument("--out", default="bench-out/scale")
     ap.add_argument("--profile", metavar="DIR", help="py-spy flame graph of the gateway per run into DIR")
     ap.add_argument("--py-spy", help="path of the py-spy executable (default: on PATH)")

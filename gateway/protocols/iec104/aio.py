@@ -225,6 +225,7 @@ class _Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         frames, error = self._decoder.feed_batch(data)
         counters = self._counters
+        counters["reads"] += 1
         self._last_rx = self._loop.time()
         asdus: list[bytes] = []
         problem = ""
