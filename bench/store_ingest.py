@@ -7,6 +7,12 @@ counts what is in Redis: every update must be in the change feed and in its poin
     python bench/store_ingest.py                  # 200k updates, embedded redis, fsync always
     python bench/store_ingest.py --fsync everysec --updates 500000
     python bench/store_ingest.py --url redis://127.0.0.1:6379/15   # an existing server (flushes db!)
+    python bench/store_ingest.py --probes off     # the lab's ``probes: false``: no rcv/st/store_ts
+
+Besides the rate it prints the CPU time of this process per update (the writer's work is the
+event loop's, which the field side shares) and the bytes Redis appended to its AOF and holds
+in memory, so ``--probes on`` and ``--probes off`` runs can be compared for what the hop
+fields cost. On a shared machine run them alternately, several times.
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ import time
 
 import redis.asyncio as aioredis
 
-from gateway.config import Device, Iec104Address, LabConfig, LabInfo, Point, RedisSettings
+from gateway.config import Device, Iec104Address, LabConfig, LabInfo, Point, ProbeSettings, RedisSettings
 from gateway.points import PointUpdate, Quality
 from gateway.services import RedisServer
 from gateway.store import RedisStore, StoreKeys
 
 
-def bench_lab(points: int, updates: int, batch: int, buffer: int) -> LabConfig:
+def bench_lab(points: int, updates: int, batch: int, buffer: int, probes: bool = True) -> LabConfig:
     dev = Device(name="relay", protocol="iec104", host="127.0.0.1", port=2404)
     pts = tuple(
         Point(
@@ -47,18 +53,32 @@ def bench_lab(points: int, updates: int, batch: int, buffer: int) -> LabConfig:
             buffer_max=buffer,
             batch_max=batch,
         ),
+        probes=ProbeSettings(enabled=probes),
     )
 
 
-async def run(url: str, updates: int, points: int, batch: int, buffer: int) -> float:
-    lab = bench_lab(points, updates, batch, buffer)
+async def _redis_bytes(check: aioredis.Redis) -> tuple[int, int]:
+    """AOF size (0 without AOF) and used memory, as Redis reports them."""
+    info = await check.info()
+    return int(info.get("aof_current_size", 0) or 0), int(info["used_memory"])
+
+
+async def run(
+    url: str, updates: int, points: int, batch: int, buffer: int, probes: bool = True, *, own_server: bool = False
+) -> float:
+    lab = bench_lab(points, updates, batch, buffer, probes)
     keys = StoreKeys.for_lab(lab)
     check = aioredis.Redis.from_url(url, decode_responses=True)
     await check.flushdb()
+    if own_server:
+        # an AOF rewrite mid-run would shrink the file and hide what the run appended
+        await check.config_set("auto-aof-rewrite-percentage", 0)
+    aof0, mem0 = await _redis_bytes(check)
     names = [p.name for p in lab.points]
     high_water = buffer // 2
     async with RedisStore(lab, url=url) as store:
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         src = time.time()
         for i in range(updates):
             store.put(PointUpdate(names[i % points], i * 0.001, Quality.GOOD, src))
@@ -66,19 +86,23 @@ async def run(url: str, updates: int, points: int, batch: int, buffer: int) -> f
                 await store.flush(60)  # the bench's own back-pressure: never drop
         await store.flush(120)
         elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
         stats = store.stats()
     try:
         changes = await check.xlen(keys.changes)
         hist = sum([await check.xlen(keys.hist(n)) for n in names])
         stored = int(await check.hget(keys.stats, "updates_stored") or 0)
+        aof1, mem1 = await _redis_bytes(check)
     finally:
         await check.aclose()
     rate = updates / elapsed
     ok = changes == hist == stored == updates and stats.get("updates_dropped", 0) == 0
     print(
-        f"{updates} updates over {points} points, batch {batch}: {elapsed:.2f} s, "
-        f"{rate:,.0f} updates/s; in Redis: changes {changes}, history {hist}, "
-        f"stored {stored}, dropped {stats.get('updates_dropped', 0)} -> {'OK' if ok else 'LOSS'}"
+        f"probes {'on' if probes else 'off'}: {updates} updates over {points} points, batch {batch}: "
+        f"{elapsed:.2f} s, {rate:,.0f} updates/s, cpu {cpu * 1e6 / updates:.2f} us/update; "
+        f"AOF +{(aof1 - aof0) / updates:.1f} B/update, memory +{(mem1 - mem0) / updates:.1f} B/update; "
+        f"in Redis: changes {changes}, history {hist}, stored {stored}, "
+        f"dropped {stats.get('updates_dropped', 0)} -> {'OK' if ok else 'LOSS'}"
     )
     if not ok:
         raise SystemExit(1)
@@ -93,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buffer", type=int, default=100_000, help="buffer_max")
     ap.add_argument("--fsync", choices=("always", "everysec", "no"), default="always")
     ap.add_argument("--url", help="use this Redis instead of an embedded one (its db is FLUSHED)")
+    ap.add_argument("--probes", choices=("on", "off"), default="on", help="the lab's probes setting")
     args = ap.parse_args(argv)
+    probes = args.probes == "on"
     if args.url:
-        asyncio.run(run(args.url, args.updates, args.points, args.batch, args.buffer))
+        asyncio.run(run(args.url, args.updates, args.points, args.batch, args.buffer, probes))
         return 0
     with RedisServer(appendfsync=args.fsync) as server:
         print(f"embedded redis-server {server.url}, AOF appendfsync {args.fsync}", file=sys.stderr)
-        asyncio.run(run(server.url, args.updates, args.points, args.batch, args.buffer))
+        asyncio.run(run(server.url, args.updates, args.points, args.batch, args.buffer, probes, own_server=True))
     return 0
 
 
