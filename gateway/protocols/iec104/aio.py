@@ -87,6 +87,7 @@ _TESTFR_CON: Final = encode_frame(UFrame(UFunction.TESTFR_CON))
 _GI_QOI: Final = 20
 _KIND_MEASURED, _KIND_DOUBLE, _KIND_SINGLE = 0, 1, 2
 _KINDS: Final = {"measured": _KIND_MEASURED, "double": _KIND_DOUBLE, "single": _KIND_SINGLE}
+_NO_POINTS: Final[dict[int, tuple[str, int, float, float]]] = {}
 _WARN_FIRST: Final = 10  # log the first N of a repeated anomaly, then only count it
 
 
@@ -387,12 +388,14 @@ class AsyncIec104Adapter(Adapter):
     def __init__(self, device: Device, points: tuple[Point, ...], *, queue_max: int = 200_000) -> None:
         super().__init__(device, points)
         self._queue_max = queue_max
-        ca = device.common_address
-        # (ca, ioa) -> (name, kind, scale, offset): everything the hot loop needs per object
-        self._monitor: dict[tuple[int, int], tuple[str, int, float, float]] = {
-            (ca, iec104_address(p).ioa): (p.name, _KINDS[iec104_address(p).kind], p.scale, p.offset)
-            for p in points
-            if p.direction is Direction.MONITOR
+        # ca -> ioa -> (name, kind, scale, offset): everything the hot loop needs per object,
+        # looked up per ASDU (ca) and per object (ioa) without building a key tuple
+        self._monitor: dict[int, dict[int, tuple[str, int, float, float]]] = {
+            device.common_address: {
+                iec104_address(p).ioa: (p.name, _KINDS[iec104_address(p).kind], p.scale, p.offset)
+                for p in points
+                if p.direction is Direction.MONITOR
+            }
         }
         self._monitor_ioa = {p.name: iec104_address(p).ioa for p in points if p.direction is Direction.MONITOR}
         self._control = {p.name: p for p in points if p.direction is Direction.CONTROL}
@@ -495,8 +498,9 @@ class AsyncIec104Adapter(Adapter):
                 continue
             cause = causes[m.cot]
             ca = m.common_address
+            station = monitor.get(ca, _NO_POINTS)
             for ioa, value, bits, ts in m.objects:
-                info = monitor.get((ca, ioa))
+                info = station.get(ioa)
                 if info is None:
                     self._anomaly("unknown_points", "device sent unconfigured ca %d ioa %d; ignored", ca, ioa)
                     continue
@@ -505,7 +509,7 @@ class AsyncIec104Adapter(Adapter):
                 if quality is None:
                     quality = qualities[bits] = Quality(bits)
                 if kind == _KIND_MEASURED:
-                    v: float | int | bool = float(value) * scale + offset
+                    v: float | int | bool = value * scale + offset  # int * float is a float
                 elif kind == _KIND_DOUBLE:
                     v = int(value)
                 else:
