@@ -72,7 +72,7 @@ def split(devices: int, mix: tuple[float, float, float]) -> dict[str, int]:
 
 def mixed_config(
     counts: dict[str, int], ports: dict[str, int], rate: float, mms_period: float, dlms_poll: float,
-    capacity: int, tmp: Path,
+    capacity: int, tmp: Path, engine: str = "c104",
 ) -> tuple[LabConfig, Path]:
     """Copies of the MultiPower simulator devices (distinct names, ports from ``ports``)."""
     raw = yaml.safe_load(SIM_CONFIG.read_text())
@@ -95,6 +95,7 @@ def mixed_config(
     templates["iec104"]["simulator"] = {
         **templates["iec104"].get("simulator", {}), "period_s": 1.0, "noise": 0.0, "cyclic_period_s": cyclic_s,
     }  # fmt: skip
+    templates["iec104"]["iec104_engine"] = engine
     templates["iec61850"]["simulator"] = {
         **templates["iec61850"].get("simulator", {}), "period_s": mms_period, "noise": 0.01,
     }  # fmt: skip
@@ -255,7 +256,7 @@ async def feed_scan(url: str, cfg: LabConfig, t0: float, t1: float) -> dict[str,
 
 async def one_run(
     devices: int, mix: tuple[float, float, float], rate: float, mms_period: float, dlms_poll: float,
-    seconds: float, redis: RedisServer, tmp: Path,
+    seconds: float, redis: RedisServer, tmp: Path, engine: str = "c104",
 ) -> dict[str, Any]:
     counts = split(devices, mix)
     flush = aioredis.Redis.from_url(redis.url)
@@ -268,7 +269,7 @@ async def one_run(
         base = free_range(sum(counts.values()))
         ports = {"iec104": base, "iec61850": base + counts["iec104"],
                  "dlms": base + counts["iec104"] + counts["iec61850"]}  # fmt: skip
-        cfg, path = mixed_config(counts, ports, rate, mms_period, dlms_poll, capacity, tmp)
+        cfg, path = mixed_config(counts, ports, rate, mms_period, dlms_poll, capacity, tmp, engine)
         sim = SimProcess(path, "st000", base, free_port(), stations=counts["iec104"])
         fleet = Fleet(path)
         try:
@@ -347,6 +348,7 @@ async def one_run(
     per_proto["iec61850"]["latency_src_to_stored"] = feed["iec61850_src_to_stored"]
     return {
         "devices": devices,
+        "iec104_engine": engine,
         "protocols": counts,
         "points": len(cfg.points),
         "rate_offered_iec104": rate,
@@ -371,8 +373,8 @@ async def one_run(
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| devices (104/61850/DLMS) | 104 offered/s | received/s | stored/s (104 / 61850 / DLMS) | max buffered "
-        "| lossless | rcv->st p50 / p99 ms (104; 61850; DLMS) | 61850 src->st p50 / p99 ms | link changes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine | lossless | rcv->st p50 / p99 ms (104; 61850; DLMS) | 61850 src->st p50 / p99 ms | link changes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in rows:
         c, pp = g["protocols"], g["per_protocol"]
@@ -385,7 +387,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {g['devices']} ({c['iec104']}/{c['iec61850']}/{c['dlms']}) | {g['rate_offered_iec104']:,.0f} "
             f"| {g['received_per_s']:,} | {g['stored_per_s']:,} ({pp['iec104']['stored_per_s']:,} / "
             f"{pp['iec61850']['stored_per_s']:,} / {pp['dlms']['stored_per_s']:,}) | {g['max_buffered']:,} "
-            f"| {'yes' if g['lossless'] else 'NO'} | {lat} | {src['median_ms']:.1f} / {src['p99_ms']:.1f} "
+            f"| {g['iec104_engine']} | {'yes' if g['lossless'] else 'NO'} | {lat} "
+            f"| {src['median_ms']:.1f} / {src['p99_ms']:.1f} "
             f"| {g['link_changes']} |"
         )
     return "\n".join(lines)
@@ -418,7 +421,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"{devices} devices {counts}, 104 at {args.rate:,.0f}/s for {args.seconds:g} s",
                       file=sys.stderr, flush=True)  # fmt: skip
                 row = await one_run(devices, mix, args.rate, args.mms_period, args.dlms_poll,  # type: ignore[arg-type]
-                                    args.seconds, redis, tmp)  # fmt: skip
+                                    args.seconds, redis, tmp, args.engine)  # fmt: skip
                 print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
                 results["runs"].append(row)
         finally:
@@ -437,6 +440,7 @@ def main() -> int:
     ap.add_argument("--mms-period", type=float, default=0.1, help="61850 model step period, s (default 0.1)")
     ap.add_argument("--dlms-poll", type=float, default=1.0, help="DLMS register poll period, s (default 1)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measuring window per run")
+    ap.add_argument("--engine", choices=("c104", "asyncio"), default="c104", help="the gateway's IEC 104 client")
     ap.add_argument("--fsync", choices=("always", "everysec", "no"), default="always")
     ap.add_argument("--out", default="bench-out/scale-mixed")
     args = ap.parse_args()
