@@ -274,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "check-config":
             transports = ", ".join(cfg.messaging.transports)
             n = len(cfg.microgrids)
-            print(f"{args.config}: OK - AMS {cfg.participant!r}, transports {transports}, {n} microgrid(s)")
+            probes = "" if cfg.probes.enabled else ", probes off"
+            print(f"{args.config}: OK - AMS {cfg.participant!r}, transports {transports}, {n} microgrid(s){probes}")
             return 0
         handlers = {"run": _run, "status": _status, "request": _request, "register": _register, "dispatch": _dispatch}
         return int(asyncio.run(handlers[args.cmd](args, cfg)))

@@ -125,6 +125,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for r in f.resources:
             every = f"every {f.period_s:g} s" if f.period_s else "on demand"
             print(f"  flexibility: {r.name} ({r.flexibility_type}, {r.power_point}) to {f.aggregator}, {every}")
+    if not cfg.probes.enabled:
+        print("  probes: off (no hop timestamps stored; mgms bench --lab has nothing to measure)")
     return 0
 
 

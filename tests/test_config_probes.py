@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -85,3 +87,16 @@ def test_ams_config_bad_probes_is_reported_with_file_and_line(tmp_path: Path) ->
     with pytest.raises(ConfigError) as err:
         load_ams_config(bad)
     assert [(i.line, i.key) for i in err.value.issues if i.key.startswith("probes")] == [(2, "probes.enabled")]
+
+
+def test_check_config_says_when_probes_are_off(tmp_path: Path) -> None:
+    def check(tail: str) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "check-config", str(lab_with(tmp_path, tail))],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert "probes: off" in check("probes: false\n")
+    assert "probes" not in check("")
