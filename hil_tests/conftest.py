@@ -55,8 +55,14 @@ async def sim(base_config: LabConfig) -> AsyncIterator[Iec104Outstation | None]:
 
 
 @pytest.fixture
-async def lab(base_config: LabConfig, redis_server: RedisServer, sim: Iec104Outstation | None) -> AsyncIterator[Lab]:
-    running = await start_lab(base_config, redis_server, sim)
+async def lab(
+    request: pytest.FixtureRequest, base_config: LabConfig, redis_server: RedisServer, sim: Iec104Outstation | None
+) -> AsyncIterator[Lab]:
+    """The gateway on the simulator; ``@pytest.mark.parametrize("lab", ["asyncio"], indirect=True)``
+    runs a test on that IEC 104 engine (default: the lab config's, c104)."""
+    engine: str | None = getattr(request, "param", None)
+    changes = {"iec104_engine": engine} if engine is not None else {}
+    running = await start_lab(base_config, redis_server, sim, **changes)
     try:
         yield running
     finally:

@@ -24,6 +24,8 @@ from gateway.store import StoredValue
 pytestmark = pytest.mark.timeout(60)
 
 STALE = Quality.NOT_TOPICAL | Quality.INVALID
+#: The generic gateway behaviour on both IEC 104 client engines (c104 threads, asyncio).
+BOTH_ENGINES = pytest.mark.parametrize("lab", ["c104", "asyncio"], indirect=True)
 
 
 def monitor_names(cfg: LabConfig) -> list[str]:
@@ -35,6 +37,7 @@ async def all_values(lab: Lab) -> dict[str, StoredValue] | None:
     return values if all(n in values for n in monitor_names(lab.config)) else None
 
 
+@BOTH_ENGINES
 async def test_every_point_reaches_redis_with_times_and_quality(lab: Lab) -> None:
     values = await eventually(lambda: all_values(lab), 5, "every monitor point in Redis")
     for name in monitor_names(lab.config):
@@ -73,6 +76,7 @@ async def test_spontaneous_value_reaches_redis(lab: Lab) -> None:
     assert any(f.get("point") == "feeder.voltage.l2" and float(f["v"]) == pytest.approx(247.25) for _, f in changes)
 
 
+@BOTH_ENGINES
 async def test_breaker_open_close_confirmed_by_status(lab: Lab) -> None:
     need_commands()
     await eventually(lambda: all_values(lab), 5, "initial values")
@@ -181,6 +185,7 @@ async def test_invalid_commands_are_refused_before_the_device(lab: Lab) -> None:
     assert reply is not None and reply.result == "invalid"
 
 
+@BOTH_ENGINES
 async def test_negative_confirmation_is_rejected(lab: Lab) -> None:
     sim = need_sim(lab.sim)
     sim.refuse_commands(True)
@@ -221,6 +226,7 @@ async def test_status_that_does_not_follow_times_out(lab: Lab) -> None:
     assert out.ack_ts is not None and out.confirm_ts is None
 
 
+@BOTH_ENGINES
 async def test_stalled_device_times_out_and_is_flagged_within_t1_t3(lab: Lab) -> None:
     sim = need_sim(lab.sim)
     await eventually(lambda: all_values(lab), 5, "initial values")
@@ -249,6 +255,7 @@ async def _good(lab: Lab, point: str) -> StoredValue | None:
     return v if v is not None and v.quality == Quality.GOOD else None
 
 
+@BOTH_ENGINES
 async def test_gi_after_reconnect_restores_good_values(lab: Lab) -> None:
     sim = need_sim(lab.sim)
     await eventually(lambda: all_values(lab), 5, "initial values")
@@ -354,6 +361,7 @@ async def test_gateway_restart_resumes_pending_requests(base_config: LabConfig, 
         await lab2.reader.aclose()
 
 
+@BOTH_ENGINES
 async def test_quality_bits_from_the_device_are_kept(lab: Lab) -> None:
     sim = need_sim(lab.sim)
     await eventually(lambda: all_values(lab), 5, "initial values")
@@ -387,6 +395,7 @@ async def test_periodic_general_interrogation(base_config: LabConfig, redis_serv
         await lab.reader.aclose()
 
 
+@BOTH_ENGINES
 async def test_read_one_point_on_request(lab: Lab) -> None:
     need_sim(lab.sim)
     upd = await lab.gateway.adapters[DEVICE].read("feeder.frequency")
@@ -394,6 +403,7 @@ async def test_read_one_point_on_request(lab: Lab) -> None:
     assert upd.cause == "requested" and upd.quality == Quality.GOOD
 
 
+@BOTH_ENGINES
 async def test_adapter_counters_reach_the_device_hash(lab: Lab) -> None:
     need_commands()
     out = await lab.gateway.execute("feeder.breaker.command", "open")

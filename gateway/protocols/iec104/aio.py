@@ -672,7 +672,7 @@ class AsyncIec104Adapter(Adapter):
             await asyncio.sleep(delay)
 
     def _fail_pending(self, reason: str) -> None:
-        err = LinkError(self.device.name, reason)
+        err = LinkError(self.device.name, f"link lost: {reason}")
         for fut, _select in self._pending.values():
             if not fut.done():
                 fut.set_exception(err)
