@@ -238,3 +238,13 @@ async def test_clock_cli_serves_and_probes_over_mqtt(mqtt_lab: MqttLab) -> None:
             serve.kill()
             await serve.wait()
     assert serve.returncode == 0
+
+
+async def test_a_lab_with_probes_off_is_refused(setup: Setup, tmp_path: Path) -> None:
+    """No hop timestamps are stored then: say so instead of a report with no data."""
+    off = tmp_path / "probes-off.yaml"
+    off.write_text(setup.lab.read_text() + "\nprobes: false\n")
+    args = args_for(setup, tmp_path / "o")
+    args.config = str(off)
+    with pytest.raises(BenchError, match="probes: false"):
+        await run_bench(args)

@@ -117,6 +117,11 @@ def plan(args: argparse.Namespace) -> LabPlan:
     if not args.config:
         raise BenchError("--lab needs --config (the running lab's config)")
     cfg = load_config(args.config)
+    if not cfg.probes.enabled:
+        raise BenchError(
+            f"{args.config} has probes: false, so the running lab stores no hop timestamps to measure; "
+            "set probes: true and restart mgms run"
+        )
     url = resolve_redis_url(args, cfg)
     if url is None:
         raise BenchError("no Redis to read: is `mgms run` running? (or give --redis-url)")

@@ -45,7 +45,7 @@ from gateway.bench.routes import (
     loop_phase,
     messages_phase,
 )
-from gateway.config import load_config
+from gateway.config import ProbeSettings, load_config
 from gateway.services import MosquittoServer, MqttTls, RedisServer, free_port
 from gateway.transport.mqtt import MqttSettings
 
@@ -254,7 +254,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     ams_remote: bool = getattr(args, "ams_remote", False)
     progress = Progress(quiet=args.quiet)
     sim_config = _sim_config(args)
-    base = load_config(sim_config)
+    # the routes are read off the probes: on, whatever the simulators' config says
+    base = load_config(sim_config).model_copy(update={"probes": ProbeSettings()})
     series: Series = {}
     extra: dict[str, Any] = {
         "mode": "simulators",
