@@ -78,6 +78,36 @@ log = logging.getLogger(__name__)
 
 WORKER_GROUP = "ams"
 ASSET_RELIABILITY_WEIGHT = 0.3  # as ams.vpp.portfolio.update_reliability
+EVENTS_MAXLEN = 10_000
+
+# A received flexibility in one step: its record (first-seen fields win) and, the first time,
+# the offer made of it (hash, open-offer index, location set, audit entry).
+# KEYS: flex, offer, open offers of the location, locations, events
+# ARGV: n, n flex field/value pairs, rank, offer id, location, m, m offer pairs, e, e event pairs
+_FLEX_OFFER_LUA = """
+local i = 2
+local fresh_flex = 0
+for _ = 1, tonumber(ARGV[1]) do
+  local set = redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  if i == 2 then fresh_flex = set end
+  i = i + 2
+end
+local rank, offer_id, location = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+local m = tonumber(ARGV[i + 3])
+i = i + 4
+local fresh_offer = redis.call('HSETNX', KEYS[2], 'state', 'open')
+if fresh_offer == 1 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, i, i + 2 * m - 1))
+  redis.call('ZADD', KEYS[3], rank, offer_id)
+  redis.call('SADD', KEYS[4], location)
+end
+i = i + 2 * m
+local e = tonumber(ARGV[i])
+if fresh_offer == 1 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[#ARGV], '*', unpack(ARGV, i + 1, i + 2 * e))
+end
+return {fresh_flex, fresh_offer}
+"""
 
 
 class NotRegistered(GatewayError):
@@ -198,6 +228,11 @@ class AmsService:
         self.keys = AmsKeys(participant)
         self.worker = worker
         self.counters: Counter[str] = Counter()
+        self._flex_offer_script = redis.register_script(_FLEX_OFFER_LUA)
+
+    async def _flex_offer(self, keys: list[str], args: list[str | int]) -> tuple[bool, bool]:
+        fresh_flex, fresh_offer = await self._flex_offer_script(keys=keys, args=[*args, EVENTS_MAXLEN])
+        return bool(fresh_flex), bool(fresh_offer)
 
     @property
     def messenger(self) -> Messenger:
@@ -270,7 +305,7 @@ class AmsService:
             raise
         key = self.keys.flex(mg_name, flex.identifier)
         offer_id = f"offer:{mg_name}:{flex.identifier}"
-        # first-seen values win (HSETNX per field), in one round trip
+        # first-seen values win (HSETNX per field); the offer is made once: one round trip
         fields = [
             ("doc", flex.model_dump_json()),
             ("message", item.envelope.id),
@@ -279,39 +314,33 @@ class AmsService:
         ]
         if self.probes:
             fields += [("received_ns", str(item.received_ns)), ("stored_ns", str(item.stored_ns))]
-        pipe = self.redis.pipeline(transaction=True)
-        for field, value in fields:
-            pipe.hsetnx(key, field, value)
-        if (await pipe.execute())[0]:
-            self.counters["flexibilities"] += 1
         location = str(mg["location"])
         price = self.settings.cost_model.price(flex.flexibility_type, flex.power_kw, location)
         rank = self.settings.cost_model.rank_key(price, float(mg.get("reliability", 1.0)))
-        offer_key = self.keys.offer(offer_id)
         record = OfferRecord(
             offer_id, mg_name, location, flex.flexibility_type, flex.power_kw, flex.start, flex.stop, price, rank
         )
-        fresh_offer = await self.redis.hsetnx(offer_key, "state", "open")
+        offer_fields = {
+            "microgrid": mg_name,
+            "location": location,
+            "type": flex.flexibility_type.value,
+            "power_kw": repr(flex.power_kw),
+            "start": _iso(flex.start),
+            "stop": _iso(flex.stop),
+            "price": repr(price),
+            "rank": repr(rank),
+            "flexibility": flex.identifier,
+        }
+        event = self._event_fields("offer", offer=offer_id, microgrid=mg_name, price=price, power_kw=flex.power_kw)
+        fresh_flex, fresh_offer = await self._flex_offer(
+            keys=[key, self.keys.offer(offer_id), self.keys.offers(location), self.keys.offer_locations,
+                  self.keys.events],
+            args=[len(fields), *_flat(fields), repr(rank), offer_id, location,
+                  len(offer_fields), *_flat(offer_fields.items()), len(event), *_flat(event.items())],
+        )  # fmt: skip
+        if fresh_flex:
+            self.counters["flexibilities"] += 1
         if fresh_offer:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(
-                offer_key,
-                mapping={
-                    "microgrid": mg_name,
-                    "location": location,
-                    "type": flex.flexibility_type.value,
-                    "power_kw": repr(flex.power_kw),
-                    "start": _iso(flex.start),
-                    "stop": _iso(flex.stop),
-                    "price": repr(price),
-                    "rank": repr(rank),
-                    "flexibility": flex.identifier,
-                },
-            )
-            pipe.zadd(self.keys.offers(location), {offer_id: rank})
-            pipe.sadd(self.keys.offer_locations, location)
-            self._event_in(pipe, "offer", offer=offer_id, microgrid=mg_name, price=price, power_kw=flex.power_kw)
-            await pipe.execute()
             self.counters["offers"] += 1
         if self.settings.market.auto_clear:
             request = DsoRequest(
@@ -326,7 +355,7 @@ class AmsService:
             # the offer just made is known: no need to read it back (a redelivered
             # flexibility reads the offer's state, so a reserved one is not taken again)
             offers = [record] if fresh_offer else await self.open_offers(location)
-            await self.clear_request(request, offers=[o for o in offers if o.offer_id == offer_id])
+            await self.clear_request(request, offers=[o for o in offers if o.offer_id == offer_id], fresh=fresh_offer)
 
     async def open_offers(self, location: str | None = None) -> list[OfferRecord]:
         if location:
@@ -412,25 +441,51 @@ class AmsService:
                 with contextlib.suppress(RedisError):  # unacknowledged: handled again, idempotently
                     await self.redis.xack(self.keys.requests, group, eid)
 
-    async def clear_request(self, request: DsoRequest, *, offers: list[OfferRecord] | None = None) -> None:
-        """Clear ``request`` against ``offers`` (default: every open offer it may take)."""
+    async def clear_request(
+        self, request: DsoRequest, *, offers: list[OfferRecord] | None = None, fresh: bool = False
+    ) -> None:
+        """Clear ``request`` against ``offers`` (default: every open offer it may take).
+
+        ``fresh``: the offers were made just now and are known to be open, so their state is
+        not read back. The outcome (cleared, reserved, activated) is written in one
+        transaction after the notifications are queued: a crash in between makes a
+        redelivered flexibility or request send them again under the same identifiers, which
+        the microgrid takes once.
+        """
         if offers is None:
             offers = await self.open_offers(None if request.location == "*" else request.location)
         result = clear(request, offers, divisible=self.settings.market.divisible)
-        await self._event(
+        pipe = self.redis.pipeline(transaction=True)
+        self._event_in(
+            pipe,
             "cleared",
             request=request.request_id,
             accepted_kw=result.accepted_kw,
             shortfall_kw=result.shortfall_kw,
             offers=",".join(o.offer_id for o, _ in result.taken),
         )
-        for offer, kw in result.taken:
-            await self.reserve(offer, kw, request)
+        try:
+            for offer, kw in result.taken:
+                await self.reserve(offer, kw, request, pipe=pipe, state="open" if fresh else None)
+        finally:
+            await pipe.execute()
 
-    async def reserve(self, offer: OfferRecord, kw: float, request: DsoRequest) -> None:
+    async def reserve(
+        self, offer: OfferRecord, kw: float, request: DsoRequest, *, pipe: Any = None, state: str | None = None
+    ) -> None:
+        """Reserve an open offer (and activate it, if the market says so).
+
+        ``pipe``: a transaction the caller executes, to which the state changes are added
+        (else they are written here); ``state``: the offer's state if the caller knows it.
+        """
+        own = pipe is None
+        if own:
+            pipe = self.redis.pipeline(transaction=True)
         offer_key = self.keys.offer(offer.offer_id)
         reserve_id = f"res:{offer.offer_id}"
-        state = await self.redis.hget(offer_key, "state")
+        if state is None:
+            state = cast(str | None, await self.redis.hget(offer_key, "state"))
+        known: dict[str, str] | None = None
         if state == "open":
             await self.messenger.send(
                 ReserveNotification(
@@ -444,24 +499,39 @@ class AmsService:
                 ),
                 offer.microgrid,
             )
-            pipe = self.redis.pipeline(transaction=True)
             pipe.hset(offer_key, mapping={"state": "reserved", "reserved_kw": repr(kw), "request": request.request_id})
             pipe.zrem(self.keys.offers(offer.location), offer.offer_id)
             self._event_in(pipe, "reserved", offer=offer.offer_id, power_kw=kw)
-            await pipe.execute()
             self.counters["reserves"] += 1
             state = "reserved"
-        if state == "reserved" and self.settings.market.activate_on_reserve:
-            await self.activate(offer.offer_id)
+            known = {
+                "state": state,
+                "microgrid": offer.microgrid,
+                "type": offer.flexibility_type.value,
+                "start": _iso(offer.start),
+                "stop": _iso(offer.stop),
+                "price": repr(offer.price_eur_per_mwh),
+                "reserved_kw": repr(kw),
+            }
+        try:
+            if state == "reserved" and self.settings.market.activate_on_reserve:
+                await self.activate(offer.offer_id, pipe=pipe, known=known)
+        finally:
+            if own:
+                await pipe.execute()
 
-    async def activate(self, offer_id: str) -> str:
-        """Send the Activation Notification of a reserved offer (once)."""
+    async def activate(self, offer_id: str, *, pipe: Any = None, known: Mapping[str, str] | None = None) -> str:
+        """Send the Activation Notification of a reserved offer (once).
+
+        ``known``: the offer's fields as the caller just wrote them (not yet in Redis when
+        ``pipe`` is the caller's transaction), so the offer is not read back.
+        """
         offer_key = self.keys.offer(offer_id)
-        h = await self._hash(offer_key)
+        h = dict(known) if known is not None else await self._hash(offer_key)
         if h.get("state") != "reserved":
             raise ValueError(f"offer {offer_id} is {h.get('state', 'unknown')}, not reserved")
         act_id = f"act:{offer_id}"
-        kw = float(h.get("reserved_kw", h["power_kw"]))
+        kw = float(h.get("reserved_kw", h.get("power_kw", "0")))
         hops: dict[FieldT, EncodableT] = {"sent_ns": str(time.time_ns())} if self.probes else {}
         envelope = await self.messenger.send(
             ActivationNotification(
@@ -474,7 +544,9 @@ class AmsService:
             ),
             h["microgrid"],
         )
-        pipe = self.redis.pipeline(transaction=True)
+        own = pipe is None
+        if own:
+            pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             self.keys.activation(act_id),
             mapping={
@@ -491,7 +563,8 @@ class AmsService:
         )
         pipe.hset(offer_key, "state", "activated")
         self._event_in(pipe, "activated", activation=act_id, microgrid=h["microgrid"], power_kw=kw)
-        await pipe.execute()
+        if own:
+            await pipe.execute()
         self.counters["activations"] += 1
         return act_id
 
@@ -636,9 +709,12 @@ class AmsService:
 
     def _event_in(self, pipe: Any, event: str, **fields: Any) -> None:
         """Queue an audit entry on ``pipe``: written with the state change it describes."""
-        data = {"event": event, "worker": self.worker, **{k: str(v) for k, v in fields.items()}}
-        pipe.xadd(self.keys.events, cast(Any, data), maxlen=10_000, approximate=True)
+        pipe.xadd(self.keys.events, cast(Any, self._event_fields(event, **fields)), maxlen=EVENTS_MAXLEN,
+                  approximate=True)  # fmt: skip
+
+    def _event_fields(self, event: str, **fields: Any) -> dict[str, str]:
         log.info("AMS %s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()))
+        return {"event": event, "worker": self.worker, **{k: str(v) for k, v in fields.items()}}
 
 
 def _offer_record(offer_id: str, h: Mapping[str, str]) -> OfferRecord:
@@ -653,6 +729,11 @@ def _offer_record(offer_id: str, h: Mapping[str, str]) -> OfferRecord:
         price_eur_per_mwh=float(h["price"]),
         rank_eur_per_mwh=float(h["rank"]),
     )
+
+
+def _flat(pairs: Any) -> list[str]:
+    """Field/value pairs as one flat argument list (for a Lua script's ARGV)."""
+    return [str(x) for pair in pairs for x in pair]
 
 
 def new_request_id() -> str:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from ams.market import DsoRequest
+from ams.sandbox import DsoSandbox
 from ams.service import AmsService, AmsSettings, MarketSettings, NotRegistered
-from gateway.messaging import Received
+from gateway.messaging import Received, build_messenger
 from gateway.semantic import Envelope, Flexibility, FlexibilityType, Payload, VerificationNotification
 from gateway.services import RedisServer
 from gateway.transport.base import topic_for
@@ -98,3 +100,33 @@ async def test_dso_request_is_queued_for_a_worker(svc: AmsService) -> None:
     assert await svc.submit_request(req) == "r1"
     (_, fields), = await svc.redis.xrange(svc.keys.requests)
     assert DsoRequest.model_validate_json(fields["request"]) == req
+
+
+async def test_auto_clear_queues_reserve_and_activation_and_records_them_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The auto-clear path writes its outcome in one transaction after queueing both
+    notifications; a redelivered flexibility sends nothing again and records nothing twice."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    box = DsoSandbox(tmp_path / "dso", mgms=["mg-a"], start_broker=False)
+    with box:
+        messenger = build_messenger(box.messaging("ams", transport="https"), client, prefix="t:ams")  # not started
+        svc = AmsService(AmsSettings(), client, "ams", messenger=messenger)
+        try:
+            await svc.register("mg-a", "north")
+            await svc.handle(item(flex("f1", 10), "mg-a"))
+            await svc.handle(item(flex("f1", 10), "mg-a"))  # redelivered
+            queued = [f["topic"].rsplit("/", 1)[1] for _, f in await client.xrange(messenger.keys.outbox("https"))]
+            assert queued == ["ReserveNotification", "ActivationNotification"]
+            offer = await client.hgetall(svc.keys.offer("offer:mg-a:f1"))
+            assert offer["state"] == "activated" and offer["reserved_kw"] == "10.0"
+            assert await client.zcard(svc.keys.offers("north")) == 0  # no longer open
+            act = await client.hgetall(svc.keys.activation("act:offer:mg-a:f1"))
+            assert act["state"] == "activated" and act["microgrid"] == "mg-a" and act["power_kw"] == "10.0"
+            events = [f["event"] for _, f in await client.xrange(svc.keys.events)]
+            assert events == ["registered", "offer", "cleared", "reserved", "activated", "cleared"]  # 2nd: nothing
+            assert svc.counters["offers"] == 1 and svc.counters["reserves"] == 1 and svc.counters["activations"] == 1
+            assert svc.counters["flexibilities"] == 1
+        finally:
+            await messenger.close()
+            await client.aclose()
