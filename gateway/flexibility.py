@@ -239,16 +239,20 @@ class FlexAgent:
 
     async def on_activation(self, item: Received, act: ActivationNotification) -> None:
         key = self._act_key(act.identifier)
-        created = await self.redis.hsetnx(key, "state", "received")
+        # claim, look and read the offered resources in one round trip: this is on the
+        # activation's critical path (docs/latency.md, the DSO loop)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hsetnx(key, "state", "received")
+        pipe.hget(key, "state")
+        pipe.hgetall(self._offered_key)
+        created, state, offered = await pipe.execute()
         if not created:
-            state = await self.redis.hget(key, "state")
             if state in ("verified", "failed") or act.identifier in self._running:
                 self.counters["duplicate_activations"] += 1
                 log.info("activation %s already %s: not run again", act.identifier, state)
                 return
             log.info("activation %s resumes from state %s", act.identifier, state)
-        offered = cast(dict[str, str], await self.redis.hgetall(self._offered_key))
-        res = self._resource_for(act, offered)
+        res = self._resource_for(act, cast(dict[str, str], offered))
         record: dict[FieldT, EncodableT] = {
             "doc": act.model_dump_json(),
             "resource": res.name,
