@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gateway.bench.args import add_arguments as add_bench_arguments
 
-    p = sub.add_parser("bench", help="latency of the HEILA routes on simulators, next to each protocol's floor")
+    p = sub.add_parser(
+        "bench",
+        help="latency of the HEILA routes next to each protocol's floor: on simulators, or --lab on a running lab",
+    )
     add_bench_arguments(p)
     return ap
 
