@@ -96,7 +96,8 @@ async def running_lab(tmp_path: Path, redis_server: RedisServer) -> AsyncIterato
 
 async def test_lab_mode_measures_field_routes_and_sends_no_command(tmp_path: Path, running_lab: RunningLab) -> None:
     out = tmp_path / "out"
-    code, stdout, stderr = await bench("--config", str(running_lab.file), "--window-s", "6", "--out", str(out))
+    args = ("--config", str(running_lab.file), "--window-s", "6", "--n", "20", "--out", str(out))
+    code, stdout, stderr = await bench(*args)
     assert code in (0, 1), stderr[-3000:]
     assert "nothing started" in stderr and "window 6 s" in stderr  # progress lines
     assert "| route | protocol |" in stdout and "not measured: lab_command" in stdout
@@ -113,7 +114,10 @@ async def test_lab_mode_measures_field_routes_and_sends_no_command(tmp_path: Pat
     # the command route is refused without --allow-commands; nothing was written to the command stream
     assert data["commands_sent"] == 0 and not data["commands_allowed"]
     assert "--allow-commands" in data["not_measured"]["lab_command"]
-    assert "127.0.0.1 only" in data["not_measured"]["floor_c104_timetag"]
+    # the IEC 104 floor: a bare c104 client as a second connection, time tag -> callback
+    floor = data["floors"]["floor_c104_timetag"]
+    assert floor["n"] >= 10 and 0 < floor["median_ms"] < 1000, floor
+    assert field["floor_median_ms"] == floor["median_ms"]
     assert data["not_measured"]["floor_mqtt"] == "the lab config has no MQTT transport"
     keys = running_lab.reader.keys
     assert await running_lab.reader.redis.xlen(keys.cmd_requests) == 0

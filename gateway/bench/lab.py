@@ -59,11 +59,8 @@ __all__ = ["PROTOCOLS", "LabPlan", "run_lab"]
 
 PROTOCOLS = {"iec104": "IEC 104", "iec61850": "IEC 61850 MMS", "dlms": "DLMS/COSEM"}
 FLOOR_104 = "floor_c104_timetag"
-NOT_MEASURED_104 = (
-    "the bare c104 client (gateway/protocols/iec104/bare.py) connects to 127.0.0.1 only and records "
-    "no time tag; a second connection to the relay, time tag -> callback, needs that client to take "
-    "the device's host and note source_ts (a change in gateway/protocols, not made here)"
-)
+#: the 104 floor collects spontaneous time-tagged values for at most this long
+FLOOR_104_LIMIT_S = 20.0
 
 
 @dataclass
@@ -217,7 +214,10 @@ async def _floors(p: LabPlan, n: int, progress: Progress) -> None:
     )
     protocols = {d.protocol for d in p.cfg.devices.values()}
     if "iec104" in protocols:
-        p.not_measured[FLOOR_104] = NOT_MEASURED_104 if "iec104" in p.floors else "not asked (--floors)"
+        if "iec104" in p.floors:
+            await _floor_104(p, n, progress)
+        else:
+            p.not_measured[FLOOR_104] = "not asked (--floors)"
     if "iec61850" in protocols:
         p.not_measured["floor_iec61850_report"] = (
             "a second MMS association on real equipment competes with the gateway's (report control blocks are "
@@ -225,6 +225,40 @@ async def _floors(p: LabPlan, n: int, progress: Progress) -> None:
         )
     if "dlms" in protocols:
         p.not_measured["floor_gurux_read"] = "a meter usually allows one DLMS association: not attempted"
+
+
+async def _floor_104(p: LabPlan, n: int, progress: Progress, limit_s: float = FLOOR_104_LIMIT_S) -> None:
+    """Time tag -> callback of a bare c104 client, as a second connection to the first IEC 104
+    device (monitoring only: it never commands): the floor of that device's field route."""
+    from gateway.protocols.iec104.bare import BareC104
+
+    dev = next(d for d in p.cfg.devices.values() if d.protocol == "iec104")
+    if dev.tls.enabled:
+        p.not_measured[FLOOR_104] = f"{dev.name} uses TLS; the bare c104 client speaks plain TCP only"
+        return
+    label = f"floor c104 time tag -> callback, second connection to {dev.name}"
+    try:
+        bare = BareC104(dev.port, p.cfg, dev.name, None, host=dev.host, record_tags=True)
+    except RuntimeError as exc:
+        p.not_measured[FLOOR_104] = f"c104 refused the connection to {dev.name}: {exc}"
+        return
+    await asyncio.to_thread(bare.start)
+    try:
+        t0 = time.monotonic()
+        while len(bare.tag_delays_ms) < n and time.monotonic() - t0 < limit_s:
+            await asyncio.sleep(0.2)
+            progress.step(label, min(len(bare.tag_delays_ms), n), n)
+    finally:
+        await asyncio.to_thread(bare.stop)
+    vals = bare.tag_delays_ms[:n]
+    if not vals:
+        p.not_measured[FLOOR_104] = (
+            f"no spontaneous time-tagged value from {dev.name} in {limit_s:g} s on a second connection "
+            "(does the relay or COM600 accept a second IEC 104 client?)"
+        )
+        return
+    p.series[FLOOR_104] = vals
+    progress.done(label, len(vals), n, summarise(vals).median_ms)
 
 
 # ---------------------------------------------------------------------------- window

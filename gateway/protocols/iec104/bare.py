@@ -29,9 +29,21 @@ def ioa_of(point: Point) -> tuple[int, str]:
 class BareC104:
     """A bare c104 client on the simulator: the floor of the 104 stack without the gateway."""
 
-    def __init__(self, port: int, cfg: LabConfig, device: str, command_point: str) -> None:
+    def __init__(
+        self,
+        port: int,
+        cfg: LabConfig,
+        device: str,
+        command_point: str | None,
+        *,
+        host: str = "127.0.0.1",
+        record_tags: bool = False,
+    ) -> None:
+        """``command_point`` None: monitoring only (a second client on a real relay must not
+        command it). ``record_tags``: note time tag -> callback of every time-tagged value in
+        :attr:`tag_delays_ms` (the floor of a lab's field route, which is time tag -> stored)."""
         self.client = c104.Client(tick_rate_ms=50, command_timeout_ms=5000)
-        conn = self.client.add_connection(ip="127.0.0.1", port=port, init=c104.Init.INTERROGATION)
+        conn = self.client.add_connection(ip=host, port=port, init=c104.Init.INTERROGATION)
         station = None if conn is None else conn.add_station(common_address=cfg.devices[device].common_address)
         if conn is None or station is None:
             raise RuntimeError("c104 refused the connection or station")
@@ -49,21 +61,29 @@ class BareC104:
         self.seen_t = 0.0
         self.event = threading.Event()
         self._watch: tuple[int, float] | None = None
+        self._record_tags = record_tags
+        self.tag_delays_ms: list[float] = []
         for p in cfg.points_of(device):
             ioa, kind = ioa_of(p)
             cp = station.add_point(io_address=ioa, type=getattr(c104.Type, kind))
             if cp is not None and p.direction.value == "monitor":
                 cp.on_receive(callable=self._on_receive)
-        breaker = station.get_point(io_address=ioa_of(cfg.point(command_point))[0])
-        if breaker is None:
-            raise RuntimeError(f"no 104 point for {command_point}")
-        breaker.command_mode = c104.CommandMode.SELECT_AND_EXECUTE
-        self.breaker = breaker
+        self.breaker: c104.Point | None = None
+        if command_point is not None:
+            breaker = station.get_point(io_address=ioa_of(cfg.point(command_point))[0])
+            if breaker is None:
+                raise RuntimeError(f"no 104 point for {command_point}")
+            breaker.command_mode = c104.CommandMode.SELECT_AND_EXECUTE
+            self.breaker = breaker
 
     def _on_receive(
         self, point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage
     ) -> c104.ResponseState:
         t = time.time()
+        if self._record_tags and message.cot == c104.Cot.SPONTANEOUS:
+            rec = point.recorded_at
+            if rec is not None:
+                self.tag_delays_ms.append((t - rec.timestamp()) * 1000)
         watch = self._watch
         if watch is not None and point.io_address == watch[0]:
             v: Any = point.value
@@ -93,5 +113,7 @@ class BareC104:
 
     def transmit_breaker(self, close: bool) -> bool:
         """Blocking: one SBO double command (select + execute); True if c104 reports success."""
+        if self.breaker is None:
+            raise RuntimeError("this bare client was built without a command point")
         self.breaker.value = c104.Double.ON if close else c104.Double.OFF
         return bool(self.breaker.transmit(cause=c104.Cot.ACTIVATION))
