@@ -328,6 +328,7 @@ class RawDevice:
     def __init__(self, script: Callable[[int], bytes]) -> None:
         self.script = script
         self.connections = 0
+        self.i_frames_in = 0  # I-frames the client sent (never acknowledged by this device)
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -345,6 +346,7 @@ class RawDevice:
                     if not data:
                         return
                     for frame in decoder.feed(data):
+                        self.i_frames_in += isinstance(frame, IFrame)
                         if frame == UFrame(UFunction.STARTDT_ACT):
                             writer.write(encode_frame(UFrame(UFunction.STARTDT_CON)) + self.script(n))
         except (TimeoutError, ConnectionError):
@@ -395,6 +397,24 @@ async def test_sequence_gap_closes_the_link(base: LabConfig, running: Starter) -
         assert "N(S) 5, expected 1" in down.reason
         assert [v.value for v in w.values if v.point == "feeder.voltage.l1"][:1] == [240.0]
         assert w.adapter.stats()["sequence_errors"] >= 1
+    finally:
+        await device.close()
+
+
+async def test_own_i_frames_respect_k(base: LabConfig, running: Starter) -> None:
+    device = RawDevice(lambda n: b"")  # answers STARTDT, then acknowledges nothing
+    port = await device.start()
+    try:
+        w: Watched = await running(adapter_for(gateway_config(base, port, command_timeout_s=0.5)))
+        await w.adapter.wait_connected(5)
+        reads = [asyncio.ensure_future(w.adapter.read("feeder.frequency")) for _ in range(15)]
+        done = await asyncio.gather(*reads, return_exceptions=True)
+        assert all(isinstance(r, CommandTimeout) for r in done), done
+        # the GI after connect and 11 reads fill k = 12; the other 4 reads wait for acknowledgements
+        assert device.i_frames_in == 12
+        assert w.adapter.stats()["k_window_waits"] == 4
+        down = await until(lambda: next(iter(w.downs()), None), 5, "t1 on the unacknowledged I-frames")
+        assert "t1 = 2 s expired: I-frame 0 not acknowledged" in down.reason
     finally:
         await device.close()
 

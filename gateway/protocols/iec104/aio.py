@@ -41,7 +41,6 @@ from gateway.protocols.iec104.codec import (
     MONITOR_TYPE_IDS,
     SEQ_MODULO,
     Asdu,
-    AsduError,
     Cot,
     Cp56Time,
     DoubleCommand,
@@ -224,6 +223,14 @@ class _Link(asyncio.Protocol):
         return None  # close our side too
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._receive(data)
+        except Exception as exc:  # a bug here must cost the link, never the gateway
+            self._counters["internal_errors"] += 1
+            log.exception("%s: error handling received data", self._name)
+            self._fail(f"internal error: {exc!r}")
+
+    def _receive(self, data: bytes) -> None:
         frames, error = self._decoder.feed_batch(data)
         counters = self._counters
         counters["reads"] += 1
@@ -493,7 +500,7 @@ class AsyncIec104Adapter(Adapter):
                 continue
             try:
                 m = decode_monitor(raw)
-            except AsduError as exc:
+            except ValueError as exc:  # AsduError, or a CP56Time2a year the codec refuses
                 self._anomaly("garbled_asdus", "garbled ASDU %s: %s", raw[:24].hex(" "), exc)
                 continue
             cause = causes[m.cot]
