@@ -466,3 +466,21 @@ def test_engine_is_chosen_by_config_and_only_for_iec104(base: LabConfig) -> None
     assert isinstance(adapter_for(gateway_config(base, 2404)), AsyncIec104Adapter)
     with pytest.raises(ValueError, match="iec104_engine is for protocol iec104 devices, not iec61850"):
         base.with_device("ref615_mms", iec104_engine="asyncio")
+
+
+async def test_event_queue_drops_the_oldest_and_counts_them() -> None:
+    from gateway.protocols.iec104.aio import _EventQueue
+
+    queue = _EventQueue(5)
+    ups: list[PointUpdate | LinkStateChange] = [PointUpdate(f"p{i}", float(i)) for i in range(9)]
+    queue.put_many(ups[:3])
+    queue.put_many(ups[3:7])  # 7 > 5: the two oldest go
+    assert queue.dropped == 2 and await queue.get_batch() == ups[2:7]
+    queue.put_many(ups[:2])
+    queue.put_many(ups[2:9])  # more new ones than fit: the queue keeps the newest 5
+    assert queue.dropped == 6 and await queue.get_batch(limit=3) == ups[4:7]
+    assert await queue.get_batch() == ups[7:9]
+    waiting = asyncio.ensure_future(queue.get_batch())
+    await asyncio.sleep(0)
+    queue.wake()  # as close() does
+    assert await waiting == []  # woken with nothing: the consumer looks at closing
