@@ -36,6 +36,7 @@ given with ``--py-spy``) into collapsed stacks per run (``DIR/st<N>-r<rate>.txt`
 
 import argparse
 import asyncio
+import gc
 import importlib.metadata
 import json
 import os
@@ -215,7 +216,14 @@ class PySpy:
 
 
 async def one_run(
-    stations: int, rate: float, seconds: float, redis: RedisServer, tmp: Path, spy: PySpy, engine: str
+    stations: int,
+    rate: float,
+    seconds: float,
+    redis: RedisServer,
+    tmp: Path,
+    spy: PySpy,
+    engine: str,
+    gc_threshold: int | None = None,
 ) -> dict[str, Any]:
     probe, _ = scale_config(1, 20_000, 1.0, 1000, tmp)
     per_station = measured_per_station(probe)
@@ -241,6 +249,11 @@ async def one_run(
     try:
         await gateway.wait_connected(60)
         await asyncio.sleep(2.0)  # GI answers, c104 start-up, the first cycles
+        gc_before = gc.get_threshold()
+        if gc_threshold is not None:  # an experiment on the gateway process, off by default
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(gc_threshold, *gc_before[1:])
         stats0 = json.loads((await sim.control("stats"))[3:])
         recv0 = gateway.counters["updates"]
         stored0 = store.stats().get("updates_stored", 0)
@@ -280,6 +293,9 @@ async def one_run(
         )
         lat = await latency_samples(redis.url, cfg, t0_wall, t1_wall)
     finally:
+        if gc_threshold is not None:
+            gc.set_threshold(*gc_before)
+            gc.unfreeze()
         stop.set()
         await asyncio.wait_for(task, 60)
         await sim.stop()
@@ -302,6 +318,7 @@ async def one_run(
     return {
         "stations": stations,
         "engine": engine,
+        "gc_threshold0": gc_threshold,
         "protocols": {"iec104": stations},
         "points": len(cfg.points),
         "rate_offered": rate,
@@ -377,7 +394,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     print(what, file=sys.stderr, flush=True)
                     spy = PySpy(spy_exe if args.profile else None, Path(args.profile) if args.profile else None,
                                 f"st{stations}-r{int(rate)}")  # fmt: skip
-                    row = await one_run(stations, rate, args.seconds, redis, tmp, spy, args.engine)
+                    row = await one_run(
+                        stations, rate, args.seconds, redis, tmp, spy, args.engine, args.gc_threshold
+                    )
                     print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
                     results["runs"].append(row)
         finally:
@@ -393,6 +412,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="measuring window per run")
     ap.add_argument("--fsync", choices=("always", "everysec", "no"), default="always")
     ap.add_argument("--engine", choices=("c104", "asyncio"), default="c104", help="IEC 104 client engine")
+    ap.add_argument(
+        "--gc-threshold",
+        type=int,
+        metavar="N",
+        help="experiment: gc.freeze() and generation-0 threshold N in the gateway process during the run",
+    )
     ap.add_argument("--out", default="bench-out/scale")
     ap.add_argument("--profile", metavar="DIR", help="py-spy flame graph of the gateway per run into DIR")
     ap.add_argument("--py-spy", help="path of the py-spy executable (default: on PATH)")

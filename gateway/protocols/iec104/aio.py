@@ -245,9 +245,11 @@ class _Link(asyncio.Protocol):
                     problem = f"I-frame N(S) {f.send_seq}, expected {vr}"
                     break
                 vr = (vr + 1) & _SEQ_MASK
-                if f.recv_seq != self._acked and not self._ack_ours(f.recv_seq):
-                    problem = f"N(R) {f.recv_seq} acknowledges frames never sent"
-                    break
+                if f.recv_seq != self._acked:  # rare: the device acknowledges our I-frames
+                    self._vr = vr  # an I-frame released by the ack carries the current N(R)
+                    if not self._ack_ours(f.recv_seq):
+                        problem = f"N(R) {f.recv_seq} acknowledges frames never sent"
+                        break
                 asdus.append(f.asdu)
             elif type(f) is SFrame:
                 counters["s_frames_in"] += 1
