@@ -147,42 +147,54 @@ async def iec104_phase(sim_config: Path, base: LabConfig, redis: RedisServer, n:
             out["floor_c104_command"] = _finish(progress, label, cmds, n)
         finally:
             await asyncio.to_thread(bare.stop)
-        async with _gateway(cfg, redis) as (_gw, reader):
-            label = "104 feeder voltage -> MGMS db"
-            vals = []
-            last_id = await reader.changes_tail()
-            for i in range(n):
-                value = _voltage(i)
-                sent = float((await sim.control(f"set {VOLTAGE} {value}")).split()[1])
-                try:
-                    last_id, st = await _next_change(reader, last_id, VOLTAGE, value)
-                    vals.append((st - sent) * 1000)
-                except TimeoutError as exc:
-                    progress.note(f"  sample {i}: {exc}")
-                    last_id = await reader.changes_tail()
-                progress.step(label, i + 1, n)
-            await sim.control(f"release {VOLTAGE}")
-            out["iec104_voltage"] = _finish(progress, label, vals, n)
-            label = "104 breaker command MGMS db -> confirmed"
-            cmds = []
-            for i in range(n):
-                now_pos = await reader.latest(POSITION)
-                word, state_v = ("close", 2.0) if now_pos is not None and now_pos.value == 1 else ("open", 1.0)
-                t0 = time.time()
-                rid = await reader.submit_command(BREAKER, word, by="bench")
-                rec = await reader.wait_reply(rid, 10.0)
-                try:
-                    if rec is None or rec.result != "confirmed":
-                        raise TimeoutError(f"{word}: {rec.result + ' ' + rec.reason if rec else 'no reply'}")
-                    last_id, st = await _next_change(reader, last_id, POSITION, state_v)
-                    cmds.append((st - t0) * 1000)
-                except TimeoutError as exc:
-                    progress.note(f"  command {i}: {exc}")
-                    last_id = await reader.changes_tail()
-                progress.step(label, i + 1, n)
-            out["iec104_breaker"] = _finish(progress, label, cmds, n)
+        for engine, suffix in (("c104", ""), ("asyncio", "_aio")):
+            # the gateway with each IEC 104 client engine, against the same c104 floor
+            ecfg = cfg.with_device(DEVICE_104, iec104_engine=engine)
+            out.update(await _iec104_gateway_routes(ecfg, redis, sim, n, progress, engine, suffix))
     finally:
         await sim.stop()
+    return out
+
+
+async def _iec104_gateway_routes(
+    cfg: LabConfig, redis: RedisServer, sim: SimProcess, n: int, progress: Progress, engine: str, suffix: str
+) -> Series:
+    """The value and command routes through a running gateway (``engine``: its 104 client)."""
+    out: Series = {}
+    async with _gateway(cfg, redis) as (_gw, reader):
+        label = f"104 feeder voltage -> MGMS db ({engine})"
+        vals: list[float] = []
+        last_id = await reader.changes_tail()
+        for i in range(n):
+            value = _voltage(i)
+            sent = float((await sim.control(f"set {VOLTAGE} {value}")).split()[1])
+            try:
+                last_id, st = await _next_change(reader, last_id, VOLTAGE, value)
+                vals.append((st - sent) * 1000)
+            except TimeoutError as exc:
+                progress.note(f"  sample {i}: {exc}")
+                last_id = await reader.changes_tail()
+            progress.step(label, i + 1, n)
+        await sim.control(f"release {VOLTAGE}")
+        out[f"iec104_voltage{suffix}"] = _finish(progress, label, vals, n)
+        label = f"104 breaker command MGMS db -> confirmed ({engine})"
+        cmds: list[float] = []
+        for i in range(n):
+            now_pos = await reader.latest(POSITION)
+            word, state_v = ("close", 2.0) if now_pos is not None and now_pos.value == 1 else ("open", 1.0)
+            t0 = time.time()
+            rid = await reader.submit_command(BREAKER, word, by="bench")
+            rec = await reader.wait_reply(rid, 10.0)
+            try:
+                if rec is None or rec.result != "confirmed":
+                    raise TimeoutError(f"{word}: {rec.result + ' ' + rec.reason if rec else 'no reply'}")
+                last_id, st = await _next_change(reader, last_id, POSITION, state_v)
+                cmds.append((st - t0) * 1000)
+            except TimeoutError as exc:
+                progress.note(f"  command {i}: {exc}")
+                last_id = await reader.changes_tail()
+            progress.step(label, i + 1, n)
+        out[f"iec104_breaker{suffix}"] = _finish(progress, label, cmds, n)
     return out
 
 

@@ -52,6 +52,8 @@ from gateway.transport.mqtt import MqttSettings
 __all__ = ["HOP_HOSTS", "ROUTES", "bench_broker", "hop_hosts", "run", "run_bench"]
 
 
+#: the gateway's IEC 104 client engines the 104 routes are measured with: (series suffix, label)
+_ENGINES = (("", ""), ("_aio", " (asyncio engine)"))
 _MSG = "created in the sender's Messenger (signed/encrypted, queued in its Redis outbox) -> stored in the receiver's"
 ROUTES: tuple[RouteSpec, ...] = (
     *(
@@ -69,15 +71,18 @@ ROUTES: tuple[RouteSpec, ...] = (
         for sec in ("signed", "encrypted")
         for t, heila in (("https", 47.0), ("mqtt", 52.0))
     ),
-    RouteSpec(
-        "iec104_voltage",
-        "Feeder phase voltage REF615 -> MGMS db",
-        "IEC 104",
-        "monitoring",
-        "floor_c104_value",
-        483.0,
-        measures="the simulator process changes the value (its control channel returns the time) -> the gateway "
-        "stored the spontaneous M_ME_TF_1 in Redis (`st` of the change feed).",
+    *(
+        RouteSpec(
+            f"iec104_voltage{suffix}",
+            f"Feeder phase voltage REF615 -> MGMS db{label}",
+            "IEC 104",
+            "monitoring",
+            "floor_c104_value",
+            483.0,
+            measures="the simulator process changes the value (its control channel returns the time) -> the "
+            f"gateway{label} stored the spontaneous M_ME_TF_1 in Redis (`st` of the change feed).",
+        )
+        for suffix, label in _ENGINES
     ),
     *(
         RouteSpec(
@@ -93,15 +98,18 @@ ROUTES: tuple[RouteSpec, ...] = (
         )
         for sec in ("signed", "encrypted")
     ),
-    RouteSpec(
-        "iec104_breaker",
-        "Breaker command MGMS db -> REF615 -> status",
-        "IEC 104",
-        "control",
-        "floor_c104_command",
-        584.0,
-        measures="a command request written into the MGMS Redis (`P:cmd:requests`, as `mgms command` "
-        "does) -> SBO select + execute -> the confirmed position stored in Redis. Breaker travel 0.",
+    *(
+        RouteSpec(
+            f"iec104_breaker{suffix}",
+            f"Breaker command MGMS db -> REF615 -> status{label}",
+            "IEC 104",
+            "control",
+            "floor_c104_command",
+            584.0,
+            measures=f"a command request written into the MGMS Redis (`P:cmd:requests`, as `mgms command` does) -> "
+            f"the gateway{label} -> SBO select + execute -> the confirmed position stored in Redis. Breaker travel 0.",
+        )
+        for suffix, label in _ENGINES
     ),
     RouteSpec(
         "iec61850_voltage",
