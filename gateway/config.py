@@ -29,6 +29,7 @@ from pydantic import (
     StrictBool,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -385,12 +386,15 @@ class Device(_Frozen):
     #: decoded in bulk; about twice the ingest rate, see docs/scale.md).
     iec104_engine: Literal["c104", "asyncio"] = "c104"
 
-    @model_validator(mode="after")
-    def _engine_for_104_only(self) -> Device:
-        # (not model_fields_set: with_device() re-validates a full dump, default included)
-        if self.iec104_engine != "c104" and self.protocol != "iec104":
-            raise ValueError(f"iec104_engine is for protocol iec104 devices, not {self.protocol}")
-        return self
+    @field_validator("iec104_engine")
+    @classmethod
+    def _engine_for_104_only(cls, v: str, info: ValidationInfo) -> str:
+        # on the field, so the error names iec104_engine and its line; the default passes
+        # (with_device() re-validates a full dump, default included)
+        protocol = info.data.get("protocol")
+        if v != "c104" and protocol != "iec104":
+            raise ValueError(f"iec104_engine is for protocol iec104 devices, not {protocol}")
+        return v
 
 
 # ---------------------------------------------------------------------------------------

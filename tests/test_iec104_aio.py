@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.config import LabConfig, load_config
-from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, LinkError
+from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, ConfigError, LinkError
 from gateway.iedsim.iec104 import Iec104Outstation
 from gateway.iedsim.pki import LabPki, make_lab_pki
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause
@@ -461,11 +461,17 @@ async def test_tls_values_commands_and_refusals(base: LabConfig, pki: LabPki, ru
 # configuration
 
 
-def test_engine_is_chosen_by_config_and_only_for_iec104(base: LabConfig) -> None:
+def test_engine_is_chosen_by_config_and_only_for_iec104(base: LabConfig, tmp_path: Path) -> None:
     assert base.devices[DEVICE].iec104_engine == "c104"
     assert isinstance(adapter_for(gateway_config(base, 2404)), AsyncIec104Adapter)
     with pytest.raises(ValueError, match="iec104_engine is for protocol iec104 devices, not iec61850"):
         base.with_device("ref615_mms", iec104_engine="asyncio")
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"extends: {SIM_CONFIG}\ndevices:\n  ref615_mms:\n    iec104_engine: asyncio\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(lab)
+    [issue] = err.value.issues
+    assert (issue.file, issue.line, issue.key) == (str(lab), 4, "devices.ref615_mms.iec104_engine")
 
 
 async def test_event_queue_drops_the_oldest_and_counts_them() -> None:
