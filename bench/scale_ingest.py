@@ -97,7 +97,13 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def scale_config(
-    stations: int, base_port: int, cyclic_s: float, capacity: int, tmp: Path, engine: str = "c104"
+    stations: int,
+    base_port: int,
+    cyclic_s: float,
+    capacity: int,
+    tmp: Path,
+    engine: str = "c104",
+    batch_max: int | None = None,
 ) -> tuple[LabConfig, Path]:
     """``stations`` copies of the REF615 feeder (distinct point names, consecutive ports)."""
     raw = yaml.safe_load(SIM_CONFIG.read_text())
@@ -129,6 +135,7 @@ def scale_config(
             "history_maxlen": 1000,
             "changes_maxlen": capacity,
             "buffer_max": 400_000,
+            **({"batch_max": batch_max} if batch_max is not None else {}),
         },
     }
     path = tmp / f"scale{stations}.yaml"
@@ -224,6 +231,7 @@ async def one_run(
     spy: PySpy,
     engine: str,
     gc_threshold: int | None = None,
+    batch_max: int | None = None,
 ) -> dict[str, Any]:
     probe, _ = scale_config(1, 20_000, 1.0, 1000, tmp)
     per_station = measured_per_station(probe)
@@ -234,7 +242,7 @@ async def one_run(
     await flush.aclose()
     for attempt in range(5):  # a port taken between our check and the simulator's bind
         base_port = free_range(stations)
-        cfg, path = scale_config(stations, base_port, cyclic_s, capacity, tmp, engine)
+        cfg, path = scale_config(stations, base_port, cyclic_s, capacity, tmp, engine, batch_max)
         sim = SimProcess(path, "st000", base_port, free_port(), stations=stations)
         try:
             await sim.start(60)
@@ -319,6 +327,7 @@ async def one_run(
         "stations": stations,
         "engine": engine,
         "gc_threshold0": gc_threshold,
+        "batch_max": cfg.redis.batch_max,
         "protocols": {"iec104": stations},
         "points": len(cfg.points),
         "rate_offered": rate,
@@ -395,7 +404,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     spy = PySpy(spy_exe if args.profile else None, Path(args.profile) if args.profile else None,
                                 f"st{stations}-r{int(rate)}")  # fmt: skip
                     row = await one_run(
-                        stations, rate, args.seconds, redis, tmp, spy, args.engine, args.gc_threshold
+                        stations, rate, args.seconds, redis, tmp, spy, args.engine, args.gc_threshold, args.batch_max
                     )
                     print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
                     results["runs"].append(row)
@@ -412,6 +421,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="measuring window per run")
     ap.add_argument("--fsync", choices=("always", "everysec", "no"), default="always")
     ap.add_argument("--engine", choices=("c104", "asyncio"), default="c104", help="IEC 104 client engine")
+    ap.add_argument("--batch-max", type=int, metavar="N", help="experiment: redis.batch_max of the store")
     ap.add_argument(
         "--gc-threshold",
         type=int,
