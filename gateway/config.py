@@ -383,7 +383,7 @@ class Device(_Frozen):
     dlms: DlmsSettings = DlmsSettings()
     #: IEC 104 client engine (protocol iec104 only): "c104" (lib60870 threads, the default)
     #: or "asyncio" (the project's own client on the event loop: no threads, whole TCP reads
-    #: decoded in bulk; about twice the ingest rate, see docs/scale.md).
+    #: decoded in bulk; 2-3 times the ingest rate of c104, see docs/scale.md).
     iec104_engine: Literal["c104", "asyncio"] = "c104"
 
     @field_validator("iec104_engine")
