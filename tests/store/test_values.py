@@ -305,3 +305,23 @@ async def test_reply_scanner_execabort_fails_every_command() -> None:
 async def test_reply_scanner_rejects_a_short_exec() -> None:
     with pytest.raises(_BadReply):
         await _read_replies(_stream(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*1\r\n:1\r\n"), 5, unwrap_at=3)
+
+
+async def test_a_backlog_is_written_in_catch_up_batches(
+    redis_server: RedisServer, make_lab: Callable[..., LabConfig], client: aioredis.Redis
+) -> None:
+    """More than two batches waiting: up to 4 x batch_max per transaction, all of it stored."""
+    async with RedisStore(make_lab(batch_max=100), url=redis_server.url) as store:
+        sizes: list[int] = []
+        write = store._write_batch
+
+        async def recording(batch: list[PointUpdate]) -> None:
+            sizes.append(len(batch))
+            await write(batch)
+
+        store._write_batch = recording  # type: ignore[method-assign]
+        for i in range(2_000):
+            store.put(PointUpdate("feeder.p", float(i)))
+        await store.flush(10)
+    assert sum(sizes) == 2_000 and sizes[0] == 400  # (the last ones may be smaller)
+    assert await client.xlen(K.changes) == 2_000
