@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -185,7 +186,27 @@ def _parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         p.add_argument("--config", required=True, help="lab config file (YAML)")
         p.add_argument("--duration-s", type=float, help="exit by itself after this many seconds")
+        p.add_argument(
+            "--parent-pid",
+            type=int,
+            metavar="PID",
+            help="exit once PID is no longer this process's parent (benchmarks and tests: a parent killed "
+            "without cleaning up, e.g. by a native abort, leaves no simulator behind)",
+        )
     return parser
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event, period_s: float = 0.5) -> None:
+    """Set ``stop`` once ``parent`` is not this process's parent (it died and we were
+    re-parented; checked against the pid given, so a parent gone before we started counts)."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            _log.warning("parent process %d is gone: stopping", parent)
+            stop.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(period_s):
+                await stop.wait()
 
 
 async def _main(args: argparse.Namespace, config: LabConfig) -> int:
@@ -194,12 +215,17 @@ async def _main(args: argparse.Namespace, config: LabConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     timer = loop.call_later(args.duration_s, stop.set) if args.duration_s is not None else None
+    watchdog = asyncio.create_task(_watch_parent(args.parent_pid, stop)) if args.parent_pid is not None else None
     run: Runner = args.run
     try:
         return await run(args, config, stop)
     finally:
         if timer is not None:
             timer.cancel()
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(RuntimeError):
                 loop.remove_signal_handler(sig)

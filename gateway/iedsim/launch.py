@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class SimProcess:
             str(control_port),
             "--stations",
             str(stations),
+            "--parent-pid",
+            str(os.getpid()),
         ]
         self.ready_lines: list[str] = []
         self.control_port = control_port

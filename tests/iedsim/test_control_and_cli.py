@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
@@ -164,3 +165,31 @@ def test_cli_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
         main(["iec104", "--config", str(SIM_CONFIG), "--device", "nope"])
     with pytest.raises(SystemExit):
         main([])
+
+
+async def test_cli_exits_with_its_parent(tmp_path: Path) -> None:
+    """--parent-pid: a parent that dies without stopping its simulator (a native abort
+    in a benchmark) leaves none behind. The parent here is a shell that starts the simulator
+    in the background, prints its pid and exits."""
+    cmd = (
+        f"{sys.executable} -m gateway.iedsim.cli --log-level WARNING iec104 --config {SIM_CONFIG} "
+        f"--host 127.0.0.1 --port 0 --parent-pid $$ > {tmp_path / 'sim.out'} 2>&1 & echo $!"
+    )
+    shell = await asyncio.create_subprocess_shell(cmd, stdout=asyncio.subprocess.PIPE)
+    out, _ = await shell.communicate()
+    pid = int(out.decode().strip())
+
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+    try:
+        async with asyncio.timeout(15):
+            while alive():  # noqa: ASYNC110 - another process's state, no event to wait on
+                await asyncio.sleep(0.1)
+    finally:
+        if alive():
+            os.kill(pid, signal.SIGKILL)
