@@ -96,6 +96,20 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def copy_points(points: list[dict[str, Any]], template: str, name: str) -> list[dict[str, Any]]:
+    """The template device's points for its copy ``name``: prefixed names, deadband 0 (every
+    value is stored, so the totals can be compared)."""
+    out = []
+    for p in points:
+        if p.get("device") != template:
+            continue
+        q = {**p, "name": f"{name}.{p['name']}", "device": name, "deadband": 0}
+        if "status_point" in q:
+            q["status_point"] = f"{name}.{p['status_point']}"
+        out.append(q)
+    return out
+
+
 def scale_config(
     stations: int,
     base_port: int,
@@ -119,13 +133,7 @@ def scale_config(
     for s in range(stations):
         name = f"st{s:03d}"
         devices[name] = {**dev, "host": "127.0.0.1", "port": base_port + s}
-        for p in parent["points"]:
-            if p.get("device") != DEVICE:
-                continue
-            q = {**p, "name": f"{name}.{p['name']}", "device": name, "deadband": 0}
-            if "status_point" in q:
-                q["status_point"] = f"{name}.{p['status_point']}"
-            points.append(q)
+        points += copy_points(parent["points"], DEVICE, name)
     doc = {
         "lab": {"name": f"scale{stations}"},
         "devices": devices,

@@ -49,7 +49,7 @@ import redis.asyncio as aioredis
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_ingest import free_range, summary
+from scale_ingest import copy_points, free_range, summary
 
 from gateway.config import LabConfig, load_config
 from gateway.iedsim.launch import SimProcess
@@ -108,13 +108,7 @@ def mixed_config(
         for i in range(n):
             name = f"{PREFIX[proto]}{i:03d}"
             devices[name] = {**templates[proto], "host": "127.0.0.1", "port": ports[proto] + i}
-            for p in parent["points"]:
-                if p.get("device") != tpl:
-                    continue
-                q = {**p, "name": f"{name}.{p['name']}", "device": name, "deadband": 0}
-                if "status_point" in q:
-                    q["status_point"] = f"{name}.{p['status_point']}"
-                points.append(q)
+            points += copy_points(parent["points"], tpl, name)
     doc = {
         "lab": {"name": f"mixed{sum(counts.values())}"},
         "devices": devices,
