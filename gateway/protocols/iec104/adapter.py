@@ -43,14 +43,20 @@ from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, Link
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
 from gateway.protocols.iec104.common import COMMAND_VALUE_LEN as _COMMAND_VALUE_LEN
-from gateway.protocols.iec104.common import COT_ACTCON, Confirmation, backoff_delay, parse_confirmation
+from gateway.protocols.iec104.common import (
+    COT_ACTCON,
+    Confirmation,
+    Event,
+    EventBuffer,
+    backoff_delay,
+    parse_confirmation,
+)
 from gateway.protocols.iec104.tls import TlsBridge, client_tls_context
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Iec104Adapter", "backoff_delay", "parse_confirmation"]
 
-Event = PointUpdate | LinkStateChange
 
 _CAUSES: dict[str, UpdateCause] = {
     "SPONTANEOUS": UpdateCause.SPONTANEOUS,
@@ -67,33 +73,22 @@ def _cause_of(cot: str) -> UpdateCause:
     return UpdateCause.INTERROGATED if cot.startswith("INTERROGATED") else _CAUSES.get(cot, UpdateCause.OTHER)
 
 
-class _ThreadBridge:
+class _ThreadBridge(EventBuffer):
     """Carries events from c104's threads into the loop with one wake-up per burst.
 
     A deque append is atomic under the GIL; the loop is only woken when it is not already
-    due to drain. Bounded: when the consumer falls behind by ``maxlen`` events the oldest is
-    dropped and counted (logged at most once a second), never silently.
+    due to drain. Bounded as every adapter's event stream (:class:`EventBuffer`).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, maxlen: int) -> None:
+        super().__init__(maxlen)
         self._loop = loop
-        self._items: collections.deque[Event] = collections.deque()
-        self._maxlen = maxlen
         self._wake_due = False
-        self._event = asyncio.Event()
-        self.dropped = 0
-        self._last_drop_log = 0.0
 
     def push(self, item: Event) -> None:
         """Called from any thread."""
         if len(self._items) >= self._maxlen:
-            with contextlib.suppress(IndexError):
-                self._items.popleft()
-            self.dropped += 1
-            t = time.monotonic()
-            if t - self._last_drop_log > 1.0:
-                self._last_drop_log = t
-                log.warning("event queue full: %d events dropped so far", self.dropped)
+            self._drop(1)
         self._items.append(item)
         if not self._wake_due:
             self._wake_due = True
@@ -102,14 +97,6 @@ class _ThreadBridge:
 
     def _wake(self) -> None:
         self._wake_due = False
-        self._event.set()
-
-    @property
-    def pending(self) -> int:
-        return len(self._items)
-
-    def wake(self) -> None:
-        """From the loop: make a waiting consumer look again (e.g. at close)."""
         self._event.set()
 
     async def get_batch(self, limit: int = 4096) -> list[Event]:

@@ -68,6 +68,8 @@ from gateway.protocols.iec104.common import (
     COT_ACTTERM,
     COT_UNKNOWN,
     Confirmation,
+    Event,
+    EventBuffer,
     backoff_delay,
     command_reply,
 )
@@ -77,7 +79,6 @@ __all__ = ["AsyncIec104Adapter"]
 
 log = logging.getLogger(__name__)
 
-Event = PointUpdate | LinkStateChange
 
 _SEQ_MASK: Final = SEQ_MODULO - 1
 _STARTDT_ACT: Final = encode_frame(UFrame(UFunction.STARTDT_ACT))
@@ -105,19 +106,8 @@ def _cause_table() -> tuple[UpdateCause, ...]:
 _CAUSE_OF_COT: Final = _cause_table()
 
 
-class _EventQueue:
-    """The adapter's bounded event stream, loop-only: one extend and one wake-up per read.
-
-    Same policy as the c104 adapter's bridge: when the consumer falls ``maxlen`` events
-    behind, the oldest are dropped, counted and logged (at most once a second).
-    """
-
-    def __init__(self, maxlen: int) -> None:
-        self._items: collections.deque[Event] = collections.deque()
-        self._maxlen = maxlen
-        self._event = asyncio.Event()
-        self.dropped = 0
-        self._last_drop_log = 0.0
+class _EventQueue(EventBuffer):
+    """The adapter's bounded event stream, loop-only: one extend and one wake-up per read."""
 
     def put_many(self, items: list[Event]) -> None:
         queued = len(self._items)
@@ -131,22 +121,6 @@ class _EventQueue:
 
     def put(self, item: Event) -> None:
         self.put_many([item])
-
-    def _drop(self, n: int) -> None:
-        self.dropped += n
-        for _ in range(min(n, len(self._items))):
-            self._items.popleft()
-        t = time.monotonic()
-        if t - self._last_drop_log > 1.0:
-            self._last_drop_log = t
-            log.warning("event queue full: %d events dropped so far", self.dropped)
-
-    @property
-    def pending(self) -> int:
-        return len(self._items)
-
-    def wake(self) -> None:
-        self._event.set()
 
     async def get_batch(self, limit: int = 4096) -> list[Event]:
         """Up to ``limit`` events; [] only when woken with nothing to give (close)."""

@@ -1,15 +1,27 @@
-"""IEC 104 pieces both client engines share (c104 and asyncio): confirmations, backoff.
+"""IEC 104 pieces both client engines share (c104 and asyncio): confirmations, backoff,
+the bounded event queue's drop policy.
 
 Kept free of c104 so the asyncio engine can use them without loading the native library.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import logging
 import random
 import struct
+import time
 from dataclasses import dataclass
 
-from gateway.points import now
+from gateway.points import PointUpdate, now
+from gateway.protocols.base import LinkStateChange
+
+log = logging.getLogger("gateway.protocols.iec104")
+
+#: what an IEC 104 adapter hands to the core
+Event = PointUpdate | LinkStateChange
 
 __all__ = [
     "COMMAND_VALUE_LEN",
@@ -17,6 +29,8 @@ __all__ = [
     "COT_ACTTERM",
     "COT_UNKNOWN",
     "Confirmation",
+    "Event",
+    "EventBuffer",
     "backoff_delay",
     "command_reply",
     "parse_confirmation",
@@ -34,6 +48,39 @@ COT_UNKNOWN = {
 
 # Command type ids -> length of the value in front of the qualifier octet (S/E bit there).
 COMMAND_VALUE_LEN = {45: 0, 46: 0, 58: 0, 59: 0, 48: 2, 49: 2, 50: 4, 61: 2, 62: 2, 63: 4}
+
+
+class EventBuffer:
+    """The adapter's bounded event stream, shared by both engines: when the consumer falls
+    ``maxlen`` events behind, the oldest are dropped, counted and logged (at most once a
+    second), never silently. Subclasses decide how events get in and out (from c104's
+    threads, or from the loop itself)."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._items: collections.deque[Event] = collections.deque()
+        self._maxlen = maxlen
+        self._event = asyncio.Event()
+        self.dropped = 0
+        self._last_drop_log = 0.0
+
+    def _drop(self, n: int) -> None:
+        """Drop the ``n`` oldest queued events (as many as there are) and count ``n``."""
+        self.dropped += n
+        with contextlib.suppress(IndexError):  # the consumer may take some meanwhile
+            for _ in range(min(n, len(self._items))):
+                self._items.popleft()
+        t = time.monotonic()
+        if t - self._last_drop_log > 1.0:
+            self._last_drop_log = t
+            log.warning("event queue full: %d events dropped so far", self.dropped)
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    def wake(self) -> None:
+        """From the loop: make a waiting consumer look again (e.g. at close)."""
+        self._event.set()
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
