@@ -6,11 +6,23 @@ import asyncio
 import random
 import struct
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
+from gateway.config import load_config
 from gateway.points import PointUpdate
-from gateway.protocols.iec104.adapter import _ThreadBridge, backoff_delay, parse_confirmation
+from gateway.protocols.iec104.adapter import (
+    Iec104Adapter,
+    _ThreadBridge,
+    _TxWatch,
+    backoff_delay,
+    parse_confirmation,
+)
+from gateway.protocols.iec104.common import parse_command_reply
+
+SIM_CONFIG = Path(__file__).resolve().parents[2] / "lab_configs" / "multipower-sim.yaml"
 
 
 def apdu(asdu: bytes) -> bytes:
@@ -101,3 +113,89 @@ async def test_thread_bridge_drops_oldest_and_counts() -> None:
     batch = await bridge.get_batch()
     assert [e.value for e in batch if isinstance(e, PointUpdate)] == list(range(15, 25))
     assert bridge.dropped == 15
+
+
+def test_actterm_is_a_command_reply_but_not_a_confirmation() -> None:
+    c = parse_command_reply(dc(0x0A, 0x02))
+    assert c is not None and (c.cot, c.negative, c.select) == (10, False, False)
+    assert parse_confirmation(dc(0x0A, 0x02)) is None
+
+
+class _LostWakeupConnection:
+    """Stands in for a c104 connection whose transmit() missed its wake-up: the waiting
+    thread only returns when another answer notifies it (here: the test command)."""
+
+    def __init__(self) -> None:
+        self.notify = threading.Event()
+        self.tests: list[int] = []
+
+    def transmit(self, seconds: float) -> bool:
+        return self.notify.wait(seconds)
+
+    def test(self, common_address: int, with_time: bool, wait_for_response: bool) -> bool:
+        self.tests.append(common_address)
+        self.notify.set()
+        return True
+
+
+def _adapter(conn: _LostWakeupConnection) -> Iec104Adapter:
+    cfg = load_config(SIM_CONFIG)
+    adapter = Iec104Adapter(cfg.devices["ref615"], cfg.points_of("ref615"))
+    adapter._conn = conn  # only the pieces the watchdog touches; no c104 here
+    adapter._up.set()
+    return adapter
+
+
+async def _watch(adapter: Iec104Adapter, conn: _LostWakeupConnection, watch: _TxWatch, *replies: bytes) -> float:
+    """Run a stuck transmit under the watchdog, feed ``replies``; seconds until it returned."""
+    t0 = time.monotonic()
+    tx = asyncio.ensure_future(asyncio.to_thread(conn.transmit, 5.0))
+    adapter._tx_watch[3001] = watch
+    for frame in replies:
+        conf = parse_command_reply(frame)
+        assert conf is not None
+        adapter._on_command_reply(conf)
+    await asyncio.wait_for(adapter._rescue_lost_wakeup(tx, watch), 3)
+    assert await tx, "the transmit was woken, not timed out"
+    return time.monotonic() - t0
+
+
+async def test_select_confirmed_but_execute_never_sent_gets_a_nudge() -> None:
+    conn = _LostWakeupConnection()
+    adapter = _adapter(conn)
+    # c104 got the select's ACTCON before it started waiting: it would sleep 5 s, no execute
+    took = await _watch(adapter, conn, _TxWatch(sbo=True, started=time.monotonic()), dc(0x07, 0x81))
+    assert conn.tests == [adapter.device.common_address]
+    assert adapter.stats()["c104_nudges"] == 1
+    assert took < 1.0
+
+
+async def test_actterm_seen_but_transmit_still_waiting_gets_a_nudge() -> None:
+    conn = _LostWakeupConnection()
+    adapter = _adapter(conn)
+    watch = _TxWatch(sbo=True, started=time.monotonic())
+    took = await _watch(adapter, conn, watch, dc(0x07, 0x81), dc(0x07, 0x01), dc(0x0A, 0x01))
+    assert watch.executed and watch.final_at is not None
+    assert len(conn.tests) == 1 and took < 1.0
+
+
+async def test_no_nudge_while_the_device_has_not_answered_yet() -> None:
+    conn = _LostWakeupConnection()
+    adapter = _adapter(conn)
+    watch = _TxWatch(sbo=True, started=time.monotonic())
+    # execute ACTCON came, ACTTERM not yet (the breaker travels): c104 rightly waits
+    tx = asyncio.ensure_future(asyncio.to_thread(conn.transmit, 0.6))
+    adapter._tx_watch[3001] = watch
+    for frame in (dc(0x07, 0x81), dc(0x07, 0x01)):
+        conf = parse_command_reply(frame)
+        assert conf is not None
+        adapter._on_command_reply(conf)
+    await asyncio.wait_for(adapter._rescue_lost_wakeup(tx, watch), 3)
+    assert await tx is False and conn.tests == []
+    assert "c104_nudges" not in adapter.stats()
+
+
+def test_a_slow_device_gets_a_longer_grace_after_its_select() -> None:
+    watch = _TxWatch(sbo=True, started=100.0, selected_at=100.5)
+    assert watch.stuck_since() == (100.5, 2.0)
+    assert _TxWatch(sbo=True, started=100.0).stuck_since() is None

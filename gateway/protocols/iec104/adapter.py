@@ -18,6 +18,16 @@ False for several unrelated reasons (measured), so the adapter reads the device'
 from the raw frames (P/N bit and cause of transmission of the ACTCON, select vs execute from
 the S/E bit) and uses ``transmit()``'s result only as a fallback.
 
+Lost wake-ups: c104 2.2.1 waits for a command's confirmation on a condition variable without
+first looking whether the confirmation already came (``Connection::awaitCommandSuccess``).
+When the device answers before the sending thread starts to wait (a fast device on a loaded
+machine: 3 in 1,000 SBO commands here), c104 sleeps until its own command timeout: an SBO
+command then never sends its execute, and the next command on the point waits. The adapter
+sees every confirmation in the raw frames, so it notices when c104 should have moved on and
+did not, and wakes it with a test command (C_TS_TA_1): any answer c104 was waiting for
+notifies all its waiters, which then find the confirmation they missed (counted as
+``c104_nudges``).
+
 TLS (``tls.enabled``): c104 2.2.1's own TLS client cannot complete a handshake, so c104
 connects to a loopback relay in this process that speaks TLS to the device with Python's
 ``ssl`` (:mod:`gateway.protocols.iec104.tls`); a refused handshake becomes the reason of the
@@ -34,6 +44,7 @@ import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import c104
@@ -45,10 +56,12 @@ from gateway.protocols.base import Adapter, LinkState, LinkStateChange
 from gateway.protocols.iec104.common import COMMAND_VALUE_LEN as _COMMAND_VALUE_LEN
 from gateway.protocols.iec104.common import (
     COT_ACTCON,
+    COT_ACTTERM,
     Confirmation,
     Event,
     EventBuffer,
     backoff_delay,
+    parse_command_reply,
     parse_confirmation,
 )
 from gateway.protocols.iec104.tls import TlsBridge, client_tls_context
@@ -113,6 +126,27 @@ class _ThreadBridge(EventBuffer):
         return [items.popleft() for _ in range(min(limit, len(items)))]
 
 
+@dataclass
+class _TxWatch:
+    """What the device has answered to one c104 ``transmit()`` so far (loop thread only),
+    so that a c104 wait that missed its wake-up can be told from one still due."""
+
+    sbo: bool
+    started: float
+    selected_at: float | None = None  # positive ACTCON of the select: c104 must now execute
+    executed: bool = False  # ACTCON of the execute
+    final_at: float | None = None  # the answer that ends c104's wait (ACTTERM, negative, ...)
+
+    def stuck_since(self) -> tuple[float, float] | None:
+        """(since when c104 should have moved on, how long it may take to) or None."""
+        if self.final_at is not None:
+            return self.final_at, 0.1  # only c104's own thread has to wake up
+        if self.selected_at is not None and not self.executed:
+            # c104 must send the execute and the device answer it: allow a few select round trips
+            return self.selected_at, max(0.1, 4 * (self.selected_at - self.started))
+        return None
+
+
 class Iec104Adapter(Adapter):
     """One IEC 104 connection (one c104 client) to one device/station."""
 
@@ -142,6 +176,9 @@ class Iec104Adapter(Adapter):
         self._muted_since: float | None = None
         self._background: set[asyncio.Future[bool]] = set()
         self._tx_by_ioa: dict[int, asyncio.Future[bool]] = {}
+        self._tx_watch: dict[int, _TxWatch] = {}
+        self._watchdogs: set[asyncio.Task[None]] = set()
+        self._nudge: asyncio.Future[bool] | None = None
         self._tls_bridge: TlsBridge | None = None
         self._cause_cache: dict[Any, UpdateCause] = {}
         self._quality_cache: dict[int, Quality] = {}
@@ -175,6 +212,10 @@ class Iec104Adapter(Adapter):
                     await task
         if self._background:  # c104 transmit() calls still waiting for ACTTERM
             await asyncio.wait(self._background, timeout=self.device.command_timeout_s)
+        for dog in list(self._watchdogs):
+            dog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dog
         if self._client is not None:
             await asyncio.to_thread(self._client.stop)
             # c104 holds our callbacks and they hold this adapter: a cycle through C++ that
@@ -185,6 +226,7 @@ class Iec104Adapter(Adapter):
             self._c104_cmd.clear()
             self._c104_mon.clear()
             self._tx_by_ioa.clear()
+            self._tx_watch.clear()
         if self._tls_bridge is not None:
             await self._tls_bridge.aclose()
         for fut in self._pending.values():
@@ -345,10 +387,10 @@ class Iec104Adapter(Adapter):
         def on_raw(connection: c104.Connection, data: bytes) -> None:
             self._counters["frames_in"] += 1
             if len(data) > 6 and data[6] in _COMMAND_VALUE_LEN:
-                conf = parse_confirmation(data)
+                conf = parse_command_reply(data)
                 if conf is not None and self._loop is not None:
                     with contextlib.suppress(RuntimeError):
-                        self._loop.call_soon_threadsafe(self._on_confirmation, conf)
+                        self._loop.call_soon_threadsafe(self._on_command_reply, conf)
 
         return on_raw
 
@@ -529,6 +571,53 @@ class Iec104Adapter(Adapter):
             if fut in waiting:
                 waiting.remove(fut)
 
+    def _on_command_reply(self, conf: Confirmation) -> None:
+        watch = self._tx_watch.get(conf.ioa)
+        if watch is not None:
+            t = time.monotonic()
+            if conf.negative:
+                watch.final_at = watch.final_at or t
+            elif conf.cot == COT_ACTCON and conf.select:
+                watch.selected_at = t
+            elif conf.cot == COT_ACTCON:
+                watch.executed = True
+                if not watch.sbo:  # a direct command's transmit() ends at its ACTCON
+                    watch.final_at = t
+            elif conf.cot == COT_ACTTERM:
+                watch.final_at = t
+        if conf.cot == COT_ACTCON or conf.negative:
+            self._on_confirmation(conf)
+
+    async def _rescue_lost_wakeup(self, tx: asyncio.Future[bool], watch: _TxWatch) -> None:
+        """Wake c104 while ``tx`` waits for a confirmation that already came (module doc)."""
+        last_nudge = 0.0
+        while not tx.done():
+            await asyncio.wait({tx}, timeout=0.05)
+            stuck = watch.stuck_since()
+            if tx.done() or stuck is None:
+                continue
+            since, grace = stuck
+            t = time.monotonic()
+            if t - since > grace and t - last_nudge > 0.5:
+                last_nudge = t
+                self._nudge_c104()
+
+    def _nudge_c104(self) -> None:
+        if self._nudge is not None and not self._nudge.done():
+            return  # one test command at a time: c104 refuses a second one while it waits
+        if self._conn is None or not self._up.is_set():
+            return
+        self._counters["c104_nudges"] += 1
+        log.info("%s: c104 missed a confirmation it waits for; waking it with a test command", self.device.name)
+        nudge = asyncio.ensure_future(
+            asyncio.to_thread(
+                self._conn.test, common_address=self.device.common_address, with_time=True, wait_for_response=True
+            )
+        )
+        self._nudge = nudge
+        self._background.add(nudge)
+        nudge.add_done_callback(self._background.discard)
+
     def _on_confirmation(self, conf: Confirmation) -> None:
         fut = self._pending.get(conf.ioa)
         if fut is None or fut.done():
@@ -587,12 +676,18 @@ class Iec104Adapter(Adapter):
         self._pending[ioa] = fut
         self._counters["commands"] += 1
         timeout_s = self.device.command_timeout_s
+        watch = _TxWatch(sbo=sbo, started=time.monotonic())
+        self._tx_watch[ioa] = watch
         tx = asyncio.ensure_future(asyncio.to_thread(cp.transmit, cause=c104.Cot.ACTIVATION))
         # c104's transmit() may block until ACTTERM (or its own timeout): it is not awaited
         # past the device's answer but kept and collected in close().
         self._background.add(tx)
         tx.add_done_callback(self._background.discard)
         self._tx_by_ioa[ioa] = tx
+        tx.add_done_callback(lambda _: self._tx_watch.pop(ioa) if self._tx_watch.get(ioa) is watch else None)
+        dog = asyncio.create_task(self._rescue_lost_wakeup(tx, watch), name=f"iec104-tx-watch:{pt.name}")
+        self._watchdogs.add(dog)
+        dog.add_done_callback(self._watchdogs.discard)
         try:
             try:
                 async with asyncio.timeout(timeout_s):

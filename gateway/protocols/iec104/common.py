@@ -33,6 +33,7 @@ __all__ = [
     "EventBuffer",
     "backoff_delay",
     "command_reply",
+    "parse_command_reply",
     "parse_confirmation",
 ]
 
@@ -113,15 +114,21 @@ class Confirmation:
         return f"negative confirmation of {what} (cot {self.cot})"
 
 
-def parse_confirmation(apdu: bytes) -> Confirmation | None:
-    """Decode the header of an I-frame carrying a command confirmation, else None.
+def parse_command_reply(apdu: bytes) -> Confirmation | None:
+    """Any command-direction reply (ACTCON, ACTTERM, negative mirrors) in an I-frame, else None.
 
     Only the fixed header and the qualifier octet are read: the frame was already validated
-    by lib60870, this only tells ACTCON/negative/select apart.
+    by lib60870, this only tells ACTCON/ACTTERM/negative/select apart.
     """
     if len(apdu) < 16 or apdu[0] != 0x68 or apdu[2] & 0x01:
         return None
-    conf = command_reply(apdu[6:])
+    return command_reply(apdu[6:])
+
+
+def parse_confirmation(apdu: bytes) -> Confirmation | None:
+    """The device's confirmation of a command (ACTCON, positive or negative) in an I-frame,
+    else None (an ACTTERM is not a confirmation)."""
+    conf = parse_command_reply(apdu)
     if conf is None or (conf.cot != COT_ACTCON and conf.cot not in COT_UNKNOWN):
         return None
     return conf
