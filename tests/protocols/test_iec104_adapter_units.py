@@ -199,3 +199,18 @@ def test_a_slow_device_gets_a_longer_grace_after_its_select() -> None:
     watch = _TxWatch(sbo=True, started=100.0, selected_at=100.5)
     assert watch.stuck_since() == (100.5, 2.0)
     assert _TxWatch(sbo=True, started=100.0).stuck_since() is None
+
+
+async def test_interrogation_actterm_in_the_raw_frames_ends_the_gi_wait() -> None:
+    adapter = _adapter(_LostWakeupConnection())
+    adapter._loop = asyncio.get_running_loop()
+    watch = _TxWatch(sbo=False, started=time.monotonic())
+    adapter._gi_watch = watch
+    on_raw = adapter._make_raw_callback()
+    gi = bytes([100, 1, 0x07, 0, 1, 0, 0, 0, 0, 20])  # C_IC_NA_1 ACTCON, QOI 20
+    on_raw(None, apdu(gi))
+    await asyncio.sleep(0.01)
+    assert watch.final_at is None, "ACTCON alone does not end c104's interrogation wait"
+    on_raw(None, apdu(bytes([100, 1, 0x0A]) + gi[3:]))  # ACTTERM
+    await asyncio.sleep(0.01)
+    assert watch.final_at is not None and watch.stuck_since() is not None

@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Iec104Adapter", "backoff_delay", "parse_confirmation"]
 
 
+_C_IC_NA_1 = 100  # interrogation command type id
+
 _CAUSES: dict[str, UpdateCause] = {
     "SPONTANEOUS": UpdateCause.SPONTANEOUS,
     "PERIODIC": UpdateCause.PERIODIC,
@@ -177,8 +179,10 @@ class Iec104Adapter(Adapter):
         self._background: set[asyncio.Future[bool]] = set()
         self._tx_by_ioa: dict[int, asyncio.Future[bool]] = {}
         self._tx_watch: dict[int, _TxWatch] = {}
+        self._read_by_ioa: dict[int, asyncio.Future[bool]] = {}
         self._watchdogs: set[asyncio.Task[None]] = set()
         self._nudge: asyncio.Future[bool] | None = None
+        self._gi_watch: _TxWatch | None = None
         self._tls_bridge: TlsBridge | None = None
         self._cause_cache: dict[Any, UpdateCause] = {}
         self._quality_cache: dict[int, Quality] = {}
@@ -227,6 +231,7 @@ class Iec104Adapter(Adapter):
             self._c104_mon.clear()
             self._tx_by_ioa.clear()
             self._tx_watch.clear()
+            self._read_by_ioa.clear()
         if self._tls_bridge is not None:
             await self._tls_bridge.aclose()
         for fut in self._pending.values():
@@ -391,6 +396,11 @@ class Iec104Adapter(Adapter):
                 if conf is not None and self._loop is not None:
                     with contextlib.suppress(RuntimeError):
                         self._loop.call_soon_threadsafe(self._on_command_reply, conf)
+            elif len(data) > 8 and data[6] == _C_IC_NA_1 and self._loop is not None:
+                cot = data[8] & 0x3F
+                if cot == COT_ACTTERM or data[8] & 0x40:  # the end of c104's interrogation wait
+                    with contextlib.suppress(RuntimeError):
+                        self._loop.call_soon_threadsafe(self._on_interrogation_end)
 
         return on_raw
 
@@ -542,12 +552,27 @@ class Iec104Adapter(Adapter):
         self._require_up()
         ca = self.device.common_address
         self._counters["interrogations"] += 1
-        ok = await asyncio.wait_for(
-            asyncio.to_thread(self._conn.interrogation, common_address=ca, wait_for_response=True),
-            timeout=self.device.command_timeout_s + 1,
-        )
+        watch = _TxWatch(sbo=False, started=time.monotonic())
+        self._gi_watch = watch  # its ACTTERM (or a refusal) ends c104's wait
+        call = self._c104_call(self._conn.interrogation, watch, common_address=ca, wait_for_response=True)
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(call), timeout=self.device.command_timeout_s + 1)
+        finally:
+            if self._gi_watch is watch:
+                self._gi_watch = None
         if not ok:
             raise LinkError(self.device.name, "general interrogation not confirmed")
+
+    def _c104_call(self, fn: Callable[..., bool], watch: _TxWatch, **kwargs: Any) -> asyncio.Future[bool]:
+        """Run a blocking c104 call that waits for the device's answer, under a watchdog that
+        wakes it if it misses that answer (module doc); kept and collected in close()."""
+        call = asyncio.ensure_future(asyncio.to_thread(fn, **kwargs))
+        self._background.add(call)
+        call.add_done_callback(self._background.discard)
+        dog = asyncio.create_task(self._rescue_lost_wakeup(call, watch), name=f"iec104-c104-watch:{self.device.name}")
+        self._watchdogs.add(dog)
+        dog.add_done_callback(self._watchdogs.discard)
+        return call
 
     async def read(self, point: str) -> PointUpdate:
         pt = self._by_name.get(point)
@@ -557,11 +582,26 @@ class Iec104Adapter(Adapter):
         assert self._loop is not None
         fut: asyncio.Future[PointUpdate] = self._loop.create_future()
         self._readers.setdefault(point, []).append(fut)
-        cp = self._c104_mon[iec104_address(pt).ioa]
+        ioa = iec104_address(pt).ioa
+        cp = self._c104_mon[ioa]
+        previous = self._read_by_ioa.get(ioa)
+        if previous is not None and not previous.done():
+            # c104 refuses a second read of a point while its thread for the first one still
+            # waits to be woken by the answer we already took
+            await asyncio.wait({previous}, timeout=self.device.command_timeout_s)
+        watch = _TxWatch(sbo=False, started=time.monotonic())
+        call = self._c104_call(cp.read, watch)  # waits for the value c104 matches to it
+        self._read_by_ioa[ioa] = call
         try:
             async with asyncio.timeout(self.device.command_timeout_s):
-                sent = await asyncio.to_thread(cp.read)
-                if not sent:
+                either: set[asyncio.Future[Any]] = {fut, call}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if fut.done():
+                    watch.final_at = time.monotonic()  # the answer is here: c104 must stop waiting
+                    return fut.result()
+                if call.exception() is not None:
+                    raise LinkError(self.device.name, f"c104 refused the read of {point}: {call.exception()}")
+                if not call.result():
                     raise LinkError(self.device.name, f"read of {point} not accepted")
                 return await fut
         except TimeoutError:
@@ -570,6 +610,10 @@ class Iec104Adapter(Adapter):
             waiting = self._readers.get(point, [])
             if fut in waiting:
                 waiting.remove(fut)
+
+    def _on_interrogation_end(self) -> None:
+        if self._gi_watch is not None and self._gi_watch.final_at is None:
+            self._gi_watch.final_at = time.monotonic()
 
     def _on_command_reply(self, conf: Confirmation) -> None:
         watch = self._tx_watch.get(conf.ioa)
@@ -678,20 +722,16 @@ class Iec104Adapter(Adapter):
         timeout_s = self.device.command_timeout_s
         watch = _TxWatch(sbo=sbo, started=time.monotonic())
         self._tx_watch[ioa] = watch
-        tx = asyncio.ensure_future(asyncio.to_thread(cp.transmit, cause=c104.Cot.ACTIVATION))
         # c104's transmit() may block until ACTTERM (or its own timeout): it is not awaited
-        # past the device's answer but kept and collected in close().
-        self._background.add(tx)
-        tx.add_done_callback(self._background.discard)
+        # past the device's answer.
+        tx = self._c104_call(cp.transmit, watch, cause=c104.Cot.ACTIVATION)
         self._tx_by_ioa[ioa] = tx
         tx.add_done_callback(lambda _: self._tx_watch.pop(ioa) if self._tx_watch.get(ioa) is watch else None)
-        dog = asyncio.create_task(self._rescue_lost_wakeup(tx, watch), name=f"iec104-tx-watch:{pt.name}")
-        self._watchdogs.add(dog)
-        dog.add_done_callback(self._watchdogs.discard)
         try:
             try:
                 async with asyncio.timeout(timeout_s):
-                    await asyncio.wait({fut, tx}, return_when=asyncio.FIRST_COMPLETED)
+                    either: set[asyncio.Future[Any]] = {fut, tx}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                     if not fut.done():
                         # transmit() finished first: the raw ACTCON may still be on its way.
                         with contextlib.suppress(TimeoutError):
