@@ -33,11 +33,11 @@ def test_bench_smoke_every_phase_writes_every_output(tmp_path: Path) -> None:
     assert set(routes) == {
         "flex_https_signed", "flex_mqtt_signed", "flex_https_encrypted", "flex_mqtt_encrypted", "iec104_voltage",
         "activation_mqtt_signed", "activation_mqtt_encrypted", "iec104_breaker", "iec61850_voltage", "dlms_read",
-        "dso_loop", "iec104_voltage_aio", "iec104_breaker_aio",
+        "dso_loop", "dso_loop_signed", "iec104_voltage_aio", "iec104_breaker_aio",
     }  # fmt: skip
     for key, route in routes.items():
         assert set(route) >= ROUTE_KEYS, key
-        assert route["n"] == (1 if key == "dso_loop" else 5), key
+        assert route["n"] == (1 if key.startswith("dso_loop") else 5), key
         assert 0 < route["median_ms"] <= route["max_ms"], key
         assert route["floor_median_ms"] is not None and route["floor_median_ms"] > 0, key
         heila = key.replace("encrypted", "signed").removesuffix("_aio")
@@ -47,7 +47,7 @@ def test_bench_smoke_every_phase_writes_every_output(tmp_path: Path) -> None:
               "floor_https", "ref_mqtt_paho_threaded", "ref_durable_signed", "ref_durable_encrypted"}  # fmt: skip
     assert set(data["floors"]) == floors
     assert len(data["message_hops"]) == 12  # created -> received -> stored, per message route
-    assert len(data["loop_hops"]) == 7
+    assert len(data["loop_hops"]) == 14  # both loops (signed, encrypted)
     m = data["machine"]
     assert m["cores"] >= 1 and m["cpu"] and all(m[k] for k in ("python", "c104", "paho", "aiohttp", "redis_server",
                                                                 "mosquitto"))  # fmt: skip

@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 
 from ams.sandbox import DsoSandbox, feeder_flexibility
 from ams.service import AmsService, AmsSettings, MicrogridEntry
+from gateway.bench.clock import Host
 from gateway.bench.floors import aiohttp_floor, paho_floor
 from gateway.bench.progress import Progress
 from gateway.bench.stats import summarise
@@ -51,7 +52,18 @@ from gateway.services import RedisServer, free_port
 from gateway.store import RedisStore
 from gateway.transport.base import topic_for
 
-__all__ = ["Series", "dlms_phase", "iec104_phase", "iec61850_phase", "loop_phase", "messages_phase"]
+__all__ = ["LOOP_HOPS", "Series", "dlms_phase", "iec104_phase", "iec61850_phase", "loop_phase", "messages_phase"]
+
+#: The DSO loop's hops (``loop_hop_<name>``) and whose clocks stamp each (start, end).
+LOOP_HOPS: dict[str, tuple[Host, Host]] = {
+    "flex_to_ams_db": ("mgms", "ams"),
+    "ams_db_to_activation_sent": ("ams", "ams"),
+    "activation_to_mgms_db": ("ams", "mgms"),
+    "mgms_db_to_command_sent": ("mgms", "mgms"),
+    "command_to_confirmed": ("mgms", "mgms"),
+    "verification_to_ams_db": ("mgms", "ams"),
+    "ams_db_to_settled": ("ams", "ams"),
+}
 
 Series = dict[str, list[float]]
 MGMS = "mgms-bench"
@@ -607,24 +619,16 @@ async def loop_phase(
     -> settled, ``n`` times, with the scheduled waits (activation window) left out.
 
     loop = (breaker open confirmed - flexibility created) + (settled - verification created);
-    the hops of both parts are returned too (``loop_hop_*``).
+    the hops of both parts are returned too (``loop_hop_*``). Encrypted is the judged loop
+    (``dso_loop``); signed only gives ``dso_loop_signed`` and hops ending ``_signed``.
     """
+    suffix = "" if security == "encrypted" else f"_{security}"
     port = free_port()
     sim = SimProcess(sim_config, DEVICE_104, port, free_port())
     await sim.start()
-    out: Series = {
-        k: []
-        for k in (
-            "dso_loop",
-            "loop_hop_flex_to_ams_db",
-            "loop_hop_ams_db_to_activation_sent",
-            "loop_hop_activation_to_mgms_db",
-            "loop_hop_mgms_db_to_command_sent",
-            "loop_hop_command_to_confirmed",
-            "loop_hop_verification_to_ams_db",
-            "loop_hop_ams_db_to_settled",
-        )
-    }
+    loop_key = f"dso_loop{suffix}"
+    hop = {h: f"loop_hop_{h}{suffix}" for h in LOOP_HOPS}
+    out: Series = {k: [] for k in (loop_key, *hop.values())}
     ac = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
     ams_m = build_messenger(
         box.messaging(AMS, transport=transport, security=security, mqtt={"unique_id": True}), ac, prefix="ams:loop"
@@ -683,15 +687,15 @@ async def loop_phase(
                 part1 = confirm_ns - created
                 part2 = settled_ns - ver_created
                 ms = 1e-6
-                out["dso_loop"].append((part1 + part2) * ms)
-                out["loop_hop_flex_to_ams_db"].append((int(fh["stored_ns"]) - created) * ms)
-                out["loop_hop_ams_db_to_activation_sent"].append((int(ah["sent_ns"]) - int(fh["stored_ns"])) * ms)
-                out["loop_hop_activation_to_mgms_db"].append((int(mh["stored_ns"]) - int(ah["sent_ns"])) * ms)
-                out["loop_hop_mgms_db_to_command_sent"].append((sent_ns - int(mh["stored_ns"])) * ms)
-                out["loop_hop_command_to_confirmed"].append((confirm_ns - sent_ns) * ms)
+                out[loop_key].append((part1 + part2) * ms)
+                out[hop["flex_to_ams_db"]].append((int(fh["stored_ns"]) - created) * ms)
+                out[hop["ams_db_to_activation_sent"]].append((int(ah["sent_ns"]) - int(fh["stored_ns"])) * ms)
+                out[hop["activation_to_mgms_db"]].append((int(mh["stored_ns"]) - int(ah["sent_ns"])) * ms)
+                out[hop["mgms_db_to_command_sent"]].append((sent_ns - int(mh["stored_ns"])) * ms)
+                out[hop["command_to_confirmed"]].append((confirm_ns - sent_ns) * ms)
                 settle = await ac.hgetall(ams.keys.settlement(act_id))
-                out["loop_hop_verification_to_ams_db"].append((int(settle["stored_ns"]) - ver_created) * ms)
-                out["loop_hop_ams_db_to_settled"].append((settled_ns - int(settle["stored_ns"])) * ms)
+                out[hop["verification_to_ams_db"]].append((int(settle["stored_ns"]) - ver_created) * ms)
+                out[hop["ams_db_to_settled"]].append((settled_ns - int(settle["stored_ns"])) * ms)
                 progress.step(label, i + 1, n)
             # let the last restore (breaker close) finish before the gateway stops
             await _until(lambda: not agent._busy_resources(), 10, "the last restore")
@@ -701,5 +705,5 @@ async def loop_phase(
         await ams_m.close()
         await ac.aclose()
         await sim.stop()
-    _finish(progress, label, out["dso_loop"], n)
+    _finish(progress, label, out[loop_key], n)
     return out

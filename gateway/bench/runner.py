@@ -37,6 +37,7 @@ from gateway.bench.progress import Progress
 from gateway.bench.report import RouteSpec, apply_clock, build_report, table, write_outputs
 from gateway.bench.routes import (
     AMS,
+    LOOP_HOPS,
     MGMS,
     Series,
     dlms_phase,
@@ -129,30 +130,28 @@ ROUTES: tuple[RouteSpec, ...] = (
         measures="a read requested from the gateway's DLMS adapter (HLS-GMAC, WRAPPER) -> GET round trip -> the "
         "value stored in Redis.",
     ),
-    RouteSpec(
-        "dso_loop",
-        "DSO loop: flexibility -> activation -> breaker -> settled (encrypted)",
-        "MQTT + IEC 104",
-        "MGMS -> AMS -> MGMS -> AMS",
-        "floor_mqtt+floor_mqtt+floor_c104_command+floor_mqtt",
-        loop=True,
-        measures="(breaker open confirmed - flexibility created) + (verification settled at the AMS - verification "
-        "created): the AMS clears, reserves and activates at once; the activation window and the restore are "
-        "scheduled waits and left out; breaker travel 0. Floor: three bare MQTT hops and a bare c104 command.",
-        start_host="mgms",
-        end_host="ams",
+    *(
+        RouteSpec(
+            f"dso_loop{suffix}",
+            f"DSO loop: flexibility -> activation -> breaker -> settled ({sec})",
+            "MQTT + IEC 104",
+            "MGMS -> AMS -> MGMS -> AMS",
+            "floor_mqtt+floor_mqtt+floor_c104_command+floor_mqtt",
+            loop=True,
+            measures="(breaker open confirmed - flexibility created) + (verification settled at the AMS - "
+            "verification created), every message " + sec + ": the AMS clears, reserves and activates at once; "
+            "the activation window and the restore are scheduled waits and left out; breaker travel 0. Floor: "
+            "three bare MQTT hops and a bare c104 command.",
+            start_host="mgms",
+            end_host="ams",
+        )
+        for suffix, sec in (("_signed", "signed"), ("", "encrypted"))
     ),
 )
 
-#: Whose clocks stamp each DSO-loop hop (start, end).
+#: Whose clocks stamp each DSO-loop hop (start, end), for both loops (encrypted, signed).
 HOP_HOSTS: dict[str, tuple[Host, Host]] = {
-    "loop_hop_flex_to_ams_db": ("mgms", "ams"),
-    "loop_hop_ams_db_to_activation_sent": ("ams", "ams"),
-    "loop_hop_activation_to_mgms_db": ("ams", "mgms"),
-    "loop_hop_mgms_db_to_command_sent": ("mgms", "mgms"),
-    "loop_hop_command_to_confirmed": ("mgms", "mgms"),
-    "loop_hop_verification_to_ams_db": ("mgms", "ams"),
-    "loop_hop_ams_db_to_settled": ("ams", "ams"),
+    f"loop_hop_{hop}{suffix}": hosts for hop, hosts in LOOP_HOPS.items() for suffix in ("", "_signed")
 }
 
 
@@ -303,8 +302,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 progress.note("phase messages: TLS mosquitto + HTTPS, two Redis, MGMS and AMS Messengers")
                 series.update(await messages_phase(box, mgms_redis, ams_redis, n, progress))
             if "loop" in phases and box is not None and loop_n > 0:
-                progress.note("phase loop: gateway + FlexAgent + AMS service, MQTT, encrypted")
-                series.update(await loop_phase(sim_config, base, box, mgms_redis, ams_redis, loop_n, progress))
+                progress.note("phase loop: gateway + FlexAgent + AMS service, MQTT, signed then encrypted")
+                for security in ("signed", "encrypted"):
+                    series.update(
+                        await loop_phase(
+                            sim_config, base, box, mgms_redis, ams_redis, loop_n, progress, security=security
+                        )
+                    )
             if box is not None:
                 progress.note("clock offset MGMS -> AMS: NTP-style exchanges over HTTPS and MQTT (loopback)")
                 estimates = [await _local_clock(box), await _local_clock_mqtt(box)]
