@@ -346,7 +346,7 @@ def plots(report: Mapping[str, Any], series: Mapping[str, Sequence[float]], out:
     axes[0, 0].legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("ms (log)")
     fig.tight_layout()
-    fig.savefig(out / "latency_distributions.png", dpi=90)
+    fig.savefig(out / "latency_distributions.png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     files.append("latency_distributions.png")
 
@@ -362,7 +362,7 @@ def plots(report: Mapping[str, Any], series: Mapping[str, Sequence[float]], out:
     ax.invert_yaxis()
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "median_vs_floor.png", dpi=90)
+    fig.savefig(out / "median_vs_floor.png", dpi=90, bbox_inches="tight")  # long route names
     plt.close(fig)
     files.append("median_vs_floor.png")
     return files

@@ -130,8 +130,9 @@ class _ThreadBridge(EventBuffer):
 
 @dataclass
 class _TxWatch:
-    """What the device has answered to one c104 ``transmit()`` so far (loop thread only),
-    so that a c104 wait that missed its wake-up can be told from one still due."""
+    """What the device has answered so far to one blocking c104 call (``transmit()``,
+    ``read()``, ``interrogation()``; loop thread only), so that a c104 wait that missed its
+    wake-up can be told from one still due."""
 
     sbo: bool
     started: float
