@@ -564,6 +564,13 @@ class Iec104Adapter(Adapter):
         if not ok:
             raise LinkError(self.device.name, "general interrogation not confirmed")
 
+    async def _after_previous(self, calls: dict[int, asyncio.Future[bool]], ioa: int) -> None:
+        """Wait (bounded) for the previous call of this kind on the point: c104 refuses a
+        second transmit or read of a point while the first one's thread still waits."""
+        previous = calls.get(ioa)
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous}, timeout=self.device.command_timeout_s)
+
     def _c104_call(self, fn: Callable[..., bool], watch: _TxWatch, **kwargs: Any) -> asyncio.Future[bool]:
         """Run a blocking c104 call that waits for the device's answer, under a watchdog that
         wakes it if it misses that answer (module doc); kept and collected in close()."""
@@ -585,11 +592,8 @@ class Iec104Adapter(Adapter):
         self._readers.setdefault(point, []).append(fut)
         ioa = iec104_address(pt).ioa
         cp = self._c104_mon[ioa]
-        previous = self._read_by_ioa.get(ioa)
-        if previous is not None and not previous.done():
-            # c104 refuses a second read of a point while its thread for the first one still
-            # waits to be woken by the answer we already took
-            await asyncio.wait({previous}, timeout=self.device.command_timeout_s)
+        # the first read's c104 thread may still wait to be woken by the answer we took
+        await self._after_previous(self._read_by_ioa, ioa)
         watch = _TxWatch(sbo=False, started=time.monotonic())
         call = self._c104_call(cp.read, watch)  # waits for the value c104 matches to it
         self._read_by_ioa[ioa] = call
@@ -708,11 +712,8 @@ class Iec104Adapter(Adapter):
         if ioa in self._pending:
             raise CommandRejected(pt.name, "another command on this point is still in progress")
         assert self._loop is not None
-        previous = self._tx_by_ioa.get(ioa)
-        if previous is not None and not previous.done():
-            # c104 refuses a second transmit on a point while the first one still waits for
-            # its ACTTERM (SBO transmit() blocks through the whole breaker travel).
-            await asyncio.wait({previous}, timeout=self.device.command_timeout_s)
+        # an SBO transmit() blocks through the whole breaker travel, until its ACTTERM
+        await self._after_previous(self._tx_by_ioa, ioa)
         cp = self._c104_cmd[pt.name]
         sbo = pt.select_before_operate or request.select_before_operate
         cp.command_mode = c104.CommandMode.SELECT_AND_EXECUTE if sbo else c104.CommandMode.DIRECT
