@@ -43,7 +43,7 @@ import math
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +52,7 @@ import c104
 from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, LinkError
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
-from gateway.protocols.base import Adapter, LinkState, LinkStateChange
+from gateway.protocols.base import LinkState, LinkStateChange
 from gateway.protocols.iec104.common import COMMAND_VALUE_LEN as _COMMAND_VALUE_LEN
 from gateway.protocols.iec104.common import (
     COT_ACTCON,
@@ -60,6 +60,7 @@ from gateway.protocols.iec104.common import (
     Confirmation,
     Event,
     EventBuffer,
+    Iec104AdapterBase,
     backoff_delay,
     parse_command_reply,
     parse_confirmation,
@@ -150,7 +151,7 @@ class _TxWatch:
         return None
 
 
-class Iec104Adapter(Adapter):
+class Iec104Adapter(Iec104AdapterBase):
     """One IEC 104 connection (one c104 client) to one device/station."""
 
     def __init__(self, device: Device, points: tuple[Point, ...], *, queue_max: int = 200_000) -> None:
@@ -165,7 +166,7 @@ class Iec104Adapter(Adapter):
         self._readers: dict[str, list[asyncio.Future[PointUpdate]]] = {}
         self._counters: collections.Counter[str] = collections.Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._bridge: _ThreadBridge | None = None
+        self._buffer: _ThreadBridge | None = None
         self._client: Any = None
         self._conn: Any = None
         self._station: Any = None
@@ -194,7 +195,7 @@ class Iec104Adapter(Adapter):
         if self._supervisor is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._bridge = _ThreadBridge(self._loop, self._queue_max)
+        self._buffer = _ThreadBridge(self._loop, self._queue_max)
         self._build_client()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"iec104:{self.device.name}")
         if self.device.gi_period_s > 0:
@@ -239,27 +240,8 @@ class Iec104Adapter(Adapter):
             if not fut.done():
                 fut.cancel()
         self._set_state(LinkState.CLOSED, "closed")
-        if self._bridge is not None:
-            self._bridge.wake()
-
-    @property
-    def link_state(self) -> LinkState:
-        return self._state
-
-    def stats(self) -> dict[str, int]:
-        out = dict(self._counters)
-        if self._bridge is not None:
-            out["events_dropped"] = self._bridge.dropped
-        return out
-
-    async def events(self) -> AsyncIterator[Event]:
-        assert self._bridge is not None, "start() first"
-        bridge = self._bridge
-        while True:
-            if self._closing and not bridge.pending:
-                return  # closed and drained: the stream ends
-            for item in await bridge.get_batch():
-                yield item
+        if self._buffer is not None:
+            self._buffer.wake()
 
     # ----------------------------------------------------------------- c104 wiring
 
@@ -417,8 +399,8 @@ class Iec104Adapter(Adapter):
         return on_new_point
 
     def _emit(self, item: Event) -> None:
-        assert self._bridge is not None
-        self._bridge.push(item)
+        assert self._buffer is not None
+        self._buffer.push(item)
         if isinstance(item, PointUpdate) and item.point in self._readers and self._loop is not None:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._resolve_readers, item)
@@ -435,8 +417,8 @@ class Iec104Adapter(Adapter):
             return
         self._state = state
         log.info("%s: link %s%s", self.device.name, state.value, f" ({reason})" if reason else "")
-        if self._bridge is not None:
-            self._bridge.push(LinkStateChange(self.device.name, state, reason))
+        if self._buffer is not None:
+            self._buffer.push(LinkStateChange(self.device.name, state, reason))
 
     def _on_c104_state(self, name: str) -> None:
         if name == "OPEN":

@@ -30,13 +30,13 @@ import math
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Final
 
 from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, DeviceError, LinkError
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
-from gateway.protocols.base import Adapter, LinkState, LinkStateChange
+from gateway.protocols.base import LinkState, LinkStateChange
 from gateway.protocols.iec104.codec import (
     MONITOR_TYPE_IDS,
     SEQ_MODULO,
@@ -70,6 +70,7 @@ from gateway.protocols.iec104.common import (
     Confirmation,
     Event,
     EventBuffer,
+    Iec104AdapterBase,
     backoff_delay,
     command_reply,
 )
@@ -365,7 +366,7 @@ class _Link(asyncio.Protocol):
         self._arm(max(min(deadlines), t + 0.001))
 
 
-class AsyncIec104Adapter(Adapter):
+class AsyncIec104Adapter(Iec104AdapterBase):
     """One IEC 104 connection to one device/station, driven by the event loop alone."""
 
     def __init__(self, device: Device, points: tuple[Point, ...], *, queue_max: int = 200_000) -> None:
@@ -385,7 +386,7 @@ class AsyncIec104Adapter(Adapter):
         self._state = LinkState.CLOSED
         self._rng = random.Random()
         self._counters: collections.Counter[str] = collections.Counter()
-        self._queue: _EventQueue | None = None
+        self._buffer: _EventQueue | None = None
         self._tls: ssl.SSLContext | None = None
         self._link: _Link | None = None
         self._up = asyncio.Event()
@@ -406,7 +407,7 @@ class AsyncIec104Adapter(Adapter):
             return
         # TLS first: a bad certificate file is a ConfigError before anything runs.
         self._tls = client_tls_context(self.device) if self.device.tls.enabled else None
-        self._queue = _EventQueue(self._queue_max)
+        self._buffer = _EventQueue(self._queue_max)
         self._closing = False
         self._supervisor = asyncio.create_task(self._supervise(), name=f"iec104-aio:{self.device.name}")
         if self.device.gi_period_s > 0:
@@ -437,27 +438,8 @@ class AsyncIec104Adapter(Adapter):
         self._up.clear()
         self._fail_pending("adapter closed")
         self._set_state(LinkState.CLOSED, "closed")
-        if self._queue is not None:
-            self._queue.wake()
-
-    @property
-    def link_state(self) -> LinkState:
-        return self._state
-
-    def stats(self) -> dict[str, int]:
-        out = dict(self._counters)
-        if self._queue is not None:
-            out["events_dropped"] = self._queue.dropped
-        return out
-
-    async def events(self) -> AsyncIterator[Event]:
-        assert self._queue is not None, "start() first"
-        queue = self._queue
-        while True:
-            if self._closing and not queue.pending:
-                return  # closed and drained: the stream ends
-            for item in await queue.get_batch():
-                yield item
+        if self._buffer is not None:
+            self._buffer.wake()
 
     # ----------------------------------------------------------------- receiving
 
@@ -501,8 +483,8 @@ class AsyncIec104Adapter(Adapter):
                 values += 1
         if updates:
             self._counters["values"] += values
-            assert self._queue is not None
-            self._queue.put_many(updates)
+            assert self._buffer is not None
+            self._buffer.put_many(updates)
             if self._readers:
                 for upd in updates:
                     assert isinstance(upd, PointUpdate)
@@ -580,8 +562,8 @@ class AsyncIec104Adapter(Adapter):
             return
         self._state = state
         log.info("%s: link %s%s", self.device.name, state.value, f" ({reason})" if reason else "")
-        if self._queue is not None:
-            self._queue.put(LinkStateChange(self.device.name, state, reason))
+        if self._buffer is not None:
+            self._buffer.put(LinkStateChange(self.device.name, state, reason))
 
     async def _connect(self) -> _Link:
         """TCP (and TLS) within t0, then STARTDT confirmed within t1."""

@@ -13,10 +13,11 @@ import logging
 import random
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gateway.points import PointUpdate, now
-from gateway.protocols.base import LinkStateChange
+from gateway.protocols.base import Adapter, LinkState, LinkStateChange
 
 log = logging.getLogger("gateway.protocols.iec104")
 
@@ -31,6 +32,7 @@ __all__ = [
     "Confirmation",
     "Event",
     "EventBuffer",
+    "Iec104AdapterBase",
     "backoff_delay",
     "command_reply",
     "parse_command_reply",
@@ -82,6 +84,39 @@ class EventBuffer:
     def wake(self) -> None:
         """From the loop: make a waiting consumer look again (e.g. at close)."""
         self._event.set()
+
+    async def get_batch(self, limit: int = 4096) -> list[Event]:
+        """Up to ``limit`` events; [] only when woken with nothing to give (close)."""
+        raise NotImplementedError
+
+
+class Iec104AdapterBase(Adapter):
+    """What both IEC 104 client engines share around their event buffer: the link state, the
+    counters with the buffer's drops, and an event stream that ends once closed and drained."""
+
+    _state: LinkState
+    _counters: collections.Counter[str]
+    _closing: bool
+    _buffer: EventBuffer | None
+
+    @property
+    def link_state(self) -> LinkState:
+        return self._state
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self._counters)
+        if self._buffer is not None:
+            out["events_dropped"] = self._buffer.dropped
+        return out
+
+    async def events(self) -> AsyncIterator[Event]:
+        assert self._buffer is not None, "start() first"
+        buffer = self._buffer
+        while True:
+            if self._closing and not buffer.pending:
+                return  # closed and drained: the stream ends
+            for item in await buffer.get_batch():
+                yield item
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
