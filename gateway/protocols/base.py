@@ -10,11 +10,13 @@ every protocol); the adapter only reports the device's own answer (e.g. 104 ACTC
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from gateway.config import Device, Point
+from gateway.errors import LinkError
 from gateway.points import CommandRequest, PointUpdate, now
 
 
@@ -48,6 +50,9 @@ class Adapter(abc.ABC):
         await adapter.close()
     """
 
+    #: set while the link is up (every adapter keeps it; :meth:`wait_connected` waits on it)
+    _up: asyncio.Event
+
     def __init__(self, device: Device, points: tuple[Point, ...]) -> None:
         self.device = device
         self.points = points
@@ -56,9 +61,17 @@ class Adapter(abc.ABC):
     async def start(self) -> None:
         """Begin connecting; reconnects by itself until :meth:`close`."""
 
-    @abc.abstractmethod
     async def wait_connected(self, timeout_s: float) -> None:
         """Return once the link is up (raise LinkError after ``timeout_s``)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._up.wait()
+        except TimeoutError:
+            raise LinkError(self.device.name, f"not connected within {timeout_s:g} s{self._why_down()}") from None
+
+    def _why_down(self) -> str:
+        """What the adapter knows of why it is not up, for the error (e.g. " (last error)")."""
+        return ""
 
     @abc.abstractmethod
     async def close(self) -> None:

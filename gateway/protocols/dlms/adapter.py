@@ -275,13 +275,8 @@ class DlmsAdapter(Adapter):
             raise DeviceError(self.device.name, str(exc)) from None
         self._task = asyncio.create_task(self._supervise(), name=f"dlms:{self.device.name}")
 
-    async def wait_connected(self, timeout_s: float) -> None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._up.wait()
-        except TimeoutError:
-            extra = f" ({self.last_error})" if self.last_error else ""
-            raise LinkError(self.device.name, f"not connected within {timeout_s:g} s{extra}") from None
+    def _why_down(self) -> str:
+        return f" ({self.last_error})" if self.last_error else ""
 
     async def close(self) -> None:
         self._closing = True

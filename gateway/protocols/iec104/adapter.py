@@ -201,13 +201,6 @@ class Iec104Adapter(Iec104AdapterBase):
         if self.device.gi_period_s > 0:
             self._gi_task = asyncio.create_task(self._periodic_gi(), name=f"iec104-gi:{self.device.name}")
 
-    async def wait_connected(self, timeout_s: float) -> None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._up.wait()
-        except TimeoutError:
-            raise LinkError(self.device.name, f"not connected within {timeout_s:g} s") from None
-
     async def close(self) -> None:
         self._closing = True
         self._lost.set()

@@ -272,13 +272,6 @@ class Iec61850Adapter(Adapter):
         except TlsSetupError as exc:
             raise LinkError(self.device.name, f"TLS: {exc}") from None
 
-    async def wait_connected(self, timeout_s: float) -> None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._up.wait()
-        except TimeoutError:
-            raise LinkError(self.device.name, f"not connected within {timeout_s:g} s") from None
-
     async def close(self) -> None:
         self._closing = True
         self._lost.set()
