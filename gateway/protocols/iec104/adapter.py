@@ -508,16 +508,6 @@ class Iec104Adapter(Iec104AdapterBase):
             if not fut.done():
                 fut.set_exception(LinkError(self.device.name, reason))
 
-    async def _periodic_gi(self) -> None:
-        period = self.device.gi_period_s
-        while not self._closing:
-            await asyncio.sleep(period)
-            if self._state is LinkState.UP:
-                try:
-                    await self.interrogate()
-                except LinkError as exc:
-                    log.warning("%s: periodic interrogation failed: %s", self.device.name, exc)
-
     # ----------------------------------------------------------------- requests
 
     def _require_up(self) -> None:

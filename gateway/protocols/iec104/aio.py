@@ -648,16 +648,6 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 if not r.done():
                     r.set_exception(err)
 
-    async def _periodic_gi(self) -> None:
-        period = self.device.gi_period_s
-        while not self._closing:
-            await asyncio.sleep(period)
-            if self._state is LinkState.UP:
-                try:
-                    await self.interrogate()
-                except LinkError as exc:
-                    log.warning("%s: periodic interrogation failed: %s", self.device.name, exc)
-
     # ----------------------------------------------------------------- requests
 
     def _require_link(self) -> _Link:

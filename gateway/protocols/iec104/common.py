@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from gateway.errors import LinkError
 from gateway.points import PointUpdate, now
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
 
@@ -92,7 +93,8 @@ class EventBuffer:
 
 class Iec104AdapterBase(Adapter):
     """What both IEC 104 client engines share around their event buffer: the link state, the
-    counters with the buffer's drops, and an event stream that ends once closed and drained."""
+    counters with the buffer's drops, an event stream that ends once closed and drained, and
+    the periodic general interrogation (``gi_period_s``)."""
 
     _state: LinkState
     _counters: collections.Counter[str]
@@ -108,6 +110,16 @@ class Iec104AdapterBase(Adapter):
         if self._buffer is not None:
             out["events_dropped"] = self._buffer.dropped
         return out
+
+    async def _periodic_gi(self) -> None:
+        period = self.device.gi_period_s
+        while not self._closing:
+            await asyncio.sleep(period)
+            if self._state is LinkState.UP:
+                try:
+                    await self.interrogate()
+                except LinkError as exc:
+                    log.warning("%s: periodic interrogation failed: %s", self.device.name, exc)
 
     async def events(self) -> AsyncIterator[Event]:
         assert self._buffer is not None, "start() first"
