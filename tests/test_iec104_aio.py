@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from iec104kit import DEVICE, FAST, Starter, Watched, outstations_and_adapters, until
 
 from gateway.config import LabConfig, load_config
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, ConfigError, LinkError
@@ -44,8 +45,6 @@ pytestmark = pytest.mark.timeout(40)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_CONFIG = ROOT / "lab_configs" / "multipower-sim.yaml"
-DEVICE = "ref615"
-FAST = {"t0_s": 2, "t1_s": 2, "t2_s": 1, "t3_s": 1, "k": 12, "w": 8}
 
 
 @pytest.fixture(scope="module")
@@ -67,85 +66,16 @@ def gateway_config(cfg: LabConfig, port: int, **device: Any) -> LabConfig:
     return cfg.with_device(DEVICE, **changes)
 
 
-class Watched:
-    """An adapter whose event stream is collected by a task."""
-
-    def __init__(self, adapter: AsyncIec104Adapter) -> None:
-        self.adapter = adapter
-        self.values: list[PointUpdate] = []
-        self.links: list[LinkStateChange] = []
-        self.task: asyncio.Task[None] | None = None
-
-    async def _consume(self) -> None:
-        async for ev in self.adapter.events():
-            if isinstance(ev, PointUpdate):
-                self.values.append(ev)
-            else:
-                self.links.append(ev)
-
-    async def start(self) -> Watched:
-        await self.adapter.start()
-        self.task = asyncio.create_task(self._consume())
-        return self
-
-    async def close(self) -> None:
-        await self.adapter.close()
-        if self.task is not None:
-            async with asyncio.timeout(5):
-                await self.task
-
-    def latest(self, point: str, where: Callable[[PointUpdate], bool] = lambda u: True) -> PointUpdate | None:
-        return next((v for v in reversed(self.values) if v.point == point and where(v)), None)
-
-    def downs(self) -> list[LinkStateChange]:
-        return [c for c in self.links if c.state is LinkState.DOWN]
-
-
-Starter = Callable[..., Awaitable[Any]]
-
-
 @pytest.fixture
 async def running() -> AsyncIterator[Starter]:
-    """Start outstations and adapters; all closed (adapters first) at the end, no task left."""
-    sims: list[Iec104Outstation] = []
-    adapters: list[Watched] = []
-
-    async def start(obj: LabConfig | AsyncIec104Adapter, port: int = 0) -> Any:
-        if isinstance(obj, AsyncIec104Adapter):
-            w = await Watched(obj).start()
-            adapters.append(w)
-            return w
-        o = Iec104Outstation(obj, DEVICE, host="127.0.0.1", port=port)
-        await o.start()
-        sims.append(o)
-        return o
-
-    try:
+    async with outstations_and_adapters() as start:
         yield start
-    finally:
-        for w in adapters:
-            await w.close()
-        for o in sims:
-            await o.close()
-        await asyncio.sleep(0)
-        me = asyncio.current_task()
-        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        assert not left, f"tasks left behind: {left}"
 
 
 def adapter_for(cfg: LabConfig) -> AsyncIec104Adapter:
     adapter = create_adapter(cfg.devices[DEVICE], cfg.points_of(DEVICE))
     assert isinstance(adapter, AsyncIec104Adapter)
     return adapter
-
-
-async def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (got := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s:g} s: {what}")
-        await asyncio.sleep(0.02)
-    return got
 
 
 def monitor_names(cfg: LabConfig) -> set[str]:

@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from iec104kit import DEVICE, FAST, Starter, Watched, outstations_and_adapters, until
 
 from gateway.config import LabConfig, load_config
 from gateway.errors import ConfigError
 from gateway.iedsim.iec104 import Iec104Outstation
 from gateway.iedsim.pki import LabPki, make_lab_pki
-from gateway.points import CommandRequest, PointUpdate, UpdateCause
+from gateway.points import CommandRequest, UpdateCause
 from gateway.protocols.base import LinkState, LinkStateChange
 from gateway.protocols.iec104.adapter import Iec104Adapter
 from gateway.protocols.iec104.tls import TlsBridge, client_tls_context
@@ -31,8 +31,6 @@ pytestmark = pytest.mark.timeout(40)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_CONFIG = ROOT / "lab_configs" / "multipower-sim.yaml"
-DEVICE = "ref615"
-FAST = {"t0_s": 2, "t1_s": 2, "t2_s": 1, "t3_s": 1, "k": 12, "w": 8}
 
 
 @pytest.fixture(scope="module")
@@ -71,76 +69,14 @@ def gateway_config(cfg: LabConfig, port: int, **tls: Any) -> LabConfig:
     )
 
 
-class Watched:
-    """An adapter whose event stream is collected by a task."""
-
-    def __init__(self, adapter: Iec104Adapter) -> None:
-        self.adapter = adapter
-        self.values: list[PointUpdate] = []
-        self.links: list[LinkStateChange] = []
-        self.task: asyncio.Task[None] | None = None
-
-    async def _consume(self) -> None:
-        async for ev in self.adapter.events():
-            if isinstance(ev, PointUpdate):
-                self.values.append(ev)
-            else:
-                self.links.append(ev)
-
-    async def start(self) -> Watched:
-        await self.adapter.start()
-        self.task = asyncio.create_task(self._consume())
-        return self
-
-    async def close(self) -> None:
-        await self.adapter.close()
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 5)
-
-
-Starter = Callable[..., Awaitable[Any]]
-
-
 @pytest.fixture
 async def running() -> AsyncIterator[Starter]:
-    """Start outstations and adapters; all closed (adapters first) at the end, no task left."""
-    sims: list[Iec104Outstation] = []
-    adapters: list[Watched] = []
-
-    async def start(obj: LabConfig | Iec104Adapter) -> Any:
-        if isinstance(obj, Iec104Adapter):
-            w = await Watched(obj).start()
-            adapters.append(w)
-            return w
-        o = Iec104Outstation(obj, DEVICE, host="127.0.0.1", port=0)
-        await o.start()
-        sims.append(o)
-        return o
-
-    try:
+    async with outstations_and_adapters() as start:
         yield start
-    finally:
-        for w in adapters:
-            await w.close()
-        for o in sims:
-            await o.close()
-        await asyncio.sleep(0)
-        me = asyncio.current_task()
-        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        assert not left, f"tasks left behind: {left}"
 
 
 def adapter_for(cfg: LabConfig) -> Iec104Adapter:
     return Iec104Adapter(cfg.devices[DEVICE], cfg.points_of(DEVICE))
-
-
-async def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (got := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout_s:g} s: {what}")
-        await asyncio.sleep(0.02)
-    return got
 
 
 def downs_at_least(w: Watched, n: int) -> list[LinkStateChange] | None:
