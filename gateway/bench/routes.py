@@ -25,17 +25,20 @@ import asyncio
 import contextlib
 import json
 import secrets
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
+import yaml
 
 from ams.sandbox import DsoSandbox, feeder_flexibility
-from ams.service import AmsService, AmsSettings, MicrogridEntry
+from ams.service import AmsKeys
 from gateway.bench.clock import Host
 from gateway.bench.floors import aiohttp_floor, paho_floor
 from gateway.bench.progress import Progress
@@ -46,7 +49,7 @@ from gateway.messaging import Messenger, Received, build_messenger
 from gateway.points import DoublePoint, PointUpdate
 from gateway.protocols.iec104.bare import BareC104, ioa_of
 from gateway.runtime import Gateway
-from gateway.semantic import ActivationNotification, Envelope, Flexibility, FlexibilityType, VerificationNotification
+from gateway.semantic import ActivationNotification, Envelope, Flexibility, FlexibilityType
 from gateway.semantic.envelope import serialise
 from gateway.services import RedisServer, free_port
 from gateway.store import RedisStore
@@ -586,22 +589,74 @@ async def messages_phase(
 # ---------------------------------------------------------------------------- the DSO loop
 
 
-class ProbedAms(AmsService):
-    """The AMS service with one extra probe: when a verification was settled (AMS clock).
+class AmsProcess:
+    """``ams run`` in its own process, as a deployment runs it: the AMS's Python work does not
+    share the MGMS's event loop and core (HEILA ran them on separate machines).
 
-    The settlement record holds when the verification was stored, not when the worker
-    finished settling it; this subclass notes that moment so the loop can end there.
+    The loop ends when the settlement is visible in the AMS Redis: the bench blocks on the
+    AMS's settlement stream and notes the moment the entry arrives.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.settled: dict[str, tuple[int, int]] = {}  # activation id -> (verification created, settled ns)
-        self.settled_event = asyncio.Event()
+    def __init__(self, box: DsoSandbox, redis_url: str, transport: str, security: Security) -> None:
+        self.box = box
+        self.redis_url = redis_url
+        self.transport = transport
+        self.security = security
+        self.log_file = box.directory / f"ams-loop-{security}.log"
+        self.proc: asyncio.subprocess.Process | None = None
 
-    async def on_verification(self, item: Received, ver: VerificationNotification) -> None:
-        await super().on_verification(item, ver)
-        self.settled[ver.activation_ref or ""] = (item.created_ns, time.time_ns())
-        self.settled_event.set()
+    async def start(self, client: aioredis.Redis, timeout_s: float = 30.0) -> None:
+        messaging = self.box.messaging(
+            AMS, transport=cast(Any, self.transport), security=self.security, mqtt={"unique_id": True}
+        )
+        cfg = self.box.directory / f"ams-loop-{self.security}.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "messaging": messaging.model_dump(mode="json"),
+                    "microgrids": [{"participant": MGMS, "location": LOCATION}],
+                }
+            )
+        )
+        with self.log_file.open("wb") as log_out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ams.cli", "run", "-c", str(cfg), "--redis-url", self.redis_url,
+                "--worker", "bench", stdout=asyncio.subprocess.DEVNULL, stderr=log_out,
+            )  # fmt: skip
+        keys = AmsKeys(AMS)
+        async with asyncio.timeout(timeout_s):
+            while True:  # up when subscribed (a flexibility sent before would be missed) and registered
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"ams run exited ({self.proc.returncode}): {self.log_tail()}")
+                subscribed = "subscribed to" in self.log_file.read_text(errors="replace")
+                if subscribed and await client.hexists(keys.microgrids, MGMS):
+                    return
+                await asyncio.sleep(0.05)
+
+    def log_tail(self) -> str:
+        return self.log_file.read_text(errors="replace")[-2000:]
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 20)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def _next_settlement(client: aioredis.Redis, key: str, act_id: str, last: list[str]) -> tuple[int, int]:
+    """Block on the AMS settlement stream until ``act_id`` is settled: (verification created
+    ns, seen ns). ``last`` holds the stream position between calls."""
+    while True:
+        resp: Any = await client.xread({key: last[0]}, block=1000)
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                last[0] = entry_id
+                if fields.get("activation") == act_id:
+                    return int(fields["created_ns"]), time.time_ns()
 
 
 async def loop_phase(
@@ -630,17 +685,13 @@ async def loop_phase(
     hop = {h: f"loop_hop_{h}{suffix}" for h in LOOP_HOPS}
     out: Series = {k: [] for k in (loop_key, *hop.values())}
     ac = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
-    ams_m = build_messenger(
-        box.messaging(AMS, transport=transport, security=security, mqtt={"unique_id": True}), ac, prefix="ams:loop"
-    )
-    await ams_m.start()
-    ams = ProbedAms(
-        AmsSettings(microgrids=(MicrogridEntry(participant=MGMS, location=LOCATION),)), ac, AMS, messenger=ams_m
-    )
-    ams_stop = asyncio.Event()
-    ams_task = asyncio.create_task(ams.run(ams_stop), name="bench-ams")
+    keys = AmsKeys(AMS)
+    ams = AmsProcess(box, ams_redis.url, transport, security)
     label = f"DSO loop ({transport.upper()}, {security}, travel 0, window excluded)"
     try:
+        await ams.start(ac)
+        newest = await ac.xrevrange(keys.settlements, count=1)
+        position = [str(newest[0][0]) if newest else "0-0"]
         await sim.control("travel 0")
         cfg = base.only(DEVICE_104).with_device(DEVICE_104, port=port, gi_period_s=0)
         cfg = cfg.model_copy(
@@ -655,7 +706,6 @@ async def loop_phase(
             await _until(lambda: gw.latest_value("feeder.p") is not None, 10, "a feeder power value")
             prefix = reader.keys.prefix
             for i in range(n):
-                ams.settled_event.clear()
                 sent: list[Flexibility] = []
                 async with asyncio.timeout(10):
                     while not sent:  # the previous activation may still hold the resource
@@ -666,15 +716,12 @@ async def loop_phase(
                 act_id = f"act:offer:{MGMS}:{flex.identifier}"
                 try:
                     async with asyncio.timeout(15):
-                        while act_id not in ams.settled:
-                            await ams.settled_event.wait()
-                            ams.settled_event.clear()
+                        ver_created, settled_ns = await _next_settlement(ac, keys.settlements, act_id, position)
                 except TimeoutError:
                     progress.note(f"  loop {i}: {act_id} not settled within 15 s")
                     continue
-                ver_created, settled_ns = ams.settled[act_id]
-                fh = await ac.hgetall(ams.keys.flex(MGMS, flex.identifier))
-                ah = await ac.hgetall(ams.keys.activation(act_id))
+                fh = await ac.hgetall(keys.flex(MGMS, flex.identifier))
+                ah = await ac.hgetall(keys.activation(act_id))
                 mh = await reader.redis.hgetall(f"{prefix}:flex:act:{act_id}")
                 commands = json.loads(mh.get("commands", "[]"))
                 if not commands or commands[0].get("result") != "confirmed":
@@ -693,16 +740,14 @@ async def loop_phase(
                 out[hop["activation_to_mgms_db"]].append((int(mh["stored_ns"]) - int(ah["sent_ns"])) * ms)
                 out[hop["mgms_db_to_command_sent"]].append((sent_ns - int(mh["stored_ns"])) * ms)
                 out[hop["command_to_confirmed"]].append((confirm_ns - sent_ns) * ms)
-                settle = await ac.hgetall(ams.keys.settlement(act_id))
+                settle = await ac.hgetall(keys.settlement(act_id))
                 out[hop["verification_to_ams_db"]].append((int(settle["stored_ns"]) - ver_created) * ms)
                 out[hop["ams_db_to_settled"]].append((settled_ns - int(settle["stored_ns"])) * ms)
                 progress.step(label, i + 1, n)
             # let the last restore (breaker close) finish before the gateway stops
             await _until(lambda: not agent._busy_resources(), 10, "the last restore")
     finally:
-        ams_stop.set()
-        await asyncio.wait_for(ams_task, 10)
-        await ams_m.close()
+        await ams.stop()
         await ac.aclose()
         await sim.stop()
     _finish(progress, label, out[loop_key], n)
