@@ -39,7 +39,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import random
 import ssl
 import time
@@ -62,6 +61,7 @@ from gateway.protocols.iec104.common import (
     EventBuffer,
     Iec104AdapterBase,
     backoff_delay,
+    command_value,
     parse_command_reply,
     parse_confirmation,
 )
@@ -643,29 +643,14 @@ class Iec104Adapter(Iec104AdapterBase):
             fut.set_result(conf)
 
     def _c104_value(self, pt: Point, value: float | int | bool) -> Any:
-        t = iec104_address(pt).type
-        if t.startswith("C_DC"):
-            try:
-                state = DoublePoint(int(value))
-            except ValueError:
-                raise CommandInvalid(pt.name, f"double command takes 1 (off) or 2 (on), not {value!r}") from None
-            if state not in (DoublePoint.ON, DoublePoint.OFF):
-                raise CommandInvalid(pt.name, "double command takes 1 (off) or 2 (on)")
-            return c104.Double.ON if state is DoublePoint.ON else c104.Double.OFF
-        if t.startswith("C_SC"):
-            return bool(value)
-        if isinstance(value, bool) or not math.isfinite(float(value)):
-            raise CommandInvalid(pt.name, f"set-point needs a finite number, not {value!r}")
-        if t in ("C_SE_NB_1", "C_SE_TB_1"):
-            raw = round(float(value))
-            if not -32768 <= raw <= 32767:
-                raise CommandInvalid(pt.name, f"scaled set-point {raw} outside -32768..32767")
-            return c104.Int16(raw)
-        if t in ("C_SE_NA_1", "C_SE_TA_1"):
-            if not -1.0 <= float(value) < 1.0:
-                raise CommandInvalid(pt.name, f"normalized set-point {value} outside -1..1")
-            return c104.NormalizedFloat(float(value))
-        return float(value)
+        kind, checked = command_value(pt, value)
+        if kind == "double":
+            return c104.Double.ON if checked == DoublePoint.ON else c104.Double.OFF
+        if kind == "scaled":
+            return c104.Int16(int(checked))
+        if kind == "normalized":
+            return c104.NormalizedFloat(float(checked))
+        return checked
 
     async def command(self, request: CommandRequest) -> float:
         pt = self._control.get(request.point)

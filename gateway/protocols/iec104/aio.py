@@ -26,16 +26,15 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, DeviceError, LinkError
-from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
+from gateway.points import CommandRequest, PointUpdate, Quality, UpdateCause, now
 from gateway.protocols.base import LinkState, LinkStateChange
 from gateway.protocols.iec104.codec import (
     MONITOR_TYPE_IDS,
@@ -67,16 +66,27 @@ from gateway.protocols.iec104.common import (
     COT_ACTCON,
     COT_ACTTERM,
     COT_UNKNOWN,
+    CommandKind,
     Confirmation,
     Event,
     EventBuffer,
     Iec104AdapterBase,
     backoff_delay,
     command_reply,
+    command_value,
 )
 from gateway.protocols.iec104.tls import _tls_failure, client_tls_context
 
 __all__ = ["AsyncIec104Adapter"]
+
+#: the codec's command element for each kind of checked command value
+_ELEMENTS: dict[CommandKind, Callable[[Any, bool], Element]] = {
+    "double": DoubleCommand,
+    "single": SingleCommand,
+    "scaled": ScaledSetpoint,
+    "normalized": NormalizedSetpoint,
+    "float": FloatSetpoint,
+}
 
 log = logging.getLogger(__name__)
 
@@ -704,34 +714,11 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                     del self._readers[point]
 
     def _element(self, pt: Point, value: float | int | bool) -> Callable[[bool], Element]:
-        """The command element for ``value`` as a function of the S/E bit; checks the value
-        the way the c104 adapter does, so both engines refuse the same requests."""
-        t = iec104_address(pt).type
-        if t.startswith("C_DC"):
-            try:
-                state = DoublePoint(int(value))
-            except ValueError:
-                raise CommandInvalid(pt.name, f"double command takes 1 (off) or 2 (on), not {value!r}") from None
-            if state not in (DoublePoint.ON, DoublePoint.OFF):
-                raise CommandInvalid(pt.name, "double command takes 1 (off) or 2 (on)")
-            return lambda select: DoubleCommand(int(state), select)
-        if t.startswith("C_SC"):
-            on = bool(value)
-            return lambda select: SingleCommand(on, select)
-        if isinstance(value, bool) or not math.isfinite(float(value)):
-            raise CommandInvalid(pt.name, f"set-point needs a finite number, not {value!r}")
-        if t in ("C_SE_NB_1", "C_SE_TB_1"):
-            raw = round(float(value))
-            if not -32768 <= raw <= 32767:
-                raise CommandInvalid(pt.name, f"scaled set-point {raw} outside -32768..32767")
-            return lambda select: ScaledSetpoint(raw, select)
-        if t in ("C_SE_NA_1", "C_SE_TA_1"):
-            if not -1.0 <= float(value) < 1.0:
-                raise CommandInvalid(pt.name, f"normalized set-point {value} outside -1..1")
-            nva = float(value)
-            return lambda select: NormalizedSetpoint(nva, select)
-        r32 = float(value)
-        return lambda select: FloatSetpoint(r32, select)
+        """The command element for ``value`` as a function of the S/E bit; the value is
+        checked by the check the c104 adapter uses too, so both engines refuse the same requests."""
+        kind, checked = command_value(pt, value)
+        element = _ELEMENTS[kind]
+        return lambda select: element(checked, select)
 
     async def _exchange(self, link: _Link, ioa: int, asdu: bytes, *, select: bool) -> Confirmation:
         """Send one command ASDU and wait for the device's answer to that phase."""

@@ -10,14 +10,17 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import random
 import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
-from gateway.errors import LinkError
-from gateway.points import PointUpdate, now
+from gateway.config import Point, iec104_address
+from gateway.errors import CommandInvalid, LinkError
+from gateway.points import DoublePoint, PointUpdate, now
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
 
 log = logging.getLogger("gateway.protocols.iec104")
@@ -30,12 +33,14 @@ __all__ = [
     "COT_ACTCON",
     "COT_ACTTERM",
     "COT_UNKNOWN",
+    "CommandKind",
     "Confirmation",
     "Event",
     "EventBuffer",
     "Iec104AdapterBase",
     "backoff_delay",
     "command_reply",
+    "command_value",
     "parse_command_reply",
     "parse_confirmation",
 ]
@@ -129,6 +134,38 @@ class Iec104AdapterBase(Adapter):
                 return  # closed and drained: the stream ends
             for item in await buffer.get_batch():
                 yield item
+
+
+#: the value kinds of IEC 104 commands, as :func:`command_value` tells them apart
+CommandKind = Literal["double", "single", "scaled", "normalized", "float"]
+
+
+def command_value(pt: Point, value: float | int | bool) -> tuple[CommandKind, int | bool | float]:
+    """The command value checked against the point's IEC 104 type, in protocol terms: both
+    engines refuse the same requests with the same reasons, then each builds its own object."""
+    t = iec104_address(pt).type
+    if t.startswith("C_DC"):
+        try:
+            state = DoublePoint(int(value))
+        except ValueError:
+            raise CommandInvalid(pt.name, f"double command takes 1 (off) or 2 (on), not {value!r}") from None
+        if state not in (DoublePoint.ON, DoublePoint.OFF):
+            raise CommandInvalid(pt.name, "double command takes 1 (off) or 2 (on)")
+        return "double", int(state)
+    if t.startswith("C_SC"):
+        return "single", bool(value)
+    if isinstance(value, bool) or not math.isfinite(float(value)):
+        raise CommandInvalid(pt.name, f"set-point needs a finite number, not {value!r}")
+    if t in ("C_SE_NB_1", "C_SE_TB_1"):
+        raw = round(float(value))
+        if not -32768 <= raw <= 32767:
+            raise CommandInvalid(pt.name, f"scaled set-point {raw} outside -32768..32767")
+        return "scaled", raw
+    if t in ("C_SE_NA_1", "C_SE_TA_1"):
+        if not -1.0 <= float(value) < 1.0:
+            raise CommandInvalid(pt.name, f"normalized set-point {value} outside -1..1")
+        return "normalized", float(value)
+    return "float", float(value)
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
