@@ -8,10 +8,12 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import load_config
+from gateway.errors import CommandInvalid
 from gateway.points import PointUpdate
 from gateway.protocols.iec104.adapter import (
     Iec104Adapter,
@@ -20,7 +22,7 @@ from gateway.protocols.iec104.adapter import (
     backoff_delay,
     parse_confirmation,
 )
-from gateway.protocols.iec104.common import parse_command_reply
+from gateway.protocols.iec104.common import command_value, parse_command_reply
 
 SIM_CONFIG = Path(__file__).resolve().parents[2] / "lab_configs" / "multipower-sim.yaml"
 
@@ -214,3 +216,45 @@ async def test_interrogation_actterm_in_the_raw_frames_ends_the_gi_wait() -> Non
     on_raw(None, apdu(bytes([100, 1, 0x0A]) + gi[3:]))  # ACTTERM
     await asyncio.sleep(0.01)
     assert watch.final_at is not None and watch.stuck_since() is not None
+
+
+def _control(name: str, type_id: str | None = None) -> Any:
+    pt = load_config(SIM_CONFIG).point(name)
+    if type_id is None:
+        return pt
+    return pt.model_copy(update={"address": pt.address.model_copy(update={"type": type_id})})
+
+
+@pytest.mark.parametrize(
+    ("point", "type_id", "value", "expected"),
+    [
+        ("feeder.breaker.command", None, 2, ("double", 2)),
+        ("feeder.breaker.command", None, 1, ("double", 1)),
+        ("feeder.autoreclose.command", None, 0, ("single", False)),
+        ("feeder.p_limit.setpoint", None, 45000, ("float", 45000.0)),
+        ("feeder.p_limit.setpoint", "C_SE_NB_1", 12.6, ("scaled", 13)),
+        ("feeder.p_limit.setpoint", "C_SE_NA_1", -0.5, ("normalized", -0.5)),
+    ],
+)
+def test_command_value_gives_the_kind_both_engines_build_from(
+    point: str, type_id: str | None, value: float, expected: tuple[str, object]
+) -> None:
+    assert command_value(_control(point, type_id), value) == expected
+
+
+@pytest.mark.parametrize(
+    ("point", "type_id", "value", "reason"),
+    [
+        ("feeder.breaker.command", None, 3, "1 \\(off\\) or 2 \\(on\\)"),
+        ("feeder.breaker.command", None, 7, "not 7"),
+        ("feeder.p_limit.setpoint", None, float("nan"), "finite number"),
+        ("feeder.p_limit.setpoint", None, True, "finite number"),
+        ("feeder.p_limit.setpoint", "C_SE_NB_1", 40000, "outside -32768..32767"),
+        ("feeder.p_limit.setpoint", "C_SE_NA_1", 1.0, "outside -1..1"),
+    ],
+)
+def test_command_value_refuses_what_the_type_cannot_carry(
+    point: str, type_id: str | None, value: float, reason: str
+) -> None:
+    with pytest.raises(CommandInvalid, match=reason):
+        command_value(_control(point, type_id), value)
