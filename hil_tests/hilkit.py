@@ -21,7 +21,7 @@ from gateway.config import Iec104Timers, LabConfig
 from gateway.iedsim.iec104.server import Iec104Outstation
 from gateway.runtime import Gateway
 from gateway.services import RedisServer
-from gateway.store import RedisStore
+from gateway.store import DeviceLink, RedisStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_CONFIG = ROOT / "lab_configs" / "multipower-sim.yaml"
@@ -44,6 +44,18 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float 
         if time.monotonic() > deadline:
             pytest.fail(f"not within {timeout_s:g} s: {what}")
         await asyncio.sleep(0.02)
+
+
+async def reported_up(reader: RedisStore, device: str, *, reconnects: int = 0, timeout_s: float = 5.0) -> DeviceLink:
+    """The device's link as the core stored it, once it says up (after at least ``reconnects``
+    reconnects): values can reach Redis a moment before the link-up does (c104 starts its own
+    interrogation on connect)."""
+
+    async def up() -> DeviceLink | None:
+        link = await reader.link(device)
+        return link if link is not None and link.state == "up" and link.reconnects >= reconnects else None
+
+    return await eventually(up, timeout_s, f"{device}'s link reported up in Redis")
 
 
 def need_sim(sim: Iec104Outstation | None) -> Iec104Outstation:

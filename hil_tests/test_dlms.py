@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hilkit import eventually
+from hilkit import eventually, reported_up
 
 from gateway.config import LabConfig, load_config
 from gateway.iedsim.dlms import DlmsMeter
@@ -144,8 +144,7 @@ async def test_values_reach_redis_scaled_at_every_security_level(
     p_kw = float(values["meter.p"].value or 0)
     assert p_kw == pytest.approx(model.value("meter.p"), rel=0.15), "W on the meter -> kW point"
     assert 0 <= float(values["meter.energy"].value or 0) < 10, "Wh on the meter -> kWh point"
-    link = await lab.reader.link(DEVICE)
-    assert link is not None and link.state == "up"
+    await reported_up(lab.reader, DEVICE)
     stats = lab.adapter.stats()
     assert stats.get("unit_mismatch", 0) == 0
     if security == "high_gmac":

@@ -12,6 +12,7 @@ from hilkit import (
     eventually,
     need_commands,
     need_sim,
+    reported_up,
     start_lab,
 )
 
@@ -19,7 +20,7 @@ from gateway.config import Direction, LabConfig
 from gateway.iedsim.iec104.server import Iec104Outstation
 from gateway.points import DoublePoint, Quality
 from gateway.services import RedisServer
-from gateway.store import DeviceLink, StoredValue
+from gateway.store import StoredValue
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,8 +49,7 @@ async def test_every_point_reaches_redis_with_times_and_quality(lab: Lab) -> Non
         assert v.device == DEVICE
     first = monitor_names(lab.config)[0]
     assert await lab.reader.history(first), "history stream has entries"
-    link = await lab.reader.link(DEVICE)
-    assert link is not None and link.state == "up"
+    await reported_up(lab.reader, DEVICE)
     if lab.sim is None:
         return  # a real lab: the checks below know the simulator's feeder
     # consistent feeder: S^2 = P^2 + Q^2 within noise, PF = P / S
@@ -265,15 +265,7 @@ async def test_gi_after_reconnect_restores_good_values(lab: Lab) -> None:
     v = await eventually(lambda: _good_cause(lab, "feeder.frequency", "interrogated"), 10, "GI after reconnect")
     assert v.quality == Quality.GOOD
     assert sim.stats().as_dict()["interrogations"] > before
-
-    async def up_again() -> DeviceLink | None:
-        # c104 interrogates on connect by itself: the GI's values can be stored before the
-        # adapter has reported the link up
-        link = await lab.reader.link(DEVICE)
-        return link if link is not None and link.state == "up" else None
-
-    link = await eventually(up_again, 5, "the link reported up again")
-    assert link.reconnects >= 1
+    await reported_up(lab.reader, DEVICE, reconnects=1)
 
 
 async def _stale(lab: Lab, point: str) -> StoredValue | None:

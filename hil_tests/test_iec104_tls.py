@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hilkit import DEVICE, FAST_TIMERS, REAL_CONFIG, Lab, eventually, start_lab
+from hilkit import DEVICE, FAST_TIMERS, REAL_CONFIG, Lab, eventually, reported_up, start_lab
 
 from gateway.config import Direction, LabConfig
 from gateway.iedsim.iec104.server import Iec104Outstation
@@ -78,8 +78,7 @@ async def test_values_reach_redis_over_tls(
 
         v = await eventually(arrived, 3, "spontaneous value over TLS in Redis")
         assert v.cause == "spontaneous" and v.store_ts >= sent
-        link = await lab.reader.link(DEVICE)
-        assert link is not None and link.state == "up"
+        await reported_up(lab.reader, DEVICE)
         outcome = await lab.gateway.execute("feeder.breaker.command", "open", requested_by="hil-tls")
         assert outcome.result == "confirmed", outcome.reason
         st = tls_sim.stats()
@@ -151,13 +150,7 @@ async def test_stalled_tls_device_is_detected_and_the_link_comes_back(
         tls_sim.drop()  # the device closes the TLS connection
         await eventually(lambda: value("link_lost", stale=True), 5, "flagged after drop")
         await eventually(lambda: value("interrogated"), 10, "good again after the drop")
-
-        async def up_again() -> DeviceLink | None:
-            # values of the GI can reach Redis a moment before the "up" (c104 starts the GI itself)
-            link = await lab.reader.link(DEVICE)
-            return link if link is not None and link.state == "up" and link.reconnects >= 2 else None
-
-        await eventually(up_again, 5, "link up again in Redis")
+        await reported_up(lab.reader, DEVICE, reconnects=2)
         assert tls_sim.stats().tls_refused == 0
     finally:
         await lab.shutdown()
