@@ -96,7 +96,7 @@ async def test_thread_bridge_keeps_order_across_threads() -> None:
 
     def produce() -> None:
         for i in range(n):
-            bridge.push(PointUpdate("p", i))
+            bridge.put(PointUpdate("p", i))
 
     t = threading.Thread(target=produce)
     t.start()
@@ -111,7 +111,7 @@ async def test_thread_bridge_keeps_order_across_threads() -> None:
 async def test_thread_bridge_drops_oldest_and_counts() -> None:
     bridge = _ThreadBridge(asyncio.get_running_loop(), maxlen=10)
     for i in range(25):
-        bridge.push(PointUpdate("p", i))
+        bridge.put(PointUpdate("p", i))
     batch = await bridge.get_batch()
     assert [e.value for e in batch if isinstance(e, PointUpdate)] == list(range(15, 25))
     assert bridge.dropped == 15

@@ -51,7 +51,7 @@ import c104
 from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, LinkError
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
-from gateway.protocols.base import LinkState, LinkStateChange
+from gateway.protocols.base import LinkState
 from gateway.protocols.iec104.common import COMMAND_VALUE_LEN as _COMMAND_VALUE_LEN
 from gateway.protocols.iec104.common import (
     COT_ACTCON,
@@ -101,7 +101,7 @@ class _ThreadBridge(EventBuffer):
         self._loop = loop
         self._wake_due = False
 
-    def push(self, item: Event) -> None:
+    def put(self, item: Event) -> None:
         """Called from any thread."""
         if len(self._items) >= self._maxlen:
             self._drop(1)
@@ -393,7 +393,7 @@ class Iec104Adapter(Iec104AdapterBase):
 
     def _emit(self, item: Event) -> None:
         assert self._buffer is not None
-        self._buffer.push(item)
+        self._buffer.put(item)
         if isinstance(item, PointUpdate) and item.point in self._readers and self._loop is not None:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._resolve_readers, item)
@@ -404,14 +404,6 @@ class Iec104Adapter(Iec104AdapterBase):
                 fut.set_result(upd)
 
     # ----------------------------------------------------------------- link supervision
-
-    def _set_state(self, state: LinkState, reason: str = "") -> None:
-        if state is self._state:
-            return
-        self._state = state
-        log.info("%s: link %s%s", self.device.name, state.value, f" ({reason})" if reason else "")
-        if self._buffer is not None:
-            self._buffer.push(LinkStateChange(self.device.name, state, reason))
 
     def _on_c104_state(self, name: str) -> None:
         if name == "OPEN":

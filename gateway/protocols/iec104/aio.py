@@ -35,7 +35,7 @@ from typing import Any, Final
 from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, DeviceError, LinkError
 from gateway.points import CommandRequest, PointUpdate, Quality, UpdateCause, now
-from gateway.protocols.base import LinkState, LinkStateChange
+from gateway.protocols.base import LinkState
 from gateway.protocols.iec104.codec import (
     MONITOR_TYPE_IDS,
     SEQ_MODULO,
@@ -559,14 +559,6 @@ class AsyncIec104Adapter(Iec104AdapterBase):
             log.warning("%s: " + msg, self.device.name, *args)
 
     # ----------------------------------------------------------------- link supervision
-
-    def _set_state(self, state: LinkState, reason: str = "") -> None:
-        if state is self._state:
-            return
-        self._state = state
-        log.info("%s: link %s%s", self.device.name, state.value, f" ({reason})" if reason else "")
-        if self._buffer is not None:
-            self._buffer.put(LinkStateChange(self.device.name, state, reason))
 
     async def _connect(self) -> _Link:
         """TCP (and TLS) within t0, then STARTDT confirmed within t1."""

@@ -91,6 +91,10 @@ class EventBuffer:
         """From the loop: make a waiting consumer look again (e.g. at close)."""
         self._event.set()
 
+    def put(self, item: Event) -> None:
+        """Queue one event (from c104's threads or from the loop, as the subclass allows)."""
+        raise NotImplementedError
+
     async def get_batch(self, limit: int = 4096) -> list[Event]:
         """Up to ``limit`` events; [] only when woken with nothing to give (close)."""
         raise NotImplementedError
@@ -109,6 +113,14 @@ class Iec104AdapterBase(Adapter):
     @property
     def link_state(self) -> LinkState:
         return self._state
+
+    def _set_state(self, state: LinkState, reason: str = "") -> None:
+        if state is self._state:
+            return
+        self._state = state
+        log.info("%s: link %s%s", self.device.name, state.value, f" ({reason})" if reason else "")
+        if self._buffer is not None:
+            self._buffer.put(LinkStateChange(self.device.name, state, reason))
 
     def stats(self) -> dict[str, int]:
         out = dict(self._counters)
