@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m gateway.cli demo "$@"
+exec "${MGMS_VENV:-.venv}/bin/python" -m gateway.cli demo "$@"

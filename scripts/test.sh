@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY="${PYTHON:-python3}"
+PY="${MGMS_VENV:-.venv}/bin/python"
 "$PY" -m ruff check .
 "$PY" -m mypy
 exec "$PY" -m pytest "$@"
