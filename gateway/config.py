@@ -828,6 +828,12 @@ class _Origin:
 Path_ = tuple[str | int, ...]
 
 
+#: Deeper than any lab file needs; below Python's recursion limit for the walk and pydantic.
+_MAX_DEPTH = 64
+#: Longer integer literals than this are refused before int() sees them (its limit is 4300 digits).
+_MAX_NUMBER_CHARS = 400
+
+
 def _compose(text: str, file: str) -> tuple[Any, dict[Path_, _Origin]]:
     """Parse YAML keeping the line of every key, so errors can name it."""
     try:
@@ -836,25 +842,49 @@ def _compose(text: str, file: str) -> tuple[Any, dict[Path_, _Origin]]:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         raise ConfigError([ConfigIssue(file, "", f"not valid YAML: {getattr(exc, 'problem', exc)}", line)]) from exc
+    except RecursionError as exc:
+        # PyYAML's composer recurses once per nesting level: a file of thousands of '[' must be
+        # a config error, not a traceback.
+        raise ConfigError([ConfigIssue(file, "", "not valid YAML: nested too deeply")]) from exc
     origins: dict[Path_, _Origin] = {}
+    too_big: list[ConfigIssue] = []
 
-    def walk(n: yaml.Node | None, path: Path_) -> None:
+    def walk(n: yaml.Node | None, path: Path_, depth: int = 0) -> None:
         if n is None:
             return
+        if depth > _MAX_DEPTH:
+            raise ConfigError(
+                [ConfigIssue(file, "", f"nested more than {_MAX_DEPTH} levels deep", n.start_mark.line + 1)]
+            )
         origins.setdefault(path, _Origin(file, n.start_mark.line + 1))
+        if isinstance(n, yaml.ScalarNode) and n.tag == "tag:yaml.org,2002:int" and len(n.value) > _MAX_NUMBER_CHARS:
+            # int() refuses more than 4300 digits (CVE-2020-10735 guard) with a bare ValueError
+            too_big.append(
+                ConfigIssue(
+                    file, ".".join(str(x) for x in path), f"number of {len(n.value)} characters is too long",
+                    n.start_mark.line + 1,
+                )
+            )
+            n.value = "0"
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = k.value
                 origins[(*path, key)] = _Origin(file, k.start_mark.line + 1)
-                walk(v, (*path, key))
+                walk(v, (*path, key), depth + 1)
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
-                walk(v, (*path, i))
+                walk(v, (*path, i), depth + 1)
 
     walk(node, ())
+    if too_big:
+        raise ConfigError(too_big)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:  # compose succeeded, so this is a constructor problem
+        raise ConfigError([ConfigIssue(file, "", f"not valid YAML: {exc}")]) from exc
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # a scalar the constructor cannot turn into a value (a date out of range, a float
+        # PyYAML's resolver takes for an int...): still the file's fault
         raise ConfigError([ConfigIssue(file, "", f"not valid YAML: {exc}")]) from exc
     return data, origins
 
@@ -903,9 +933,16 @@ def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> tuple[Any, dict[Pa
     if path in seen:
         raise ConfigError([ConfigIssue(file, "extends", "circular 'extends' chain")])
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([ConfigIssue(file, "", f"cannot read file: {exc.strerror}")]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [ConfigIssue(file, "", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start}", bad_line)]
+        ) from exc
     data, origins = _compose(text, file)
     if data is None:
         data = {}
