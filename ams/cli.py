@@ -38,7 +38,8 @@ log = logging.getLogger("ams")
 
 def _state_dir(args: argparse.Namespace, cfg: AmsConfig) -> Path:
     base = Path(args.data_dir) if getattr(args, "data_dir", None) else DEFAULT_STATE_DIR
-    return base / cfg.participant
+    # absolute: the embedded Redis and the CLI commands must agree on it whatever their cwd
+    return (base / cfg.participant).absolute()
 
 
 def _redis_url(args: argparse.Namespace, cfg: AmsConfig) -> str:

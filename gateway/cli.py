@@ -29,7 +29,8 @@ DEFAULT_STATE_DIR = Path(".mgms")
 
 def _state_dir(args: argparse.Namespace, cfg: LabConfig) -> Path:
     base = Path(args.data_dir) if getattr(args, "data_dir", None) else DEFAULT_STATE_DIR
-    return base / cfg.lab.name
+    # absolute: the embedded Redis and the CLI commands must agree on it whatever their cwd
+    return (base / cfg.lab.name).absolute()
 
 
 def resolve_redis_url(args: argparse.Namespace, cfg: LabConfig) -> str | None:

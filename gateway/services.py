@@ -140,7 +140,9 @@ class _ServerProcess(abc.ABC):
         self._executable = executable
         self._fixed_port = port
         self._port: int | None = port
-        self._given_dir = Path(data_dir) if data_dir is not None else None
+        # Absolute once, here: the server runs with its cwd set to the data dir, where a
+        # relative config path would be looked up again (and a later chdir must not move it).
+        self._given_dir = Path(data_dir).absolute() if data_dir is not None else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], _ServerProcess] | None = None

@@ -9,7 +9,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.services import RedisServer, ServiceError, ServiceNotInstalled, free_port
+from gateway.services import RedisServer, ServiceError, ServiceNotInstalled, embedded_redis, free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -85,3 +85,33 @@ async def test_async_context_manager() -> None:
         finally:
             await c.aclose()
     assert not server.running
+
+
+async def test_embedded_redis_with_a_relative_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative data dir (the CLI default ``.mgms/<lab>``) works from any working directory.
+
+    The server runs with its cwd set to the data dir; a config path left relative was looked up
+    inside it again (issue 12 item 3) and redis-server refused to start.
+    """
+    monkeypatch.chdir(tmp_path)
+    async with embedded_redis(None, Path(".mgms") / "lab", who="test") as url:
+        c = aioredis.Redis.from_url(url)
+        try:
+            assert await c.ping()
+        finally:
+            await c.aclose()
+        assert (tmp_path / ".mgms" / "lab" / "redis.url").read_text().strip() == url
+        assert (tmp_path / ".mgms" / "lab" / "redis" / "redis.conf").is_file()
+    assert not (tmp_path / ".mgms" / "lab" / "redis.url").exists()
+    assert (tmp_path / ".mgms" / "lab" / "redis" / "appendonlydir").is_dir()
+
+
+def test_relative_data_dir_is_fixed_at_construction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data dir is resolved once: a later chdir does not move a server's data."""
+    monkeypatch.chdir(tmp_path)
+    server = RedisServer(data_dir="rel/redis")
+    assert server.data_dir == tmp_path / "rel" / "redis"
+    monkeypatch.chdir("/")
+    with server, redis.Redis.from_url(server.url) as c:
+        assert c.ping()
+    assert (tmp_path / "rel" / "redis" / "redis.conf").is_file()
