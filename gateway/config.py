@@ -859,13 +859,8 @@ def _compose(text: str, file: str) -> tuple[Any, dict[Path_, _Origin]]:
         origins.setdefault(path, _Origin(file, n.start_mark.line + 1))
         if isinstance(n, yaml.ScalarNode) and n.tag == "tag:yaml.org,2002:int" and len(n.value) > _MAX_NUMBER_CHARS:
             # int() refuses more than 4300 digits (CVE-2020-10735 guard) with a bare ValueError
-            too_big.append(
-                ConfigIssue(
-                    file, ".".join(str(x) for x in path), f"number of {len(n.value)} characters is too long",
-                    n.start_mark.line + 1,
-                )
-            )
-            n.value = "0"
+            reason = f"number of {len(n.value)} characters is too long"
+            too_big.append(ConfigIssue(file, _key_text(path, None), reason, n.start_mark.line + 1))
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = k.value
