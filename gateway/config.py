@@ -38,6 +38,7 @@ from gateway.errors import ConfigError, ConfigIssue
 
 __all__ = [
     "QUANTITY_UNITS",
+    "ClockSyncSettings",
     "Device",
     "Direction",
     "DlmsAddress",
@@ -227,6 +228,23 @@ class SimulatorSettings(_Frozen):
     tls_ca_file: str | None = None
 
 
+class ClockSyncSettings(_Frozen):
+    """Clock synchronisation the gateway sends to an IEC 104 device (C_CS_NA_1).
+
+    Off by default: a device whose clock comes from SNTP/PTP (most COM600 installations) must
+    not be set by a second source, so setting it is the lab's decision. ``on_connect`` sends
+    one after STARTDT, before the general interrogation (so the values the GI brings are
+    already stamped by the corrected clock); ``period_s`` repeats it (0 = never).
+    """
+
+    on_connect: bool = False
+    period_s: Annotated[float, Field(ge=0, le=86400)] = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.on_connect or self.period_s > 0
+
+
 #: Default DLMS client addresses per security level (Blue Book: public client 16, the
 #: reading client with a password 17, the management client 1 for HLS).
 DLMS_CLIENT_ADDRESSES: Mapping[str, int] = {"none": 16, "low": 17, "high_gmac": 1}
@@ -357,6 +375,19 @@ class DlmsSettings(_Frozen):
 _RCB_PATTERN = r"^[A-Za-z0-9_]+/[A-Za-z0-9_]+\.(BR|RP)\.[A-Za-z0-9_]+$"
 
 
+def _asyncio_104_only(key: str, info: ValidationInfo) -> None:
+    """Refuse a setting only the asyncio IEC 104 engine carries out, rather than ignore it.
+
+    Fields validate in declaration order, so protocol and iec104_engine are in ``info.data``
+    unless they failed themselves (then that error is the one to read, and this passes).
+    """
+    protocol, engine = info.data.get("protocol"), info.data.get("iec104_engine")
+    if protocol is not None and protocol != "iec104":
+        raise ValueError(f"{key} is for protocol iec104 devices, not {protocol}")
+    if engine is not None and engine != "asyncio":
+        raise ValueError(f"{key} needs iec104_engine: asyncio (the {engine} engine does not do it)")
+
+
 class Device(_Frozen):
     """A field device (or a front end such as a COM600) the gateway talks to."""
 
@@ -394,6 +425,16 @@ class Device(_Frozen):
         protocol = info.data.get("protocol")
         if v != "c104" and protocol != "iec104":
             raise ValueError(f"iec104_engine is for protocol iec104 devices, not {protocol}")
+        return v
+
+    #: IEC 104 clock synchronisation sent by the gateway (asyncio engine only).
+    clock_sync: ClockSyncSettings = ClockSyncSettings()
+
+    @field_validator("clock_sync")
+    @classmethod
+    def _clock_sync_engine(cls, v: ClockSyncSettings, info: ValidationInfo) -> ClockSyncSettings:
+        if v.enabled:
+            _asyncio_104_only("clock_sync", info)
         return v
 
 

@@ -42,6 +42,7 @@ from gateway.protocols.iec104.codec import (
     SEQ_MODULO,
     Asdu,
     AsduError,
+    ClockSync,
     Cot,
     Cp56Time,
     DoubleCommand,
@@ -72,6 +73,7 @@ from gateway.protocols.iec104.codec import (
 )
 
 __all__ = [
+    "ClockSyncRecord",
     "ControlChannel",
     "FrameRecord",
     "Iec104Outstation",
@@ -135,6 +137,8 @@ class OutstationStats:
     #: ASDUs not sent because the outstation was stalled on purpose.
     suppressed: int = 0
     protocol_errors: int = 0
+    #: Clock synchronisations (C_CS_NA_1 act) taken; refused ones are negative_confirmations.
+    clock_syncs: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -148,6 +152,17 @@ class FrameRecord:
     direction: str  # "in" or "out"
     peer: str
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSyncRecord:
+    """One clock synchronisation the outstation took: when (on the host's true clock), the
+    time it was set to, and its clock error before and after (device clock - true time)."""
+
+    received_at: float
+    commanded: float
+    error_before_s: float
+    error_after_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +248,10 @@ class Iec104Outstation:
         self._frames: collections.deque[FrameRecord] = collections.deque(maxlen=frame_log)
         self._stalled = False
         self._refuse = False
+        self._refuse_clock = False
+        #: the device clock's error against the host clock: its time tags are host time + this
+        self._clock_error_s = 0.0
+        self._clock_syncs: list[ClockSyncRecord] = []
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._cyclic: asyncio.Task[None] | None = None
@@ -359,6 +378,24 @@ class Iec104Outstation:
         self._refuse = refuse
         _log.info("%s: refuse commands %s", self.name, "on" if refuse else "off")
 
+    def refuse_clock_sync(self, refuse: bool) -> None:
+        """While on, clock synchronisations get a negative ACTCON (a device on SNTP does that)."""
+        self._refuse_clock = refuse
+
+    def set_clock_error(self, seconds: float) -> None:
+        """Put the device's clock ``seconds`` off the host's (time tags and ACTCONs follow it)."""
+        self._clock_error_s = seconds
+
+    @property
+    def clock_error_s(self) -> float:
+        """How far the device's clock is off the host's now (0 after a perfect synchronisation)."""
+        return self._clock_error_s
+
+    @property
+    def clock_syncs(self) -> list[ClockSyncRecord]:
+        """Every clock synchronisation taken, oldest first."""
+        return list(self._clock_syncs)
+
     def set_breaker_travel(self, seconds: float) -> None:
         if seconds < 0:
             raise ValueError("travel time must not be negative")
@@ -426,7 +463,7 @@ class Iec104Outstation:
             per = min(_MAX_OBJECTS, (_ASDU_LIMIT - asdu_size(type_id, 0)) // object_size(type_id))
             ms.sort(key=lambda m: iec104_address(m.point).ioa)
             for i in range(0, len(ms), per):
-                objects = tuple(_info_object(m) for m in ms[i : i + per])
+                objects = tuple(_info_object(m, self._clock_error_s) for m in ms[i : i + per])
                 out.append(encode_asdu(Asdu(type_id, cot, self.common_address, objects)))
         return out
 
@@ -527,7 +564,9 @@ class Iec104Outstation:
             self._interrogation(session, reply, asdu)
         elif t is TypeId.C_RD_NA_1:
             self._read(session, reply, asdu)
-        elif t in (TypeId.C_CS_NA_1, TypeId.C_TS_TA_1):
+        elif t is TypeId.C_CS_NA_1:
+            self._clock_sync(session, reply, asdu)
+        elif t is TypeId.C_TS_TA_1:
             if asdu.cot is not Cot.ACTIVATION:
                 self._reply(session, mirror(reply, Cot.UNKNOWN_COT, negative=True), negative=True)
             else:
@@ -535,6 +574,38 @@ class Iec104Outstation:
                 self._reply(session, mirror(reply, Cot.ACTIVATION_CON))
         else:
             self._command(session, reply, asdu)
+
+    def _clock_sync(self, session: _Session, raw: bytes, asdu: Asdu) -> None:
+        """Set the clock to the commanded time; ACTCON carries the clock as now set.
+
+        Error before/after are kept (:attr:`clock_syncs`) so a test sees what the client did.
+        """
+        element = asdu.objects[0].element
+        assert isinstance(element, ClockSync)  # the type id decides the element class
+        if asdu.cot is not Cot.ACTIVATION:
+            self._reply(session, mirror(raw, Cot.UNKNOWN_COT, negative=True), negative=True)
+            return
+        if self._refuse_clock:
+            _log.info("%s: clock synchronisation from %s refused (fault injection)", self.name, session.peer)
+            self._reply(session, mirror(raw, Cot.ACTIVATION_CON, negative=True), negative=True)
+            return
+        received_at = time.time()
+        commanded = element.time.timestamp()
+        before = self._clock_error_s
+        self._clock_error_s = commanded - received_at
+        self._clock_syncs.append(ClockSyncRecord(received_at, commanded, before, self._clock_error_s))
+        self._stats.clock_syncs += 1
+        _log.info("%s: clock synchronised by %s (was %+.3f s off)", self.name, session.peer, before)
+        obj = InfoObject(asdu.objects[0].ioa, ClockSync(Cp56Time.from_timestamp(time.time() + self._clock_error_s)))
+        confirm = Asdu(
+            TypeId.C_CS_NA_1,
+            Cot.ACTIVATION_CON,
+            self.common_address,
+            (obj,),
+            test=asdu.test,
+            originator=asdu.originator,
+        )
+        self._reply(session, encode_asdu(confirm))
 
     def _interrogation(self, session: _Session, raw: bytes, asdu: Asdu) -> None:
         qoi = getattr(asdu.objects[0].element, "qoi", 0)
@@ -797,10 +868,10 @@ def _to_raw(point: Point, type_id: TypeId, value: float) -> tuple[float | int | 
     return raw, not abs(raw) <= _F32_MAX
 
 
-def _info_object(m: _Monitor) -> InfoObject:
+def _info_object(m: _Monitor, clock_error_s: float = 0.0) -> InfoObject:
     cls = _MONITOR_ELEMENT[m.type_id.name]
     element: Element = cls(m.raw, m.quality)
-    t = Cp56Time.from_timestamp(m.time) if m.type_id in _TIMED else None
+    t = Cp56Time.from_timestamp(m.time + clock_error_s) if m.type_id in _TIMED else None
     return InfoObject(iec104_address(m.point).ioa, element, t)
 
 

@@ -16,8 +16,11 @@ acknowledgement of our own I-frames; at most ``k`` of our own I-frames unacknowl
 rest waits). Garbage on the link (bad framing, a receive sequence gap) is counted, logged
 and closes the connection; the supervisor reconnects with the c104 adapter's backoff.
 
-Not done: STOPDT/redundancy groups, clock synchronisation and test commands (C_CS, C_TS),
-group interrogations, counters (M_IT), SQ=1 command ASDUs, files.
+Clock synchronisation (C_CS_NA_1) on connect, before the GI, and periodically when the
+device's ``clock_sync`` asks for it; a negative ACTCON is counted and logged.
+
+Not done: STOPDT/redundancy groups, test commands (C_TS), group interrogations, counters
+(M_IT), SQ=1 command ASDUs, files.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from gateway.protocols.iec104.codec import (
     MONITOR_TYPE_IDS,
     SEQ_MODULO,
     Asdu,
+    ClockSync,
     Cot,
     Cp56Time,
     DoubleCommand,
@@ -57,6 +61,7 @@ from gateway.protocols.iec104.codec import (
     TypeId,
     UFrame,
     UFunction,
+    decode_cp56,
     decode_monitor,
     encode_asdu,
     encode_frame,
@@ -403,10 +408,16 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._gi_task: asyncio.Task[None] | None = None
+        self._clock_task: asyncio.Task[None] | None = None
         # commands: ioa -> (future of the device's answer, whether a select is awaited)
         self._pending: dict[int, tuple[asyncio.Future[Confirmation], bool]] = {}
         self._terms: dict[int, asyncio.Future[None]] = {}  # executed commands awaiting ACTTERM
         self._gi_waiters: list[asyncio.Future[bool]] = []
+        # clock synchronisations sent and not yet confirmed: (sent at, waiter or None)
+        # (bounded: a device that never answers must not grow it; FIFO, as the device answers)
+        self._clock_pending: collections.deque[tuple[float, asyncio.Future[float] | None]] = collections.deque(
+            maxlen=16
+        )
         self._readers: dict[str, list[asyncio.Future[PointUpdate]]] = {}
         self._quality_cache: dict[int, Quality] = {0: Quality.GOOD}
 
@@ -422,16 +433,20 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         self._supervisor = asyncio.create_task(self._supervise(), name=f"iec104-aio:{self.device.name}")
         if self.device.gi_period_s > 0:
             self._gi_task = asyncio.create_task(self._periodic_gi(), name=f"iec104-aio-gi:{self.device.name}")
+        if self.device.clock_sync.period_s > 0:
+            self._clock_task = asyncio.create_task(
+                self._periodic_clock_sync(), name=f"iec104-aio-cs:{self.device.name}"
+            )
 
     async def close(self) -> None:
         self._closing = True
         link = self._link
-        for task in (self._gi_task, self._supervisor):
+        for task in (self._gi_task, self._clock_task, self._supervisor):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._gi_task = None
+        self._gi_task = self._clock_task = None
         self._link = None
         if link is not None:
             link.close()
@@ -518,6 +533,9 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                         fut.set_result(ok)
             elif cot == COT_ACTTERM:
                 self._counters["interrogations_done"] += 1
+        elif type_id == TypeId.C_CS_NA_1:
+            if cot == COT_ACTCON or cot in COT_UNKNOWN:
+                self._on_clock_confirmation(raw, cot, negative)
         elif type_id == TypeId.C_RD_NA_1:
             if negative:
                 self._counters["negative_confirmations"] += 1
@@ -532,6 +550,33 @@ class AsyncIec104Adapter(Iec104AdapterBase):
             log.info("%s: device reports end of initialisation", self.device.name)
         else:
             self._anomaly("unknown_types", "ASDU type %d (cot %d) not handled; ignored", type_id, cot)
+
+    def _on_clock_confirmation(self, raw: bytes, cot: int, negative: bool) -> None:
+        """ACTCON of a clock synchronisation: the offset of the device's clock, or a refusal."""
+        if not self._clock_pending:
+            self._anomaly("unexpected_confirmations", "clock synchronisation ACTCON never asked for: %s", raw.hex(" "))
+            return
+        sent_at, waiter = self._clock_pending.popleft()
+        received_at = now()
+        name = self.device.name
+        if negative or cot != COT_ACTCON:
+            self._counters["clock_sync_refused"] += 1
+            reason = COT_UNKNOWN.get(cot, "negative confirmation")
+            log.warning("%s: clock synchronisation refused by the device (%s)", name, reason)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(DeviceError(name, f"clock synchronisation refused: {reason}"))
+            return
+        try:
+            device_time = decode_cp56(raw[9:16]).timestamp()
+        except ValueError:  # AsduError: the ACTCON carries no readable time
+            device_time = received_at
+        # the device's clock against the midpoint of our round trip: ~0 when it took our time
+        offset_ms = round((device_time - (sent_at + received_at) / 2) * 1000)
+        self._counters["clock_syncs"] += 1
+        self._counters["clock_offset_ms"] = offset_ms
+        log.info("%s: clock synchronised (device clock %+d ms from ours)", name, offset_ms)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(device_time)
 
     def _on_confirmation(self, conf: Confirmation) -> None:
         if conf.cot == COT_ACTTERM:
@@ -613,6 +658,8 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 self._set_state(LinkState.UP, f"{dev.host}:{dev.port}")
                 up_at = time.monotonic()
                 with contextlib.suppress(LinkError):  # lost again already: link.closed says why
+                    if dev.clock_sync.on_connect:  # first, so the GI's values carry the set clock
+                        self._send_clock_sync(None)
                     self._send_interrogation()  # as c104's Init.INTERROGATION: all values after connect
                 try:
                     reason = await asyncio.shield(link.closed)
@@ -644,6 +691,10 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         for gi in waiters:
             if not gi.done():
                 gi.set_exception(err)
+        clocks, self._clock_pending = self._clock_pending, collections.deque(maxlen=16)
+        for _sent, cs in clocks:
+            if cs is not None and not cs.done():
+                cs.set_exception(err)
         readers, self._readers = self._readers, {}
         for futs in readers.values():
             for r in futs:
@@ -684,6 +735,43 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 self._gi_waiters.remove(fut)
         if not ok:
             raise LinkError(self.device.name, "general interrogation not confirmed")
+
+    def _send_clock_sync(self, waiter: asyncio.Future[float] | None) -> None:
+        link = self._require_link()
+        sent_at = now()
+        asdu = self._asdu(TypeId.C_CS_NA_1, Cot.ACTIVATION, 0, ClockSync(Cp56Time.from_timestamp(sent_at)))
+        link.send_asdu(asdu)
+        self._counters["clock_syncs_sent"] += 1
+        self._clock_pending.append((sent_at, waiter))
+
+    async def synchronize_clock(self) -> float:
+        """Set the device's clock to ours (C_CS_NA_1 act) and return the time its ACTCON carries.
+
+        Raises :class:`DeviceError` on a negative ACTCON, :class:`LinkError` without a link or
+        when no ACTCON comes within ``command_timeout_s`` (as :meth:`interrogate`).
+        """
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._send_clock_sync(fut)
+        timeout_s = self.device.command_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await fut
+        except TimeoutError:
+            raise LinkError(self.device.name, f"clock synchronisation not confirmed within {timeout_s:g} s") from None
+        finally:
+            if not fut.done():  # timed out or cancelled: forget it (a late ACTCON is counted)
+                fut.cancel()
+                self._clock_pending = collections.deque((e for e in self._clock_pending if e[1] is not fut), maxlen=16)
+
+    async def _periodic_clock_sync(self) -> None:
+        period = self.device.clock_sync.period_s
+        while not self._closing:
+            await asyncio.sleep(period)
+            if self._state is LinkState.UP:
+                try:
+                    await self.synchronize_clock()
+                except (LinkError, DeviceError) as exc:  # a refusal is counted and logged already
+                    log.warning("%s: periodic clock synchronisation failed: %s", self.device.name, exc)
 
     async def read(self, point: str) -> PointUpdate:
         ioa = self._monitor_ioa.get(point)
