@@ -138,6 +138,9 @@ def test_feed_batch_returns_the_frames_before_garbage_and_the_error() -> None:
         (b"\x68\x02\x00\x00", "length octet 2"),
         (b"\x68\x04\x01\x02\x00\x00", "S-frame control field"),
         (b"\x68\x04\x03\x00\x00\x00", "U-frame function"),
+        # longer than 253: read as an I-frame with a 251-octet ASDU before this was checked
+        (b"\x68\xff" + bytes(255), "length octet 255 outside 4..253"),
+        (b"\x68\xfe" + bytes(254), "length octet 254 outside 4..253"),
     ):
         frames, error = FrameDecoder().feed_batch(good + garbage + good)
         assert len(frames) == 1 and isinstance(error, FrameError) and message in str(error), (garbage, error)

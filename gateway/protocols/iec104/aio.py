@@ -203,6 +203,8 @@ class _Link(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         reason = self._reason or (f"connection lost: {exc}" if exc else "connection closed by the device")
+        if not self._reason:  # closed by the device or the network, in the middle of a frame?
+            reason += self._incomplete()
         if not self.started.done():
             self.started.set_exception(LinkError(self._name, reason))
         if not self.closed.done():
@@ -238,12 +240,14 @@ class _Link(asyncio.Protocol):
                 if f.recv_seq != self._acked:  # rare: the device acknowledges our I-frames
                     self._vr = vr  # an I-frame released by the ack carries the current N(R)
                     if not self._ack_ours(f.recv_seq):
+                        counters["ack_errors"] += 1
                         problem = f"N(R) {f.recv_seq} acknowledges frames never sent"
                         break
                 asdus.append(f.asdu)
             elif type(f) is SFrame:
                 counters["s_frames_in"] += 1
                 if not self._ack_ours(f.recv_seq):
+                    counters["ack_errors"] += 1
                     problem = f"S-frame N(R) {f.recv_seq} acknowledges frames never sent"
                     break
             else:
@@ -277,8 +281,8 @@ class _Link(asyncio.Protocol):
             self._write(_TESTFR_CON)
         elif fn is UFunction.TESTFR_CON:
             self._testfr_at = None
-        else:
-            log.info("%s: unexpected %s from the device ignored", self._name, fn.name)
+        else:  # counted: a device repeating them must not fill the log
+            self._adapter._anomaly("unexpected_u_frames", "unexpected %s from the device ignored", fn.name)
 
     def _ack_ours(self, nr: int) -> bool:
         """Take the device's N(R); False when it acknowledges more than we sent."""
@@ -340,6 +344,20 @@ class _Link(asyncio.Protocol):
     def close(self) -> None:
         self._fail("closed")
 
+    def _incomplete(self) -> str:
+        """The part of a close reason that says a frame was cut short.
+
+        Why: a truncated APDU cannot be told from a slow one until more octets come; the
+        device's next frames are then swallowed into it (a TESTFR con among them), so what
+        closes the link is t1 or the device. Saying that octets of an unfinished APDU were
+        pending when it closed, and counting it (``incomplete_frames``), names the real cause.
+        """
+        n = self._decoder.buffered
+        if not n:
+            return ""
+        self._counters["incomplete_frames"] += 1
+        return f" ({n} octets of an incomplete APDU pending)"
+
     # -- timers ----------------------------------------------------------------------------
 
     def _arm(self, when: float) -> None:
@@ -357,11 +375,12 @@ class _Link(asyncio.Protocol):
         t = self._loop.time()
         if self._sent and t - self._sent[0][1] >= self._t1:
             self._counters["t1_timeouts"] += 1
-            self._fail(f"t1 = {self._t1:g} s expired: I-frame {self._sent[0][0]} not acknowledged", warn=True)
+            why = f"t1 = {self._t1:g} s expired: I-frame {self._sent[0][0]} not acknowledged{self._incomplete()}"
+            self._fail(why, warn=True)
             return
         if self._testfr_at is not None and t - self._testfr_at >= self._t1:
             self._counters["t1_timeouts"] += 1
-            self._fail(f"t1 = {self._t1:g} s expired: no TESTFR con", warn=True)
+            self._fail(f"t1 = {self._t1:g} s expired: no TESTFR con{self._incomplete()}", warn=True)
             return
         if self._unacked_in and t - self._first_unacked_at >= self._t2:
             self._send_s()
@@ -635,6 +654,7 @@ class AsyncIec104Adapter(Iec104AdapterBase):
             async with asyncio.timeout(float(dev.timers.t1_s)):
                 await link.started
         except TimeoutError:
+            self._counters["t1_timeouts"] += 1  # STARTDT act is supervised by t1 like any U-frame
             link.close()
             raise LinkError(dev.name, f"no STARTDT con within t1 = {dev.timers.t1_s} s") from None
         except BaseException:

@@ -238,7 +238,7 @@ class FrameDecoder:
                 break
             length = buf[pos + 1]
             end = pos + 2 + length
-            if length < 4:
+            if not 4 <= length <= MAX_APDU_LENGTH:  # 254, 255: longer than the standard allows
                 error = FrameError(f"APDU length octet {length} outside 4..{MAX_APDU_LENGTH}")
                 break
             if end > n:
