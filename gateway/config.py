@@ -39,6 +39,7 @@ from gateway.errors import ConfigError, ConfigIssue
 __all__ = [
     "QUANTITY_UNITS",
     "ClockSyncSettings",
+    "CounterInterrogationSettings",
     "Device",
     "Direction",
     "DlmsAddress",
@@ -121,7 +122,13 @@ IEC104_MONITOR_TYPES = {
     "M_ME_TD_1": "measured",
     "M_ME_TE_1": "measured",
     "M_ME_TF_1": "measured",
+    # integrated totals (energy counters): read by counter interrogation, not by the GI;
+    # asyncio engine only (checked at load)
+    "M_IT_NA_1": "integrated",
+    "M_IT_TB_1": "integrated",
 }
+#: Monitor types only the asyncio IEC 104 engine reads.
+IEC104_ASYNCIO_ONLY_TYPES = frozenset({"M_IT_NA_1", "M_IT_TB_1"})
 IEC104_CONTROL_TYPES = {
     "C_SC_NA_1": "single",
     "C_SC_TA_1": "single",
@@ -243,6 +250,19 @@ class ClockSyncSettings(_Frozen):
     @property
     def enabled(self) -> bool:
         return self.on_connect or self.period_s > 0
+
+
+class CounterInterrogationSettings(_Frozen):
+    """Counter interrogation (C_CI_NA_1) of a device's integrated totals (``M_IT_*`` points).
+
+    Integrated totals are not part of the general interrogation. ``on_connect`` reads them
+    after the GI on every connect (only a device with counter points is asked); ``period_s``
+    repeats it (0 = only on connect and on demand). The request is always the general one
+    (RQT 5) without freeze (FRZ 0): the device answers with its counters as they are.
+    """
+
+    on_connect: bool = True
+    period_s: Annotated[float, Field(ge=0, le=86400)] = 0.0
 
 
 #: Default DLMS client addresses per security level (Blue Book: public client 16, the
@@ -435,6 +455,16 @@ class Device(_Frozen):
     def _clock_sync_engine(cls, v: ClockSyncSettings, info: ValidationInfo) -> ClockSyncSettings:
         if v.enabled:
             _asyncio_104_only("clock_sync", info)
+        return v
+
+    #: IEC 104 counter interrogation of the ``M_IT_*`` points (asyncio engine only).
+    counter_interrogation: CounterInterrogationSettings = CounterInterrogationSettings()
+
+    @field_validator("counter_interrogation")
+    @classmethod
+    def _counter_engine(cls, v: CounterInterrogationSettings, info: ValidationInfo) -> CounterInterrogationSettings:
+        if v.period_s > 0:
+            _asyncio_104_only("counter_interrogation.period_s", info)
         return v
 
 
@@ -1268,6 +1298,17 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
                 ("points", i, "address", addr.kind_field),
                 f"{addr.describe()} ({getattr(addr, addr.kind_field)}) does not fit direction"
                 f" {pt.direction.value!r} ({addr.direction_rule})",
+            )
+        dev = cfg.devices[pt.device]
+        if (
+            isinstance(addr, Iec104Address)
+            and addr.type in IEC104_ASYNCIO_ONLY_TYPES
+            and dev.iec104_engine != "asyncio"
+        ):
+            add(
+                ("points", i, "address", "type"),
+                f"{addr.type} (integrated totals) needs iec104_engine: asyncio on device {pt.device!r};"
+                f" the {dev.iec104_engine} engine does not read counters",
             )
     for i, pt in enumerate(cfg.points):
         if pt.direction is Direction.CONTROL:

@@ -1,5 +1,6 @@
 """What the asyncio IEC 104 engine does beyond values and commands, against the real simulator:
-clock synchronisation (C_CS_NA_1).
+clock synchronisation (C_CS_NA_1), counter interrogation and integrated totals (C_CI_NA_1,
+M_IT_NA_1 / M_IT_TB_1).
 
 Same event loop for simulator and adapter, no mocks; each test reads what the outstation
 recorded (its clock error, the frames it received) as well as what the adapter reports.
@@ -7,7 +8,9 @@ recorded (its clock error, the frames it received) as well as what the adapter r
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,10 @@ from typing import Any
 import pytest
 from iec104kit import DEVICE, FAST, Starter, Watched, outstations_and_adapters, until
 
-from gateway.config import LabConfig, load_config
-from gateway.errors import ConfigError, DeviceError
+from gateway.config import LabConfig, Point, load_config
+from gateway.errors import CommandInvalid, ConfigError, DeviceError
 from gateway.iedsim.iec104 import Iec104Outstation
-from gateway.points import UpdateCause
+from gateway.points import PointUpdate, Quality, UpdateCause
 from gateway.protocols import create_adapter
 from gateway.protocols.base import LinkState
 from gateway.protocols.iec104.aio import AsyncIec104Adapter
@@ -146,3 +149,126 @@ def test_clock_sync_config_is_refused_where_it_would_be_ignored(base: LabConfig,
         load_config(lab)
     [issue] = err.value.issues
     assert (issue.line, issue.key) == (5, "devices.ref615.clock_sync.period_s")
+
+
+# ---------------------------------------------------------------------------------------
+# counter interrogation and integrated totals
+
+ENERGY, REACTIVE = "feeder.energy.import", "feeder.energy.reactive"
+
+
+def with_counters(cfg: LabConfig) -> LabConfig:
+    """Two energy counters on the REF615: active in Wh counts (scaled to kWh), reactive in varh."""
+    sim = {**cfg.devices[DEVICE].simulator.model_dump(), "initial_energy_kwh": 184230.5}
+    counters = (
+        Point.model_validate(
+            {
+                "name": ENERGY,
+                "device": DEVICE,
+                "quantity": "active_energy",
+                "unit": "kWh",
+                "scale": 0.001,
+                "address": {"ioa": 4001, "type": "M_IT_TB_1"},
+            }
+        ),
+        Point.model_validate(
+            {
+                "name": REACTIVE,
+                "device": DEVICE,
+                "quantity": "reactive_energy",
+                "unit": "varh",
+                "address": {"ioa": 4002, "type": "M_IT_NA_1"},
+            }
+        ),
+    )
+    lab = cfg.with_device(DEVICE, simulator=sim)
+    return lab.model_copy(update={"points": (*lab.points, *counters)})
+
+
+def sent_types(sim: Iec104Outstation) -> list[int]:
+    out = []
+    for rec in sim.recent_frames():
+        frame = decode_apdu(rec.data)
+        if rec.direction == "out" and isinstance(frame, IFrame):
+            out.append(frame.asdu[0])
+    return out
+
+
+async def test_counters_read_on_connect_on_demand_and_spontaneously(base: LabConfig, running: Starter) -> None:
+    lab = with_counters(base)
+    sim, w = await connected(lab, running)
+
+    def counted() -> list[PointUpdate] | None:
+        got = [w.latest(n, lambda u: u.cause is UpdateCause.INTERROGATED) for n in (ENERGY, REACTIVE)]
+        return [u for u in got if u is not None] if all(got) else None
+
+    energy, reactive = await until(counted, 5, "counters after connect")
+    assert energy is not None and reactive is not None
+    assert energy.value == pytest.approx(sim.values()[ENERGY].value, abs=0.001)  # whole Wh counts, in kWh
+    assert energy.value == pytest.approx(184230.5, abs=1.0) and energy.quality is Quality.GOOD
+    assert energy.source_time is None  # answered untagged (M_IT_NA_1, COT 37), as devices do
+    assert sim.stats().counter_interrogations == 1
+    types = asdu_types_in(sim)
+    assert types.index(TypeId.C_IC_NA_1) < types.index(TypeId.C_CI_NA_1)  # the GI first, then the counters
+    # the GI answer carries no integrated total: they come by counter interrogation only
+    before_gi = len(sent_types(sim))
+    await w.adapter.interrogate()
+    await until(lambda: TypeId.C_IC_NA_1 in sent_types(sim)[before_gi:], 5, "GI answered")
+    assert not {TypeId.M_IT_NA_1, TypeId.M_IT_TB_1} & set(sent_types(sim)[before_gi:])
+
+    # a spontaneous counter change comes time-tagged (the configured M_IT_TB_1)
+    at = sim.set_value(ENERGY, 184300.25)
+    upd = await until(lambda: w.latest(ENERGY, lambda u: u.value == pytest.approx(184300.25)), 3, "spontaneous")
+    assert upd.cause is UpdateCause.SPONTANEOUS and upd.source_time == pytest.approx(at, abs=0.002)
+    # IV -> invalid; a counter past 32 bits wraps with CY -> overflow
+    sim.set_value(REACTIVE, 1234.0, quality=Quality.INVALID)
+    bad = await until(lambda: w.latest(REACTIVE, lambda u: u.value == 1234.0), 3, "invalid counter")
+    assert bad.quality is Quality.INVALID
+    sim.set_value(REACTIVE, 2.0**31 + 5, quality=Quality.GOOD)
+    wrapped = await until(lambda: w.latest(REACTIVE, lambda u: u.value == -(2.0**31) + 5), 3, "wrapped counter")
+    assert wrapped.quality is Quality.OVERFLOW
+
+    # on demand: returns at ACTTERM with the counters already in the stream
+    asked = time.time()
+    await w.adapter.interrogate_counters()
+    again = w.latest(ENERGY, lambda u: u.cause is UpdateCause.INTERROGATED and u.receive_time >= asked)
+    assert again is not None and again.value == pytest.approx(184300.25)
+    stats = w.adapter.stats()
+    assert stats["counter_interrogations"] == 2 and stats["counter_interrogations_done"] == 2
+    assert stats.get("unknown_points", 0) == 0 and stats.get("type_mismatch", 0) == 0
+    with pytest.raises(CommandInvalid, match="counter interrogation"):
+        await w.adapter.read(ENERGY)
+    sim.refuse_commands(True)
+    with pytest.raises(DeviceError, match="counter interrogation refused"):
+        await w.adapter.interrogate_counters()
+    assert w.adapter.link_state is LinkState.UP
+
+
+async def test_periodic_counter_interrogation_and_none_without_counter_points(
+    base: LabConfig, running: Starter
+) -> None:
+    sim, _ = await connected(with_counters(base), running, counter_interrogation={"period_s": 0.2})
+    await until(lambda: sim.stats().counter_interrogations >= 3, 5, "periodic counter interrogations")
+    plain, _ = await connected(base, running, counter_interrogation={"period_s": 0.2})
+    await until(lambda: plain.stats().interrogations >= 1, 5, "GI")
+    await asyncio.sleep(0.5)
+    assert plain.stats().counter_interrogations == 0  # nothing to read: nothing asked
+
+
+def test_counter_points_and_periods_are_refused_for_the_c104_engine(base: LabConfig, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"counter_interrogation\.period_s needs iec104_engine: asyncio"):
+        base.with_device(DEVICE, iec104_engine="c104", counter_interrogation={"period_s": 900})
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        f"extends: {SIM_CONFIG}\n"
+        "devices:\n  ref615:\n    iec104_engine: c104\n"
+        "points:\n  - name: e\n    device: ref615\n    quantity: active_energy\n    unit: Wh\n"
+        "    address: {ioa: 4001, type: M_IT_NA_1}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(lab)
+    [issue] = err.value.issues
+    assert issue.key.endswith(".address.type"), issue.key
+    assert "M_IT_NA_1 (integrated totals) needs iec104_engine: asyncio" in issue.reason
+    (tmp_path / "ok.yaml").write_text(lab.read_text().replace("iec104_engine: c104", "iec104_engine: asyncio"))
+    assert load_config(tmp_path / "ok.yaml").point("e").address.kind == "integrated"  # type: ignore[union-attr]

@@ -7,6 +7,7 @@ layout (comments name the fields), not produced by the encoder under test.
 from __future__ import annotations
 
 import random
+import struct
 from datetime import UTC, datetime
 
 import pytest
@@ -16,8 +17,10 @@ from gateway.protocols.iec104.codec import (
     MAX_ASDU_LENGTH,
     Asdu,
     AsduError,
+    BinaryCounterReading,
     ClockSync,
     Cot,
+    CounterInterrogation,
     Cp56Time,
     DoubleCommand,
     DoublePointInfo,
@@ -203,6 +206,27 @@ def test_clock_sync_as_c104_sends_it() -> None:
     assert element.time.time == datetime(2026, 11, 22, 3, 14, 56, 248000, tzinfo=UTC)
 
 
+def test_integrated_totals_and_counter_interrogation() -> None:
+    # M_IT_NA_1 (15 = 0x0F), COT 37 requested by general counter interrogation, ioa 3001:
+    # BCR 123456789 = 0x075BCD15 little-endian, then SQ 3 | CY 0x20 = 0x23
+    bcr = BinaryCounterReading(123456789, 3, carry=True)
+    it = Asdu(TypeId.M_IT_NA_1, Cot.REQUESTED_BY_GENERAL_COUNTER, 1, (InfoObject(3001, bcr),))
+    assert encode_asdu(it) == H("0F 01 25 00 01 00 B9 0B 00 15 CD 5B 07 23")
+    # a negative counter with CA 0x40 and IV 0x80, time-tagged M_IT_TB_1 (37 = 0x25)
+    flagged = BinaryCounterReading(-2, adjusted=True, invalid=True)
+    tb = Asdu(TypeId.M_IT_TB_1, Cot.SPONTANEOUS, 1, (InfoObject(1, flagged, T_2024),))
+    assert encode_asdu(tb) == H("25 01 03 00 01 00 01 00 00 FE FF FF FF C0") + T_2024_BYTES
+    # C_CI_NA_1 (101 = 0x65): QCC RQT 5 (general) | FRZ 1 << 6 (freeze without reset) = 0x45
+    ci = Asdu(TypeId.C_CI_NA_1, Cot.ACTIVATION, 1, (InfoObject(0, CounterInterrogation(5, 1)),))
+    assert encode_asdu(ci) == H("65 01 06 00 01 00 00 00 00 45")
+    for a in (it, tb, ci):
+        assert decode_asdu(encode_asdu(a)) == a
+    with pytest.raises(ValueError, match="sequence number 32"):
+        encode_asdu(Asdu(TypeId.M_IT_NA_1, Cot.SPONTANEOUS, 1, (InfoObject(1, BinaryCounterReading(0, 32)),)))
+    with pytest.raises(struct.error):
+        encode_asdu(Asdu(TypeId.M_IT_NA_1, Cot.SPONTANEOUS, 1, (InfoObject(1, BinaryCounterReading(2**31)),)))
+
+
 def test_test_command_with_time_and_end_of_init_and_read() -> None:
     # C_TS_TA_1 (107 = 0x6B): TSC 0x1234 -> 34 12, then CP56Time2a
     ts = Asdu(TypeId.C_TS_TA_1, Cot.ACTIVATION, 1, (InfoObject(0, TsCommand(0x1234, T_2024)),))
@@ -230,6 +254,9 @@ _EXAMPLES: dict[TypeId, Element] = {
     TypeId.M_ME_TE_1: ScaledInfo(-32768, Quality.SUBSTITUTED),
     TypeId.M_ME_NC_1: FloatInfo(-1.5),
     TypeId.M_ME_TF_1: FloatInfo(50.0, Quality.INVALID | Quality.OVERFLOW),
+    TypeId.M_IT_NA_1: BinaryCounterReading(-(2**31), sequence=31, carry=True),
+    TypeId.M_IT_TB_1: BinaryCounterReading(2**31 - 1, adjusted=True, invalid=True),
+    TypeId.C_CI_NA_1: CounterInterrogation(5, 3),
     TypeId.M_EI_NA_1: EndOfInit(2),
     TypeId.C_SC_NA_1: SingleCommand(False, select=True, qualifier=31),
     TypeId.C_SC_TA_1: SingleCommand(True),
@@ -247,6 +274,7 @@ _EXAMPLES: dict[TypeId, Element] = {
     TypeId.C_TS_TA_1: TsCommand(65535, T_2024),
 }
 _TIMED = {
+    "M_IT_TB_1",
     "M_SP_TB_1",
     "M_DP_TB_1",
     "M_ME_TD_1",

@@ -42,8 +42,10 @@ from gateway.protocols.iec104.codec import (
     SEQ_MODULO,
     Asdu,
     AsduError,
+    BinaryCounterReading,
     ClockSync,
     Cot,
+    CounterInterrogation,
     Cp56Time,
     DoubleCommand,
     DoublePointInfo,
@@ -104,7 +106,10 @@ _MONITOR_ELEMENT: dict[str, type] = {
     "M_ME_NC_1": FloatInfo,
     "M_ME_TF_1": FloatInfo,
 }
-_TIMED = frozenset({TypeId.M_SP_TB_1, TypeId.M_DP_TB_1, TypeId.M_ME_TD_1, TypeId.M_ME_TE_1, TypeId.M_ME_TF_1})
+_TIMED = frozenset(
+    {TypeId.M_SP_TB_1, TypeId.M_DP_TB_1, TypeId.M_ME_TD_1, TypeId.M_ME_TE_1, TypeId.M_ME_TF_1, TypeId.M_IT_TB_1}
+)
+_TOTALS = frozenset({TypeId.M_IT_NA_1, TypeId.M_IT_TB_1})
 _F32_MAX = 3.4028234663852886e38
 
 
@@ -139,6 +144,8 @@ class OutstationStats:
     protocol_errors: int = 0
     #: Clock synchronisations (C_CS_NA_1 act) taken; refused ones are negative_confirmations.
     clock_syncs: int = 0
+    #: Counter interrogations received (activation), answered or not.
+    counter_interrogations: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -231,11 +238,16 @@ class Iec104Outstation:
         now = time.time()
         self._monitors: dict[str, _Monitor] = {}
         self._monitor_by_ioa: dict[int, _Monitor] = {}
+        #: integrated totals (M_IT_*): answered to counter interrogations, never in the GI
+        self._totals: dict[str, _Monitor] = {}
         self._controls: dict[int, Point] = {}
         for p in self._points:
             if p.direction is Direction.MONITOR:
                 m = _Monitor(p, TypeId[iec104_address(p).type], 0.0, 0, Quality.GOOD, Quality.GOOD, now)
                 self._update(m, self.model.value(p.name), now)
+                if m.type_id in _TOTALS:
+                    self._totals[p.name] = m
+                    continue
                 self._monitors[p.name] = m
                 self._monitor_by_ioa[iec104_address(p).ioa] = m
             else:
@@ -408,7 +420,7 @@ class Iec104Outstation:
         a set-point read-back changes the model's limit. Other points stay pinned until
         :meth:`release`. ``quality`` (QDS bits) sticks until given again.
         """
-        m = self._monitors.get(point)
+        m = self._monitors.get(point) or self._totals.get(point)
         if m is None:
             raise KeyError(f"{self.name}: no monitor point {point!r}")
         if quality is not None:
@@ -418,12 +430,16 @@ class Iec104Outstation:
     def release(self, point: str) -> None:
         """Let the feeder model drive a point forced by :meth:`set_value` again."""
         self.model.release(point)
-        if point in self._monitors:
-            self._monitors[point].forced_quality = Quality.GOOD
+        m = self._monitors.get(point) or self._totals.get(point)
+        if m is not None:
+            m.forced_quality = Quality.GOOD
 
     def values(self) -> dict[str, MonitorValue]:
         """The value, raw value, quality and change time the outstation reports per point."""
-        return {name: MonitorValue(name, m.value, m.raw, m.quality, m.time) for name, m in self._monitors.items()}
+        return {
+            name: MonitorValue(name, m.value, m.raw, m.quality, m.time)
+            for name, m in (*self._monitors.items(), *self._totals.items())
+        }
 
     def recent_frames(self) -> list[FrameRecord]:
         """The last ``frame_log`` frames in and out, oldest first (what a capture would show)."""
@@ -520,6 +536,9 @@ class Iec104Outstation:
             try:
                 self.model.step(now)
                 self._send_spontaneous(self._refresh_all(now))
+                if self._totals:  # a counter that moved goes spontaneously, time-tagged
+                    values = self.model.values()
+                    self._send_spontaneous([m for n, m in self._totals.items() if self._update(m, values[n], now)])
             except Exception:  # a bad step must not end the simulation; it is logged each time
                 _log.exception("%s: feeder step failed", self.name)
 
@@ -564,6 +583,8 @@ class Iec104Outstation:
             self._interrogation(session, reply, asdu)
         elif t is TypeId.C_RD_NA_1:
             self._read(session, reply, asdu)
+        elif t is TypeId.C_CI_NA_1:
+            self._counter_interrogation(session, reply, asdu)
         elif t is TypeId.C_CS_NA_1:
             self._clock_sync(session, reply, asdu)
         elif t is TypeId.C_TS_TA_1:
@@ -629,6 +650,43 @@ class Iec104Outstation:
                 self._update(m, values[name], now)
             for a in self._asdus(list(self._monitors.values()), Cot.INTERROGATED_BY_STATION):
                 session.send_asdu(a)
+        self._reply(session, mirror(raw, Cot.ACTIVATION_TERMINATION))
+
+    def _counter_interrogation(self, session: _Session, raw: bytes, asdu: Asdu) -> None:
+        """C_CI_NA_1: ACTCON, then (general request, no freeze) every integrated total with
+        COT 37 in the untagged M_IT_NA_1, as a device answers; then ACTTERM.
+
+        Group requests (RQT 1-4) find no counter in a group and freeze requests (FRZ 1-3) are
+        confirmed without changing the counters: what the simulator does not model.
+        """
+        qcc = asdu.objects[0].element
+        assert isinstance(qcc, CounterInterrogation)  # the type id decides the element class
+        if asdu.cot is Cot.DEACTIVATION:
+            self._reply(session, mirror(raw, Cot.DEACTIVATION_CON))
+            return
+        if asdu.cot is not Cot.ACTIVATION:
+            self._reply(session, mirror(raw, Cot.UNKNOWN_COT, negative=True), negative=True)
+            return
+        self._stats.counter_interrogations += 1
+        if not 1 <= qcc.request <= 5 or self._refuse:
+            _log.info("%s: counter interrogation (RQT %d) refused", self.name, qcc.request)
+            self._reply(session, mirror(raw, Cot.ACTIVATION_CON, negative=True), negative=True)
+            return
+        _log.info("%s: counter interrogation (RQT %d FRZ %d) from %s", self.name, qcc.request, qcc.freeze, session.peer)
+        self._reply(session, mirror(raw, Cot.ACTIVATION_CON))
+        if qcc.request == 5 and qcc.freeze == 0 and self._totals:
+            now = time.time()
+            values = self.model.values()
+            totals = sorted(self._totals.values(), key=lambda m: iec104_address(m.point).ioa)
+            for m in totals:
+                self._update(m, values[m.point.name], now)
+            t = TypeId.M_IT_NA_1
+            per = min(_MAX_OBJECTS, (_ASDU_LIMIT - asdu_size(t, 0)) // object_size(t))
+            for i in range(0, len(totals), per):
+                objects = tuple(
+                    InfoObject(iec104_address(m.point).ioa, _counter_reading(m)) for m in totals[i : i + per]
+                )
+                session.send_asdu(encode_asdu(Asdu(t, Cot.REQUESTED_BY_GENERAL_COUNTER, self.common_address, objects)))
         self._reply(session, mirror(raw, Cot.ACTIVATION_TERMINATION))
 
     def _read(self, session: _Session, raw: bytes, asdu: Asdu) -> None:
@@ -856,6 +914,12 @@ def _to_raw(point: Point, type_id: TypeId, value: float) -> tuple[float | int | 
     if kind == "double":
         return int(value) & 0x03, False
     raw = point.to_raw(value)
+    if type_id in _TOTALS:  # a 32-bit counter: past its range it wraps, with carry (CY)
+        if not math.isfinite(raw):
+            return 0, True
+        r = round(raw)
+        wrapped = (r + 2**31) % 2**32 - 2**31
+        return wrapped, wrapped != r
     if type_id in (TypeId.M_ME_NA_1, TypeId.M_ME_TD_1):
         clamped = max(-1.0, min(32767 / 32768, raw))
         return round(clamped * 32768) / 32768, clamped != raw
@@ -868,9 +932,14 @@ def _to_raw(point: Point, type_id: TypeId, value: float) -> tuple[float | int | 
     return raw, not abs(raw) <= _F32_MAX
 
 
+def _counter_reading(m: _Monitor) -> BinaryCounterReading:
+    """BCR of an integrated total: IV from invalid, CY from overflow (the counter wrapped)."""
+    return BinaryCounterReading(int(m.raw), carry=Quality.OVERFLOW in m.quality, invalid=Quality.INVALID in m.quality)
+
+
 def _info_object(m: _Monitor, clock_error_s: float = 0.0) -> InfoObject:
-    cls = _MONITOR_ELEMENT[m.type_id.name]
-    element: Element = cls(m.raw, m.quality)
+    totals = m.type_id in _TOTALS
+    element: Element = _counter_reading(m) if totals else _MONITOR_ELEMENT[m.type_id.name](m.raw, m.quality)
     t = Cp56Time.from_timestamp(m.time + clock_error_s) if m.type_id in _TIMED else None
     return InfoObject(iec104_address(m.point).ioa, element, t)
 

@@ -19,8 +19,11 @@ and closes the connection; the supervisor reconnects with the c104 adapter's bac
 Clock synchronisation (C_CS_NA_1) on connect, before the GI, and periodically when the
 device's ``clock_sync`` asks for it; a negative ACTCON is counted and logged.
 
-Not done: STOPDT/redundancy groups, test commands (C_TS), group interrogations, counters
-(M_IT), SQ=1 command ASDUs, files.
+Integrated totals (M_IT_NA_1/M_IT_TB_1) by counter interrogation (C_CI_NA_1: general
+request, no freeze) after the GI on connect, periodically and on demand.
+
+Not done: STOPDT/redundancy groups, test commands (C_TS), group interrogations, counter
+freeze and group requests, SQ=1 command ASDUs, files.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ from gateway.protocols.iec104.codec import (
     MONITOR_TYPE_IDS,
     SEQ_MODULO,
     Asdu,
+    AsduError,
+    BinaryCounterReading,
     ClockSync,
     Cot,
+    CounterInterrogation,
     Cp56Time,
     DoubleCommand,
     Element,
@@ -61,6 +67,7 @@ from gateway.protocols.iec104.codec import (
     TypeId,
     UFrame,
     UFunction,
+    decode_asdu,
     decode_cp56,
     decode_monitor,
     encode_asdu,
@@ -101,6 +108,7 @@ _STARTDT_ACT: Final = encode_frame(UFrame(UFunction.STARTDT_ACT))
 _TESTFR_ACT: Final = encode_frame(UFrame(UFunction.TESTFR_ACT))
 _TESTFR_CON: Final = encode_frame(UFrame(UFunction.TESTFR_CON))
 _GI_QOI: Final = 20
+_COUNTER_TYPES: Final = frozenset({TypeId.M_IT_NA_1, TypeId.M_IT_TB_1})
 _KIND_MEASURED, _KIND_DOUBLE, _KIND_SINGLE = 0, 1, 2
 _KINDS: Final = {"measured": _KIND_MEASURED, "double": _KIND_DOUBLE, "single": _KIND_SINGLE}
 _NO_POINTS: Final[dict[int, tuple[str, int, float, float]]] = {}
@@ -114,8 +122,8 @@ def _cause_table() -> tuple[UpdateCause, ...]:
     table[Cot.SPONTANEOUS] = UpdateCause.SPONTANEOUS
     table[Cot.REQUEST] = UpdateCause.REQUESTED
     table[Cot.RETURN_INFO_REMOTE] = table[Cot.RETURN_INFO_LOCAL] = UpdateCause.RETURN
-    for cot in range(Cot.INTERROGATED_BY_STATION, Cot.INTERROGATED_BY_GROUP_16 + 1):
-        table[cot] = UpdateCause.INTERROGATED
+    for cot in range(Cot.INTERROGATED_BY_STATION, Cot.REQUESTED_BY_GROUP_4_COUNTER + 1):
+        table[cot] = UpdateCause.INTERROGATED  # 20-36 by (group) interrogation, 37-41 by counter interrogation
     return tuple(table)
 
 
@@ -412,8 +420,14 @@ class AsyncIec104Adapter(Iec104AdapterBase):
             device.common_address: {
                 iec104_address(p).ioa: (p.name, _KINDS[iec104_address(p).kind], p.scale, p.offset)
                 for p in points
-                if p.direction is Direction.MONITOR
+                if p.direction is Direction.MONITOR and iec104_address(p).kind != "integrated"
             }
+        }
+        # integrated totals: ioa -> (name, scale, offset); they come by counter interrogation
+        self._counter_points: dict[int, tuple[str, float, float]] = {
+            iec104_address(p).ioa: (p.name, p.scale, p.offset)
+            for p in points
+            if p.direction is Direction.MONITOR and iec104_address(p).kind == "integrated"
         }
         self._monitor_ioa = {p.name: iec104_address(p).ioa for p in points if p.direction is Direction.MONITOR}
         self._control = {p.name: p for p in points if p.direction is Direction.CONTROL}
@@ -428,6 +442,9 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         self._supervisor: asyncio.Task[None] | None = None
         self._gi_task: asyncio.Task[None] | None = None
         self._clock_task: asyncio.Task[None] | None = None
+        self._ci_task: asyncio.Task[None] | None = None
+        # counter interrogations awaiting their end: True at ACTTERM, False when refused
+        self._ci_waiters: list[asyncio.Future[bool]] = []
         # commands: ioa -> (future of the device's answer, whether a select is awaited)
         self._pending: dict[int, tuple[asyncio.Future[Confirmation], bool]] = {}
         self._terms: dict[int, asyncio.Future[None]] = {}  # executed commands awaiting ACTTERM
@@ -452,6 +469,10 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         self._supervisor = asyncio.create_task(self._supervise(), name=f"iec104-aio:{self.device.name}")
         if self.device.gi_period_s > 0:
             self._gi_task = asyncio.create_task(self._periodic_gi(), name=f"iec104-aio-gi:{self.device.name}")
+        if self.device.counter_interrogation.period_s > 0 and self._counter_points:
+            self._ci_task = asyncio.create_task(
+                self._periodic_counter_interrogation(), name=f"iec104-aio-ci:{self.device.name}"
+            )
         if self.device.clock_sync.period_s > 0:
             self._clock_task = asyncio.create_task(
                 self._periodic_clock_sync(), name=f"iec104-aio-cs:{self.device.name}"
@@ -460,12 +481,12 @@ class AsyncIec104Adapter(Iec104AdapterBase):
     async def close(self) -> None:
         self._closing = True
         link = self._link
-        for task in (self._gi_task, self._clock_task, self._supervisor):
+        for task in (self._gi_task, self._clock_task, self._ci_task, self._supervisor):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._gi_task = self._clock_task = None
+        self._gi_task = self._clock_task = self._ci_task = None
         self._link = None
         if link is not None:
             link.close()
@@ -552,6 +573,22 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                         fut.set_result(ok)
             elif cot == COT_ACTTERM:
                 self._counters["interrogations_done"] += 1
+        elif type_id in _COUNTER_TYPES:
+            self._on_counters(raw)
+        elif type_id == TypeId.C_CI_NA_1:
+            if cot == COT_ACTCON and not negative:
+                self._counters["counter_interrogations_confirmed"] += 1
+            elif cot in (COT_ACTTERM, COT_ACTCON) or cot in COT_UNKNOWN:
+                ok = cot == COT_ACTTERM and not negative
+                if ok:
+                    self._counters["counter_interrogations_done"] += 1
+                else:
+                    self._counters["negative_confirmations"] += 1
+                    log.warning("%s: counter interrogation refused by the device (cot %d)", self.device.name, cot)
+                waiters, self._ci_waiters = self._ci_waiters, []
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(ok)
         elif type_id == TypeId.C_CS_NA_1:
             if cot == COT_ACTCON or cot in COT_UNKNOWN:
                 self._on_clock_confirmation(raw, cot, negative)
@@ -569,6 +606,48 @@ class AsyncIec104Adapter(Iec104AdapterBase):
             log.info("%s: device reports end of initialisation", self.device.name)
         else:
             self._anomaly("unknown_types", "ASDU type %d (cot %d) not handled; ignored", type_id, cot)
+
+    def _on_counters(self, raw: bytes) -> None:
+        """Integrated totals (M_IT_NA_1 / M_IT_TB_1): the counter reading as the value, IV as
+        invalid and CY (carry: the counter ran over its range) as overflow; CA (adjusted since
+        the last reading) leaves the value good and is counted. Rare enough (one ASDU per
+        counter interrogation) for the general decoder."""
+        try:
+            asdu = decode_asdu(raw)
+        except AsduError as exc:
+            self._anomaly("garbled_asdus", "garbled ASDU %s: %s", raw[:24].hex(" "), exc)
+            return
+        rcv = now()
+        cause = _CAUSE_OF_COT[asdu.cot]
+        ca = asdu.common_address
+        mine = ca == self.device.common_address
+        updates: list[Event] = []
+        for obj in asdu.objects:
+            info = self._counter_points.get(obj.ioa) if mine else None
+            if info is None:
+                if mine and obj.ioa in self._monitor.get(ca, _NO_POINTS):
+                    self._anomaly(
+                        "type_mismatch", "integrated total for ca %d ioa %d, not a counter point", ca, obj.ioa
+                    )
+                else:
+                    self._anomaly("unknown_points", "device sent unconfigured ca %d ioa %d; ignored", ca, obj.ioa)
+                continue
+            bcr = obj.element
+            assert isinstance(bcr, BinaryCounterReading)  # the type id decides the element class
+            quality = Quality.GOOD
+            if bcr.invalid:
+                quality |= Quality.INVALID
+            if bcr.carry:
+                quality |= Quality.OVERFLOW
+            if bcr.adjusted:
+                self._counters["counters_adjusted"] += 1
+            name, scale, offset = info
+            ts = obj.time.timestamp() if obj.time is not None else None
+            updates.append(PointUpdate(name, bcr.value * scale + offset, quality, ts, rcv, cause))
+        if updates:
+            self._counters["values"] += len(updates)
+            assert self._buffer is not None
+            self._buffer.put_many(updates)
 
     def _on_clock_confirmation(self, raw: bytes, cot: int, negative: bool) -> None:
         """ACTCON of a clock synchronisation: the offset of the device's clock, or a refusal."""
@@ -681,6 +760,8 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                     if dev.clock_sync.on_connect:  # first, so the GI's values carry the set clock
                         self._send_clock_sync(None)
                     self._send_interrogation()  # as c104's Init.INTERROGATION: all values after connect
+                    if self._counter_points and dev.counter_interrogation.on_connect:
+                        self._send_counter_interrogation()  # totals are not in the GI
                 try:
                     reason = await asyncio.shield(link.closed)
                 finally:
@@ -711,6 +792,10 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         for gi in waiters:
             if not gi.done():
                 gi.set_exception(err)
+        counting, self._ci_waiters = self._ci_waiters, []
+        for ci in counting:
+            if not ci.done():
+                ci.set_exception(err)
         clocks, self._clock_pending = self._clock_pending, collections.deque(maxlen=16)
         for _sent, cs in clocks:
             if cs is not None and not cs.done():
@@ -756,6 +841,43 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         if not ok:
             raise LinkError(self.device.name, "general interrogation not confirmed")
 
+    def _send_counter_interrogation(self) -> None:
+        link = self._require_link()
+        self._counters["counter_interrogations"] += 1
+        link.send_asdu(self._asdu(TypeId.C_CI_NA_1, Cot.ACTIVATION, 0, CounterInterrogation(5, 0)))
+
+    async def interrogate_counters(self) -> None:
+        """Counter interrogation (general request, no freeze); returns at the device's ACTTERM,
+        when every counter it has has been sent (they are in the event stream by then).
+
+        Raises :class:`DeviceError` when the device refuses it, :class:`LinkError` without a
+        link or when it does not end within ``command_timeout_s + 1``.
+        """
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._send_counter_interrogation()
+        self._ci_waiters.append(fut)
+        timeout_s = self.device.command_timeout_s + 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                ok = await fut
+        except TimeoutError:
+            raise LinkError(self.device.name, f"counter interrogation not ended within {timeout_s:g} s") from None
+        finally:
+            if fut in self._ci_waiters:
+                self._ci_waiters.remove(fut)
+        if not ok:
+            raise DeviceError(self.device.name, "counter interrogation refused")
+
+    async def _periodic_counter_interrogation(self) -> None:
+        period = self.device.counter_interrogation.period_s
+        while not self._closing:
+            await asyncio.sleep(period)
+            if self._state is LinkState.UP:
+                try:
+                    await self.interrogate_counters()
+                except (LinkError, DeviceError) as exc:
+                    log.warning("%s: periodic counter interrogation failed: %s", self.device.name, exc)
+
     def _send_clock_sync(self, waiter: asyncio.Future[float] | None) -> None:
         link = self._require_link()
         sent_at = now()
@@ -797,6 +919,8 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         ioa = self._monitor_ioa.get(point)
         if ioa is None:
             raise CommandInvalid(point, "not a monitored point of this device")
+        if ioa in self._counter_points:
+            raise CommandInvalid(point, "an integrated total is read by counter interrogation (interrogate_counters)")
         link = self._require_link()
         fut: asyncio.Future[PointUpdate] = asyncio.get_running_loop().create_future()
         self._readers.setdefault(point, []).append(fut)

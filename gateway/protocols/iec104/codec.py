@@ -31,8 +31,10 @@ __all__ = [
     "START",
     "Asdu",
     "AsduError",
+    "BinaryCounterReading",
     "ClockSync",
     "Cot",
+    "CounterInterrogation",
     "Cp56Time",
     "DoubleCommand",
     "DoublePointInfo",
@@ -290,11 +292,13 @@ class TypeId(enum.IntEnum):
     M_ME_NA_1 = 9
     M_ME_NB_1 = 11
     M_ME_NC_1 = 13
+    M_IT_NA_1 = 15
     M_SP_TB_1 = 30
     M_DP_TB_1 = 31
     M_ME_TD_1 = 34
     M_ME_TE_1 = 35
     M_ME_TF_1 = 36
+    M_IT_TB_1 = 37
     C_SC_NA_1 = 45
     C_DC_NA_1 = 46
     C_SE_NA_1 = 48
@@ -307,6 +311,7 @@ class TypeId(enum.IntEnum):
     C_SE_TC_1 = 63
     M_EI_NA_1 = 70
     C_IC_NA_1 = 100
+    C_CI_NA_1 = 101
     C_RD_NA_1 = 102
     C_CS_NA_1 = 103
     C_TS_TA_1 = 107
@@ -477,6 +482,19 @@ class FloatInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class BinaryCounterReading:
+    """BCR: a signed 32-bit counter reading, its sequence number SQ (0..31) and the CY
+    (carry: the counter overflowed in the period), CA (adjusted since the last reading) and
+    IV (invalid) bits. Integrated totals have no QDS; these bits are their quality."""
+
+    value: int
+    sequence: int = 0
+    carry: bool = False
+    adjusted: bool = False
+    invalid: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class SingleCommand:
     """SCO: state, qualifier of command (QU, 0 = no pulse definition), S/E bit."""
 
@@ -529,6 +547,15 @@ class Interrogation:
 
 
 @dataclass(frozen=True, slots=True)
+class CounterInterrogation:
+    """QCC of C_CI_NA_1: RQT 1..4 counter group, 5 general request; FRZ 0 read (no freeze),
+    1 freeze without reset, 2 freeze with reset, 3 counter reset."""
+
+    request: int = 5
+    freeze: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ReadCommand:
     """C_RD_NA_1 has no information element, only the address."""
 
@@ -561,12 +588,14 @@ Element = (
     | NormalizedInfo
     | ScaledInfo
     | FloatInfo
+    | BinaryCounterReading
     | SingleCommand
     | DoubleCommand
     | NormalizedSetpoint
     | ScaledSetpoint
     | FloatSetpoint
     | Interrogation
+    | CounterInterrogation
     | ReadCommand
     | ClockSync
     | TestCommand
@@ -621,6 +650,11 @@ def _enc_element(e: Element) -> bytes:
         return _sva(e.value) + bytes((_qds(e.quality),))
     if isinstance(e, FloatInfo):
         return struct.pack("<f", e.value) + bytes((_qds(e.quality),))
+    if isinstance(e, BinaryCounterReading):
+        if not 0 <= e.sequence < 32:
+            raise ValueError(f"counter sequence number {e.sequence} outside 0..31")
+        flags = e.sequence | (0x20 if e.carry else 0) | (0x40 if e.adjusted else 0) | (0x80 if e.invalid else 0)
+        return struct.pack("<iB", e.value, flags)
     if isinstance(e, SingleCommand):
         return bytes(((0x80 if e.select else 0) | _quarter(e.qualifier) | int(bool(e.value)),))
     if isinstance(e, DoubleCommand):
@@ -635,6 +669,10 @@ def _enc_element(e: Element) -> bytes:
         return struct.pack("<f", e.value) + bytes((_qualified(e.qualifier, e.select, bits=7),))
     if isinstance(e, Interrogation):
         return bytes((e.qoi,))
+    if isinstance(e, CounterInterrogation):
+        if not 0 <= e.request < 64 or not 0 <= e.freeze < 4:
+            raise ValueError(f"QCC request {e.request} / freeze {e.freeze} outside 0..63 / 0..3")
+        return bytes((e.request | e.freeze << 6,))
     if isinstance(e, ReadCommand):
         return b""
     if isinstance(e, ClockSync):
@@ -669,6 +707,15 @@ def _dec_sva(b: bytes) -> ScaledInfo:
 
 def _dec_float(b: bytes) -> FloatInfo:
     return FloatInfo(struct.unpack_from("<f", b)[0], Quality(b[4] & 0xF1))
+
+
+def _dec_bcr(b: bytes) -> BinaryCounterReading:
+    value, flags = struct.unpack_from("<iB", b)
+    return BinaryCounterReading(value, flags & 0x1F, bool(flags & 0x20), bool(flags & 0x40), bool(flags & 0x80))
+
+
+def _dec_qcc(b: bytes) -> CounterInterrogation:
+    return CounterInterrogation(b[0] & 0x3F, b[0] >> 6)
 
 
 def _dec_sco(b: bytes) -> SingleCommand:
@@ -730,6 +777,8 @@ _SPECS: dict[TypeId, _Spec] = {
     TypeId.M_ME_TE_1: _Spec(ScaledInfo, 3, True, _dec_sva),
     TypeId.M_ME_NC_1: _Spec(FloatInfo, 5, False, _dec_float),
     TypeId.M_ME_TF_1: _Spec(FloatInfo, 5, True, _dec_float),
+    TypeId.M_IT_NA_1: _Spec(BinaryCounterReading, 5, False, _dec_bcr),
+    TypeId.M_IT_TB_1: _Spec(BinaryCounterReading, 5, True, _dec_bcr),
     TypeId.M_EI_NA_1: _Spec(EndOfInit, 1, False, _dec_ei),
     TypeId.C_SC_NA_1: _Spec(SingleCommand, 1, False, _dec_sco),
     TypeId.C_SC_TA_1: _Spec(SingleCommand, 1, True, _dec_sco),
@@ -742,6 +791,7 @@ _SPECS: dict[TypeId, _Spec] = {
     TypeId.C_SE_NC_1: _Spec(FloatSetpoint, 5, False, _dec_se_float),
     TypeId.C_SE_TC_1: _Spec(FloatSetpoint, 5, True, _dec_se_float),
     TypeId.C_IC_NA_1: _Spec(Interrogation, 1, False, _dec_qoi),
+    TypeId.C_CI_NA_1: _Spec(CounterInterrogation, 1, False, _dec_qcc),
     TypeId.C_RD_NA_1: _Spec(ReadCommand, 0, False, _dec_read),
     TypeId.C_CS_NA_1: _Spec(ClockSync, _CP56, False, _dec_cs),
     TypeId.C_TS_TA_1: _Spec(TestCommand, 2 + _CP56, False, _dec_ts),
