@@ -27,7 +27,9 @@ from gateway.protocols.base import LinkState, LinkStateChange
 from gateway.protocols.iec104.adapter import Iec104Adapter
 from gateway.protocols.iec104.tls import TlsBridge, client_tls_context
 
-pytestmark = pytest.mark.timeout(40)
+#: c104 runs here (the TLS bridge is for that engine): each test in a forked child, so a
+#: SIGSEGV in c104's threads fails one test instead of ending the suite
+pytestmark = [pytest.mark.timeout(40), pytest.mark.forked]
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_CONFIG = ROOT / "lab_configs" / "multipower-sim.yaml"

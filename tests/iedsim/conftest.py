@@ -40,6 +40,18 @@ from gateway.protocols.iec104.common import COT_ACTCON, Confirmation, parse_comm
 SIM_CONFIG = Path(__file__).resolve().parents[2] / "lab_configs" / "multipower-sim.yaml"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that run a c104 client go in a forked child (pytest-forked): c104 2.2.1 can
+    SIGSEGV in its native threads, and a crash must fail that test, not end the suite."""
+    here = Path(__file__).parent
+    for item in items:
+        if not item.path.is_relative_to(here):
+            continue
+        module = getattr(item, "module", None)
+        if {"c104_client", "probes"} & set(getattr(item, "fixturenames", ())) or getattr(module, "c104", None):
+            item.add_marker(pytest.mark.forked)
+
+
 def make_config(*, points: dict[str, dict[str, Any]] | None = None, **simulator: Any) -> LabConfig:
     """The MultiPower sim lab with simulator settings and point fields overridden.
 

@@ -87,6 +87,7 @@ from gateway.protocols.iec104.common import (
     command_reply,
     command_value,
 )
+from gateway.protocols.iec104.tls import TLS_CLOSED_AT_ONCE as _TLS_CLOSED_AT_ONCE
 from gateway.protocols.iec104.tls import _tls_failure, client_tls_context
 
 __all__ = ["AsyncIec104Adapter"]
@@ -161,6 +162,9 @@ class _EventQueue(EventBuffer):
         return [items.popleft() for _ in range(limit)]
 
 
+_CLOSED_BY_DEVICE: Final = "connection closed by the device"
+
+
 class _Link(asyncio.Protocol):
     """One TCP (or TLS) connection to the device: framing, sequence numbers, windows, timers.
 
@@ -186,6 +190,7 @@ class _Link(asyncio.Protocol):
         self.started: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self._reason = ""
+        self._got_bytes = False  # any octet from the device on this connection
         self._vs = 0  # our next send sequence number
         self._vr = 0  # the device's next expected send sequence number
         self._acked = 0  # our oldest I-frame the device has not acknowledged
@@ -210,8 +215,13 @@ class _Link(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        reason = self._reason or (f"connection lost: {exc}" if exc else "connection closed by the device")
-        if not self._reason:  # closed by the device or the network, in the middle of a frame?
+        reason = self._reason or (f"connection lost: {exc}" if exc else _CLOSED_BY_DEVICE)
+        if not self._got_bytes and self._adapter._tls is not None and self._reason in ("", _CLOSED_BY_DEVICE):
+            # TLS 1.3: our handshake ends before the device has checked our certificate; a
+            # device that refuses it closes at once, often without an alert (as the TLS
+            # bridge of the c104 engine reports it)
+            reason = _tls_failure(exc) if exc is not None else _TLS_CLOSED_AT_ONCE
+        elif not self._reason:  # closed by the device or the network, in the middle of a frame?
             reason += self._incomplete()
         if not self.started.done():
             self.started.set_exception(LinkError(self._name, reason))
@@ -219,7 +229,7 @@ class _Link(asyncio.Protocol):
             self.closed.set_result(reason)
 
     def eof_received(self) -> bool | None:
-        self._reason = self._reason or "connection closed by the device"
+        self._reason = self._reason or _CLOSED_BY_DEVICE
         return None  # close our side too
 
     def data_received(self, data: bytes) -> None:
@@ -231,6 +241,7 @@ class _Link(asyncio.Protocol):
             self._fail(f"internal error: {exc!r}")
 
     def _receive(self, data: bytes) -> None:
+        self._got_bytes = True
         frames, error = self._decoder.feed_batch(data)
         counters = self._counters
         counters["reads"] += 1

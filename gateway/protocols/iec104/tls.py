@@ -92,6 +92,10 @@ def client_tls_context(device: Device) -> ssl.SSLContext:
     return ctx
 
 
+#: why a TLS link ended when the device closed it before sending a single octet
+TLS_CLOSED_AT_ONCE = "TLS: closed by the device before any data (did it refuse our certificate?)"
+
+
 def _tls_failure(exc: BaseException) -> str:
     """A short operator-facing reason for a failed TLS connect."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -185,7 +189,7 @@ class _Pipe(asyncio.Protocol):
             self.bridge.last_error = (
                 _tls_failure(exc)
                 if exc is not None
-                else "TLS: closed by the device before any data (did it refuse our certificate?)"
+                else TLS_CLOSED_AT_ONCE
             )
             log.warning("%s: %s", self.bridge.device.name, self.bridge.last_error)
         if self.transport is not None:
