@@ -1,6 +1,6 @@
 """What the asyncio IEC 104 engine does beyond values and commands, against the real simulator:
 clock synchronisation (C_CS_NA_1), counter interrogation and integrated totals (C_CI_NA_1,
-M_IT_NA_1 / M_IT_TB_1).
+M_IT_NA_1 / M_IT_TB_1), test command (C_TS_TA_1).
 
 Same event loop for simulator and adapter, no mocks; each test reads what the outstation
 recorded (its clock error, the frames it received) as well as what the adapter reports.
@@ -19,13 +19,14 @@ import pytest
 from iec104kit import DEVICE, FAST, Starter, Watched, outstations_and_adapters, until
 
 from gateway.config import LabConfig, Point, load_config
-from gateway.errors import CommandInvalid, ConfigError, DeviceError
+from gateway.errors import CommandInvalid, ConfigError, DeviceError, LinkError
 from gateway.iedsim.iec104 import Iec104Outstation
 from gateway.points import PointUpdate, Quality, UpdateCause
 from gateway.protocols import create_adapter
 from gateway.protocols.base import LinkState
 from gateway.protocols.iec104.aio import AsyncIec104Adapter
-from gateway.protocols.iec104.codec import IFrame, TypeId, decode_apdu
+from gateway.protocols.iec104.codec import Cot, IFrame, TypeId, decode_apdu, decode_asdu
+from gateway.protocols.iec104.codec import TestCommand as TsCommand  # not a test class
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -272,3 +273,32 @@ def test_counter_points_and_periods_are_refused_for_the_c104_engine(base: LabCon
     assert "M_IT_NA_1 (integrated totals) needs iec104_engine: asyncio" in issue.reason
     (tmp_path / "ok.yaml").write_text(lab.read_text().replace("iec104_engine: c104", "iec104_engine: asyncio"))
     assert load_config(tmp_path / "ok.yaml").point("e").address.kind == "integrated"  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------------------
+# test command
+
+
+async def test_test_command_is_confirmed_with_its_counter(base: LabConfig, running: Starter) -> None:
+    sim, w = await connected(base, running, command_timeout_s=0.3)
+    adapter = w.adapter
+    assert isinstance(adapter, AsyncIec104Adapter)
+    rtts = [await adapter.send_test_command() for _ in range(3)]
+    assert all(0 < rtt < 0.5 for rtt in rtts), rtts
+    assert sim.stats().test_commands == 3
+    # what went out: C_TS_TA_1 act with TSC 1, 2, 3 and our time (CP56Time2a)
+    sent = [decode_asdu(f.asdu) for f in received_i_frames(sim) if f.asdu[0] == TypeId.C_TS_TA_1]
+    elements = [a.objects[0].element for a in sent]
+    assert [e.counter for e in elements if isinstance(e, TsCommand)] == [1, 2, 3]
+    assert all(a.cot is Cot.ACTIVATION for a in sent)
+    stats = w.adapter.stats()
+    assert stats["test_commands"] == stats["test_commands_confirmed"] == 3
+    sim.stall()  # a hung application: no ACTCON within command_timeout_s
+    with pytest.raises(LinkError, match=r"test command 4 not confirmed within 0\.3 s"):
+        await adapter.send_test_command()
+    sim.resume()
+
+
+def received_i_frames(sim: Iec104Outstation) -> list[IFrame]:
+    frames = (decode_apdu(rec.data) for rec in sim.recent_frames() if rec.direction == "in")
+    return [f for f in frames if isinstance(f, IFrame)]

@@ -146,6 +146,8 @@ class OutstationStats:
     clock_syncs: int = 0
     #: Counter interrogations received (activation), answered or not.
     counter_interrogations: int = 0
+    #: Test commands (C_TS_TA_1 act) confirmed.
+    test_commands: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -590,7 +592,8 @@ class Iec104Outstation:
         elif t is TypeId.C_TS_TA_1:
             if asdu.cot is not Cot.ACTIVATION:
                 self._reply(session, mirror(reply, Cot.UNKNOWN_COT, negative=True), negative=True)
-            else:
+            else:  # mirrored: the ACTCON carries the client's TSC and time back, as the standard asks
+                self._stats.test_commands += 1
                 _log.info("%s: %s acknowledged", self.name, t.name)
                 self._reply(session, mirror(reply, Cot.ACTIVATION_CON))
         else:

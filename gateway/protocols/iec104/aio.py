@@ -22,7 +22,9 @@ device's ``clock_sync`` asks for it; a negative ACTCON is counted and logged.
 Integrated totals (M_IT_NA_1/M_IT_TB_1) by counter interrogation (C_CI_NA_1: general
 request, no freeze) after the GI on connect, periodically and on demand.
 
-Not done: STOPDT/redundancy groups, test commands (C_TS), group interrogations, counter
+Test command with time tag (C_TS_TA_1) on demand (:meth:`AsyncIec104Adapter.send_test_command`).
+
+Not done: STOPDT/redundancy groups, group interrogations, counter
 freeze and group requests, SQ=1 command ASDUs, files.
 """
 
@@ -64,6 +66,7 @@ from gateway.protocols.iec104.codec import (
     ScaledSetpoint,
     SFrame,
     SingleCommand,
+    TestCommand,
     TypeId,
     UFrame,
     UFunction,
@@ -454,6 +457,9 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         self._gi_task: asyncio.Task[None] | None = None
         self._clock_task: asyncio.Task[None] | None = None
         self._ci_task: asyncio.Task[None] | None = None
+        # test commands awaiting ACTCON: TSC -> future of the confirmation's receive time
+        self._tests: dict[int, asyncio.Future[float]] = {}
+        self._tsc = 0
         # counter interrogations awaiting their end: True at ACTTERM, False when refused
         self._ci_waiters: list[asyncio.Future[bool]] = []
         # commands: ioa -> (future of the device's answer, whether a select is awaited)
@@ -600,6 +606,20 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 for fut in waiters:
                     if not fut.done():
                         fut.set_result(ok)
+        elif type_id == TypeId.C_TS_TA_1:
+            if cot == COT_ACTCON or cot in COT_UNKNOWN:
+                tsc = raw[9] | raw[10] << 8 if len(raw) >= 11 else -1
+                waiter = self._tests.pop(tsc, None)
+                if waiter is None:
+                    self._anomaly("unexpected_confirmations", "test command ACTCON never asked for: %s", raw.hex(" "))
+                elif negative or cot != COT_ACTCON:
+                    self._counters["negative_confirmations"] += 1
+                    reason = COT_UNKNOWN.get(cot, "negative confirmation")
+                    if not waiter.done():
+                        waiter.set_exception(DeviceError(self.device.name, f"test command refused: {reason}"))
+                elif not waiter.done():
+                    self._counters["test_commands_confirmed"] += 1
+                    waiter.set_result(now())
         elif type_id == TypeId.C_CS_NA_1:
             if cot == COT_ACTCON or cot in COT_UNKNOWN:
                 self._on_clock_confirmation(raw, cot, negative)
@@ -803,6 +823,10 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         for gi in waiters:
             if not gi.done():
                 gi.set_exception(err)
+        tests, self._tests = self._tests, {}
+        for ts in tests.values():
+            if not ts.done():
+                ts.set_exception(err)
         counting, self._ci_waiters = self._ci_waiters, []
         for ci in counting:
             if not ci.done():
@@ -851,6 +875,35 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 self._gi_waiters.remove(fut)
         if not ok:
             raise LinkError(self.device.name, "general interrogation not confirmed")
+
+    async def send_test_command(self) -> float:
+        """Test command with time tag (C_TS_TA_1 act, the next test sequence counter); returns
+        the round trip to the device's ACTCON in seconds.
+
+        The application-layer check that the device itself answers (TESTFR only shows its TCP
+        stack does). Raises :class:`DeviceError` on a negative ACTCON, :class:`LinkError`
+        without a link or when none comes within ``command_timeout_s``.
+        """
+        link = self._require_link()
+        self._tsc = tsc = (self._tsc + 1) & 0xFFFF
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._tests[tsc] = fut
+        sent_at = now()
+        timeout_s = self.device.command_timeout_s
+        try:
+            # the time is part of the element here, not a separate tag as for the *_TA_1 commands
+            obj = InfoObject(0, TestCommand(tsc, Cp56Time.from_timestamp(sent_at)))
+            dev = self.device
+            asdu = Asdu(TypeId.C_TS_TA_1, Cot.ACTIVATION, dev.common_address, (obj,), originator=dev.originator_address)
+            link.send_asdu(encode_asdu(asdu))
+            self._counters["test_commands"] += 1
+            async with asyncio.timeout(timeout_s):
+                return await fut - sent_at
+        except TimeoutError:
+            raise LinkError(self.device.name, f"test command {tsc} not confirmed within {timeout_s:g} s") from None
+        finally:
+            if self._tests.get(tsc) is fut:
+                del self._tests[tsc]
 
     def _send_counter_interrogation(self) -> None:
         link = self._require_link()
