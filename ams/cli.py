@@ -271,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "func", None) is not None:  # the VPP commands (ams.vpp.cli)
             return int(args.func(args))
-        cfg = load_ams_config(args.config)
+        # check-config and run: also what run reads at start, so the two refuse the same configs
+        cfg = load_ams_config(args.config, runnable=args.cmd in ("check-config", "run"))
         if args.cmd == "check-config":
             transports = ", ".join(cfg.messaging.transports)
             n = len(cfg.microgrids)

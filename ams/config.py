@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ams.market import CostModel, VerificationPolicy
 from ams.service import AmsSettings, MarketSettings, MicrogridEntry
-from gateway.config import MessagingSettings, ProbeSettings, check_messaging, load_yaml_model
+from gateway.config import MessagingSettings, ProbeSettings, RedisUrl, check_messaging, load_yaml_model
 from gateway.errors import ConfigError
 
 __all__ = ["AmsConfig", "AmsRedis", "load_ams_config"]
@@ -25,7 +25,7 @@ class AmsRedis(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    url: str | None = None
+    url: RedisUrl | None = None
 
 
 class AmsConfig(BaseModel):
@@ -55,8 +55,13 @@ class AmsConfig(BaseModel):
         )
 
 
-def load_ams_config(path: str | os.PathLike[str]) -> AmsConfig:
-    """Load and check an AMS config; raise :class:`ConfigError` listing every issue."""
+def load_ams_config(path: str | os.PathLike[str], *, runnable: bool = False) -> AmsConfig:
+    """Load and check an AMS config; raise :class:`ConfigError` listing every issue.
+
+    ``runnable``: also check what ``ams run`` reads when it starts (the private key, the
+    microgrids' public keys, the transports' environment variables and PEM files; see
+    :mod:`gateway.preflight`), in the same list: ``ams check-config`` and ``ams run`` use it.
+    """
     cfg, add, issues = load_yaml_model(path, AmsConfig, path_sections=("messaging",))
     check_messaging(cfg.messaging, add)
     seen: set[str] = set()
@@ -64,6 +69,11 @@ def load_ams_config(path: str | os.PathLike[str]) -> AmsConfig:
         if mg.participant in seen:
             add(("microgrids", i, "participant"), f"microgrid {mg.participant!r} listed twice")
         seen.add(mg.participant)
+    if runnable:
+        from gateway.preflight import check_messaging_runnable
+
+        microgrids = [(("microgrids", i, "participant"), mg.participant) for i, mg in enumerate(cfg.microgrids)]
+        check_messaging_runnable(cfg.messaging, add, counterparts=microgrids)
     if issues:
         raise ConfigError(issues)
     return cfg.model_copy(update={"source": str(path)})

@@ -102,7 +102,9 @@ def _default_sim_config() -> Path:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.file)
+    from gateway.preflight import load_runnable_config
+
+    cfg = load_runnable_config(args.file)  # what run would refuse, too (secrets, keys, PEM files)
     print(f"{args.file}: OK - lab {cfg.lab.name!r}: {len(cfg.devices)} device(s), {len(cfg.points)} point(s)")
     for name, dev in cfg.devices.items():
         pts = cfg.points_of(name)
@@ -154,11 +156,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from gateway.preflight import load_runnable_config
     from gateway.runtime import Gateway, run_until_signal
     from gateway.services import embedded_redis
     from gateway.store import RedisStore
 
-    cfg = load_config(args.config)
+    cfg = load_runnable_config(args.config)  # refuses a config that cannot run before Redis starts
     async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="mgms") as url:
         store = RedisStore.from_url(cfg, url)
         await store.write_meta(str(args.config))

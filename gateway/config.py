@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import difflib
 import enum
+import ipaddress
 import os
+import re
+import ssl
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -48,6 +53,9 @@ __all__ = [
     "Iec61850Address",
     "LabConfig",
     "Point",
+    "RedisUrl",
+    "check_host",
+    "file_problem",
     "iec104_address",
     "iec61850_address",
     "load_config",
@@ -147,6 +155,63 @@ IEC104_TYPES = {**IEC104_MONITOR_TYPES, **IEC104_CONTROL_TYPES}
 def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_host(v: str) -> str:
+    """``v`` if it is an IPv4 or IPv6 address or a host name (RFC 1123), else ValueError.
+
+    Checked at load because the protocol libraries refuse a bad host only when they connect
+    (c104 with a bare ``ValueError``, after the embedded Redis has started). A port in the
+    host and a dotted quad that is no IPv4 address (``127.0.0.300``) are named as such.
+    """
+    if not v:
+        raise ValueError("empty host: give an IP address or a host name")
+    try:
+        ipaddress.ip_address(v)
+        return v
+    except ValueError:
+        pass
+    if v.startswith("[") and v.endswith("]"):
+        raise ValueError(f"{v!r}: write an IPv6 address without brackets")
+    host, sep, port = v.rpartition(":")
+    if sep and port.isdigit() and host.count(":") == 0:
+        raise ValueError(f"{v!r}: no port in host (give it as port: {port})")
+    labels = v.removesuffix(".").split(".")
+    if labels[-1].isdigit():
+        # RFC 1123 2.1: a name is never all-numeric dotted, so this was meant as an IPv4 address
+        raise ValueError(f"{v!r} is not an IPv4 address (four numbers 0..255)")
+    if len(v) > 253:
+        raise ValueError(f"host name of {len(v)} characters (at most 253)")
+    if not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"{v!r} is not an IP address or a host name (letters, digits, '-' and '.'; RFC 1123)"
+        )
+    return v
+
+
+def _check_redis_url(v: str) -> str:
+    """A URL redis-py can connect with; a wrong one otherwise fails ``run`` with a traceback."""
+    parts = urlsplit(v)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{v!r}: a Redis URL starts with redis://, rediss:// or unix://")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{v!r}: unix:// needs the socket path (unix:///run/redis.sock)")
+        return v
+    try:
+        parts.port  # noqa: B018 - raises on a port that is no number or out of range
+    except ValueError as exc:
+        raise ValueError(f"{v!r}: {exc}") from None
+    if parts.hostname:
+        check_host(parts.hostname)
+    return v
+
+
+#: A Redis URL, checked at load (the lab's and the AMS's ``redis.url``).
+RedisUrl = Annotated[str, AfterValidator(_check_redis_url)]
 
 
 class _Frozen(BaseModel):
@@ -374,6 +439,13 @@ class DlmsSettings(_Frozen):
         return self
 
     @property
+    def needed_secrets(self) -> tuple[str, ...]:
+        """The secrets the security level uses (``secret(key)`` for each when associating)."""
+        return {"none": (), "low": ("password",), "high_gmac": ("block_cipher_key", "authentication_key")}[
+            self.security
+        ]
+
+    @property
     def client_sap(self) -> int:
         return self.client_address if self.client_address is not None else DLMS_CLIENT_ADDRESSES[self.security]
 
@@ -438,6 +510,11 @@ class Device(_Frozen):
     #: c104 2.2.1 can crash the process, docs/protocol-notes.md) or "c104" (lib60870 in
     #: native threads, kept as the second engine and an independent check of the first).
     iec104_engine: Literal["asyncio", "c104"] = "asyncio"
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, v: str) -> str:
+        return check_host(v)
 
     @field_validator("iec104_engine")
     @classmethod
@@ -745,7 +822,7 @@ class Point(_Frozen):
 class RedisSettings(_Frozen):
     """Where live state goes. No ``url``: the gateway starts its own redis-server."""
 
-    url: str | None = None
+    url: RedisUrl | None = None
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] = "mgms"
     history_maxlen: Annotated[int, Field(ge=10)] = 10_000
     changes_maxlen: Annotated[int, Field(ge=10)] = 100_000
@@ -1055,8 +1132,18 @@ def _line_for(loc: Path_, origins: dict[Path_, _Origin], default_file: str) -> t
     return default_file, None
 
 
-def load_config(path: str | os.PathLike[str]) -> LabConfig:
-    """Load and validate a lab file (following ``extends``); raise ConfigError listing all issues."""
+#: Where a check reports a problem: the dotted key path (file and line are looked up) and why.
+AddIssue = Callable[[Path_, str], None]
+#: An extra check of a valid lab config, run in the cross-entry pass (``gateway.preflight``).
+LabCheck = Callable[["LabConfig", AddIssue], None]
+
+
+def load_config(path: str | os.PathLike[str], *, checks: Iterable[LabCheck] = ()) -> LabConfig:
+    """Load and validate a lab file (following ``extends``); raise ConfigError listing all issues.
+
+    ``checks`` run after the built-in cross-entry checks and report into the same list, with
+    the same file and line lookup (``gateway.preflight`` adds what only ``run`` needs).
+    """
     p = Path(path)
     file = str(p)
     data, origins = _read_layered(p.resolve() if p.exists() else p)
@@ -1088,6 +1175,8 @@ def load_config(path: str | os.PathLike[str]) -> LabConfig:
             add(loc, msg)
         raise ConfigError(issues) from exc
     _check_semantics(cfg, add)
+    for check in checks:
+        check(cfg, add)
     if issues:
         raise ConfigError(issues)
     return cfg
@@ -1239,12 +1328,29 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
                 "needed to verify the device (the CA its certificate chains to); or set verify: false",
             )
         if tls.enabled:
-            # Checked at load so a typo fails `mgms check-config`, not the first connect.
-            for field, path in tls.files():
-                if not os.path.isfile(path):
-                    add(("devices", name, "tls", field), f"file not found: {path}")
-                elif not os.access(path, os.R_OK):
-                    add(("devices", name, "tls", field), f"file not readable: {path}")
+            _check_tls_files(name, tls, add)
+        if tls.enabled and dev.protocol == "iec61850":
+            # libiec61850 can do neither (gateway/protocols/iec61850/adapter.py): refused at load,
+            # not when the adapter starts
+            if not tls.verify:
+                add(
+                    ("devices", name, "tls", "verify"),
+                    "false is not possible with libiec61850 (it always verifies the IED certificate against ca_file)",
+                )
+            if tls.check_hostname:
+                add(
+                    ("devices", name, "tls", "check_hostname"),
+                    "libiec61850 does not compare the IED certificate with the host name: set check_hostname: false"
+                    " (the chain is still verified against ca_file)",
+                )
+        if dev.protocol == "iec104" and dev.iec104_engine == "c104" and not tls.enabled and not _is_ipv4(dev.host):
+            # c104 takes IPv4 addresses only (its ValueError "IP ... is invalid!"); with TLS it
+            # connects to the gateway's own 127.0.0.1 bridge, which resolves names itself
+            add(
+                ("devices", name, "host"),
+                f"the c104 engine connects to IPv4 addresses only, not {dev.host!r}: give the device's IPv4"
+                " address, or use iec104_engine: asyncio",
+            )
         if dev.protocol == "iec61850" and dev.ied_name is None:
             add(
                 ("devices", name, "ied_name"),
@@ -1336,6 +1442,55 @@ def _check_semantics(cfg: LabConfig, add: Any) -> None:
             add(("points", i, "status_point"), "only control points take a status point")
 
 
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a file named in a config cannot be read ("file not found: ..."), or None."""
+    if not os.path.isfile(path):
+        return f"file not found: {os.fspath(path)}"
+    if not os.access(path, os.R_OK):
+        return f"file not readable: {os.fspath(path)}"
+    return None
+
+
+def _is_ipv4(host: str) -> bool:
+    if host == "localhost":  # c104 takes this one name
+        return True
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return False
+
+
+def _check_tls_files(device: str, tls: TlsSettings, add: Any) -> None:
+    """Every PEM file of a device's TLS exists, is readable and is what its key says.
+
+    Checked at load so a typo or a wrong file fails ``mgms check-config`` (and ``run`` before
+    it starts anything), not the first connect. Parsed with OpenSSL (``ssl``) as the IEC 104
+    adapter does; libiec61850 reads the same PEM files.
+    """
+    missing = False
+    for field, path in tls.files():
+        problem = file_problem(path)
+        if problem is not None:
+            add(("devices", device, "tls", field), problem)
+            missing = True
+    if missing:
+        return
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=tls.ca_file)
+        except ssl.SSLError as exc:
+            add(("devices", device, "tls", "ca_file"), f"not a PEM CA certificate: {tls.ca_file} ({exc.reason or exc})")
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        except ssl.SSLError as exc:
+            add(
+                ("devices", device, "tls", "cert_file"),
+                f"certificate {tls.cert_file} and key {tls.key_file}: not a usable PEM pair ({exc.reason or exc})",
+            )
+
+
 #: Transport name -> "module:SettingsModel" that validates its block (imported lazily so a
 #: lab without messaging needs neither paho nor aiohttp).
 TRANSPORT_SETTINGS = {
@@ -1364,8 +1519,9 @@ def check_messaging(m: MessagingSettings, add: Any) -> None:
         if path is not None and not os.path.exists(path):
             add(("messaging", field), f"not found: {path} (make a key pair with `mgms keys`)")
     for i, path in enumerate(m.peer_files):
-        if not os.path.isfile(path):
-            add(("messaging", "peer_files", i), f"file not found: {path}")
+        problem = file_problem(path)
+        if problem is not None:
+            add(("messaging", "peer_files", i), problem)
     if not m.transports:
         add(("messaging", "transports"), f"name at least one transport: {', '.join(TRANSPORT_SETTINGS)}")
     for name, raw in m.transports.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mgms(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def mgms(*args: str, timeout: float = 30, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
 def test_check_config_ok_prints_a_summary() -> None:
-    r = mgms("check-config", "lab_configs/multipower.yaml")
+    # the real lab's meter keys come from the environment: check-config asks for them as run does
+    meter_keys = {"MGMS_METER1_EK": "00" * 16, "MGMS_METER1_AK": "11" * 16}
+    r = mgms("check-config", "lab_configs/multipower.yaml", env=meter_keys)
     assert r.returncode == 0, r.stderr
     assert "OK - lab 'multipower': 3 device(s), 43 point(s)" in r.stdout
     assert "feeder.breaker.command -> confirmed by feeder.breaker.position (SBO)" in r.stdout

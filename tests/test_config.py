@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from gateway.config import Direction, load_config
 from gateway.errors import ConfigError
+from gateway.iedsim.pki import make_lab_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,9 +199,9 @@ def test_scale_and_offset_round_trip(tmp_path: Path) -> None:
 
 def test_certificate_paths_are_relative_to_the_lab_file(tmp_path: Path) -> None:
     labdir = tmp_path / "lab"
-    (labdir / "pki").mkdir(parents=True)
-    for f in ("ca.pem", "gw.pem", "gw.key"):
-        (labdir / "pki" / f).write_text("x")
+    pki = make_lab_pki(labdir / "pki")  # real PEM files: the loader parses them
+    for src, f in ((pki.ca, "ca.pem"), (pki.client.cert, "gw.pem"), (pki.client.key, "gw.key")):
+        (labdir / "pki" / f).write_bytes(Path(src).read_bytes())
     text = GOOD.replace(
         "    port: 2404\n",
         "    port: 2404\n    tls: {enabled: true, ca_file: pki/ca.pem, cert_file: pki/gw.pem, key_file: pki/gw.key}\n",

@@ -62,9 +62,10 @@ def test_example_dso_lab_config_validates_with_its_secrets(lab_dir: Path) -> Non
     assert cfg.messaging is not None and cfg.flexibility is not None
     assert cfg.messaging.identity_file == str(lab_dir / "keys" / "mgms" / "mgms-multipower.key")
     assert cfg.messaging.transports["mqtt"]["ca_file"] == str(lab_dir / "pki" / "ca.crt")
+    secrets = {"MGMS_MQTT_PASSWORD": "x", "MGMS_METER1_EK": "00" * 16, "MGMS_METER1_AK": "11" * 16}
     r = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "check-config", str(lab_dir / "multipower-dso.yaml")],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, env={**os.environ, **secrets},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "messaging: participant mgms-multipower, encrypted, transports mqtt, https (ams via mqtt)" in r.stdout

@@ -267,11 +267,12 @@ class DlmsAdapter(Adapter):
         if self._task is not None:
             return
         dlms = self.device.dlms
-        needed = {"none": (), "low": ("password",), "high_gmac": ("block_cipher_key", "authentication_key")}
-        try:  # secrets from the environment: a missing variable is a start-up error
-            for key in needed[dlms.security]:
+        # `mgms run` refuses an unset variable before it starts anything (gateway.preflight);
+        # this catches an adapter built by other code (tests, tools) the same way
+        try:
+            for key in dlms.needed_secrets:
                 dlms.secret(key)
-        except LookupError as exc:
+        except (LookupError, ValueError) as exc:  # unset, or not 16 octets of hex
             raise DeviceError(self.device.name, str(exc)) from None
         self._task = asyncio.create_task(self._supervise(), name=f"dlms:{self.device.name}")
 

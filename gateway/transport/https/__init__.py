@@ -5,7 +5,7 @@ See :mod:`gateway.transport.https.transport` for the wire contract and
 """
 
 from gateway.transport.https.settings import ClientAuth, HttpsPeer, HttpsSettings
-from gateway.transport.https.transport import CONTENT_TYPE, HttpsTransport, PeerUnavailable, context_paths
+from gateway.transport.https.transport import CONTENT_TYPE, HttpsTransport, PeerUnavailable, context_paths, preflight
 
 __all__ = [
     "CONTENT_TYPE",
@@ -15,4 +15,5 @@ __all__ = [
     "HttpsTransport",
     "PeerUnavailable",
     "context_paths",
+    "preflight",
 ]

@@ -51,7 +51,8 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -60,6 +61,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from gateway.config import file_problem
 from gateway.errors import ConfigError, ConfigIssue, TransportError, TransportRefused
 from gateway.semantic.errors import MessageRejected
 from gateway.semantic.jsonld import CONTEXT_FILE, CONTEXT_IRI, context_bytes
@@ -74,7 +76,7 @@ from gateway.transport.base import (
 )
 from gateway.transport.https.settings import HttpsPeer, HttpsSettings
 
-__all__ = ["CONTENT_TYPE", "HttpsTransport", "PeerUnavailable", "context_paths"]
+__all__ = ["CONTENT_TYPE", "HttpsTransport", "PeerUnavailable", "context_paths", "preflight"]
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,52 @@ def client_tls_context(settings: HttpsSettings, name: str, peer: HttpsPeer) -> s
     if settings.cert_file is not None and settings.key_file is not None:
         _load_chain(ctx, "cert_file", settings.cert_file, settings.key_file)
     return ctx
+
+
+def preflight(settings: HttpsSettings) -> list[tuple[tuple[str, ...], str]]:
+    """Every problem the constructor would stop at, all of them: (key below the block, reason).
+
+    The constructor reads the environment variables and PEM files one after the other and
+    raises at the first; ``check-config`` and the start of ``run`` list them all at once,
+    through the same loaders, so the two cannot disagree.
+    """
+    problems: list[tuple[tuple[str, ...], str]] = []
+
+    def attempt(loc: tuple[str, ...], files: dict[tuple[str, ...], Path], load: Callable[[], object]) -> None:
+        missing = [(key, p) for key, f in files.items() if (p := file_problem(f)) is not None]
+        if missing:
+            problems.extend(missing)
+            return
+        try:
+            load()
+        except ConfigError as exc:
+            for issue in exc.issues:  # name the file when the reason does not
+                named = issue.file == _SETTINGS_FILE or issue.file in issue.reason
+                problems.append((loc, issue.reason if named else f"{issue.file}: {issue.reason}"))
+
+    def client() -> ssl.SSLContext:
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+    if settings.bearer_token_env is not None:
+        attempt(("bearer_token_env",), {}, partial(_env, "bearer_token_env", settings.bearer_token_env))
+    for name, peer in settings.peers.items():
+        if peer.token_env is not None:
+            attempt(("peers", name, "token_env"), {}, partial(_env, "token_env", peer.token_env))
+        ca_key = ("peers", name, "ca_file")
+        attempt(ca_key, {ca_key: peer.ca_file}, partial(_load_ca, client(), "ca_file", peer.ca_file))
+    for var in settings.accept_token_env:
+        attempt(("accept_token_env", var), {}, partial(_env, var, var))
+    if settings.cert_file is not None and settings.key_file is not None:
+        pair: dict[tuple[str, ...], Path] = {("cert_file",): settings.cert_file, ("key_file",): settings.key_file}
+        attempt(("cert_file",), pair, partial(_load_chain, client(), "cert_file", *pair.values()))
+    if settings.listen_port is not None and settings.server_cert_file and settings.server_key_file:
+        pair = {("server_cert_file",): settings.server_cert_file, ("server_key_file",): settings.server_key_file}
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        attempt(("server_cert_file",), pair, partial(_load_chain, server, "server_cert_file", *pair.values()))
+        if settings.client_auth in ("certificate", "both") and settings.client_ca_file is not None:
+            ca = settings.client_ca_file
+            attempt(("client_ca_file",), {("client_ca_file",): ca}, partial(_load_ca, server, "client_ca_file", ca))
+    return problems
 
 
 def _common_name(peercert: Any) -> str | None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from gateway.config import check_host, file_problem
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.transport.base import inbox_filter
 
-__all__ = ["MqttSettings"]
+__all__ = ["MqttSettings", "client_ssl_context", "preflight"]
 
 _WILDCARDS = frozenset("+#/")
 
@@ -65,6 +67,11 @@ class MqttSettings(BaseModel):
     """Topic filters to receive; None means the participant's inbox (``heila/v1/to/<p>/#``)."""
     share_group: str | None = None
 
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, v: str) -> str:
+        return check_host(v)
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.password is not None and self.password_env is not None:
@@ -110,3 +117,40 @@ class MqttSettings(BaseModel):
                 [ConfigIssue("<environment>", "mqtt.password_env", f"variable {self.password_env} is not set")]
             )
         return value
+
+
+def client_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
+    """TLS toward the broker: ``ca_file`` (else the system store), our certificate if given."""
+    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.cert_file is not None and settings.key_file is not None:
+        ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    return ctx
+
+
+def preflight(settings: MqttSettings) -> list[tuple[tuple[str, ...], str]]:
+    """What the transport reads when it starts, every problem at once: (key, reason).
+
+    The password variable and the PEM files are read only when the transport is built and
+    connects; ``check-config`` and the start of ``run`` ask here first.
+    """
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if settings.password_env is not None and os.environ.get(settings.password_env) is None:
+        problems.append((("password_env",), f"environment variable {settings.password_env} is not set"))
+    if not settings.tls:
+        return problems
+    files = {"ca_file": settings.ca_file, "cert_file": settings.cert_file, "key_file": settings.key_file}
+    missing = [((key,), problem) for key, path in files.items() if path is not None and (problem := file_problem(path))]
+    if missing:
+        return problems + missing
+    try:
+        ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    except ssl.SSLError as exc:
+        problems.append((("ca_file",), f"not a PEM CA certificate: {settings.ca_file} ({exc.reason or exc})"))
+    if settings.cert_file is not None and settings.key_file is not None:
+        try:
+            ssl.create_default_context().load_cert_chain(str(settings.cert_file), str(settings.key_file))
+        except ssl.SSLError as exc:
+            reason = f"not a usable PEM pair ({exc.reason or exc})"
+            problems.append((("cert_file",), f"certificate {settings.cert_file} and key {settings.key_file}: {reason}"))
+    return problems

@@ -67,7 +67,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.errors import TransportError, TransportRefused
 from gateway.semantic.errors import MessageRejected
 from gateway.transport.base import Delivery, MessageHandler, MessageTransport, Outgoing, received_clock
-from gateway.transport.mqtt.settings import MqttSettings
+from gateway.transport.mqtt.settings import MqttSettings, client_ssl_context
 
 __all__ = ["CONTENT_TYPE", "COUNTERS", "MqttTransport"]
 
@@ -381,12 +381,7 @@ class MqttTransport(MessageTransport):
         return client
 
     def _build_ssl_context(self) -> ssl.SSLContext:
-        s = self.settings
-        ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if s.cert_file is not None and s.key_file is not None:
-            ctx.load_cert_chain(str(s.cert_file), str(s.key_file))
-        return ctx
+        return client_ssl_context(self.settings)
 
     async def _run(self) -> None:
         """Connect, stay connected until the connection ends, back off, repeat."""

@@ -1,0 +1,375 @@
+"""``check-config`` finds everything ``run`` would refuse, all at once; ``run`` refuses the same
+configs before it starts anything (no embedded Redis), with exit 2 and no traceback.
+
+One test per thing the run paths read or check at start (gateway/cli.py ``_run``,
+gateway/runtime.py, the adapters, gateway/messaging.py and the transports, ams/cli.py):
+hosts the protocol libraries refuse, Redis URLs, secrets from the environment, PEM files,
+private and public key files, the peers a config says it talks to.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ams.config import load_ams_config
+from gateway.config import load_config
+from gateway.errors import ConfigError
+from gateway.iedsim.pki import make_lab_pki
+from gateway.preflight import load_runnable_config
+from gateway.semantic import write_key_pair
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[1]
+
+RELAY = """\
+lab:
+  name: testlab
+devices:
+  relay:
+    protocol: iec104
+    host: {host}
+    port: 2404
+{extra}points:
+  - name: u1
+    device: relay
+    quantity: voltage
+    unit: V
+    address: {{ioa: 1001, type: M_ME_TF_1}}
+"""
+HOST_LINE = 6
+
+METER = """\
+lab:
+  name: meterlab
+devices:
+  meter:
+    protocol: dlms
+    host: 127.0.0.1
+    port: 4059
+    dlms:
+      security: high_gmac
+      block_cipher_key_env: TEST_METER_EK
+      authentication_key_env: TEST_METER_AK
+points:
+  - name: e
+    device: meter
+    quantity: active_energy
+    unit: kWh
+    address: {obis: 1.0.1.8.0.255}
+"""
+
+
+def issues(path: Path, *, runnable: bool = True) -> list[tuple[str, int | None, str]]:
+    with pytest.raises(ConfigError) as err:
+        load_runnable_config(path) if runnable else load_config(path)
+    return [(i.key, i.line, i.reason) for i in err.value.issues]
+
+
+def relay_lab(tmp_path: Path, host: str, extra: str = "") -> Path:
+    p = tmp_path / "lab.yaml"
+    p.write_text(RELAY.format(host=host, extra=textwrap.indent(textwrap.dedent(extra), "    ")))
+    return p
+
+
+# ------------------------------------------------------------------------ hosts
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("127.0.0.300", "'127.0.0.300' is not an IPv4 address (four numbers 0..255)"),
+        ("127.0.0.1:2404", "'127.0.0.1:2404': no port in host (give it as port: 2404)"),
+        ("'[::1]'", "'[::1]': write an IPv6 address without brackets"),
+        ("relay_1", "'relay_1' is not an IP address or a host name (letters, digits, '-' and '.'; RFC 1123)"),
+        ("''", "empty host: give an IP address or a host name"),
+    ],
+)
+def test_bad_host_is_refused_at_load_with_its_line(tmp_path: Path, host: str, reason: str) -> None:
+    # c104 raised "ValueError: IP 127.0.0.300 is invalid!" from `mgms run`, after Redis started
+    assert issues(relay_lab(tmp_path, host), runnable=False) == [("devices.relay.host", HOST_LINE, reason)]
+
+
+@pytest.mark.parametrize("host", ["::1", "relay-1.lab.example", "localhost"])
+def test_c104_engine_takes_ipv4_only_the_asyncio_engine_any_host(tmp_path: Path, host: str) -> None:
+    engine = "iec104_engine: asyncio\n"
+    assert load_config(relay_lab(tmp_path, host, engine)).devices["relay"].host == host
+    if host == "localhost":  # c104 takes this one name
+        assert load_config(relay_lab(tmp_path, host)).devices["relay"].host == host
+        return
+    ((key, line, reason),) = issues(relay_lab(tmp_path, host), runnable=False)
+    assert (key, line) == ("devices.relay.host", HOST_LINE)
+    assert "the c104 engine connects to IPv4 addresses only" in reason and "iec104_engine: asyncio" in reason
+
+
+def test_mqtt_broker_host_is_checked_like_a_device_host(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no port in host"):
+        from gateway.transport.mqtt import MqttSettings
+
+        MqttSettings(participant="p", host="127.0.0.1:8883")
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("localhost:6379", "'localhost:6379': a Redis URL starts with redis://, rediss:// or unix://"),
+        ("redis://127.0.0.1:99999", "'redis://127.0.0.1:99999': Port out of range 0-65535"),
+    ],
+)
+def test_bad_redis_url_is_refused_at_load(tmp_path: Path, url: str, reason: str) -> None:
+    # redis-py raised a bare ValueError from `mgms run`
+    p = relay_lab(tmp_path, "127.0.0.1")
+    p.write_text(p.read_text() + f"redis: {{url: '{url}'}}\n")
+    line = p.read_text().count("\n")
+    assert issues(p, runnable=False) == [("redis.url", line, reason)]
+
+
+# ------------------------------------------------------------------------ device secrets and TLS
+
+
+def test_unset_meter_keys_are_both_named_by_check_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_METER_EK", raising=False)
+    monkeypatch.delenv("TEST_METER_AK", raising=False)
+    lab = tmp_path / "meter.yaml"
+    lab.write_text(METER)
+    assert load_config(lab).devices["meter"].dlms.block_cipher_key_env == "TEST_METER_EK"  # watch/command: fine
+    assert issues(lab) == [
+        ("devices.meter.dlms.block_cipher_key_env", 10, "environment variable TEST_METER_EK is not set"),
+        ("devices.meter.dlms.authentication_key_env", 11, "environment variable TEST_METER_AK is not set"),
+    ]
+    monkeypatch.setenv("TEST_METER_EK", "00" * 16)
+    monkeypatch.setenv("TEST_METER_AK", "abc")
+    assert issues(lab) == [
+        ("devices.meter.dlms.authentication_key_env", 11, "environment variable TEST_METER_AK must be hexadecimal"),
+    ]
+    monkeypatch.setenv("TEST_METER_AK", "11" * 16)
+    assert load_runnable_config(lab).devices["meter"].dlms.secret("authentication_key") == "11" * 16
+
+
+def test_device_tls_files_that_are_not_pem_are_refused_at_load(tmp_path: Path) -> None:
+    pki = make_lab_pki(tmp_path / "pki")
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    tls = f"tls: {{enabled: true, ca_file: {not_pem}, cert_file: {pki.client.cert}, key_file: {pki.server.key}}}\n"
+    got = issues(relay_lab(tmp_path, "127.0.0.1", tls), runnable=False)
+    assert [(k, line) for k, line, _ in got] == [("devices.relay.tls.ca_file", 8), ("devices.relay.tls.cert_file", 8)]
+    assert got[0][2].startswith(f"not a PEM CA certificate: {not_pem}")
+    assert "not a usable PEM pair" in got[1][2]  # the client certificate with the server's key
+
+
+def test_iec61850_tls_options_libiec61850_cannot_do_are_refused_at_load(tmp_path: Path) -> None:
+    pki = make_lab_pki(tmp_path / "pki")
+    lab = tmp_path / "mms.yaml"
+    lab.write_text(
+        "lab: {name: mms}\n"
+        "devices:\n"
+        "  ied:\n"
+        "    protocol: iec61850\n"
+        "    host: 127.0.0.1\n"
+        "    port: 10102\n"
+        "    ied_name: REF615\n"
+        f"    tls: {{enabled: true, ca_file: {pki.ca}, verify: false}}\n"
+        "points: []\n"
+    )
+    assert [(k, line) for k, line, _ in issues(lab, runnable=False)] == [
+        ("devices.ied.tls.verify", 8),
+        ("devices.ied.tls.check_hostname", 8),
+    ]
+
+
+# ------------------------------------------------------------------------ messaging
+
+
+FEEDER = """\
+  - {name: p, device: relay, quantity: active_power, unit: kW, address: {ioa: 2001, type: M_ME_NC_1}}
+  - {name: brk, device: relay, quantity: breaker_position, unit: "1", address: {ioa: 3001, type: M_DP_NA_1}}
+  - {name: brk.cmd, device: relay, quantity: breaker_command, unit: "1", direction: control, status_point: brk,
+     address: {ioa: 3002, type: C_DC_NA_1}}
+flexibility:
+  aggregator: ams
+  resources:
+    - {name: r, flexibility_type: upward, power_point: p, activate: [{point: brk.cmd, value: open}]}
+"""
+
+
+def dso_lab(tmp_path: Path, messaging: str, flexibility: bool = True) -> Path:
+    """The relay lab with, when asked, the feeder points and a flexibility block, then ``messaging``."""
+    lab = tmp_path / "dso.yaml"
+    text = RELAY.format(host="127.0.0.1", extra="") + (FEEDER if flexibility else "") + textwrap.dedent(messaging)
+    lab.write_text(text)
+    return lab
+
+
+def test_private_key_problems_are_named_with_the_identity_key(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    write_key_pair("someone-else", keys)
+    (keys / "someone-else.key").chmod(0o644)
+    lab = dso_lab(
+        tmp_path,
+        f"""\
+        messaging:
+          participant: mgms
+          identity_file: {keys / "someone-else.key"}
+          transports: {{mqtt: {{tls: false, port: 1883}}}}
+        """,
+        flexibility=False,
+    )
+    ((key, line, reason),) = issues(lab)
+    assert (key, line) == ("messaging.identity_file", 16)
+    assert "accessible by others (mode 644); chmod 600 it" in reason
+    (keys / "someone-else.key").chmod(0o600)
+    ((key, _, reason),) = issues(lab)
+    assert key == "messaging.identity_file" and "is the key of 'someone-else', not of participant 'mgms'" in reason
+
+
+def test_bad_public_key_and_missing_aggregator_key_are_listed_together(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    write_key_pair("mgms", keys)
+    peers = keys / "peers"
+    peers.mkdir()
+    (peers / "broken.pub").write_text("{}\n")
+    lab = dso_lab(
+        tmp_path,
+        f"""\
+        messaging:
+          participant: mgms
+          identity_file: {keys / "mgms.key"}
+          peers_dir: {peers}
+          transports: {{mqtt: {{tls: false, port: 1883}}}}
+        """,
+    )
+    got = issues(lab)
+    assert [k for k, _, _ in got] == ["messaging.peers_dir", "flexibility.aggregator"]
+    assert got[0][2].startswith(f"{peers / 'broken.pub'}: ")
+    assert got[1][2].startswith("no public key of 'ams' in messaging.peers_dir")
+
+
+def test_transport_secrets_and_files_all_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("TEST_MQTT_PW", "TEST_TOKEN", "TEST_ACCEPT"):
+        monkeypatch.delenv(var, raising=False)
+    keys = tmp_path / "keys"
+    write_key_pair("mgms", keys)
+    write_key_pair("ams", tmp_path / "ams")
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("nope\n")
+    lab = dso_lab(
+        tmp_path,
+        f"""\
+        messaging:
+          participant: mgms
+          identity_file: {keys / "mgms.key"}
+          peer_files: [{tmp_path / "ams" / "ams.pub"}]
+          transports:
+            mqtt: {{password_env: TEST_MQTT_PW, ca_file: {not_pem}}}
+            https:
+              bearer_token_env: TEST_TOKEN
+              accept_token_env: {{TEST_ACCEPT: ams}}
+              listen_port: 0
+              client_auth: token
+              server_cert_file: {tmp_path / "gone.crt"}
+              server_key_file: {tmp_path / "gone.key"}
+              peers: {{ams: {{url: "https://127.0.0.1:8443", ca_file: {tmp_path / "gone-ca.crt"}}}}}
+          routes: {{ams: mqtt}}
+        """,
+    )
+    got = [(k, r) for k, _, r in issues(lab)]
+    assert got == [
+        ("messaging.transports.mqtt.password_env", "environment variable TEST_MQTT_PW is not set"),
+        ("messaging.transports.mqtt.ca_file", f"not a PEM CA certificate: {not_pem} (NO_CERTIFICATE_OR_CRL_FOUND)"),
+        ("messaging.transports.https.bearer_token_env", "environment variable TEST_TOKEN is not set or empty"),
+        ("messaging.transports.https.peers.ams.ca_file", f"file not found: {tmp_path / 'gone-ca.crt'}"),
+        ("messaging.transports.https.accept_token_env.TEST_ACCEPT", "environment variable TEST_ACCEPT is not set or empty"),  # noqa: E501
+        ("messaging.transports.https.server_cert_file", f"file not found: {tmp_path / 'gone.crt'}"),
+        ("messaging.transports.https.server_key_file", f"file not found: {tmp_path / 'gone.key'}"),
+    ]
+
+
+def test_ams_microgrid_without_public_key_is_named(tmp_path: Path) -> None:
+    write_key_pair("ams", tmp_path / "keys")
+    cfg = tmp_path / "ams.yaml"
+    cfg.write_text(
+        "messaging:\n"
+        "  participant: ams\n"
+        f"  identity_file: {tmp_path / 'keys' / 'ams.key'}\n"
+        "  transports: {mqtt: {tls: false, port: 1883}}\n"
+        "microgrids:\n"
+        "  - {participant: mgms-a, location: here}\n"
+    )
+    assert load_ams_config(cfg).microgrids[0].participant == "mgms-a"  # status/register: fine
+    with pytest.raises(ConfigError) as err:
+        load_ams_config(cfg, runnable=True)
+    ((issue),) = err.value.issues
+    assert (issue.key, issue.line) == ("microgrids[0].participant", 6)
+    assert issue.reason.startswith("no public key of 'mgms-a'")
+
+
+# ------------------------------------------------------------------------ the commands
+
+
+def run_cli(module: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TEST_")}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True, text=True, timeout=30, env={**clean, **env, "PYTHONPATH": str(ROOT)}, cwd=cwd,
+    )  # fmt: skip
+
+
+def test_mgms_check_config_and_run_refuse_the_same_problems_before_redis(tmp_path: Path) -> None:
+    lab = tmp_path / "lab.yaml"
+    text = METER.replace("devices:\n", "devices:\n  relay: {protocol: iec104, host: 127.0.0.1:2404, port: 2404}\n")
+    lab.write_text(text)
+    data = tmp_path / "data"
+    check = run_cli("gateway.cli", "check-config", str(lab), env={}, cwd=tmp_path)
+    run = run_cli("gateway.cli", "run", "-c", str(lab), "--data-dir", str(data), env={}, cwd=tmp_path)
+    for r in (check, run):
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert f"{lab}:4: devices.relay.host: '127.0.0.1:2404': no port in host" in r.stderr
+    assert not data.exists()  # no embedded Redis was started (its data dir is made first)
+    text = text.replace("host: 127.0.0.1:2404", "host: 127.0.0.1")
+    lab.write_text(text)
+    check = run_cli("gateway.cli", "check-config", str(lab), env={"TEST_METER_AK": "11" * 16}, cwd=tmp_path)
+    run = run_cli("gateway.cli", "run", "-c", str(lab), "--data-dir", str(data), env={"TEST_METER_AK": "11" * 16},
+                  cwd=tmp_path)  # fmt: skip
+    for r in (check, run):
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert f"{lab}:11: devices.meter.dlms.block_cipher_key_env: environment variable TEST_METER_EK is not set" in (
+            r.stderr
+        )
+    assert check.stderr == run.stderr
+    assert not data.exists()
+
+
+def test_ams_check_config_and_run_list_every_problem_before_redis(tmp_path: Path) -> None:
+    cfg = tmp_path / "ams.yaml"
+    cfg.write_text(
+        "messaging:\n"
+        "  participant: ams\n"
+        "  identity_file: ams.key\n"
+        "  peers_dir: peers\n"
+        "  transports:\n"
+        "    mqtt: {password_env: TEST_AMS_PW, ca_file: pki/ca.crt}\n"
+        "microgrids:\n"
+        "  - {participant: mgms-a, location: here}\n"
+    )
+    write_key_pair("ams", tmp_path)
+    (tmp_path / "peers").mkdir()
+    data = tmp_path / "data"
+    check = run_cli("ams.cli", "check-config", "-c", str(cfg), env={}, cwd=tmp_path)
+    run = run_cli("ams.cli", "run", "-c", str(cfg), "--data-dir", str(data), env={}, cwd=tmp_path)
+    for r in (check, run):
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert "config error (3 issues)" in r.stderr
+        assert f"{cfg}:8: microgrids[0].participant: no public key of 'mgms-a'" in r.stderr
+        assert f"{cfg}:6: messaging.transports.mqtt.password_env: environment variable TEST_AMS_PW is not set" in (
+            r.stderr
+        )
+        assert f"{cfg}:6: messaging.transports.mqtt.ca_file: file not found: {tmp_path / 'pki' / 'ca.crt'}" in r.stderr
+    assert not data.exists()
