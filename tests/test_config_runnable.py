@@ -97,12 +97,12 @@ def test_bad_host_is_refused_at_load_with_its_line(tmp_path: Path, host: str, re
 
 @pytest.mark.parametrize("host", ["::1", "relay-1.lab.example", "localhost"])
 def test_c104_engine_takes_ipv4_only_the_asyncio_engine_any_host(tmp_path: Path, host: str) -> None:
-    engine = "iec104_engine: asyncio\n"
-    assert load_config(relay_lab(tmp_path, host, engine)).devices["relay"].host == host
+    assert load_config(relay_lab(tmp_path, host)).devices["relay"].host == host  # asyncio, the default
+    c104 = "iec104_engine: c104\n"
     if host == "localhost":  # c104 takes this one name
-        assert load_config(relay_lab(tmp_path, host)).devices["relay"].host == host
+        assert load_config(relay_lab(tmp_path, host, c104)).devices["relay"].host == host
         return
-    ((key, line, reason),) = issues(relay_lab(tmp_path, host), runnable=False)
+    ((key, line, reason),) = issues(relay_lab(tmp_path, host, c104), runnable=False)
     assert (key, line) == ("devices.relay.host", HOST_LINE)
     assert "the c104 engine connects to IPv4 addresses only" in reason and "iec104_engine: asyncio" in reason
 
