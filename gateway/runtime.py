@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
+from math import isfinite
 from typing import TYPE_CHECKING, Any
 
 from gateway.commands import CommandOutcome, StatusWatcher, build_request, confirm
@@ -63,13 +65,14 @@ class Gateway:
         )
         self._watcher = StatusWatcher()
         self._latest: dict[str, PointUpdate] = {}
+        self._non_finite_seen: set[str] = set()
         self._monitor_points = {
             dev: [p for p in config.points_of(dev) if p.direction is Direction.MONITOR] for dev in config.devices
         }
         self._command_slots = asyncio.Semaphore(max_parallel_commands)
         self._ready = asyncio.Event()
         self._stopping = asyncio.Event()
-        self.counters: dict[str, int] = {"updates": 0, "link_changes": 0, "commands": 0}
+        self.counters: dict[str, int] = {"updates": 0, "link_changes": 0, "commands": 0, "non_finite_values": 0}
         self.messenger: Messenger | None = None
         self.flex_agent: FlexAgent | None = None
 
@@ -144,6 +147,9 @@ class Gateway:
         latest = self._latest
         async for ev in adapter.events():
             if isinstance(ev, PointUpdate):
+                v = ev.value
+                if v.__class__ is float and not isfinite(v):  # type(v) is float: no bool/int/None here
+                    ev = self._non_finite(ev)
                 latest[ev.point] = ev
                 store_put(ev)
                 feed(ev)
@@ -151,6 +157,17 @@ class Gateway:
             elif isinstance(ev, LinkStateChange):
                 self.counters["link_changes"] += 1
                 await self._on_link(ev)
+
+    def _non_finite(self, ev: PointUpdate) -> PointUpdate:
+        """A NaN or infinite measurand is no measurement: flagged invalid (IV), counted, and
+        logged once per point. A device may send one (an IEEE 754 float has the bit patterns
+        for it; a failed sensor or a division by zero in an RTU does); stored as good, a NaN
+        would also stop every later history entry (no deadband comparison with it is true)."""
+        self.counters["non_finite_values"] += 1
+        if ev.point not in self._non_finite_seen:
+            self._non_finite_seen.add(ev.point)
+            log.warning("%s: non-finite value %r from the device; stored as invalid", ev.point, ev.value)
+        return dataclasses.replace(ev, quality=ev.quality | Quality.INVALID)
 
     async def _on_link(self, ev: LinkStateChange) -> None:
         try:

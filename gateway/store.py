@@ -35,6 +35,7 @@ import contextlib
 import enum
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -73,6 +74,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_INVALID = int(Quality.INVALID)
 
 #: Consumer group that reads ``P:cmd:requests``.
 COMMAND_GROUP = "mgms"
@@ -1033,8 +1035,13 @@ class RedisStore:
                     log.warning("storing a value for point %r, which is not in the config", name)
             v = _enc_value(u.value)
             q = int(u.quality)
-            latest[name] = (info, u, v, q)
             num = _numeric(u.value)
+            if num is not None and not math.isfinite(num):
+                # NaN/Inf is no measurement (the runtime flags it already; a direct caller
+                # too): invalid, and never compared for deadband (nothing is >= a NaN)
+                q |= _INVALID
+                num = None
+            latest[name] = (info, u, v, q)
             prev = new_last.get(name) or self._last_hist.get(name)
             if prev is not None and prev[1] == q:
                 pv = prev[0]

@@ -415,3 +415,26 @@ async def test_adapter_counters_reach_the_device_hash(lab: Lab) -> None:
     h = await eventually(counted, 3, "adapter stats in the device hash")
     assert int(h["stat.connects"]) >= 1 and int(h["stat.values"]) > 0
     assert h["state"] == "up"
+
+
+async def test_a_nan_from_the_device_is_invalid_and_later_values_flow(lab: Lab) -> None:
+    # An IEEE 754 NaN is a legal M_ME_TF_1 bit pattern (a failed sensor, an RTU's division by
+    # zero): the gateway must flag it invalid, count it, and store what follows.
+    sim = need_sim(lab.sim)
+    await eventually(lambda: all_values(lab), 5, "initial values")
+    point = "feeder.voltage.l3"
+    sim.set_value(point, float("nan"))
+    bad = await eventually(lambda: _nan_stored(lab, point), 3, "the NaN in Redis")
+    assert Quality.INVALID in bad.quality and "invalid" in bad.quality.flags()
+    assert lab.gateway.counters["non_finite_values"] >= 1
+    for v in (231.5, 233.5, 235.5):
+        sim.set_value(point, v)
+        good = await eventually(lambda v=v: _value_is(lab, point, v), 3, f"{v} V after the NaN")
+        assert good.quality == Quality.GOOD
+    hist = [h.value for h in await lab.reader.history(point, count=10)]
+    assert hist[-3:] == [231.5, 233.5, 235.5]
+
+
+async def _nan_stored(lab: Lab, point: str) -> StoredValue | None:
+    v = await lab.reader.latest(point)
+    return v if v is not None and isinstance(v.value, float) and v.value != v.value else None

@@ -325,3 +325,22 @@ async def test_a_backlog_is_written_in_catch_up_batches(
         await store.flush(10)
     assert sum(sizes) == 2_000 and sizes[0] == 400  # (the last ones may be smaller)
     assert await client.xlen(K.changes) == 2_000
+
+
+async def test_non_finite_values_are_invalid_and_do_not_freeze_history(store: RedisStore) -> None:
+    # Seen: a NaN stored as good, and the next 10 values suppressed (abs(x - nan) >= deadband
+    # is never true). Now NaN/Inf are invalid and never compared for deadband.
+    name = "feeder.voltage.l1"  # deadband 0.5 V
+    values = (230.0, float("nan"), float("nan"), 231.0, 232.0, float("inf"), 233.0, 234.0)
+    for v in values:
+        store.put(PointUpdate(name, v))
+    await store.flush(5)
+    hist = await store.history(name)
+    got = [(e.value, e.quality) for e in hist]
+    assert [v for v, _ in got if v == v] == [230.0, 231.0, 232.0, float("inf"), 233.0, 234.0]
+    nan_entries = [q for v, q in got if v != v]
+    assert nan_entries == [Quality.INVALID]  # the second NaN: same (no) value, same quality
+    assert dict((v, q) for v, q in got if v == v)[float("inf")] == Quality.INVALID
+    assert all(q == Quality.GOOD for v, q in got if v == v and v != float("inf"))
+    latest = await store.latest(name)
+    assert latest is not None and latest.value == 234.0 and latest.quality == Quality.GOOD
