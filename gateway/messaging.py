@@ -19,8 +19,10 @@ Redis streams, written with AOF, and the transports in between only move bytes:
   signer. Then one Lua script claims the message id (replay and duplicate protection) and
   appends the plaintext to the inbox stream *in the same atomic step*, so a crash can neither
   store a message twice nor mark it seen without storing it. Only then does the transport
-  acknowledge. A duplicate (a resend after a lost ack, or a replay) is counted and
-  acknowledged without being stored again.
+  acknowledge. A duplicate of the same bytes (a resend after a lost ack, a broker's
+  redelivery) is counted as ``duplicates`` and acknowledged without being stored again; the
+  id of a stored message on other bytes is a replay: refused (``Replayed``, HTTPS 422),
+  counted as ``rejected_replayed``.
 * Consumers (the AMS workers, the MGMS flexibility agent) read the inbox through a Redis
   consumer group (:meth:`Messenger.serve`) and acknowledge an entry after handling it; a
   consumer that dies leaves its entries pending and they are handled again on restart, so
@@ -31,7 +33,7 @@ Key layout (``P`` = the participant's prefix, e.g. ``mgms:lab1`` or ``ams:ams``)
     P:msg:outbox:{transport}   STREAM  sealed messages not yet acknowledged by the next hop
     P:msg:inbox                STREAM  accepted messages (plaintext), consumer group per service
     P:msg:dead                 STREAM  refused outbound and failed inbound messages, with reason
-    P:msg:seen:{id}            STRING  message id claimed (expires with the replay window)
+    P:msg:seen:{id}            STRING  message id claimed: digest of its bytes (expires with the replay window)
     P:msg:stats                HASH    counters
 """
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 from collections import Counter
@@ -83,22 +86,28 @@ end
 return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
 """
 
+# The seen key holds a digest of the first copy's bytes: a duplicate answers {0, digest}, so
+# the caller tells a redelivery (the same bytes) from an id reused for other content.
 _ACCEPT_LUA = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[1]) then
   local t = redis.call('TIME')
   local ns = t[1] .. string.format('%06d', tonumber(t[2])) .. '000'
-  return redis.call('XADD', KEYS[2], '*', 'stored_ns', ns, unpack(ARGV, 2))
+  return {1, redis.call('XADD', KEYS[2], '*', 'stored_ns', ns, unpack(ARGV, 3))}
 end
-return false
+return {0, redis.call('GET', KEYS[1]) or ''}
 """
 
 # The same without the probe hop (probes off): no TIME, no stored_ns field.
 _ACCEPT_BARE_LUA = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[1]) then
+  return {1, redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))}
 end
-return false
+return {0, redis.call('GET', KEYS[1]) or ''}
 """
+
+
+def _text(v: bytes | str | int) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +399,8 @@ class Messenger:
             "peer": delivery.peer or "",
             "doc": serialise(envelope).decode(),
         }
-        args: list[Any] = [max(1, int(ttl_s * 1000))]
+        digest = hashlib.sha256(delivery.data).hexdigest()[:32]
+        args: list[Any] = [max(1, int(ttl_s * 1000)), digest]
         for k, v in fields.items():
             args += [k, v]
         args += self._hop_fields(delivery)
@@ -399,12 +409,18 @@ class Messenger:
         except RedisError as exc:
             self.counters["store_errors"] += 1
             raise TransportError(delivery.transport, f"inbox not stored, not acknowledged: {exc}") from exc
-        if entry is None:
-            # A resend after a lost acknowledgement, or a replay: either way, already stored.
-            self.opener.counter.record(Replayed("duplicate id, dropped", message_id=envelope.id))
-            self.counters["duplicates"] += 1
-            log.info("duplicate message %s from %s dropped", envelope.id, envelope.sender)
-            return
+        stored, first = int(entry[0]), _text(entry[1])
+        if not stored:
+            if first in (digest, "1", ""):  # "1": claimed before digests were kept; "": just expired
+                # The same bytes again: a resend after a lost acknowledgement, a broker's
+                # redelivery after its restart. Already stored: acknowledged, not stored
+                # again, and no rejection (the sender must stop resending).
+                self.counters["duplicates"] += 1
+                log.info("duplicate message %s from %s dropped (redelivery)", envelope.id, envelope.sender)
+                return
+            # The id of a stored message on other bytes: a replayed id (a signed message
+            # re-sealed, or an id reused): refused, counted as a replay, never stored
+            self._reject(Replayed("id seen before, on other content", message_id=envelope.id))
         self.counters["received"] += 1
 
     def _reject(self, exc: MessageRejected) -> None:

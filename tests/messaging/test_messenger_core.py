@@ -24,6 +24,7 @@ from gateway.semantic import (
     MemoryNonceStore,
     Opener,
     Reason,
+    Replayed,
     Sealer,
     UnknownSender,
     write_key_pair,
@@ -175,13 +176,19 @@ async def test_outbox_survives_a_restart_of_the_sender(keys: dict[str, Keystore]
 async def test_duplicate_delivery_is_stored_once_and_counted(keys: dict[str, Keystore], rc: aioredis.Redis) -> None:
     net: dict[str, Pipe] = {}
     async with messenger("ams", keys, rc, net) as ams:
-        data = Sealer(keys["mgms"]).seal(_envelope(keys))
+        envelope = _envelope(keys)
+        data = Sealer(keys["mgms"]).seal(envelope)
         topic = _envelope_topic(data)
         await ams.deliver(Delivery(data, topic, "pipe"))
         await ams.deliver(Delivery(data, topic, "pipe"))  # acknowledged, not stored again
         assert await rc.xlen(ams.keys.inbox) == 1
         assert ams.counters["duplicates"] == 1
+        assert ams.opener.counter[Reason.REPLAYED] == 0  # a redelivery is not a replay
+        # the same id on other bytes (re-sealed: a new encryption) is a replay: refused
+        with pytest.raises(Replayed, match="other content"):
+            await ams.deliver(Delivery(Sealer(keys["mgms"]).seal(envelope), topic, "pipe"))
         assert ams.opener.counter[Reason.REPLAYED] == 1
+        assert await rc.xlen(ams.keys.inbox) == 1
 
 
 async def test_topic_and_peer_must_match_the_signed_header(keys: dict[str, Keystore], rc: aioredis.Redis) -> None:

@@ -205,3 +205,32 @@ async def test_dso_loop_runs_and_writes_hops_only_with_probes(pair: Pair, probes
             assert not fields & h.keys(), (what, fields & h.keys())
     for c in commands:
         assert ({"sent_ts", "confirm_ts"} <= c.keys()) if probes else not ({"sent_ts", "confirm_ts"} & c.keys())
+
+
+@pytest.mark.parametrize("probes", [False], indirect=True)
+async def test_https_redelivery_is_acknowledged_and_a_replayed_id_refused(pair: Pair) -> None:
+    # Seen: a replay over HTTPS was answered 202 where docs/transports.md said 422, and
+    # rejected_replayed counted benign redeliveries too. Now: the same bytes again (a resend
+    # after a lost answer, a broker's redelivery) -> 202, stored once, counted as a duplicate;
+    # the id of a stored message on other bytes -> 422 replayed, counted as a replay.
+    from gateway.errors import TransportRefused
+    from gateway.semantic import Envelope, Reason
+    from gateway.transport.base import Outgoing, topic_for
+
+    https = pair.mgms.transports["https"]
+    flex = Flexibility(identifier="feeder-9", flexibility_type=FlexibilityType.UPWARD, power_kw=3.5,
+                       start=datetime.now(UTC), stop=datetime.now(UTC) + timedelta(minutes=15))  # fmt: skip
+    topic = topic_for(AMS, MGMS, flex.message_type)
+    envelope = Envelope.create(flex, sender=MGMS, recipient=AMS, topic=topic, ttl_s=300)
+    data = pair.mgms.sealer.seal(envelope)
+    await https.send(Outgoing(envelope.id, AMS, topic, data))
+    await https.send(Outgoing(envelope.id, AMS, topic, data))  # the same bytes: acknowledged again
+    assert await pair.ams_redis.xlen(pair.ams.keys.inbox) == 1
+    assert pair.ams.counters["duplicates"] == 1
+    assert pair.ams.opener.counter[Reason.REPLAYED] == 0
+    resealed = pair.mgms.sealer.seal(envelope)  # same id, new encryption: other bytes
+    assert resealed != data
+    with pytest.raises(TransportRefused, match="422: replayed"):
+        await https.send(Outgoing(envelope.id, AMS, topic, resealed))
+    assert pair.ams.opener.counter[Reason.REPLAYED] == 1
+    assert await pair.ams_redis.xlen(pair.ams.keys.inbox) == 1
