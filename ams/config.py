@@ -8,13 +8,21 @@ the file. Example: ``lab_configs/ams-sim.yaml``.
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ams.market import CostModel, VerificationPolicy
 from ams.service import AmsSettings, MarketSettings, MicrogridEntry
-from gateway.config import MessagingSettings, ProbeSettings, RedisUrl, check_messaging, load_yaml_model
+from gateway.config import (
+    AddIssue,
+    MessagingSettings,
+    Path_,
+    ProbeSettings,
+    RedisUrl,
+    check_messaging,
+    load_yaml_model,
+)
 from gateway.errors import ConfigError
 
 __all__ = ["AmsConfig", "AmsRedis", "load_ams_config"]
@@ -62,18 +70,40 @@ def load_ams_config(path: str | os.PathLike[str], *, runnable: bool = False) -> 
     microgrids' public keys, the transports' environment variables and PEM files; see
     :mod:`gateway.preflight`), in the same list: ``ams check-config`` and ``ams run`` use it.
     """
-    cfg, add, issues = load_yaml_model(path, AmsConfig, path_sections=("messaging",))
-    check_messaging(cfg.messaging, add)
+
+    def check(m: MessagingSettings, microgrids: list[tuple[Path_, str]], add: AddIssue) -> None:
+        check_messaging(m, add)
+        if runnable:
+            from gateway.preflight import check_messaging_runnable
+
+            check_messaging_runnable(m, add, counterparts=microgrids)
+
+    def check_valid_parts(data: dict[str, Any], add: AddIssue) -> None:
+        # another key is wrong: still check the messaging block if it is valid by itself, so
+        # one report lists a typo in `market` and an unset password variable
+        try:
+            m = MessagingSettings.model_validate(data.get("messaging"))
+        except ValidationError:
+            return
+        raw = data.get("microgrids")
+        entries = raw if isinstance(raw, list) else []
+        microgrids: list[tuple[Path_, str]] = [
+            (("microgrids", i, "participant"), e["participant"])
+            for i, e in enumerate(entries)
+            if isinstance(e, dict) and isinstance(e.get("participant"), str)
+        ]
+        check(m, microgrids, add)
+
+    cfg, add, issues = load_yaml_model(path, AmsConfig, path_sections=("messaging",), on_invalid=check_valid_parts)
     seen: set[str] = set()
     for i, mg in enumerate(cfg.microgrids):
         if mg.participant in seen:
             add(("microgrids", i, "participant"), f"microgrid {mg.participant!r} listed twice")
         seen.add(mg.participant)
-    if runnable:
-        from gateway.preflight import check_messaging_runnable
-
-        microgrids = [(("microgrids", i, "participant"), mg.participant) for i, mg in enumerate(cfg.microgrids)]
-        check_messaging_runnable(cfg.messaging, add, counterparts=microgrids)
+    microgrids: list[tuple[Path_, str]] = [
+        (("microgrids", i, "participant"), mg.participant) for i, mg in enumerate(cfg.microgrids)
+    ]
+    check(cfg.messaging, microgrids, add)
     if issues:
         raise ConfigError(issues)
     return cfg.model_copy(update={"source": str(path)})

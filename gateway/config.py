@@ -1173,6 +1173,7 @@ def load_config(path: str | os.PathLike[str], *, checks: Iterable[LabCheck] = ()
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key{_suggest(str(loc[-1]), _known_fields(loc, data))}"
             add(loc, msg)
+        _check_valid_parts(data, add, checks)
         raise ConfigError(issues) from exc
     _check_semantics(cfg, add)
     for check in checks:
@@ -1186,14 +1187,19 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 def load_yaml_model(
-    path: str | os.PathLike[str], model: type[_M], *, path_sections: tuple[str, ...] = ()
+    path: str | os.PathLike[str],
+    model: type[_M],
+    *,
+    path_sections: tuple[str, ...] = (),
+    on_invalid: Callable[[dict[str, Any], AddIssue], None] | None = None,
 ) -> tuple[_M, Callable[[Path_, str], None], list[ConfigIssue]]:
     """Load any YAML config file into ``model`` with the lab config's error reporting.
 
     Every issue is listed with file, line and dotted key; ``*_file``/``*_dir`` values inside
     ``path_sections`` are read relative to the file. Returns the model, an ``add(loc,
     reason)`` function for the caller's cross-field checks and the list it appends to (the
-    caller raises ``ConfigError(issues)`` if that is not empty).
+    caller raises ``ConfigError(issues)`` if that is not empty). When the model does not
+    validate, ``on_invalid(data, add)`` may still check the parts that do, into the same list.
     Used by the AMS for its own config; the lab config has :func:`load_config`.
     """
     p = Path(path)
@@ -1216,6 +1222,8 @@ def load_yaml_model(
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
             add(tuple(err["loc"]), "unknown key" if err["type"] == "extra_forbidden" else msg)
+        if on_invalid is not None:
+            on_invalid(data, add)
         raise ConfigError(issues) from exc
     return obj, add, issues
 
@@ -1308,57 +1316,107 @@ def _known_fields(loc: Path_, data: Any) -> list[str]:
     return list(model.model_fields)
 
 
+def _check_valid_parts(data: Any, add: AddIssue, checks: Iterable[LabCheck]) -> None:
+    """With field errors somewhere in the file: the checks of the parts that are valid.
+
+    The cross-entry checks need the whole model, but a device's own checks (its PEM files,
+    its secrets) and the messaging block's (key files, transports) do not; running them here
+    lists a bad port of one device and an unset key variable of another in the same report,
+    instead of one after the other fix. ``checks`` get a stand-in config holding only the
+    valid devices, messaging and flexibility blocks.
+    """
+    if not isinstance(data, dict):
+        return
+
+    def valid(model: type[_M], raw: Any) -> _M | None:
+        try:
+            return model.model_validate(raw)
+        except ValidationError:
+            return None
+
+    raw_devices = data.get("devices")
+    devices: dict[str, Device] = {}
+    if isinstance(raw_devices, dict):
+        for name, raw in raw_devices.items():
+            dev = valid(Device, raw)
+            if dev is not None:
+                devices[str(name)] = dev
+                _check_device(str(name), dev, add)
+    messaging = valid(MessagingSettings, data["messaging"]) if data.get("messaging") is not None else None
+    if messaging is not None:
+        check_messaging(messaging, add)
+    flexibility = valid(FlexibilitySettings, data["flexibility"]) if data.get("flexibility") is not None else None
+    parts = LabConfig.model_construct(
+        lab=LabInfo.model_construct(name=""),
+        devices=devices,
+        points=(),
+        redis=RedisSettings(),
+        messaging=messaging,
+        flexibility=flexibility,
+        probes=ProbeSettings(),
+        source="",
+    )
+    for check in checks:
+        check(parts, add)
+
+
+def _check_device(name: str, dev: Device, add: Any) -> None:
+    """The checks of one device that need no other entry (so they run even when another part
+    of the file is invalid, see :func:`_check_valid_parts`)."""
+    if dev.protocol not in ADDRESS_MODELS:
+        add(
+            ("devices", name, "protocol"),
+            f"unknown protocol {dev.protocol!r}{_suggest(dev.protocol, ADDRESS_MODELS)};"
+            f" supported: {', '.join(ADDRESS_MODELS)}",
+        )
+    tls = dev.tls
+    if tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
+        add(("devices", name, "tls"), "cert_file and key_file go together")
+    if tls.enabled and tls.verify and tls.ca_file is None:
+        add(
+            ("devices", name, "tls", "ca_file"),
+            "needed to verify the device (the CA its certificate chains to); or set verify: false",
+        )
+    if tls.enabled:
+        _check_tls_files(name, tls, add)
+    if tls.enabled and dev.protocol == "iec61850":
+        # libiec61850 can do neither (gateway/protocols/iec61850/adapter.py): refused at load,
+        # not when the adapter starts
+        if not tls.verify:
+            add(
+                ("devices", name, "tls", "verify"),
+                "false is not possible with libiec61850 (it always verifies the IED certificate against ca_file)",
+            )
+        if tls.check_hostname:
+            add(
+                ("devices", name, "tls", "check_hostname"),
+                "libiec61850 does not compare the IED certificate with the host name: set check_hostname: false"
+                " (the chain is still verified against ca_file)",
+            )
+    if dev.protocol == "iec104" and dev.iec104_engine == "c104" and not tls.enabled and not _is_ipv4(dev.host):
+        # c104 takes IPv4 addresses only (its ValueError "IP ... is invalid!"); with TLS it
+        # connects to the gateway's own 127.0.0.1 bridge, which resolves names itself
+        add(
+            ("devices", name, "host"),
+            f"the c104 engine connects to IPv4 addresses only, not {dev.host!r}: give the device's IPv4"
+            " address, or use iec104_engine: asyncio",
+        )
+    if dev.protocol == "iec61850" and dev.ied_name is None:
+        add(
+            ("devices", name, "ied_name"),
+            "an iec61850 device needs its IED name (MMS domain = IED name + LD inst)",
+        )
+    sim = dev.simulator
+    if (sim.tls_cert_file is None) != (sim.tls_key_file is None):
+        add(("devices", name, "simulator"), "tls_cert_file and tls_key_file go together")
+
+
 def _check_semantics(cfg: LabConfig, add: Any) -> None:
     """Checks that span entries: references, duplicates, control/status pairing, protocols."""
     _check_messaging(cfg, add)
     _check_flexibility(cfg, add)
     for name, dev in cfg.devices.items():
-        if dev.protocol not in ADDRESS_MODELS:
-            add(
-                ("devices", name, "protocol"),
-                f"unknown protocol {dev.protocol!r}{_suggest(dev.protocol, ADDRESS_MODELS)};"
-                f" supported: {', '.join(ADDRESS_MODELS)}",
-            )
-        tls = dev.tls
-        if tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
-            add(("devices", name, "tls"), "cert_file and key_file go together")
-        if tls.enabled and tls.verify and tls.ca_file is None:
-            add(
-                ("devices", name, "tls", "ca_file"),
-                "needed to verify the device (the CA its certificate chains to); or set verify: false",
-            )
-        if tls.enabled:
-            _check_tls_files(name, tls, add)
-        if tls.enabled and dev.protocol == "iec61850":
-            # libiec61850 can do neither (gateway/protocols/iec61850/adapter.py): refused at load,
-            # not when the adapter starts
-            if not tls.verify:
-                add(
-                    ("devices", name, "tls", "verify"),
-                    "false is not possible with libiec61850 (it always verifies the IED certificate against ca_file)",
-                )
-            if tls.check_hostname:
-                add(
-                    ("devices", name, "tls", "check_hostname"),
-                    "libiec61850 does not compare the IED certificate with the host name: set check_hostname: false"
-                    " (the chain is still verified against ca_file)",
-                )
-        if dev.protocol == "iec104" and dev.iec104_engine == "c104" and not tls.enabled and not _is_ipv4(dev.host):
-            # c104 takes IPv4 addresses only (its ValueError "IP ... is invalid!"); with TLS it
-            # connects to the gateway's own 127.0.0.1 bridge, which resolves names itself
-            add(
-                ("devices", name, "host"),
-                f"the c104 engine connects to IPv4 addresses only, not {dev.host!r}: give the device's IPv4"
-                " address, or use iec104_engine: asyncio",
-            )
-        if dev.protocol == "iec61850" and dev.ied_name is None:
-            add(
-                ("devices", name, "ied_name"),
-                "an iec61850 device needs its IED name (MMS domain = IED name + LD inst)",
-            )
-        sim = dev.simulator
-        if (sim.tls_cert_file is None) != (sim.tls_key_file is None):
-            add(("devices", name, "simulator"), "tls_cert_file and tls_key_file go together")
+        _check_device(name, dev, add)
     endpoints: dict[tuple[str, int, int], str] = {}
     for name, dev in cfg.devices.items():
         key = (dev.host, dev.port, dev.common_address)

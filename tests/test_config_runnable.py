@@ -308,6 +308,42 @@ def test_ams_microgrid_without_public_key_is_named(tmp_path: Path) -> None:
     assert issue.reason.startswith("no public key of 'mgms-a'")
 
 
+# ------------------------------------------------------------------------ one pass
+
+
+def test_a_field_error_does_not_hide_what_run_would_refuse_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a bad port on one device, an unset key on the meter: one report, not two rounds
+    monkeypatch.delenv("TEST_METER_EK", raising=False)
+    monkeypatch.setenv("TEST_METER_AK", "11" * 16)
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(METER.replace("devices:\n", "devices:\n  relay: {protocol: iec104, host: 127.0.0.1, port: 99999}\n"))
+    assert [(k, line) for k, line, _ in issues(lab)] == [
+        ("devices.relay.port", 4),
+        ("devices.meter.dlms.block_cipher_key_env", 11),
+    ]
+
+
+def test_ams_field_error_and_unset_password_in_one_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_AMS_PW", raising=False)
+    write_key_pair("ams", tmp_path)
+    cfg = tmp_path / "ams.yaml"
+    cfg.write_text(
+        "messaging:\n"
+        "  participant: ams\n"
+        f"  identity_file: {tmp_path / 'ams.key'}\n"
+        "  transports: {mqtt: {tls: false, password_env: TEST_AMS_PW}}\n"
+        "market: {auto_clearing: true}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_ams_config(cfg, runnable=True)
+    assert [(i.key, i.line) for i in err.value.issues] == [
+        ("market.auto_clearing", 5),
+        ("messaging.transports.mqtt.password_env", 4),
+    ]
+
+
 # ------------------------------------------------------------------------ the commands
 
 

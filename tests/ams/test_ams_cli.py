@@ -88,7 +88,7 @@ def test_missing_keys_and_bad_values_are_reported_with_lines(tmp_path: Path) -> 
     assert f"{bad}:3: messaging.identity_file: not found" in err
     assert f"{bad}:5: messaging.transports.mqtt.port:" in err
     assert f"{bad}:6: messaging.transports.carrier_pigeon: unknown transport" in err
-    # model errors come first (the cross checks need a valid model), all of them at once
+    # model errors, all of them at once, with the checks of the parts that are valid by themselves
     bad.write_text(
         "messaging: {participant: ams, identity_file: x, transports: {}}\n"
         "verification: {tolerance_pct: 150}\n"
