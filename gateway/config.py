@@ -288,6 +288,11 @@ class SimulatorSettings(_Frozen):
     seed: int | None = None
     #: COT 1 (periodic) transmission of every measured point at this period; 0 = off.
     cyclic_period_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    #: IEC 104: the types a general interrogation (COT 20) is answered with. "untagged" (the
+    #: default, as a COM600 or REF615 does): the type of the point's kind without time tag
+    #: (M_ME_NC_1 for a point configured M_ME_TF_1); "configured": the configured type.
+    #: Spontaneous and periodic values always use the configured type.
+    gi_types: Literal["untagged", "configured"] = "untagged"
     #: Meter readings at simulator start (a real meter's registers are not 0): the energy
     #: registers integrate the simulated power from here.
     initial_energy_kwh: Annotated[float, Field(ge=0)] = 0.0

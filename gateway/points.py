@@ -80,6 +80,10 @@ class PointUpdate:
 
     ``source_time`` is the device's time tag (None when the device sends none);
     ``receive_time`` is when the adapter got it, on this host's clock.
+    ``time_substituted`` says that ``source_time`` is not the device's: the value came without
+    a time tag (an IEC 104 untagged type, as outstations answer a general interrogation), so
+    the adapter put its receive time there. Kept apart from :class:`Quality`: the value itself
+    is as good as the device says; only its time is ours.
     """
 
     point: str
@@ -88,6 +92,7 @@ class PointUpdate:
     source_time: float | None = None
     receive_time: float = field(default_factory=now)
     cause: UpdateCause = UpdateCause.SPONTANEOUS
+    time_substituted: bool = False
 
 
 @dataclass(slots=True, frozen=True)

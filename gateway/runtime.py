@@ -190,6 +190,7 @@ class Gateway:
                 last.source_time if last is not None else None,
                 at,
                 UpdateCause.LINK_LOST,
+                time_substituted=last.time_substituted if last is not None else False,
             )
             self._latest[pt.name] = upd
             self.store.put(upd)

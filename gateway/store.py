@@ -194,6 +194,16 @@ _B_Q = _bulk("q")
 _B_SRC = _bulk("src")
 _B_RCV = _bulk("rcv")
 _B_ST = _bulk("st")
+#: appended to a history/change entry whose ``src`` is the gateway's receive time, not the
+#: device's time tag (PointUpdate.time_substituted); entries with the device's time go without
+_B_SRC_FROM_RECEIVE = _bulk("src_from") + _bulk("receive")
+
+
+def _recount(prefix: bytes, extra: int) -> bytes:
+    """An XADD prefix (its ``*N`` header counts the arguments) for ``extra`` more arguments."""
+    head = prefix.index(b"\r\n")
+    return b"*%d" % (int(prefix[1:head]) + extra) + prefix[head:]
+
 
 # With probes on an entry is ``v q src rcv st`` (10 arguments after the key part), without
 # them ``v q src`` (6); the XADD prefixes carry the argument count, so it is fixed per store.
@@ -248,6 +258,14 @@ def _enc_value(v: float | int | bool | None) -> str:
 
 def _enc_ts(t: float | None) -> str:
     return "" if t is None else repr(float(t))
+
+
+def _source_from(u: PointUpdate) -> str:
+    """Whose clock ``source_ts`` is: ``device`` (its time tag), ``receive`` (the value came
+    untagged and the gateway's receive time stands in), empty without a source time."""
+    if u.source_time is None:
+        return ""
+    return "receive" if u.time_substituted else "device"
 
 
 def _dec_ts(s: str | None) -> float | None:
@@ -338,10 +356,17 @@ class StoredValue:
     device: str
     quantity: str = ""
     text: str | None = None  # double points: off / on / intermediate / indeterminate
+    #: whose time ``source_ts`` is: "device", "receive" (value came untagged), "" (none)
+    source_ts_from: str = ""
 
     @property
     def flags(self) -> list[str]:
         return self.quality.flags()
+
+    @property
+    def time_substituted(self) -> bool:
+        """``source_ts`` is the gateway's receive time: the device sent no time tag."""
+        return self.source_ts_from == "receive"
 
     @classmethod
     def from_hash(cls, point: str, h: Mapping[str, str], kind: str) -> StoredValue:
@@ -357,6 +382,7 @@ class StoredValue:
             device=h.get("device", ""),
             quantity=h.get("quantity", ""),
             text=h.get("text"),
+            source_ts_from=h.get("source_ts_from", ""),
         )
 
 
@@ -375,6 +401,8 @@ class HistoryEntry:
     source_ts: float | None
     recv_ts: float
     store_ts: float
+    #: ``source_ts`` is the gateway's receive time (the value came untagged), not the device's
+    time_substituted: bool = False
 
     @classmethod
     def from_fields(cls, sid: str, point: str, f: Mapping[str, str], kind: str) -> HistoryEntry:
@@ -386,6 +414,7 @@ class HistoryEntry:
             source_ts=_dec_ts(f.get("src")),
             recv_ts=float(f.get("rcv", "0") or 0),
             store_ts=float(f.get("st", "0") or 0),
+            time_substituted=f.get("src_from") == "receive",
         )
 
 
@@ -934,8 +963,7 @@ class RedisStore:
             await asyncio.wait_for(done(), timeout_s)
         except TimeoutError:
             raise StoreError(
-                f"flush: {target - self._done} update(s) not written to Redis within "
-                f"{timeout_s:g} s"
+                f"flush: {target - self._done} update(s) not written to Redis within {timeout_s:g} s"
             ) from None
 
     # -- the writer -----------------------------------------------------------------------
@@ -1057,10 +1085,17 @@ class RedisStore:
             # XADD hist MAXLEN ~ n * v . q . src . [rcv . st .]   and the same to the change
             # feed with the point name first: the value-and-after part is shared
             tail = tail_of(v, q, u, st_b)
-            add(info.hist_prefix)
-            add(tail)
-            add(info.change_prefix)
-            add(tail)
+            if u.time_substituted:  # rare (GI answers): the entry says whose time src is
+                tail += _B_SRC_FROM_RECEIVE
+                add(_recount(info.hist_prefix, 2))
+                add(tail)
+                add(_recount(info.change_prefix, 2))
+                add(tail)
+            else:
+                add(info.hist_prefix)
+                add(tail)
+                add(info.change_prefix)
+                add(tail)
             n_cmds += 2
         for info, u, v, q in latest.values():
             flags = self._flags_cache.get(q)
@@ -1071,6 +1106,7 @@ class RedisStore:
                 "quality": str(q),
                 "flags": flags,
                 "source_ts": _enc_ts(u.source_time),
+                "source_ts_from": _source_from(u),
                 "recv_ts": repr(u.receive_time),
                 **stamp,
                 "cause": str(u.cause),

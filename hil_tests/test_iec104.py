@@ -438,3 +438,63 @@ async def test_a_nan_from_the_device_is_invalid_and_later_values_flow(lab: Lab) 
 async def _nan_stored(lab: Lab, point: str) -> StoredValue | None:
     v = await lab.reader.latest(point)
     return v if v is not None and isinstance(v.value, float) and v.value != v.value else None
+
+
+@pytest.mark.parametrize("engine", [pytest.param("c104", marks=pytest.mark.forked), "asyncio"])
+async def test_field_like_gi_and_changes_all_stored_and_back_within_one_gi(
+    engine: str, base_config: LabConfig, redis_server: RedisServer
+) -> None:
+    """The simulator answers GI untagged and sends changes time-tagged, as a COM600 does, and
+    the lab config's points are time-tagged: on each engine every GI answer is stored (its
+    receive time as source_ts, ``source_ts_from: receive``), every change with its value and
+    exact time tag (``device``), and after the outstation is killed and restarted every point
+    is good again after one GI. (The c104 engine stored none of the GI answers before it
+    decoded the raw frames: the breaker stayed ``not_topical,invalid`` after a restart.)"""
+    if lab_is_real():
+        pytest.skip("kills the simulator")
+    sim = Iec104Outstation(base_config, DEVICE, host="127.0.0.1", port=0, seed=3)
+    await sim.start()
+    port = sim.port
+    lab = await start_lab(base_config, redis_server, sim, iec104_engine=engine, gi_period_s=0)
+    names = monitor_names(lab.config)
+    try:
+        values = await eventually(lambda: all_values(lab), 5, "every GI answer in Redis")
+        for name in names:
+            v = values[name]
+            assert v.cause == "interrogated" and v.quality == Quality.GOOD, name
+            assert v.time_substituted and v.source_ts == v.recv_ts, name
+        changes = [(n, 150.0 + i) for i, n in enumerate(n for n in names if n.startswith("feeder.voltage"))]
+        sent = {n: sim.set_value(n, value) for n, value in changes}
+
+        async def changed() -> dict[str, StoredValue] | None:
+            got = await lab.reader.latest_all()
+            ok = all(got[n].value == pytest.approx(value) for n, value in changes)
+            return got if ok else None
+
+        got = await eventually(changed, 3, "every change in Redis")
+        for n, _ in changes:
+            assert got[n].source_ts_from == "device" and not got[n].time_substituted, n
+            assert int((got[n].source_ts or 0) * 1000) == int(sent[n] * 1000), n  # CP56Time2a: ms
+            hist = await lab.reader.history(n)
+            assert any(not e.time_substituted and e.source_ts == got[n].source_ts for e in hist), n
+        await sim.close()
+        await eventually(lambda: _stale(lab, "feeder.breaker.position"), 5, "flagged after the simulator died")
+        back = time.time()
+        sim2 = Iec104Outstation(base_config, DEVICE, host="127.0.0.1", port=port, seed=4)
+        await sim2.start()
+        try:
+
+            async def all_good() -> dict[str, StoredValue] | None:
+                got = await lab.reader.latest_all()
+                fresh = all(n in got and got[n].quality == Quality.GOOD and got[n].recv_ts >= back for n in names)
+                return got if fresh else None
+
+            await eventually(all_good, 10, "every point good after the restart")
+            assert sim2.stats().interrogations == 1
+        finally:
+            await lab.shutdown()
+            await sim2.close()
+    finally:
+        await lab.reader.aclose()
+        if not lab.task.done():
+            await lab.shutdown()

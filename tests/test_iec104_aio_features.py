@@ -207,7 +207,8 @@ async def test_counters_read_on_connect_on_demand_and_spontaneously(base: LabCon
     assert energy is not None and reactive is not None
     assert energy.value == pytest.approx(sim.values()[ENERGY].value, abs=0.001)  # whole Wh counts, in kWh
     assert energy.value == pytest.approx(184230.5, abs=1.0) and energy.quality is Quality.GOOD
-    assert energy.source_time is None  # answered untagged (M_IT_NA_1, COT 37), as devices do
+    # answered untagged (M_IT_NA_1, COT 37), as devices do: the receive time stands in, flagged
+    assert energy.time_substituted and energy.source_time == energy.receive_time
     assert sim.stats().counter_interrogations == 1
     types = asdu_types_in(sim)
     assert types.index(TypeId.C_IC_NA_1) < types.index(TypeId.C_CI_NA_1)  # the GI first, then the counters

@@ -275,7 +275,7 @@ async def _follow(store: RedisStore, p: LabPlan, deadline: float, window_s: floa
         block = max(1, int(min(1.0, deadline - time.monotonic()) * 1000))
         for e in await store.changes(last, block_ms=block, count=1000):
             last = e.id
-            seen += e.source_ts is not None
+            seen += e.source_ts is not None and not e.time_substituted
         if time.monotonic() >= next_note:
             next_note += tick
             progress.note(
@@ -333,7 +333,7 @@ def _field(p: LabPlan, hist: Mapping[str, list[tuple[str, dict[str, str]]]]) -> 
         for pt in points:
             for _sid, f in hist.get(pt.name, []):
                 src, st = f.get("src", ""), f.get("st", "")
-                if src and st:
+                if src and st and f.get("src_from") != "receive":  # receive time: not the device's
                     vals.append((float(st) - float(src)) * 1000)
                 else:
                     untagged += 1

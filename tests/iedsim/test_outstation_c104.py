@@ -22,6 +22,42 @@ ProbeFactory = Callable[..., Awaitable[Any]]
 CLOSED_STATES = ("CLOSED", "CLOSED_AWAIT_OPEN", "CLOSED_AWAIT_RECONNECT")
 
 
+@pytest.fixture
+def config(config_factory: Callable[..., LabConfig]) -> LabConfig:
+    """This suite checks the simulator against c104 with points of the configured types.
+
+    c104 binds a point to one type and drops a value of its address in another (pinned by
+    :func:`test_c104_drops_an_untagged_gi_answer_for_a_tagged_point`), so here the simulator
+    answers GI with the configured types; its default, untagged answers as the field sends
+    them, is checked with the project's codec (test_outstation_protocol.py) and through the
+    gateway's c104 adapter (tests/test_iec104_kinds.py).
+    """
+    return config_factory(gi_types="configured")
+
+
+async def test_c104_drops_an_untagged_gi_answer_for_a_tagged_point(
+    config_factory: Callable[..., LabConfig], stations: StationFactory, probes: ProbeFactory
+) -> None:
+    """The c104 behaviour the gateway's c104 adapter works around (module doc of
+    gateway/protocols/iec104/adapter.py): with the simulator's default GI (untagged types),
+    a c104 point of the configured time-tagged type gets no GI answer at all, while the same
+    point's spontaneous change (tagged) arrives. Should c104 start delivering them, the
+    adapter's raw-frame path would deliver them twice: this test says so first."""
+    o = await stations(config_factory())
+    probe = await probes(o)
+    sent = o.set_value("feeder.voltage.l1", 239.5)
+    item = await probe.next_value("feeder.voltage.l1", where=lambda r: r.cot == "SPONTANEOUS")
+    assert abs(item.recorded_at.timestamp() - sent) < 0.01
+    # c104 ran its GI after STARTDT (Init.ALL); the outstation answered it, with M_ME_NC_1
+    frames = [r.data for r in o.recent_frames() if r.direction == "out" and len(r.data) > 8 and not r.data[2] & 1]
+    assert any(f[6] == 13 and f[8] & 0x3F == 20 for f in frames), "untagged GI answer sent"
+    await asyncio.sleep(0.2)
+    got = []
+    while not probe.values.empty():
+        got.append(probe.values.get_nowait())
+    assert not [r for r in got if r.cot == "INTERROGATED_BY_STATION" and r.name.startswith("feeder.voltage")]
+
+
 def plain(value: Any) -> Any:
     """c104 wraps double points (c104.Double); compare plain numbers."""
     return value.value if isinstance(value, c104.Double) else value

@@ -39,6 +39,7 @@ from gateway.protocols.iec104.codec import (
     encode_frame,
     mirror,
 )
+from gateway.protocols.iec104.kinds import untagged_type
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -83,11 +84,27 @@ async def test_u_frames_are_confirmed(outstation: Iec104Outstation, raw_client: 
     assert asdu.type_id is TypeId.M_ME_TF_1 and asdu.cot is Cot.SPONTANEOUS
 
 
-async def test_general_interrogation(outstation: Iec104Outstation, raw_client: Any) -> None:
+@pytest.mark.parametrize("gi_types", ["untagged", "configured"])
+async def test_general_interrogation(
+    gi_types: str, config_factory: Callable[..., LabConfig], stations: StationFactory, raw_connect: RawConnect
+) -> None:
+    """GI answers as the field sends them by default: every point in the untagged type of
+    its kind (M_ME_NC_1 for M_ME_TF_1, ...), no time tag; ``gi_types: configured`` answers in
+    the configured (here time-tagged) types with the time of each value's last change."""
+    outstation = await stations(config_factory(gi_types=gi_types))
+    raw_client = await raw_connect(outstation)
+    try:
+        await _check_general_interrogation(outstation, raw_client, untagged=gi_types == "untagged")
+    finally:
+        await raw_client.close()
+
+
+async def _check_general_interrogation(outstation: Iec104Outstation, raw_client: Any, *, untagged: bool) -> None:
     raw_client.send_asdu(gi())
     con = await raw_client.recv_asdu()
     assert (con.type_id, con.cot, con.negative) == (TypeId.C_IC_NA_1, Cot.ACTIVATION_CON, False)
     objects: dict[int, InfoObject] = {}
+    types: dict[int, TypeId] = {}
     sizes: list[int] = []
     while True:
         frame = await raw_client.recv()
@@ -101,14 +118,21 @@ async def test_general_interrogation(outstation: Iec104Outstation, raw_client: A
         assert asdu.cot is Cot.INTERROGATED_BY_STATION
         assert asdu.common_address == CA
         objects.update({o.ioa: o for o in asdu.objects})
+        types.update({o.ioa: asdu.type_id for o in asdu.objects})
     values = outstation.values()
     monitors = {p.address.ioa: p for p in outstation.points if p.direction.value == "monitor"}
     assert set(objects) == set(monitors)
     for ioa, obj in objects.items():
         want = values[monitors[ioa].name]
+        configured = TypeId[monitors[ioa].address.type]  # type: ignore[union-attr]
+        assert configured in (TypeId.M_ME_TF_1, TypeId.M_DP_TB_1, TypeId.M_SP_TB_1)  # the lab: all tagged
+        assert types[ioa] == (TypeId(untagged_type(configured)) if untagged else configured)
         assert obj.element.value == pytest.approx(want.raw, rel=1e-6)  # type: ignore[union-attr]
         assert obj.element.quality == want.quality  # type: ignore[union-attr]
-        assert obj.time is not None and abs(obj.time.timestamp() - want.time) < 0.001
+        if untagged:
+            assert obj.time is None
+        else:
+            assert obj.time is not None and abs(obj.time.timestamp() - want.time) < 0.001
     assert max(sizes) <= MAX_ASDU_LENGTH
     # one ASDU per type in the GI (12 floats, the double point, the single point), then ACTTERM
     assert len(sizes) == 4

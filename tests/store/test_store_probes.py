@@ -86,6 +86,24 @@ async def test_values_history_and_change_feed_with_and_without_hops(
     assert line.split()[-2].endswith("s") and line.split()[-2] != "-"
 
 
+async def test_substituted_source_time_is_marked_with_and_without_hops(
+    probed_store: RedisStore, probes: bool, client: aioredis.Redis
+) -> None:
+    """The ``src_from`` pair changes the XADD argument count: right with either prefix."""
+    store = probed_store
+    t0 = time.time()
+    store.put(PointUpdate("feeder.voltage.l1", 230.0, Quality.GOOD, t0, t0, UpdateCause.INTERROGATED, True))
+    store.put(PointUpdate("feeder.voltage.l1", 232.0, Quality.GOOD, source_time=t0 + 0.5))
+    await store.flush(5.0)
+    assert store.stats().get("write_errors", 0) == 0
+    raw = stream_entries(await client.xrange(store.keys.hist("feeder.voltage.l1")))
+    hops = HOP_ENTRY_FIELDS if probes else set()
+    assert [set(f) for _, f in raw] == [{"v", "q", "src", "src_from"} | hops, {"v", "q", "src"} | hops]
+    assert [e.time_substituted for e in await store.history("feeder.voltage.l1")] == [True, False]
+    feed = stream_entries(await client.xrange(store.keys.changes))
+    assert [f.get("src_from") for _, f in feed] == ["receive", None]
+
+
 async def test_double_point_text_and_deadband_without_probes(lab: LabConfig, redis_server: RedisServer) -> None:
     cfg = lab.model_copy(update={"probes": ProbeSettings(enabled=False)})
     async with RedisStore(cfg, url=redis_server.url) as store:

@@ -19,6 +19,38 @@ pytestmark = pytest.mark.timeout(30)
 K = StoreKeys("mgms:testlab")
 
 
+async def test_untagged_value_says_its_source_time_is_the_receive_time(
+    store: RedisStore, client: aioredis.Redis
+) -> None:
+    """An IEC 104 GI answer comes untagged: its receive time stands in as source time, and
+    the hash, the history and the change feed say so; a tagged value after it does not."""
+    store.put(PointUpdate("feeder.p", 1.5, Quality.GOOD, 1700000000.5, 1700000000.5,
+                          UpdateCause.INTERROGATED, time_substituted=True))  # fmt: skip
+    await store.flush(5)
+    h = await client.hgetall(K.point("feeder.p"))
+    assert (h["source_ts"], h["source_ts_from"], h["quality"], h["flags"]) == (repr(1700000000.5), "receive", "0", "")
+    [(_, hist)] = await client.xrange(K.hist("feeder.p"))
+    assert hist["src"] == repr(1700000000.5) and hist["src_from"] == "receive"
+    [(_, change)] = await client.xrange(K.changes)
+    assert change == {"point": "feeder.p", **hist}
+    latest = await store.latest("feeder.p")
+    assert latest is not None and latest.time_substituted and latest.quality is Quality.GOOD
+    [entry] = await store.history("feeder.p")
+    assert entry.time_substituted and entry.source_ts == 1700000000.5
+
+    store.put(PointUpdate("feeder.p", 2.5, Quality.GOOD, 1700000001.25, 1700000001.5))
+    await store.flush(5)
+    h = await client.hgetall(K.point("feeder.p"))
+    assert (h["source_ts"], h["source_ts_from"]) == (repr(1700000001.25), "device")
+    newest = (await client.xrange(K.hist("feeder.p")))[-1][1]
+    assert "src_from" not in newest
+    latest = await store.latest("feeder.p")
+    assert latest is not None and not latest.time_substituted
+    store.put(PointUpdate("feeder.p", 3.5, Quality.GOOD, None, 1700000002.0))
+    await store.flush(5)
+    assert (await client.hget(K.point("feeder.p"), "source_ts_from")) == ""
+
+
 async def test_value_reaches_hash_history_and_change_feed(
     store: RedisStore, client: aioredis.Redis
 ) -> None:
@@ -36,6 +68,7 @@ async def test_value_reaches_hash_history_and_change_feed(
         "quality": str(int(q)),
         "flags": "not_topical,invalid",
         "source_ts": repr(1700000000.123456789),
+        "source_ts_from": "device",
         "recv_ts": "1700000000.25",
         "cause": "periodic",
         "unit": "kW",

@@ -9,9 +9,13 @@ it; the periodic task only decides *when the feeder changes*, never when bytes l
 One :class:`Iec104Outstation` serves one configured device (its monitor and control points,
 its common address) to any number of clients. Each connection is a :class:`_Session`
 protocol with its own sequence numbers, k/w windows and t1/t2/t3 timers; monitor values go
-to every started session. With ``simulator.cyclic_period_s`` the measured points are also
-sent periodically (COT 1), as a COM600 configured for cyclic transmission does. With the
-device's ``tls.enabled`` the outstation speaks TLS (IEC 62351-3 style) with the certificate
+to every started session. A general interrogation is answered as the field does: with the
+untagged type of each point's kind (M_ME_NC_1 for a point configured M_ME_TF_1), while
+spontaneous and periodic values use the configured type (``simulator.gi_types: configured``
+answers GI with the configured type too). With ``simulator.cyclic_period_s`` the measured
+points are also sent periodically (COT 1), as a COM600 configured for cyclic transmission
+does. With the device's ``tls.enabled`` the outstation speaks TLS (IEC 62351-3 style) with
+the certificate
 in ``simulator.tls_cert_file``/``tls_key_file``, and asks for a client certificate signed by
 ``simulator.tls_ca_file`` when that is set. Fault injection (:meth:`Iec104Outstation.stall`,
 ``drop``, ``refuse_commands``, ``set_value``) is a plain method call in-process and a line
@@ -73,6 +77,7 @@ from gateway.protocols.iec104.codec import (
     mirror,
     object_size,
 )
+from gateway.protocols.iec104.kinds import untagged_type
 
 __all__ = [
     "ClockSyncRecord",
@@ -188,7 +193,8 @@ class MonitorValue:
 @dataclass(slots=True)
 class _Monitor:
     point: Point
-    type_id: TypeId
+    type_id: TypeId  # configured: spontaneous, periodic and read answers
+    gi_type_id: TypeId  # general interrogation answers (``simulator.gi_types``)
     value: float
     raw: float | int | bool
     quality: Quality
@@ -245,7 +251,9 @@ class Iec104Outstation:
         self._controls: dict[int, Point] = {}
         for p in self._points:
             if p.direction is Direction.MONITOR:
-                m = _Monitor(p, TypeId[iec104_address(p).type], 0.0, 0, Quality.GOOD, Quality.GOOD, now)
+                type_id = TypeId[iec104_address(p).type]
+                gi_type_id = TypeId(untagged_type(type_id)) if self.settings.gi_types == "untagged" else type_id
+                m = _Monitor(p, type_id, gi_type_id, 0.0, 0, Quality.GOOD, Quality.GOOD, now)
                 self._update(m, self.model.value(p.name), now)
                 if m.type_id in _TOTALS:
                     self._totals[p.name] = m
@@ -472,16 +480,23 @@ class Iec104Outstation:
         return [m for name, m in self._monitors.items() if name != exclude and self._update(m, values[name], now)]
 
     def _asdus(self, monitors: Sequence[_Monitor], cot: Cot) -> list[bytes]:
-        """Pack monitors into as few ASDUs as the 249-octet limit allows, grouped by type."""
+        """Pack monitors into as few ASDUs as the 249-octet limit allows, grouped by type.
+
+        The type is the configured one, except in answers to a general interrogation
+        (COT 20), which carry each point's ``gi_type_id``: by default the untagged type of
+        the same kind, as a COM600 or REF615 answers (the type/cause table of
+        IEC 60870-5-101/104 7.2.3 allows both).
+        """
+        gi = cot is Cot.INTERROGATED_BY_STATION
         by_type: dict[TypeId, list[_Monitor]] = collections.defaultdict(list)
         for m in monitors:
-            by_type[m.type_id].append(m)
+            by_type[m.gi_type_id if gi else m.type_id].append(m)
         out: list[bytes] = []
         for type_id, ms in by_type.items():
             per = min(_MAX_OBJECTS, (_ASDU_LIMIT - asdu_size(type_id, 0)) // object_size(type_id))
             ms.sort(key=lambda m: iec104_address(m.point).ioa)
             for i in range(0, len(ms), per):
-                objects = tuple(_info_object(m, self._clock_error_s) for m in ms[i : i + per])
+                objects = tuple(_info_object(m, type_id, self._clock_error_s) for m in ms[i : i + per])
                 out.append(encode_asdu(Asdu(type_id, cot, self.common_address, objects)))
         return out
 
@@ -940,10 +955,12 @@ def _counter_reading(m: _Monitor) -> BinaryCounterReading:
     return BinaryCounterReading(int(m.raw), carry=Quality.OVERFLOW in m.quality, invalid=Quality.INVALID in m.quality)
 
 
-def _info_object(m: _Monitor, clock_error_s: float = 0.0) -> InfoObject:
-    totals = m.type_id in _TOTALS
-    element: Element = _counter_reading(m) if totals else _MONITOR_ELEMENT[m.type_id.name](m.raw, m.quality)
-    t = Cp56Time.from_timestamp(m.time + clock_error_s) if m.type_id in _TIMED else None
+def _info_object(m: _Monitor, type_id: TypeId, clock_error_s: float = 0.0) -> InfoObject:
+    """The point's current value as an object of ``type_id`` (its configured or its GI type:
+    the same kind, so the raw value fits either)."""
+    totals = type_id in _TOTALS
+    element: Element = _counter_reading(m) if totals else _MONITOR_ELEMENT[type_id.name](m.raw, m.quality)
+    t = Cp56Time.from_timestamp(m.time + clock_error_s) if type_id in _TIMED else None
     return InfoObject(iec104_address(m.point).ioa, element, t)
 
 

@@ -28,12 +28,19 @@ did not, and wakes it with a test command (C_TS_TA_1): any answer c104 was waiti
 notifies all its waiters, which then find the confirmation they missed (counted as
 ``c104_nudges``).
 
+Types: c104 binds a point to one type id and drops, silently, a value of the point's address
+that comes in another type. Outstations send one address in two types (a GI answer untagged,
+M_ME_NC_1; a spontaneous change time-tagged, M_ME_TF_1: IEC 60870-5-101/104 7.2.3), so the
+raw-frame callback decodes every monitor ASDU with the project's codec and delivers what c104
+drops: a value in another type of the point's kind (e.g. the untagged GI answer) as the
+asyncio engine would, a value of another kind refused and counted (``type_mismatch``). Values
+in the configured type still come through c104's point callback, once.
+
 TLS (``tls.enabled``): c104 2.2.1's own TLS client cannot complete a handshake, so c104
 connects to a loopback relay in this process that speaks TLS to the device with Python's
 ``ssl`` (:mod:`gateway.protocols.iec104.tls`); a refused handshake becomes the reason of the
 link-down event.
 """
-
 
 import asyncio
 import collections
@@ -52,8 +59,9 @@ from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, LinkError
 from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause, now
 from gateway.protocols.base import LinkState
-from gateway.protocols.iec104.common import COMMAND_VALUE_LEN as _COMMAND_VALUE_LEN
+from gateway.protocols.iec104.codec import MONITOR_TYPE_IDS, decode_monitor
 from gateway.protocols.iec104.common import (
+    CAUSE_OF_COT,
     COT_ACTCON,
     COT_ACTTERM,
     Confirmation,
@@ -65,6 +73,8 @@ from gateway.protocols.iec104.common import (
     parse_command_reply,
     parse_confirmation,
 )
+from gateway.protocols.iec104.common import COMMAND_VALUE_LEN as _COMMAND_VALUE_LEN
+from gateway.protocols.iec104.kinds import KIND_OF_TYPE, ValueKind, kind_of
 from gateway.protocols.iec104.tls import TlsBridge, client_tls_context
 
 log = logging.getLogger(__name__)
@@ -73,6 +83,7 @@ __all__ = ["Iec104Adapter", "backoff_delay", "parse_confirmation"]
 
 
 _C_IC_NA_1 = 100  # interrogation command type id
+_WARN_FIRST = 10  # log the first N of a repeated anomaly, then only count it
 
 _CAUSES: dict[str, UpdateCause] = {
     "SPONTANEOUS": UpdateCause.SPONTANEOUS,
@@ -158,6 +169,13 @@ class Iec104Adapter(Iec104AdapterBase):
         super().__init__(device, points)
         self._queue_max = queue_max
         self._monitor = {iec104_address(p).ioa: p for p in points if p.direction is Direction.MONITOR}
+        # ioa -> (name, kind, configured type id, scale, offset): for values c104 drops
+        # because they came in another type than the point's (module doc, "Types")
+        self._raw_monitor: dict[int, tuple[str, ValueKind, int, float, float]] = {}
+        for ioa, p in self._monitor.items():
+            type_name = iec104_address(p).type
+            type_id = int(getattr(c104.Type, type_name))
+            self._raw_monitor[ioa] = (p.name, kind_of(type_name), type_id, p.scale, p.offset)
         self._control = {p.name: p for p in points if p.direction is Direction.CONTROL}
         self._by_name = {p.name: p for p in points}
         self._state = LinkState.CLOSED
@@ -346,7 +364,10 @@ class Iec104Adapter(Iec104AdapterBase):
             cause = causes.get(c)
             if cause is None:
                 cause = causes[c] = _cause_of(c.name)
-            upd = PointUpdate(name, value, quality, rec.timestamp() if rec is not None else None, rcv, cause)
+            if rec is not None:
+                upd = PointUpdate(name, value, quality, rec.timestamp(), rcv, cause)
+            else:  # untagged type: the receive time stands in, flagged
+                upd = PointUpdate(name, value, quality, rcv, rcv, cause, time_substituted=True)
             counters["values"] += 1
             self._emit(upd)
             return none
@@ -367,7 +388,9 @@ class Iec104Adapter(Iec104AdapterBase):
     def _make_raw_callback(self) -> Callable[..., None]:
         def on_raw(connection: c104.Connection, data: bytes) -> None:
             self._counters["frames_in"] += 1
-            if len(data) > 6 and data[6] in _COMMAND_VALUE_LEN:
+            if len(data) > 12 and data[6] in MONITOR_TYPE_IDS:
+                self._on_raw_monitor(data)
+            elif len(data) > 6 and data[6] in _COMMAND_VALUE_LEN:
                 conf = parse_command_reply(data)
                 if conf is not None and self._loop is not None:
                     with contextlib.suppress(RuntimeError):
@@ -379,6 +402,67 @@ class Iec104Adapter(Iec104AdapterBase):
                         self._loop.call_soon_threadsafe(self._on_interrogation_end)
 
         return on_raw
+
+    def _on_raw_monitor(self, apdu: bytes) -> None:
+        """On c104's thread: deliver the values of a monitor ASDU that c104 itself drops.
+
+        c104 binds a point to one type id and silently drops a value of the point's address
+        in any other type (measured with 2.2.1: a GI answer in M_ME_NC_1 for a point
+        configured M_ME_TF_1 reaches no callback, not even ``on_new_point``). Outstations do
+        send one address in two types (untagged for GI, time-tagged spontaneously), so such
+        values are decoded here from the raw frame with the project's codec and delivered as
+        the asyncio engine would. Objects in the configured type are left to c104's point
+        callback (one delivery per value); values of another kind than the point's are
+        refused and counted (``type_mismatch``); unknown addresses stay c104's
+        (``on_new_point``, ``unknown_points``).
+        """
+        type_id = apdu[6]
+        try:
+            m = decode_monitor(apdu[6:])
+        except ValueError:
+            return  # c104 judges the frame itself; nothing here to add to that
+        if m.common_address != self.device.common_address:
+            return
+        sent_kind = KIND_OF_TYPE[type_id]
+        monitor = self._raw_monitor
+        counters = self._counters
+        qualities = self._quality_cache
+        cause = CAUSE_OF_COT[m.cot]
+        rcv = now()
+        for ioa, value, bits, ts in m.objects:
+            info = monitor.get(ioa)
+            if info is None or info[2] == type_id:
+                continue  # c104's on_new_point counts it, or c104's point callback delivers it
+            name, kind, _, scale, offset = info
+            if kind is not sent_kind:
+                counters["type_mismatch"] += 1
+                if counters["type_mismatch"] <= _WARN_FIRST:
+                    log.warning(
+                        "%s: device sent type %d (%s) for %s (ioa %d), configured as %s; refused",
+                        self.device.name,
+                        type_id,
+                        sent_kind.name.lower(),
+                        name,
+                        ioa,
+                        kind.name.lower(),
+                    )
+                continue
+            if kind is ValueKind.DOUBLE:
+                v: float | int | bool = int(value)
+            elif kind is ValueKind.SINGLE:
+                v = bool(value)
+            else:
+                v = value * scale + offset
+            quality = qualities.get(bits)
+            if quality is None:
+                quality = qualities.setdefault(bits, Quality(bits))
+            if ts is None:  # untagged: the receive time stands in, flagged
+                upd = PointUpdate(name, v, quality, rcv, rcv, cause, time_substituted=True)
+            else:
+                upd = PointUpdate(name, v, quality, ts, rcv, cause)
+            counters["values"] += 1
+            counters["values_other_type"] += 1
+            self._emit(upd)
 
     def _make_new_point_callback(self) -> Callable[..., None]:
         def on_new_point(client: c104.Client, station: c104.Station, io_address: int, point_type: c104.Type) -> None:

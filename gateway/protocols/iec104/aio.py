@@ -42,7 +42,7 @@ from typing import Any, Final
 
 from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, DeviceError, LinkError
-from gateway.points import CommandRequest, PointUpdate, Quality, UpdateCause, now
+from gateway.points import CommandRequest, PointUpdate, Quality, now
 from gateway.protocols.base import LinkState
 from gateway.protocols.iec104.codec import (
     MONITOR_TYPE_IDS,
@@ -77,6 +77,7 @@ from gateway.protocols.iec104.codec import (
     encode_frame,
 )
 from gateway.protocols.iec104.common import (
+    CAUSE_OF_COT,
     COMMAND_VALUE_LEN,
     COT_ACTCON,
     COT_ACTTERM,
@@ -90,6 +91,7 @@ from gateway.protocols.iec104.common import (
     command_reply,
     command_value,
 )
+from gateway.protocols.iec104.kinds import KIND_OF_TYPE, ValueKind, kind_of
 from gateway.protocols.iec104.tls import TLS_CLOSED_AT_ONCE as _TLS_CLOSED_AT_ONCE
 from gateway.protocols.iec104.tls import _tls_failure, client_tls_context
 
@@ -113,25 +115,8 @@ _TESTFR_ACT: Final = encode_frame(UFrame(UFunction.TESTFR_ACT))
 _TESTFR_CON: Final = encode_frame(UFrame(UFunction.TESTFR_CON))
 _GI_QOI: Final = 20
 _COUNTER_TYPES: Final = frozenset({TypeId.M_IT_NA_1, TypeId.M_IT_TB_1})
-_KIND_MEASURED, _KIND_DOUBLE, _KIND_SINGLE = 0, 1, 2
-_KINDS: Final = {"measured": _KIND_MEASURED, "double": _KIND_DOUBLE, "single": _KIND_SINGLE}
-_NO_POINTS: Final[dict[int, tuple[str, int, float, float]]] = {}
+_NO_POINTS: Final[dict[int, tuple[str, ValueKind, float, float]]] = {}
 _WARN_FIRST: Final = 10  # log the first N of a repeated anomaly, then only count it
-
-
-def _cause_table() -> tuple[UpdateCause, ...]:
-    """Update cause per 6-bit COT, indexed by the COT itself (no enum built per object)."""
-    table = [UpdateCause.OTHER] * 64
-    table[Cot.PERIODIC] = table[Cot.BACKGROUND_SCAN] = UpdateCause.PERIODIC
-    table[Cot.SPONTANEOUS] = UpdateCause.SPONTANEOUS
-    table[Cot.REQUEST] = UpdateCause.REQUESTED
-    table[Cot.RETURN_INFO_REMOTE] = table[Cot.RETURN_INFO_LOCAL] = UpdateCause.RETURN
-    for cot in range(Cot.INTERROGATED_BY_STATION, Cot.REQUESTED_BY_GROUP_4_COUNTER + 1):
-        table[cot] = UpdateCause.INTERROGATED  # 20-36 by (group) interrogation, 37-41 by counter interrogation
-    return tuple(table)
-
-
-_CAUSE_OF_COT: Final = _cause_table()
 
 
 class _EventQueue(EventBuffer):
@@ -428,11 +413,12 @@ class AsyncIec104Adapter(Iec104AdapterBase):
     def __init__(self, device: Device, points: tuple[Point, ...], *, queue_max: int = 200_000) -> None:
         super().__init__(device, points)
         self._queue_max = queue_max
-        # ca -> ioa -> (name, kind, scale, offset): everything the hot loop needs per object,
-        # looked up per ASDU (ca) and per object (ioa) without building a key tuple
-        self._monitor: dict[int, dict[int, tuple[str, int, float, float]]] = {
+        # ca -> ioa -> (name, value kind, scale, offset): everything the hot loop needs per
+        # object, looked up per ASDU (ca) and per object (ioa) without building a key tuple.
+        # Keyed by address and kind, not type: a value comes in any type of its kind (kinds.py)
+        self._monitor: dict[int, dict[int, tuple[str, ValueKind, float, float]]] = {
             device.common_address: {
-                iec104_address(p).ioa: (p.name, _KINDS[iec104_address(p).kind], p.scale, p.offset)
+                iec104_address(p).ioa: (p.name, kind_of(iec104_address(p).type), p.scale, p.offset)
                 for p in points
                 if p.direction is Direction.MONITOR and iec104_address(p).kind != "integrated"
             }
@@ -525,7 +511,7 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         append = updates.append
         monitor = self._monitor
         qualities = self._quality_cache
-        causes = _CAUSE_OF_COT
+        causes = CAUSE_OF_COT
         values = 0
         for raw in asdus:
             if raw[0] not in MONITOR_TYPE_IDS:
@@ -539,22 +525,40 @@ class AsyncIec104Adapter(Iec104AdapterBase):
             cause = causes[m.cot]
             ca = m.common_address
             station = monitor.get(ca, _NO_POINTS)
+            sent_kind = KIND_OF_TYPE[m.type_id]
             for ioa, value, bits, ts in m.objects:
                 info = station.get(ioa)
                 if info is None:
-                    self._anomaly("unknown_points", "device sent unconfigured ca %d ioa %d; ignored", ca, ioa)
+                    if station is not _NO_POINTS and ioa in self._counter_points:
+                        self._anomaly("type_mismatch", "type %d for counter point at ioa %d; refused", m.type_id, ioa)
+                    else:
+                        self._anomaly("unknown_points", "device sent unconfigured ca %d ioa %d; ignored", ca, ioa)
                     continue
                 name, kind, scale, offset = info
+                if kind is not sent_kind:
+                    self._anomaly(
+                        "type_mismatch",
+                        "device sent type %d (%s) for %s (ioa %d), configured as %s; refused",
+                        m.type_id,
+                        sent_kind.name.lower(),
+                        name,
+                        ioa,
+                        kind.name.lower(),
+                    )
+                    continue
                 quality = qualities.get(bits)
                 if quality is None:
                     quality = qualities[bits] = Quality(bits)
-                if kind == _KIND_MEASURED:
-                    v: float | int | bool = value * scale + offset  # int * float is a float
-                elif kind == _KIND_DOUBLE:
-                    v = int(value)
-                else:
+                if kind is ValueKind.DOUBLE:
+                    v: float | int | bool = int(value)
+                elif kind is ValueKind.SINGLE:
                     v = bool(value)
-                append(PointUpdate(name, v, quality, ts, rcv, cause))
+                else:
+                    v = value * scale + offset  # int * float is a float
+                if ts is None:  # untagged type (e.g. a GI answer): the receive time stands in
+                    append(PointUpdate(name, v, quality, rcv, rcv, cause, time_substituted=True))
+                else:
+                    append(PointUpdate(name, v, quality, ts, rcv, cause))
                 values += 1
         if updates:
             self._counters["values"] += values
@@ -649,7 +653,7 @@ class AsyncIec104Adapter(Iec104AdapterBase):
             self._anomaly("garbled_asdus", "garbled ASDU %s: %s", raw[:24].hex(" "), exc)
             return
         rcv = now()
-        cause = _CAUSE_OF_COT[asdu.cot]
+        cause = CAUSE_OF_COT[asdu.cot]
         ca = asdu.common_address
         mine = ca == self.device.common_address
         updates: list[Event] = []
@@ -673,8 +677,11 @@ class AsyncIec104Adapter(Iec104AdapterBase):
             if bcr.adjusted:
                 self._counters["counters_adjusted"] += 1
             name, scale, offset = info
-            ts = obj.time.timestamp() if obj.time is not None else None
-            updates.append(PointUpdate(name, bcr.value * scale + offset, quality, ts, rcv, cause))
+            value = bcr.value * scale + offset
+            if obj.time is None:  # M_IT_NA_1 (the counter interrogation's answer): receive time, flagged
+                updates.append(PointUpdate(name, value, quality, rcv, rcv, cause, time_substituted=True))
+            else:
+                updates.append(PointUpdate(name, value, quality, obj.time.timestamp(), rcv, cause))
         if updates:
             self._counters["values"] += len(updates)
             assert self._buffer is not None

@@ -20,7 +20,7 @@ from typing import Literal
 
 from gateway.config import Point, iec104_address
 from gateway.errors import CommandInvalid, LinkError
-from gateway.points import DoublePoint, PointUpdate, now
+from gateway.points import DoublePoint, PointUpdate, UpdateCause, now
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
 
 log = logging.getLogger("gateway.protocols.iec104")
@@ -29,6 +29,7 @@ log = logging.getLogger("gateway.protocols.iec104")
 Event = PointUpdate | LinkStateChange
 
 __all__ = [
+    "CAUSE_OF_COT",
     "COMMAND_VALUE_LEN",
     "COT_ACTCON",
     "COT_ACTTERM",
@@ -54,6 +55,22 @@ COT_UNKNOWN = {
     46: "unknown common address",
     47: "unknown information object address",
 }
+
+
+def _cause_table() -> tuple[UpdateCause, ...]:
+    """Update cause per 6-bit COT, indexed by the COT itself (no enum built per object)."""
+    table = [UpdateCause.OTHER] * 64
+    table[1] = table[2] = UpdateCause.PERIODIC  # periodic, background scan
+    table[3] = UpdateCause.SPONTANEOUS
+    table[5] = UpdateCause.REQUESTED
+    table[11] = table[12] = UpdateCause.RETURN  # return information, remote / local command
+    for cot in range(20, 42):  # 20-36 by (group) interrogation, 37-41 by counter interrogation
+        table[cot] = UpdateCause.INTERROGATED
+    return tuple(table)
+
+
+#: the update cause of each 6-bit cause of transmission, for values decoded from raw ASDUs
+CAUSE_OF_COT = _cause_table()
 
 # Command type ids -> length of the value in front of the qualifier octet (S/E bit there).
 COMMAND_VALUE_LEN = {45: 0, 46: 0, 58: 0, 59: 0, 48: 2, 49: 2, 50: 4, 61: 2, 62: 2, 63: 4}
