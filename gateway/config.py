@@ -59,6 +59,8 @@ __all__ = [
     "iec104_address",
     "iec61850_address",
     "load_config",
+    "no_pass_phrase",
+    "pem_pair_problem",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -1514,6 +1516,24 @@ def file_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def no_pass_phrase() -> bytes:
+    """``password=`` for every ``load_cert_chain``: without it OpenSSL asks for the pass phrase
+    of an encrypted key on the terminal, and ``check-config`` or ``run`` would hang there."""
+    return b""
+
+
+def pem_pair_problem(cert: str | os.PathLike[str], key: str | os.PathLike[str], exc: ssl.SSLError) -> str:
+    """Why ``load_cert_chain(cert, key)`` failed, in words (OpenSSL says "PEM lib")."""
+    try:
+        with open(key, "rb") as fh:
+            encrypted = b"ENCRYPTED" in fh.read(4096)
+    except OSError:
+        encrypted = False
+    if encrypted:
+        return f"key {os.fspath(key)} is encrypted: give it unencrypted (mode 0600); no one types a pass phrase"
+    return f"certificate {os.fspath(cert)} and key {os.fspath(key)}: not a usable PEM pair ({exc.reason or exc})"
+
+
 def _is_ipv4(host: str) -> bool:
     if host == "localhost":  # c104 takes this one name
         return True
@@ -1546,12 +1566,9 @@ def _check_tls_files(device: str, tls: TlsSettings, add: Any) -> None:
             add(("devices", device, "tls", "ca_file"), f"not a PEM CA certificate: {tls.ca_file} ({exc.reason or exc})")
     if tls.cert_file is not None and tls.key_file is not None:
         try:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+            ctx.load_cert_chain(tls.cert_file, tls.key_file, password=no_pass_phrase)
         except ssl.SSLError as exc:
-            add(
-                ("devices", device, "tls", "cert_file"),
-                f"certificate {tls.cert_file} and key {tls.key_file}: not a usable PEM pair ({exc.reason or exc})",
-            )
+            add(("devices", device, "tls", "cert_file"), pem_pair_problem(tls.cert_file, tls.key_file, exc))
 
 
 #: Transport name -> "module:SettingsModel" that validates its block (imported lazily so a

@@ -162,6 +162,27 @@ def test_device_tls_files_that_are_not_pem_are_refused_at_load(tmp_path: Path) -
     assert "not a usable PEM pair" in got[1][2]  # the client certificate with the server's key
 
 
+def test_an_encrypted_key_is_named_not_prompted_for(tmp_path: Path) -> None:
+    # without a password callback OpenSSL asks for the pass phrase on /dev/tty: check-config
+    # (and run) in a terminal waited there for ever
+    from cryptography.hazmat.primitives import serialization
+
+    pki = make_lab_pki(tmp_path / "pki")
+    key = serialization.load_pem_private_key(Path(pki.client.key).read_bytes(), password=None)
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    tls = f"tls: {{enabled: true, ca_file: {pki.ca}, cert_file: {pki.client.cert}, key_file: {locked}}}\n"
+    assert issues(relay_lab(tmp_path, "127.0.0.1", tls), runnable=False) == [
+        ("devices.relay.tls.cert_file", 8, f"key {locked} is encrypted: give it unencrypted (mode 0600); no one types a pass phrase"),  # noqa: E501
+    ]
+
+
 def test_iec61850_tls_options_libiec61850_cannot_do_are_refused_at_load(tmp_path: Path) -> None:
     pki = make_lab_pki(tmp_path / "pki")
     lab = tmp_path / "mms.yaml"

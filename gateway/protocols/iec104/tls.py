@@ -32,7 +32,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from gateway.config import Device
+from gateway.config import Device, no_pass_phrase, pem_pair_problem
 from gateway.errors import ConfigError, ConfigIssue
 
 __all__ = ["TlsBridge", "client_tls_context"]
@@ -85,9 +85,9 @@ def client_tls_context(device: Device) -> ssl.SSLContext:
         log.warning("%s: TLS without verifying the device certificate (tls.verify is off)", device.name)
     if tls.cert_file is not None and tls.key_file is not None:
         try:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+            ctx.load_cert_chain(tls.cert_file, tls.key_file, password=no_pass_phrase)
         except ssl.SSLError as exc:
-            reason = f"certificate {tls.cert_file} and key {tls.key_file}: not a usable PEM pair ({exc.reason or exc})"
+            reason = pem_pair_problem(tls.cert_file, tls.key_file, exc)
             raise ConfigError([ConfigIssue(tls.cert_file, f"devices.{device.name}.tls.cert_file", reason)]) from exc
     return ctx
 

@@ -61,7 +61,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from gateway.config import file_problem
+from gateway.config import file_problem, no_pass_phrase, pem_pair_problem
 from gateway.errors import ConfigError, ConfigIssue, TransportError, TransportRefused
 from gateway.semantic.errors import MessageRejected
 from gateway.semantic.jsonld import CONTEXT_FILE, CONTEXT_IRI, context_bytes
@@ -151,8 +151,10 @@ def _token_digest(token: str) -> str:
 
 def _load_chain(ctx: ssl.SSLContext, key: str, cert: Path, private_key: Path) -> None:
     try:
-        ctx.load_cert_chain(cert, private_key)
-    except (OSError, ssl.SSLError) as exc:
+        ctx.load_cert_chain(cert, private_key, password=no_pass_phrase)
+    except ssl.SSLError as exc:
+        raise _issue(key, pem_pair_problem(cert, private_key, exc), cert) from exc
+    except OSError as exc:
         raise _issue(key, f"certificate {cert} with key {private_key}: not usable ({exc})", cert) from exc
 
 

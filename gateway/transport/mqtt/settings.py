@@ -9,7 +9,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from gateway.config import check_host, file_problem
+from gateway.config import check_host, file_problem, no_pass_phrase, pem_pair_problem
 from gateway.errors import ConfigError, ConfigIssue
 from gateway.transport.base import inbox_filter
 
@@ -124,7 +124,7 @@ def client_ssl_context(settings: MqttSettings) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if settings.cert_file is not None and settings.key_file is not None:
-        ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+        ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file), password=no_pass_phrase)
     return ctx
 
 
@@ -149,8 +149,9 @@ def preflight(settings: MqttSettings) -> list[tuple[tuple[str, ...], str]]:
         problems.append((("ca_file",), f"not a PEM CA certificate: {settings.ca_file} ({exc.reason or exc})"))
     if settings.cert_file is not None and settings.key_file is not None:
         try:
-            ssl.create_default_context().load_cert_chain(str(settings.cert_file), str(settings.key_file))
+            ssl.create_default_context().load_cert_chain(
+                str(settings.cert_file), str(settings.key_file), password=no_pass_phrase
+            )
         except ssl.SSLError as exc:
-            reason = f"not a usable PEM pair ({exc.reason or exc})"
-            problems.append((("cert_file",), f"certificate {settings.cert_file} and key {settings.key_file}: {reason}"))
+            problems.append((("cert_file",), pem_pair_problem(settings.cert_file, settings.key_file, exc)))
     return problems
