@@ -20,10 +20,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ams.config import AmsConfig, load_ams_config
 from gateway.cli import report_config_error
+from gateway.cliutil import add_version, quiet_on_broken_pipe
 from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.semantic import FlexibilityType
 
@@ -55,16 +56,27 @@ def _redis_url(args: argparse.Namespace, cfg: AmsConfig) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ams", description="Aggregator Management System (AMS)")
-    ap.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_version(ap)
+    ap.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default INFO for run, WARNING for the others (their own output is the point)",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", "-c", required=True, help="AMS config file (YAML)")
         p.add_argument("--redis-url", help="Redis URL (overrides the config's redis.url)")
-        p.add_argument("--data-dir", help=f"embedded Redis data (default {DEFAULT_STATE_DIR}/<participant>)")
+        p.add_argument(
+            "--data-dir",
+            metavar="DIR",
+            help="parent folder of the AMS's state: the embedded Redis keeps its data and url in "
+            f"DIR/<participant> (default {DEFAULT_STATE_DIR}); give the same DIR to run and the other commands",
+        )
 
     p = sub.add_parser("check-config", help="validate an AMS config and print a summary")
-    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--config", "-c", help="AMS config file (YAML)")
+    p.add_argument("file", nargs="?", help="the same file as a positional argument (as `mgms check-config FILE`)")
     p = sub.add_parser("run", help="serve the AMS until SIGINT/SIGTERM")
     common(p)
     p.add_argument(
@@ -75,16 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("register", help="register (or move) a microgrid")
     common(p)
-    p.add_argument("participant")
-    p.add_argument("location")
-    p = sub.add_parser("request", help="submit a DSO request; a running worker clears it")
+    p.add_argument("participant", help="the microgrid's MGMS participant name (its messaging.participant)")
+    p.add_argument("location", help="its grid location, as DSO requests name it (e.g. FI-Espoo/feeder-3)")
+    p = sub.add_parser(
+        "request",
+        help="submit a DSO request and print how a running worker cleared it",
+        description="Queue a DSO request; a running `ams run` worker clears it against the open offers. "
+        "Exit 0 when it was cleared in full, 1 when partly, not at all, or not within --wait-s.",
+    )
     common(p)
-    p.add_argument("--type", choices=[t.value for t in FlexibilityType], required=True)
-    p.add_argument("--power-kw", type=float, required=True)
-    p.add_argument("--location", default="*")
-    p.add_argument("--start-in-s", type=float, default=0.0)
-    p.add_argument("--duration-s", type=float, default=900.0)
+    p.add_argument("--type", choices=[t.value for t in FlexibilityType], required=True, help="direction bought")
+    p.add_argument("--power-kw", type=float, required=True, help="power wanted, kW")
+    p.add_argument("--location", default="*", help="grid location of the offers it may take (default *: any)")
+    p.add_argument("--start-in-s", type=float, default=0.0, help="window start, seconds from now (default 0)")
+    p.add_argument("--duration-s", type=float, default=900.0, help="window length in seconds (default 900)")
     p.add_argument("--price-cap", type=float, default=None, help="EUR/MWh (default: no cap)")
+    p.add_argument(
+        "--wait-s", type=float, default=10.0,
+        help="how long to wait for a worker's clearance (default 10; 0: print the request id and exit)",
+    )  # fmt: skip
     p = sub.add_parser(
         "dispatch",
         help="form a VPP coalition for a service and activate it through the running AMS",
@@ -94,11 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("portfolio", help="portfolio YAML/JSON (lab_configs/vpp/portfolio.yaml)")
     p.add_argument("request", help="service request YAML/JSON (lab_configs/vpp/request-*.yaml)")
-    p.add_argument("--method", choices=("milp", "heuristic", "hierarchical"), default="milp")
+    p.add_argument(
+        "--method", choices=("milp", "heuristic", "hierarchical"), default="milp",
+        help="milp (HiGHS, default), merit-order heuristic, or hierarchical VPP of microgrid VPPs",
+    )  # fmt: skip
     p.add_argument("--time-limit", type=float, default=60.0, help="HiGHS time limit in seconds")
     p = sub.add_parser("status", help="microgrids, open offers, activations and settlements")
     common(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print it as JSON (numbers and booleans typed)")
+    p.add_argument("--last", type=int, default=20, help="activations and settlements shown (default 20, newest)")
     with contextlib.suppress(ImportError):
         from ams.vpp.cli import add_vpp_commands
 
@@ -153,18 +178,67 @@ async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
     return 0
 
 
+#: stored as text in Redis hashes and streams; typed again for ``ams status --json``
+_FLOAT_FIELDS = frozenset(
+    {"mean_kw", "step_share", "energy_mwh", "payment_eur", "power_kw", "reserved_kw", "price", "reliability"}
+)
+_BOOL_FIELDS = frozenset({"delivered"})
+
+
+def _typed(record: dict[str, str]) -> dict[str, Any]:
+    """A stored record with its numbers and booleans as JSON numbers and booleans.
+
+    By name, not by guessing from the text: an identifier that happens to look like a
+    number stays a string. ``*_ns`` fields are integers (nanosecond stamps).
+    """
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        try:
+            if k in _FLOAT_FIELDS:
+                out[k] = float(v)
+            elif k.endswith("_ns"):
+                out[k] = int(v)
+            elif k in _BOOL_FIELDS:
+                out[k] = v.lower() in ("true", "1", "yes")
+            else:
+                out[k] = v
+        except ValueError:  # written by hand or by an older version: keep the text
+            out[k] = v
+    return out
+
+
+#: activations read per ``ams status`` at most (SCAN is bounded so a long-lived AMS answers fast)
+_ACTIVATIONS_SCANNED = 5000
+
+
 async def _status(args: argparse.Namespace, cfg: AmsConfig) -> int:
     async def collect(svc: Any) -> dict[str, Any]:
         r = svc.redis
         open_offers = await svc.open_offers()
         mgs = {k: json.loads(v) for k, v in (await r.hgetall(svc.keys.microgrids)).items()}
-        offers = [asdict(o) | {"start": o.start.isoformat(), "stop": o.stop.isoformat()} for o in open_offers]
-        settlements = [f for _, f in await r.xrevrange(svc.keys.settlements, count=20)]
-        return {"microgrids": mgs, "open_offers": offers, "settlements": settlements}
+        offers = [
+            asdict(o) | {"flexibility_type": o.flexibility_type.value, "start": o.start.isoformat(),
+                         "stop": o.stop.isoformat()}
+            for o in open_offers
+        ]  # fmt: skip
+        activations: list[dict[str, Any]] = []
+        prefix = svc.keys.activation("")
+        async for key in r.scan_iter(match=svc.keys.activation("*"), count=500):
+            activations.append({"activation": key[len(prefix):], **_typed(await r.hgetall(key))})
+            if len(activations) >= _ACTIVATIONS_SCANNED:
+                break
+        activations.sort(key=lambda a: (str(a.get("start", "")), a["activation"]))
+        settlements = [_typed(f) for _, f in await r.xrevrange(svc.keys.settlements, count=args.last)]
+        return {
+            "microgrids": mgs,
+            "open_offers": offers,
+            "activations": activations[-args.last:] if args.last > 0 else [],
+            "settlements": settlements,
+        }
 
     data = await _with_service(args, cfg, collect)
     if args.json:
-        print(json.dumps(data, indent=2, default=str))
+        print(json.dumps(data, indent=2))
         return 0
     print(f"AMS {cfg.participant}: {len(data['microgrids'])} microgrid(s)")
     for name, mg in data["microgrids"].items():
@@ -178,13 +252,25 @@ async def _status(args: argparse.Namespace, cfg: AmsConfig) -> int:
             f"  {o['offer_id']:40s} {o['flexibility_type']:9s} {o['power_kw']:8.1f} kW"
             f" {o['price_eur_per_mwh']:8.2f} EUR/MWh"
         )
-    print("last settlements:")
-    for s in data["settlements"]:
+    print(f"activations (newest {len(data['activations'])}):")
+    for a in data["activations"]:
         print(
-            f"  {s['activation']:40s} {s['state']:8s} {float(s['mean_kw']):8.2f} kW"
-            f"  {float(s['payment_eur']):9.4f} EUR  {s['reason']}"
+            f"  {a['activation']:40s} {a.get('microgrid', '?'):18s} {a.get('state', '?'):9s}"
+            f" {float(a.get('power_kw', 0)):8.1f} kW  {_clock(a.get('start'))}-{_clock(a.get('stop'))}"
+        )
+    print("last settlements:")
+    for st in data["settlements"]:
+        print(
+            f"  {st['activation']:40s} {st['state']:8s} {float(st['mean_kw']):8.2f} kW"
+            f"  {float(st['payment_eur']):9.4f} EUR  {st['reason']}"
         )
     return 0
+
+
+def _clock(iso: object) -> str:
+    """``2026-12-07T23:15:00+00:00`` -> ``23:15:00`` (UTC, as stored); anything else as is."""
+    text = str(iso or "?")
+    return text[11:19] if len(text) >= 19 and text[10] == "T" else text
 
 
 async def _request(args: argparse.Namespace, cfg: AmsConfig) -> int:
@@ -202,11 +288,50 @@ async def _request(args: argparse.Namespace, cfg: AmsConfig) -> int:
         price_cap_eur_per_mwh=args.price_cap,
     )
 
-    async def submit(svc: Any) -> str:
-        return str(await svc.submit_request(req))
+    async def submit(svc: Any) -> int:
+        # the events stream's newest id before queueing: the worker's "cleared" entry comes after it
+        last = await svc.redis.xrevrange(svc.keys.events, count=1)
+        since = last[0][0] if last else "0-0"
+        rid = str(await svc.submit_request(req))
+        if args.wait_s <= 0:
+            print(rid)
+            return 0
+        cleared = await _wait_for_event(svc, since, "cleared", rid, args.wait_s)
+        if cleared is None:
+            print(
+                f"{rid}: queued; no AMS worker cleared it within {args.wait_s:g} s (is `ams run -c {args.config}` "
+                "running?) - a worker that starts later still clears it"
+            )
+            return 1
+        accepted, short = float(cleared.get("accepted_kw", 0)), float(cleared.get("shortfall_kw", 0))
+        taken = [o for o in cleared.get("offers", "").split(",") if o]
+        if not taken:
+            print(f"{rid}: nothing cleared - no open offer fits ({args.type} {args.power_kw:g} kW at {args.location})")
+            return 1
+        print(
+            f"{rid}: cleared {accepted:.1f} of {args.power_kw:g} kW from {len(taken)} offer(s)"
+            + (f", short {short:.1f} kW" if short > 0 else "")
+        )
+        for o in taken:
+            print(f"  {o}")
+        return 0 if short <= 1e-9 else 1
 
-    print(await _with_service(args, cfg, submit))
-    return 0
+    return int(await _with_service(args, cfg, submit))
+
+
+async def _wait_for_event(svc: Any, since: str, event: str, request: str, timeout_s: float) -> dict[str, str] | None:
+    """The first ``event`` entry about ``request`` after stream id ``since``; None at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (remaining := deadline - loop.time()) > 0:
+        block_ms = max(1, int(min(1.0, remaining) * 1000))
+        got = await svc.redis.xread({svc.keys.events: since}, count=100, block=block_ms)
+        for _stream, entries in got or []:
+            for eid, fields in entries:
+                since = eid
+                if fields.get("event") == event and fields.get("request") == request:
+                    return cast(dict[str, str], fields)
+    return None
 
 
 async def _dispatch(args: argparse.Namespace, cfg: AmsConfig) -> int:
@@ -221,7 +346,20 @@ async def _dispatch(args: argparse.Namespace, cfg: AmsConfig) -> int:
 
     async def run(svc: Any) -> int:
         try:
-            portfolio = await portfolio_as_known(load_portfolio(args.portfolio), svc.redis, cfg.participant)
+            loaded = load_portfolio(args.portfolio)
+            registered = set(await svc.redis.hkeys(svc.keys.microgrids))
+            missing = sorted({a.microgrid for a in loaded.assets} - registered)
+            if missing:
+                # the worker would refuse each of their blocks one by one; say it once, before anything is queued
+                print(
+                    f"error: {args.portfolio}: microgrid(s) not registered with AMS {cfg.participant}: "
+                    f"{', '.join(missing)} (registered: {', '.join(sorted(registered)) or 'none'}); "
+                    f"register them first (`ams register -c {args.config} NAME LOCATION`, or `microgrids:` in the "
+                    "config) or remove their assets from the portfolio",
+                    file=sys.stderr,
+                )
+                return 2
+            portfolio = await portfolio_as_known(loaded, svc.redis, cfg.participant)
             req = service_from_mapping(read_mapping(args.request))
             if args.method == "heuristic":
                 res = solve_heuristic(portfolio, req)
@@ -264,8 +402,16 @@ async def _register(args: argparse.Namespace, cfg: AmsConfig) -> int:
     return 0
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.cmd == "check-config":
+        if args.config and args.file and args.config != args.file:
+            ap.error(f"check-config: two files given ({args.file} and --config {args.config}): give one")
+        args.config = args.config or args.file
+        if not args.config:
+            ap.error("check-config: give the AMS config with --config/-c FILE")
     level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -288,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3 if exc.retryable else 1
+    except BrokenPipeError:  # stdout's reader went away (`ams status | head`): quiet_on_broken_pipe's business
+        raise
     except OSError as exc:  # e.g. Redis refused the connection
         print(f"error: {exc}", file=sys.stderr)
         return 3

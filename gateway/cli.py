@@ -1,7 +1,8 @@
 """``mgms``: the gateway's command line.
 
 Exit codes: 0 success; 1 the operation ran but failed (command rejected, timed out);
-2 bad input (config invalid, bad arguments); 3 an external service was unreachable.
+2 bad input (config invalid, bad arguments); 3 an external service was unreachable;
+141 the reader of stdout went away (``mgms ... | head``), as a shell reports for SIGPIPE.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway import __version__
+from gateway.cliutil import add_version, did_you_mean, quiet_on_broken_pipe
 from gateway.config import LabConfig, load_config
 from gateway.errors import CommandInvalid, ConfigError, GatewayError
 
 if TYPE_CHECKING:
-    from gateway.store import RedisStore
+    from gateway.store import CommandRecord, RedisStore
 
 __all__ = ["main", "report_config_error"]
 
@@ -48,12 +49,17 @@ def resolve_redis_url(args: argparse.Namespace, cfg: LabConfig) -> str | None:
 def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("--config", "-c", required=config_required, help="lab config file (YAML)")
     p.add_argument("--redis-url", help="Redis URL (overrides the config's redis.url)")
-    p.add_argument("--data-dir", help=f"where the embedded Redis keeps its data (default {DEFAULT_STATE_DIR}/<lab>)")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="parent folder of the lab's state: the embedded Redis keeps its data and url in DIR/<lab name> "
+        f"(default {DEFAULT_STATE_DIR}); give the same DIR to run, watch and command",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mgms", description="Microgrid lab integration gateway (MGMS)")
-    ap.add_argument("--version", action="version", version=f"mgms {__version__}")
+    add_version(ap)
     ap.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -62,17 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check-config", help="validate a lab config and print a summary")
-    p.add_argument("file")
+    p.add_argument("--config", "-c", help="lab config file (YAML)")
+    p.add_argument("file", nargs="?", help="the same file as a positional argument (the older form)")
 
     p = sub.add_parser("run", help="run the gateway until SIGINT/SIGTERM")
     _add_common(p)
 
     p = sub.add_parser("command", help="operate a control point through the running gateway")
     _add_common(p)
-    p.add_argument("point")
+    p.add_argument("point", help="control point name, as in the config (e.g. feeder.breaker.command)")
     p.add_argument("value", help="open/close, on/off, or a number in the point's unit")
     p.add_argument("--by", default="cli", help="who asks (goes into the command log)")
     p.add_argument("--timeout-s", type=float, default=15.0, help="how long to wait for the result")
+    p.add_argument("--json", action="store_true", help="print the whole command record as JSON (for scripts)")
 
     p = sub.add_parser("watch", help="show the live points from Redis in the terminal")
     _add_common(p)
@@ -99,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _default_sim_config() -> Path:
     return Path(__file__).resolve().parent.parent / "lab_configs" / "multipower-sim.yaml"
+
+
+def _check_config_file(ap: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """``check-config -c FILE`` as every other command; ``check-config FILE`` still works."""
+    if args.config and args.file and args.config != args.file:
+        ap.error(f"check-config: two files given ({args.file} and --config {args.config}): give one")
+    if not (args.config or args.file):
+        ap.error("check-config: give the lab config with --config/-c FILE")
+    return str(args.config or args.file)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -191,11 +208,18 @@ async def _command(args: argparse.Namespace) -> int:
     from gateway.store import RedisStore
 
     cfg = load_config(args.config)
+    controls = [p.name for p in cfg.points if p.direction.value == "control"]
     try:
-        parse_command_value(cfg.point(args.point), args.value)
+        point = cfg.point(args.point)
     except KeyError:
-        print(f"error: no point {args.point!r} in {args.config}", file=sys.stderr)
+        print(f"error: no point {args.point!r} in {args.config}{did_you_mean(args.point, controls)}", file=sys.stderr)
+        print(_control_points_text(controls), file=sys.stderr)
         return 2
+    if point.direction.value != "control":
+        print(f"error: {args.point} is a monitored point, not a control point", file=sys.stderr)
+        print(_control_points_text(controls), file=sys.stderr)
+        return 2
+    parse_command_value(point, args.value)
     url = resolve_redis_url(args, cfg)
     if url is None:
         print("error: no Redis to talk to: is `mgms run` running? (or give --redis-url)", file=sys.stderr)
@@ -209,8 +233,22 @@ async def _command(args: argparse.Namespace) -> int:
     if reply is None:
         print(f"{args.point} = {args.value}: no answer from the gateway within {args.timeout_s:g} s (request {rid})")
         return 1
-    print(json.dumps(reply.to_dict(), indent=2, sort_keys=True))
+    print(json.dumps(reply.to_dict(), indent=2, sort_keys=True) if args.json else command_line(reply, args.value))
     return 0 if reply.result == "confirmed" else 1
+
+
+def _control_points_text(names: Sequence[str]) -> str:
+    return "control points: " + (", ".join(names) if names else "none in this config")
+
+
+def command_line(reply: CommandRecord, asked: str | None = None) -> str:
+    """One line for a person: ``feeder.breaker.command open -> confirmed in 63.2 ms``.
+
+    ``asked``: the value as the operator typed it (the record holds it as sent, e.g. ``1``).
+    """
+    took = f" in {reply.duration_ms:.1f} ms" if reply.duration_ms is not None else ""
+    why = f": {reply.reason}" if reply.reason and reply.result != "confirmed" else ""
+    return f"{reply.point} {asked if asked is not None else reply.value} -> {reply.result.value}{took}{why}"
 
 
 async def _watch(args: argparse.Namespace) -> int:
@@ -238,8 +276,12 @@ def report_config_error(exc: ConfigError) -> int:
     return 2
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.cmd == "check-config":
+        args.file = _check_config_file(ap, args)
     level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

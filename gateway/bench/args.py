@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routes", default=",".join(PHASES), help=f"comma-separated phases, of: {', '.join(PHASES)}")
     p.add_argument("--out", default="bench-out/mgms-bench", help="output folder (default bench-out/mgms-bench)")
     p.add_argument(
-        "--config", help="lab config: of the simulators (default lab_configs/multipower-sim.yaml), or with --lab "
+        "--config", "-c", help="lab config: of the simulators (default lab_configs/multipower-sim.yaml), or with --lab "
         "of the running lab"
     )  # fmt: skip
     p.add_argument(

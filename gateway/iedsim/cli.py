@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
+from gateway.cliutil import add_version, quiet_on_broken_pipe
 from gateway.config import LabConfig, load_config
 from gateway.errors import ConfigError
 
@@ -179,12 +180,13 @@ _PROTOCOLS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iedsim", description="IED simulators driven by an MGMS lab config.")
+    add_version(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level on stderr (default INFO)")
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
     for add in _PROTOCOLS:
         add(sub)
     for p in sub.choices.values():
-        p.add_argument("--config", required=True, help="lab config file (YAML)")
+        p.add_argument("--config", "-c", required=True, help="lab config file (YAML)")
         p.add_argument("--duration-s", type=float, help="exit by itself after this many seconds")
         p.add_argument(
             "--parent-pid",
@@ -231,6 +233,7 @@ async def _main(args: argparse.Namespace, config: LabConfig) -> int:
                 loop.remove_signal_handler(sig)
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -247,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # found when a station starts, e.g. its TLS certificate file is missing
         print(f"iedsim: invalid config:\n{exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader went away: quiet_on_broken_pipe's business
+        raise
     except OSError as exc:  # typically the port is taken
         print(f"iedsim: {exc}", file=sys.stderr)
         return 1

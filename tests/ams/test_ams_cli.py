@@ -3,6 +3,7 @@ name file, line and key; the state commands work against a Redis."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,13 +133,28 @@ def test_register_request_and_status_against_redis(lab_dir: Path, redis_server: 
     env = {"AMS_MQTT_PASSWORD": "x"}
     r = ams("register", *cfg, "mgms-other", "FI-Oulu/feeder-1", env=env)
     assert r.returncode == 0, r.stderr
-    r = ams("request", *cfg, "--type", "upward", "--power-kw", "25", "--duration-s", "60", env=env)
+    r = ams("request", *cfg, "--type", "upward", "--power-kw", "25", "--duration-s", "60", "--wait-s", "0", env=env)
     assert r.returncode == 0 and r.stdout.startswith("req-"), r.stderr
+    r = ams("request", *cfg, "--type", "upward", "--power-kw", "25", "--wait-s", "0.5", env=env)
+    assert r.returncode == 1 and "no AMS worker cleared it within 0.5 s" in r.stdout, r.stderr
     r = ams("status", *cfg, "--json", env=env)
     assert r.returncode == 0, r.stderr
-    assert '"FI-Oulu/feeder-1"' in r.stdout
+    data = json.loads(r.stdout)
+    assert data["microgrids"]["mgms-other"]["location"] == "FI-Oulu/feeder-1"
+    assert data["microgrids"]["mgms-other"]["reliability"] == 1.0 and data["activations"] == []
     r = ams("status", *cfg, env=env)
     assert "mgms-other" in r.stdout and "open offers (merit order): 0" in r.stdout
+    assert "activations (newest 0):" in r.stdout
+
+
+def test_check_config_takes_the_file_as_every_other_command_does(lab_dir: Path) -> None:
+    """`ams check-config -c F` (the form of every command) and `ams check-config F` (as mgms's older form)."""
+    env = {"AMS_MQTT_PASSWORD": "x"}
+    for form in (["-c", str(lab_dir / "ams.yaml")], [str(lab_dir / "ams.yaml")]):
+        r = ams("check-config", *form, env=env)
+        assert r.returncode == 0 and "OK - AMS 'ams'" in r.stdout, (form, r.stderr)
+    r = ams("check-config", env=env)
+    assert r.returncode == 2 and "--config/-c FILE" in r.stderr
 
 
 def test_status_without_redis_is_a_clear_service_error(lab_dir: Path, tmp_path: Path) -> None:
@@ -182,6 +198,11 @@ def test_ams_run_serves_until_sigterm_with_its_own_redis(tmp_path: Path) -> None
                 status = ams("status", "-c", str(cfg_file), "--data-dir", str(data)).stdout
                 time.sleep(0.1)
             assert "L1" in status
+            # a request the worker clears against no open offer: the outcome, not just the id
+            r = ams("request", "-c", str(cfg_file), "--data-dir", str(data), "--type", "upward", "--power-kw", "25",
+                    "--wait-s", "15")  # fmt: skip
+            assert r.returncode == 1 and r.stdout.startswith("req-"), (r.stdout, r.stderr)
+            assert "nothing cleared - no open offer fits (upward 25 kW at *)" in r.stdout
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=20)

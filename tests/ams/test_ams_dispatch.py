@@ -9,12 +9,15 @@ MGMS side, with the breaker, is in hil_tests/test_dso_flow.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+import sys
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from ams.dispatch import portfolio_with_reliability
 from ams.sandbox import DsoSandbox
@@ -51,33 +54,41 @@ async def scripted_mgms(m: Messenger, stop: asyncio.Event, seen: list[Activation
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[AmsService, dict[str, list[ActivationNotification]]]]:
+def sandbox(tmp_path: Path) -> Iterator[tuple[DsoSandbox, RedisServer]]:
     with DsoSandbox(tmp_path / "dso", mgms=["multipower", "campus", "harbour"]) as box, RedisServer() as rs:
-        client = aioredis.Redis.from_url(rs.url, decode_responses=True)
-        messengers = {
-            name: build_messenger(box.messaging(name), client, prefix=f"t:{name}")
-            for name in ("ams", "multipower", "campus", "harbour")
-        }
+        yield box, rs
+
+
+@pytest.fixture
+async def world(
+    sandbox: tuple[DsoSandbox, RedisServer],
+) -> AsyncIterator[tuple[AmsService, dict[str, list[ActivationNotification]]]]:
+    box, rs = sandbox
+    client = aioredis.Redis.from_url(rs.url, decode_responses=True)
+    messengers = {
+        name: build_messenger(box.messaging(name), client, prefix=f"t:{name}")
+        for name in ("ams", "multipower", "campus", "harbour")
+    }
+    for m in messengers.values():
+        await m.start()
+    svc = AmsService(
+        AmsSettings(microgrids=(MicrogridEntry(participant="multipower", location="A"),
+                                MicrogridEntry(participant="campus", location="B"))),
+        client, "ams", messenger=messengers["ams"],
+    )  # fmt: skip
+    stop = asyncio.Event()
+    seen: dict[str, list[ActivationNotification]] = {"multipower": [], "campus": [], "harbour": []}
+    tasks = [asyncio.create_task(svc.run(stop))] + [
+        asyncio.create_task(scripted_mgms(messengers[n], stop, seen[n])) for n in seen
+    ]
+    try:
+        yield svc, seen
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
         for m in messengers.values():
-            await m.start()
-        svc = AmsService(
-            AmsSettings(microgrids=(MicrogridEntry(participant="multipower", location="A"),
-                                    MicrogridEntry(participant="campus", location="B"))),
-            client, "ams", messenger=messengers["ams"],
-        )  # fmt: skip
-        stop = asyncio.Event()
-        seen: dict[str, list[ActivationNotification]] = {"multipower": [], "campus": [], "harbour": []}
-        tasks = [asyncio.create_task(svc.run(stop))] + [
-            asyncio.create_task(scripted_mgms(messengers[n], stop, seen[n])) for n in seen
-        ]
-        try:
-            yield svc, seen
-        finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), 10)
-            for m in messengers.values():
-                await m.close()
-            await client.aclose()
+            await m.close()
+        await client.aclose()
 
 
 async def test_coalition_activates_owners_settles_and_feeds_reliability_back(
@@ -121,3 +132,70 @@ async def test_coalition_activates_owners_settles_and_feeds_reliability_back(
     await svc.dispatch(every, "d1")
     await asyncio.sleep(0.3)
     assert sum(len(v) for v in seen.values()) == len(lines)
+
+
+async def ams_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ams.cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 45)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_ams_dispatch_refuses_unregistered_microgrids_then_status_shows_activations(
+    world: tuple[AmsService, dict[str, list[ActivationNotification]]],
+    sandbox: tuple[DsoSandbox, RedisServer],
+    tmp_path: Path,
+) -> None:
+    """`ams dispatch` checks the portfolio's owners before queueing (exit 2, nothing queued);
+    with them registered it queues, the worker activates, and `ams status` lists the
+    activations, `--json` with numbers and booleans typed."""
+    svc, _ = world
+    box, rs = sandbox
+    cfg_file = tmp_path / "ams.yaml"
+    cfg_file.write_text(yaml.safe_dump({"messaging": box.messaging("ams").model_dump(mode="json")}))
+    cli = ["-c", str(cfg_file), "--redis-url", rs.url]
+    request = str(VPP / "request-capacity.yaml")
+    deadline = asyncio.get_running_loop().time() + 10
+    while await svc.redis.hlen(svc.keys.microgrids) < 2:  # the worker registers its configured microgrids
+        assert asyncio.get_running_loop().time() < deadline, "the AMS worker did not register its microgrids"
+        await asyncio.sleep(0.05)
+    queued = await svc.redis.xlen(svc.keys.requests)
+
+    code, out, err = await ams_cli("dispatch", *cli, str(VPP / "portfolio.yaml"), request)
+    assert code == 2, (out, err)
+    assert "not registered with AMS ams: harbour (registered: campus, multipower)" in err
+    assert await svc.redis.xlen(svc.keys.requests) == queued, "nothing queued for the workers"
+
+    doc = yaml.safe_load((VPP / "portfolio.yaml").read_text())
+    doc["assets"] = [a for a in doc["assets"] if a["microgrid"] != "harbour"]
+    mine = tmp_path / "portfolio.yaml"
+    mine.write_text(yaml.safe_dump(doc))
+    code, out, err = await ams_cli("dispatch", *cli, str(mine), request, "--time-limit", "30")
+    assert code == 0, (out, err)
+    assert "block(s) queued for the AMS workers" in out
+    blocks = int(out.split("block(s) queued")[0].rsplit(" ", 2)[-2])
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while await svc.redis.xlen(svc.keys.settlements) < blocks:
+        assert asyncio.get_running_loop().time() < deadline, "not every block was settled"
+        await asyncio.sleep(0.05)
+
+    code, out, err = await ams_cli("status", *cli, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert len(data["activations"]) == blocks
+    for a in data["activations"]:
+        assert a["activation"].startswith("act:offer:") and a["state"] in ("settled", "failed")
+        assert isinstance(a["power_kw"], float) and isinstance(a["price"], float)
+    assert data["settlements"] and all(isinstance(x["delivered"], bool) for x in data["settlements"])
+    assert {x["delivered"] for x in data["settlements"]} == {True, False}  # campus delivers half
+    assert all(isinstance(x["payment_eur"], float) for x in data["settlements"])
+    assert isinstance(data["microgrids"]["campus"]["reliability"], float)
+
+    code, out, err = await ams_cli("status", *cli)
+    assert code == 0, err
+    assert f"activations (newest {blocks}):" in out
+    first = data["activations"][0]
+    assert first["activation"] in out and first["microgrid"] in out
