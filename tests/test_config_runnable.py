@@ -107,11 +107,30 @@ def test_c104_engine_takes_ipv4_only_the_asyncio_engine_any_host(tmp_path: Path,
     assert "the c104 engine connects to IPv4 addresses only" in reason and "iec104_engine: asyncio" in reason
 
 
-def test_mqtt_broker_host_is_checked_like_a_device_host(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no port in host"):
-        from gateway.transport.mqtt import MqttSettings
-
-        MqttSettings(participant="p", host="127.0.0.1:8883")
+def test_transport_hosts_are_checked_like_a_device_host(tmp_path: Path) -> None:
+    # paho and aiohttp fail on these only when they connect or bind, after Redis started
+    keys = tmp_path / "keys"
+    write_key_pair("mgms", keys)
+    lab = dso_lab(
+        tmp_path,
+        f"""\
+        messaging:
+          participant: mgms
+          identity_file: {keys / "mgms.key"}
+          transports:
+            mqtt: {{host: "127.0.0.1:8883", tls: false}}
+            https:
+              listen_host: lab host
+              peers: {{ams: {{url: "https://127.0.0.300:8443", ca_file: ca.crt}}}}
+        """,
+        flexibility=False,
+    )
+    assert issues(lab, runnable=False) == [
+        ("messaging.transports.mqtt.host", 18, "'127.0.0.1:8883': no port in host (give it as port: 8883)"),
+        ("messaging.transports.https.listen_host", 20, "'lab host' is not an IP address or a host name"
+         " (letters, digits, '-' and '.'; RFC 1123)"),
+        ("messaging.transports.https.peers.ams.url", 21, "'127.0.0.300' is not an IPv4 address (four numbers 0..255)"),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.config import check_host
 from gateway.semantic.envelope import MAX_MESSAGE_BYTES
 
 __all__ = ["ClientAuth", "HttpsPeer", "HttpsSettings"]
@@ -51,6 +53,18 @@ class HttpsPeer(_Frozen):
     server_name: str | None = None
     token_env: EnvName | None = None
 
+    @field_validator("url")
+    @classmethod
+    def _url_host(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            host, _ = parts.hostname, parts.port  # .port raises on a port out of range
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket, port 99999
+            raise ValueError(f"{v!r}: {exc}") from None
+        if host:
+            check_host(host)
+        return v
+
 
 class HttpsSettings(_Frozen):
     """One participant's HTTPS transport: its server (optional) and its client side.
@@ -80,6 +94,11 @@ class HttpsSettings(_Frozen):
     max_body_bytes: Annotated[int, Field(gt=0, le=64 << 20)] = MAX_MESSAGE_BYTES
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 5
     shutdown_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+
+    @field_validator("listen_host")
+    @classmethod
+    def _valid_listen_host(cls, v: str) -> str:
+        return check_host(v)
 
     @field_validator("accept_token_sha256")
     @classmethod
