@@ -16,9 +16,11 @@ from hilkit import (
     start_lab,
 )
 
-from gateway.config import Direction, LabConfig
+from gateway.config import Direction, Iec104Address, LabConfig
 from gateway.iedsim.iec104.server import Iec104Outstation
 from gateway.points import DoublePoint, Quality
+from gateway.protocols.iec104.codec import TypeId
+from gateway.protocols.iec104.kinds import is_time_tagged, untagged_type
 from gateway.services import RedisServer
 from gateway.store import StoredValue
 
@@ -452,7 +454,8 @@ async def test_field_like_gi_and_changes_all_stored_and_back_within_one_gi(
     decoded the raw frames: the breaker stayed ``not_topical,invalid`` after a restart.)"""
     if lab_is_real():
         pytest.skip("kills the simulator")
-    sim = Iec104Outstation(base_config, DEVICE, host="127.0.0.1", port=0, seed=3)
+    still = _still_feeder(base_config)  # only the test's changes are sent spontaneously
+    sim = Iec104Outstation(still, DEVICE, host="127.0.0.1", port=0, seed=3)
     await sim.start()
     port = sim.port
     lab = await start_lab(base_config, redis_server, sim, iec104_engine=engine, gi_period_s=0)
@@ -480,7 +483,7 @@ async def test_field_like_gi_and_changes_all_stored_and_back_within_one_gi(
         await sim.close()
         await eventually(lambda: _stale(lab, "feeder.breaker.position"), 5, "flagged after the simulator died")
         back = time.time()
-        sim2 = Iec104Outstation(base_config, DEVICE, host="127.0.0.1", port=port, seed=4)
+        sim2 = Iec104Outstation(still, DEVICE, host="127.0.0.1", port=port, seed=4)
         await sim2.start()
         try:
 
@@ -498,3 +501,52 @@ async def test_field_like_gi_and_changes_all_stored_and_back_within_one_gi(
         await lab.reader.aclose()
         if not lab.task.done():
             await lab.shutdown()
+
+
+def _still_feeder(cfg: LabConfig) -> LabConfig:
+    """The simulator's feeder steps once an hour: no spontaneous value but the test's own."""
+    return cfg.with_device(DEVICE, simulator={**cfg.devices[DEVICE].simulator.model_dump(), "period_s": 3600.0})
+
+
+def _configured_untagged(cfg: LabConfig) -> LabConfig:
+    """The lab with its 104 monitor points configured in the untagged types (M_ME_NC_1, ...)."""
+    points = []
+    for p in cfg.points:
+        addr = p.address
+        if isinstance(addr, Iec104Address) and not addr.is_control and is_time_tagged(addr.type):
+            untagged = TypeId(untagged_type(addr.type)).name
+            p = p.model_copy(update={"address": addr.model_copy(update={"type": untagged})})
+        points.append(p)
+    return cfg.model_copy(update={"points": tuple(points)})
+
+
+@pytest.mark.parametrize("engine", [pytest.param("c104", marks=pytest.mark.forked), "asyncio"])
+async def test_points_configured_untagged_take_tagged_changes_and_confirm_commands(
+    engine: str, base_config: LabConfig, redis_server: RedisServer
+) -> None:
+    """The other way round: the gateway's points configured untagged, the outstation sending
+    changes time-tagged. Each change is stored with the device's time tag and a breaker move
+    is confirmed by its (tagged) position on both engines; the c104 engine dropped those
+    changes and the command ended ``timeout`` before it decoded the raw frames."""
+    if lab_is_real():
+        pytest.skip("needs the simulator's lab config beside an altered one")
+    need_commands()
+    sim = Iec104Outstation(_still_feeder(base_config), DEVICE, host="127.0.0.1", port=0, seed=3)
+    await sim.start()
+    lab = await start_lab(_configured_untagged(base_config), redis_server, sim, iec104_engine=engine)
+    try:
+        values = await eventually(lambda: all_values(lab), 5, "every GI answer in Redis")
+        assert all(v.time_substituted for v in values.values())  # GI untagged, as configured
+        sent = sim.set_value("feeder.frequency", 50.125)
+        v = await eventually(lambda: _value_is(lab, "feeder.frequency", 50.125), 3, "tagged change in Redis")
+        assert v.source_ts_from == "device" and int((v.source_ts or 0) * 1000) == int(sent * 1000)
+        for word, state in (("open", DoublePoint.OFF), ("close", DoublePoint.ON)):
+            outcome = await lab.gateway.execute("feeder.breaker.command", word, requested_by="hil")
+            assert outcome.result == "confirmed", outcome.reason
+            pos = await eventually(lambda s=state: _value_is(lab, "feeder.breaker.position", s), 2, "position")
+            assert pos.source_ts_from == "device" and pos.quality == Quality.GOOD
+        assert lab.gateway.adapters[DEVICE].stats().get("type_mismatch", 0) == 0
+    finally:
+        await lab.shutdown()
+        await lab.reader.aclose()
+        await sim.close()
