@@ -115,7 +115,13 @@ def encode(value: Any) -> bytes:
     raise TypeError(f"cannot encode {type(value).__name__} as A-XDR")
 
 
-def decode(buf: bytes, pos: int = 0) -> tuple[Any, int]:
+#: Deepest array/structure nesting :func:`decode` follows: a meter's data nests two or three
+#: levels (profile rows, capture objects); 32 is far beyond, and far below Python's recursion
+#: limit, so a client's ``01 01 01 01 ...`` is an AxdrError, not a RecursionError.
+MAX_DEPTH = 32
+
+
+def decode(buf: bytes, pos: int = 0, *, _depth: int = 0) -> tuple[Any, int]:
     """A-XDR -> (Python value, new position); the inverse of :func:`encode` (numbers untyped)."""
     if pos >= len(buf):
         raise AxdrError("data missing")
@@ -124,12 +130,16 @@ def decode(buf: bytes, pos: int = 0) -> tuple[Any, int]:
     if tag == 0x00:
         return None, pos
     if tag in (0x01, 0x02):
+        if _depth >= MAX_DEPTH:
+            raise AxdrError(f"arrays/structures nested deeper than {MAX_DEPTH}")
         count, pos = read_length(buf, pos)
         items = []
         for _ in range(count):
-            item, pos = decode(buf, pos)
+            item, pos = decode(buf, pos, _depth=_depth + 1)
             items.append(item)
         return (items if tag == 0x01 else Structure(tuple(items))), pos
+    if tag in (0x03, 0x16) and pos >= len(buf):
+        raise AxdrError(f"tag {tag:#x} without its octet")
     if tag == 0x03:
         return buf[pos] != 0, pos + 1
     if tag in (0x09, 0x0A):
@@ -160,7 +170,8 @@ def to_cosem_datetime(t: float) -> bytes:
 
 
 def from_cosem_datetime(raw: bytes) -> float | None:
-    """12-octet COSEM date-time -> Unix time (UTC, deviation taken into account); None if unspecified."""
+    """12-octet COSEM date-time -> Unix time (UTC, deviation taken into account); None if
+    unspecified; AxdrError for a date that does not exist."""
     if len(raw) != 12:
         raise AxdrError("a COSEM date-time has 12 octets")
     year = int.from_bytes(raw[0:2], "big")
@@ -168,7 +179,10 @@ def from_cosem_datetime(raw: bytes) -> float | None:
     if year == 0xFFFF or month > 12 or day > 31 or hour > 23 or minute > 59 or second > 59:
         return None
     deviation = int.from_bytes(raw[9:11], "big", signed=True)
-    t = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC).timestamp()
+    try:
+        t = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC).timestamp()
+    except (ValueError, OverflowError) as exc:  # month 0, day 0, 30 February, year 0 ...
+        raise AxdrError(f"invalid COSEM date-time {raw.hex()}: {exc}") from None
     if hundredths != 0xFF:
         t += hundredths / 100
     if deviation != -0x8000:

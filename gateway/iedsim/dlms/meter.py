@@ -231,7 +231,17 @@ class MeterApplication:
     # -- association -------------------------------------------------------------------
 
     def handle(self, assoc: Association, apdu: bytes) -> bytes | None:
-        """One request APDU -> the reply APDU (None: nothing to send, e.g. undecodable noise)."""
+        """One request APDU -> the reply APDU (None: nothing to send, e.g. undecodable noise).
+
+        Raises :class:`ProtocolViolation` for an APDU it cannot parse (the A-XDR/BER errors
+        of any field included), which drops the client.
+        """
+        try:
+            return self._handle(assoc, apdu)
+        except AxdrError as exc:  # a length or value inside a field the parser did not wrap
+            raise ProtocolViolation(f"APDU {apdu[:1].hex()}: {exc}") from exc
+
+    def _handle(self, assoc: Association, apdu: bytes) -> bytes | None:
         if not apdu:
             raise ProtocolViolation("empty APDU")
         tag = apdu[0]
@@ -273,7 +283,7 @@ class MeterApplication:
     def _aarq(self, assoc: Association, apdu: bytes) -> bytes:
         fields = _parse_ber(apdu)
         context = fields.get(0xA1, b"")[-1:] or b"\x01"
-        mech = fields.get(0x8B, b"\x00")[-1]
+        mech = (fields.get(0x8B) or b"\x00")[-1]  # an empty mechanism name is "none" too
         auth_value = fields.get(0xAC, b"")
         if auth_value[:1] == b"\x80":
             n, pos = read_length(auth_value, 1)
@@ -395,6 +405,8 @@ class MeterApplication:
     # -- services ------------------------------------------------------------------------
 
     def _action(self, assoc: Association, apdu: bytes) -> bytes:
+        if len(apdu) < 12:
+            raise ProtocolViolation("ACTION request too short")
         iip = apdu[2]
         class_id = int.from_bytes(apdu[3:5], "big")
         obis, method = apdu[5:11], apdu[11]
@@ -429,6 +441,8 @@ class MeterApplication:
         obis, attr = bytes(apdu[5:11]), apdu[11]
         selector, params = 0, None
         if apdu[12]:
+            if len(apdu) < 15:
+                raise ProtocolViolation("selective access without selector and parameters")
             selector = apdu[13]
             try:
                 params, _ = decode(apdu, 14)
@@ -509,7 +523,9 @@ class MeterApplication:
         elif selector == 2:
             if not isinstance(params, Structure) or len(params.items) < 2:
                 raise _Dar(DAR_OTHER)
-            first, last = int(params.items[0]), int(params.items[1])
+            first, last = params.items[0], params.items[1]
+            if not isinstance(first, int) or not isinstance(last, int):
+                raise _Dar(DAR_OTHER)
             rows = rows[max(first - 1, 0) : (last or len(rows))]
         elif selector != 0:
             raise _Dar(DAR_SCOPE_OF_ACCESS_VIOLATED)
@@ -527,7 +543,10 @@ class _Dar(Exception):
 
 def _time_of(value: object) -> float | None:
     if isinstance(value, bytes) and len(value) == 12:
-        return from_cosem_datetime(value)
+        try:
+            return from_cosem_datetime(value)
+        except AxdrError:  # a date that does not exist: the client's error, not the meter's
+            raise _Dar(DAR_OTHER) from None
     return None
 
 

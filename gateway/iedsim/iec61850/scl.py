@@ -181,6 +181,8 @@ def _parse(path: Path) -> tuple[ET.Element, dict[int, int]]:
     except expat.ExpatError as exc:
         raise SclError(path, exc.lineno, "document", f"malformed XML: {expat.ErrorString(exc.code)}"
                        f" (column {exc.offset})") from None
+    except (LookupError, ValueError) as exc:  # encoding="..." unknown, or multi-byte (expat has none)
+        raise SclError(path, parser.CurrentLineNumber, "document", f"cannot decode: {exc}") from None
     root = builder.close()
     return root, lines
 
@@ -207,7 +209,7 @@ class _Reader:
                     self.datypes[ident] = el
                 elif el.tag == "EnumType":
                     self.enums[ident] = {
-                        (v.text or "").strip(): int(self.attr(v, "ord")) for v in el.findall("EnumVal")
+                        (v.text or "").strip(): self.required_int(v, "ord") for v in el.findall("EnumVal")
                     }
 
     def line(self, el: ET.Element) -> int | None:
@@ -221,6 +223,13 @@ class _Reader:
         if value is None or (value == "" and name not in ("inst", "prefix")):
             self.fail(el, f"missing attribute {name!r}")
         return value or ""
+
+    def required_int(self, el: ET.Element, name: str) -> int:
+        value = self.attr(el, name)
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(el, f"attribute {name}={value!r} is not an integer")
 
     def int_attr(self, el: ET.Element, name: str, default: int) -> int:
         raw = el.get(name)

@@ -432,9 +432,10 @@ def decode_cp56(data: bytes) -> Cp56Time:
             (ms % 1000) * 1000,
             tzinfo=UTC,
         )
+        # inside the try: a year octet of 100..127 is a valid datetime that Cp56Time refuses
+        return Cp56Time(d, invalid=bool(data[2] & 0x80), summer=bool(data[3] & 0x80))
     except ValueError as exc:
         raise AsduError(f"invalid CP56Time2a {data.hex(' ')}: {exc}") from None
-    return Cp56Time(d, invalid=bool(data[2] & 0x80), summer=bool(data[3] & 0x80))
 
 
 # ---------------------------------------------------------------------------------------
@@ -900,6 +901,8 @@ def decode_asdu(data: bytes) -> Asdu:
         if i == 0 or not sequence:
             ioa = int.from_bytes(data[pos : pos + 3], "little")
             pos += 3
+            if sequence and ioa + n - 1 > 0xFFFFFF:
+                raise AsduError(f"SQ=1 from ioa {ioa} with {n} objects runs past ioa 16777215")
         else:
             ioa += 1
         element = spec.decode(data[pos : pos + spec.size])

@@ -1,0 +1,235 @@
+"""Inputs the fuzzers found (bench/fuzz.py, docs/fuzzing.md), each now a typed rejection.
+
+Every test is one crashing input, minimised by hand, fed to the parser directly: the parser
+must raise its documented error (AsduError, FrameError, AxdrError, SclError ...) or answer
+as the protocol says, never IndexError, ValueError from deep inside, LookupError or
+RecursionError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import LabConfig
+from gateway.iedsim.dlms.axdr import MAX_DEPTH, AxdrError, decode, from_cosem_datetime
+from gateway.iedsim.iec61850.scl import SclError, load_scl
+from gateway.protocols.iec104.codec import (
+    MAX_APDU_LENGTH,
+    AsduError,
+    FrameDecoder,
+    FrameError,
+    IFrame,
+    decode_asdu,
+    decode_cp56,
+    decode_monitor,
+    encode_frame,
+)
+
+H = bytes.fromhex
+
+# -- IEC 104 ---------------------------------------------------------------------------------
+
+# M_SP_TB_1, one object, CP56Time2a with the year octet 0x69 (2105): a valid datetime, but
+# outside the 2000..2099 that Cp56Time accepts. decode_asdu raised its plain ValueError.
+YEAR_105 = H("1E 01 03 00 01 00 01 00 00 01 00 00 00 00 01 01 69")
+
+
+def test_cp56_year_past_2099_is_an_asdu_error() -> None:
+    with pytest.raises(AsduError, match="CP56Time2a"):
+        decode_cp56(YEAR_105[-7:])
+    with pytest.raises(AsduError, match="CP56Time2a"):
+        decode_asdu(YEAR_105)
+    with pytest.raises(AsduError):  # the bulk decoder refused it already; both agree now
+        decode_monitor(YEAR_105)
+
+
+def test_apdu_length_octet_254_is_refused_by_feed_batch_as_by_feed() -> None:
+    """feed_batch waited for 254 octets and returned an I-frame with a 252-octet ASDU
+    (the standard's APDU is at most 253 octets); feed refused the length octet."""
+    stream = encode_frame(IFrame(0, 0, b"\x01\x01\x03\x00\x01\x00\x01\x00\x00\x01")) + b"\x68\xfe" + bytes(254)
+    frames, error = FrameDecoder().feed_batch(stream)
+    assert len(frames) == 1 and isinstance(error, FrameError)
+    assert f"outside 4..{MAX_APDU_LENGTH}" in str(error)
+    with pytest.raises(FrameError, match="length octet 254"):
+        list(FrameDecoder().feed(stream))
+
+
+def test_simulator_answers_a_clock_sync_of_year_2105_without_an_exception() -> None:
+    """The outstation's session caught only AsduError around decode_asdu: the ValueError of
+    a C_CS_NA_1 dated 2105 came out of data_received."""
+    from gateway.bench.fuzz_targets import TARGETS
+
+    clock_sync = H("67 01 06 00 01 00 00 00 00 00 00 00 00 01 01 69")
+    with TARGETS["iec104-sim"].make() as one:
+        one(b"\x01" + bytes([len(clock_sync)]) + clock_sync)  # raises on a contract breach
+
+
+# -- DLMS (meter simulator) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\x03", id="boolean-without-octet"),
+        pytest.param(b"\x16", id="enum-without-octet"),
+        pytest.param(b"\x02\x02\x11\x05\x03", id="boolean-last-in-structure"),
+        pytest.param(b"\x01\x01" * (MAX_DEPTH + 1) + b"\x00", id="nested-arrays"),
+        pytest.param(b"\x01\x01" * 2000 + b"\x00", id="nested-past-recursion-limit"),
+    ],
+)
+def test_axdr_truncated_or_nested_data_is_an_axdr_error(data: bytes) -> None:
+    with pytest.raises(AxdrError):
+        decode(data)
+
+
+def test_axdr_nesting_up_to_the_limit_decodes() -> None:
+    value, pos = decode(b"\x01\x01" * MAX_DEPTH + b"\x00")
+    assert pos == 2 * MAX_DEPTH + 1
+    for _ in range(MAX_DEPTH):
+        assert isinstance(value, list) and len(value) == 1
+        value = value[0]
+    assert value is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(H("07EA 00 01 FF 00 00 00 00 0000 00"), id="month-0"),
+        pytest.param(H("07EA 02 1E FF 00 00 00 00 0000 00"), id="30-february"),
+        pytest.param(H("0000 01 01 FF 00 00 00 00 0000 00"), id="year-0"),
+    ],
+)
+def test_cosem_date_that_does_not_exist_is_an_axdr_error(raw: bytes) -> None:
+    with pytest.raises(AxdrError, match="invalid COSEM date-time"):
+        from_cosem_datetime(raw)
+
+
+def _dlms_meter(tmp_path: Path) -> object:
+    from gateway.config import load_config
+    from gateway.iedsim.dlms.server import DlmsMeter
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        "lab: {name: t}\n"
+        "devices:\n"
+        "  meter1: {protocol: dlms, host: 127.0.0.1, port: 4059,\n"
+        "           dlms: {load_profile: {capture_period_s: 900, read_period_s: 900, depth: 10}}}\n"
+        "points:\n"
+        "  - {name: e, device: meter1, quantity: active_energy, unit: kWh, address: {obis: 1.0.1.8.0.255}}\n",
+        encoding="utf-8",
+    )
+    cfg: LabConfig = load_config(lab)
+    return DlmsMeter(cfg, "meter1", port=0, seed=1)
+
+
+def test_profile_read_with_a_nonexistent_from_date_is_refused_with_a_data_access_result(tmp_path: Path) -> None:
+    from gateway.iedsim.dlms.meter import DAR_OTHER, Association
+
+    meter = _dlms_meter(tmp_path)
+    app = meter.app  # type: ignore[attr-defined]
+    assoc = Association(16)
+    assoc.associated = assoc.authenticated = True
+    bad_from = H("07EA 02 1E FF 00 00 00 00 0000 00")  # 30 February 2026
+    clock_column = H("0204 120008 09060000010000ff 0f02 120000")
+    params = H("0204") + clock_column + b"\x09\x0c" + bad_from + b"\x09\x0c" + bad_from + b"\x01\x00"
+    get = H("c001c1 0007 0100630100ff 02 01 01") + params
+    reply = app.handle(assoc, get)
+    assert reply == bytes([0xC4, 0x01, 0xC1, 0x01, DAR_OTHER])
+
+
+def _associated(tmp_path: Path) -> tuple[object, object]:
+    from gateway.iedsim.dlms.meter import Association
+
+    app = _dlms_meter(tmp_path).app  # type: ignore[attr-defined]
+    assoc = Association(16)
+    assoc.associated = assoc.authenticated = True
+    return app, assoc
+
+
+@pytest.mark.parametrize(
+    ("apdu", "reason"),
+    [
+        pytest.param(H("c001c100030100200700ff0201"), "selective access without selector", id="get-selector-missing"),
+        pytest.param(H("c301c1000f0000280000"), "ACTION request too short", id="action-short"),
+        pytest.param(H("c001c100070100630100ff020101 02 02 09 84"), "bad length", id="selective-access-bad-length"),
+    ],
+)
+def test_meter_refuses_truncated_requests_as_protocol_violations(tmp_path: Path, apdu: bytes, reason: str) -> None:
+    """IndexError (apdu[13], apdu[11]) came out of _get/_action for these."""
+    from gateway.iedsim.dlms.meter import ProtocolViolation
+
+    app, assoc = _associated(tmp_path)
+    with pytest.raises(ProtocolViolation, match=reason):
+        app.handle(assoc, apdu)  # type: ignore[attr-defined]
+
+
+def test_aarq_with_a_bad_length_inside_a_field_is_a_protocol_violation(tmp_path: Path) -> None:
+    """read_length on the AARQ's authentication value raised AxdrError past _serve."""
+    from gateway.iedsim.dlms.meter import Association, ProtocolViolation
+
+    app = _dlms_meter(tmp_path).app  # type: ignore[attr-defined]
+    aarq = H("60 0a ac 03 80 85 00 be 03 04 01 00")  # auth value 80 85: a 5-octet length
+    with pytest.raises(ProtocolViolation, match="bad length"):
+        app.handle(Association(16), aarq)
+
+
+def test_aarq_with_an_empty_mechanism_name_is_taken_as_no_mechanism(tmp_path: Path) -> None:
+    """``fields[0x8B][-1]`` of an empty mechanism name was an IndexError."""
+    from gateway.iedsim.dlms.meter import Association
+
+    app = _dlms_meter(tmp_path).app  # type: ignore[attr-defined]
+    aarq = H("60 1a a1 09 06 07 60 85 74 05 08 01 01 8b 00 be 0a 04 08 01 00 00 00 06 5f 1f 04")
+    with pytest.raises(Exception, match="initiate"):  # too short an initiate: refused, after the mechanism
+        app.handle(Association(16), aarq)
+
+
+def test_profile_read_by_entry_with_non_integer_bounds_is_refused(tmp_path: Path) -> None:
+    """``int(params.items[0])`` of an octet string was a ValueError/TypeError."""
+    from gateway.iedsim.dlms.meter import DAR_OTHER
+
+    app, assoc = _associated(tmp_path)
+    get = H("c001c1 0007 0100630100ff 02 01 02 0202 0903414243 00")
+    assert app.handle(assoc, get) == bytes([0xC4, 0x01, 0xC1, 0x01, DAR_OTHER])  # type: ignore[attr-defined]
+
+
+# -- IEC 61850 SCL --------------------------------------------------------------------------
+
+_SCL = (
+    '<?xml version="1.0" encoding="{enc}"?><SCL xmlns="http://www.iec.ch/61850/2003/SCL"><IED name="X"/>'
+    '<DataTypeTemplates><EnumType id="E"><EnumVal ord="{ord}">on</EnumVal></EnumType></DataTypeTemplates></SCL>'
+)
+
+
+@pytest.mark.parametrize(
+    ("enc", "reason"),
+    [pytest.param("UTFS8", "unknown encoding", id="unknown"), pytest.param("UTF-7", "cannot decode", id="multi-byte")],
+)
+def test_scl_in_an_encoding_expat_cannot_read_is_an_scl_error(tmp_path: Path, enc: str, reason: str) -> None:
+    path = tmp_path / "x.icd"
+    path.write_bytes(_SCL.format(enc=enc, ord="1").encode("ascii"))
+    with pytest.raises(SclError, match=reason) as err:
+        load_scl(path)
+    assert str(path) in str(err.value)
+
+
+def test_scl_enum_value_with_a_non_integer_ord_is_an_scl_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.icd"
+    path.write_bytes(_SCL.format(enc="UTF-8", ord="T").encode("ascii"))
+    with pytest.raises(SclError, match="ord='T' is not an integer") as err:
+        load_scl(path)
+    assert err.value.line == 1
+
+
+
+
+def test_sq1_asdu_whose_addresses_run_past_24_bits_is_an_asdu_error() -> None:
+    """M_SP_NA_1, SQ=1, 3 objects from ioa 0xFFFFFF: decode_asdu made ioas 16777216 and
+    16777217, which encode_asdu (rightly) refuses."""
+    raw = H("01 83 03 00 01 00 FF FF FF 01 00 01")
+    with pytest.raises(AsduError, match="runs past ioa 16777215"):
+        decode_asdu(raw)
+    with pytest.raises(AsduError, match="runs past"):
+        decode_monitor(raw)
+    assert [o.ioa for o in decode_asdu(H("01 82 03 00 01 00 FE FF FF 01 00")).objects] == [0xFFFFFE, 0xFFFFFF]
