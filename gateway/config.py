@@ -49,6 +49,7 @@ __all__ = [
     "Direction",
     "DlmsAddress",
     "DlmsSettings",
+    "Endpoint",
     "Iec104Address",
     "Iec61850Address",
     "LabConfig",
@@ -188,9 +189,7 @@ def check_host(v: str) -> str:
     if len(v) > 253:
         raise ValueError(f"host name of {len(v)} characters (at most 253)")
     if not all(_HOST_LABEL.match(label) for label in labels):
-        raise ValueError(
-            f"{v!r} is not an IP address or a host name (letters, digits, '-' and '.'; RFC 1123)"
-        )
+        raise ValueError(f"{v!r} is not an IP address or a host name (letters, digits, '-' and '.'; RFC 1123)")
     return v
 
 
@@ -322,6 +321,18 @@ class ClockSyncSettings(_Frozen):
     @property
     def enabled(self) -> bool:
         return self.on_connect or self.period_s > 0
+
+
+class Endpoint(_Frozen):
+    """Another address of the same station: one outstation of a redundant pair (or group)."""
+
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, v: str) -> str:
+        return check_host(v)
 
 
 class CounterInterrogationSettings(_Frozen):
@@ -541,6 +552,25 @@ class Device(_Frozen):
     def _clock_sync_engine(cls, v: ClockSyncSettings, info: ValidationInfo) -> ClockSyncSettings:
         if v.enabled:
             _asyncio_104_only("clock_sync", info)
+        return v
+
+    #: IEC 104 redundancy (asyncio engine only): the other outstations that serve the same
+    #: station (common address, points), e.g. the second COM600 of a redundant pair. The
+    #: gateway talks to one at a time, host/port first; on a loss it switches to the next
+    #: at once, without the reconnect backoff.
+    redundant_hosts: tuple[Endpoint, ...] = ()
+
+    @field_validator("redundant_hosts")
+    @classmethod
+    def _redundancy(cls, v: tuple[Endpoint, ...], info: ValidationInfo) -> tuple[Endpoint, ...]:
+        if not v:
+            return v
+        _asyncio_104_only("redundant_hosts", info)
+        seen = {(info.data.get("host"), info.data.get("port")): "host/port"}
+        for i, e in enumerate(v):
+            first = seen.setdefault((e.host, e.port), f"redundant_hosts[{i}]")
+            if first != f"redundant_hosts[{i}]":
+                raise ValueError(f"redundant_hosts[{i}] ({e.host}:{e.port}) is the same outstation as {first}")
         return v
 
     #: IEC 104 counter interrogation of the ``M_IT_*`` points (asyncio engine only).

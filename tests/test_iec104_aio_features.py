@@ -1,6 +1,7 @@
 """What the asyncio IEC 104 engine does beyond values and commands, against the real simulator:
 clock synchronisation (C_CS_NA_1), counter interrogation and integrated totals (C_CI_NA_1,
-M_IT_NA_1 / M_IT_TB_1), test command (C_TS_TA_1).
+M_IT_NA_1 / M_IT_TB_1), test command (C_TS_TA_1), STOPDT/STARTDT on demand and a redundant
+pair of outstations (two simulators on loopback, the active one killed, hung, or left on request).
 
 Same event loop for simulator and adapter, no mocks; each test reads what the outstation
 recorded (its clock error, the frames it received) as well as what the adapter reports.
@@ -21,11 +22,11 @@ from iec104kit import DEVICE, FAST, Starter, Watched, outstations_and_adapters, 
 from gateway.config import LabConfig, Point, load_config
 from gateway.errors import CommandInvalid, ConfigError, DeviceError, LinkError
 from gateway.iedsim.iec104 import Iec104Outstation
-from gateway.points import PointUpdate, Quality, UpdateCause
+from gateway.points import CommandRequest, DoublePoint, PointUpdate, Quality, UpdateCause
 from gateway.protocols import create_adapter
 from gateway.protocols.base import LinkState
 from gateway.protocols.iec104.aio import AsyncIec104Adapter
-from gateway.protocols.iec104.codec import Cot, IFrame, TypeId, decode_apdu, decode_asdu
+from gateway.protocols.iec104.codec import Cot, IFrame, TypeId, UFrame, UFunction, decode_apdu, decode_asdu
 from gateway.protocols.iec104.codec import TestCommand as TsCommand  # not a test class
 
 pytestmark = pytest.mark.timeout(30)
@@ -303,3 +304,145 @@ async def test_test_command_is_confirmed_with_its_counter(base: LabConfig, runni
 def received_i_frames(sim: Iec104Outstation) -> list[IFrame]:
     frames = (decode_apdu(rec.data) for rec in sim.recent_frames() if rec.direction == "in")
     return [f for f in frames if isinstance(f, IFrame)]
+
+
+# ---------------------------------------------------------------------------------------
+# STOPDT / STARTDT on demand and redundancy
+
+
+def u_frames_in(sim: Iec104Outstation) -> list[UFunction]:
+    frames = (decode_apdu(rec.data) for rec in sim.recent_frames() if rec.direction == "in")
+    return [f.function for f in frames if isinstance(f, UFrame)]
+
+
+async def test_stop_and_start_data_transfer_on_demand(base: LabConfig, running: Starter) -> None:
+    sim, w = await connected(base, running)
+    adapter = w.adapter
+    assert isinstance(adapter, AsyncIec104Adapter)
+    await until(lambda: w.latest("feeder.voltage.l1"), 5, "values")
+    await adapter.stop_data()
+    assert UFunction.STOPDT_ACT in u_frames_in(sim)
+    sim.set_value("feeder.voltage.l1", 222.0)  # the device holds it back: data transfer is off
+    with pytest.raises(LinkError, match=r"data transfer stopped \(STOPDT\)"):
+        await adapter.command(CommandRequest("feeder.autoreclose.command", True))
+    with pytest.raises(LinkError, match="data transfer stopped"):
+        await adapter.interrogate()
+    await asyncio.sleep(0.3)
+    assert w.latest("feeder.voltage.l1", lambda u: u.value == 222.0) is None
+    assert adapter.link_state is LinkState.UP  # the connection stays, supervised by TESTFR
+    gi_before = sim.stats().interrogations
+    await adapter.start_data()  # STARTDT, then a GI: the held-back value comes with it
+    await until(lambda: w.latest("feeder.voltage.l1", lambda u: u.value == 222.0), 3, "value after STARTDT")
+    assert sim.stats().interrogations == gi_before + 1
+    await adapter.command(CommandRequest("feeder.autoreclose.command", True))
+    stats = adapter.stats()
+    assert stats["stopdt"] == 1 and stats["startdt"] == 1 and not w.downs()
+
+
+def redundant_config(base: LabConfig, a: Iec104Outstation, b: Iec104Outstation, **device: Any) -> LabConfig:
+    return gateway_config(base, a.port, redundant_hosts=[{"host": "127.0.0.1", "port": b.port}], **device)
+
+
+def stored(w: Watched, point: str) -> list[object]:
+    return [u.value for u in w.values if u.point == point]
+
+
+async def test_redundant_pair_fails_over_when_the_active_one_dies(base: LabConfig, running: Starter) -> None:
+    a: Iec104Outstation = await running(base)
+    b: Iec104Outstation = await running(base)
+    for sim, l2 in ((a, 240.0), (b, 241.0)):  # the pair agrees on l1, not on l2
+        sim.set_value("feeder.voltage.l1", 231.0)
+        sim.set_value("feeder.voltage.l2", l2)
+    w: Watched = await running(adapter_for(redundant_config(base, a, b)))
+    adapter = w.adapter
+    assert isinstance(adapter, AsyncIec104Adapter)
+    await adapter.wait_connected(5)
+    names = {p.name for p in base.points_of(DEVICE) if p.direction.value == "monitor"}
+    await until(lambda: names <= {u.point for u in w.values}, 5, "GI from the first outstation")
+    assert adapter.endpoint == ("127.0.0.1", a.port) and b.stats().connections_accepted == 0
+
+    killed_at = time.monotonic()
+    await a.close()
+    await until(lambda: adapter.link_state is LinkState.UP and adapter.endpoint[1] == b.port, 5, "switched to b")
+    switch_s = time.monotonic() - killed_at
+    assert switch_s < FAST["t1_s"] + 1.0, switch_s  # within t1 + one reconnect
+    await until(lambda: b.stats().interrogations == 1, 5, "GI after the switch-over")
+    await until(lambda: w.latest("feeder.voltage.l2", lambda u: u.value == 241.0), 5, "b's own value")
+    assert not w.downs()  # connecting, then up: the core never marked the points stale
+    assert [c.state for c in w.links] == [LinkState.CONNECTING, LinkState.UP, LinkState.CONNECTING, LinkState.UP]
+    assert "switching over to 127.0.0.1" in w.links[2].reason
+    assert stored(w, "feeder.voltage.l1") == [231.0]  # the same value from both sides: stored once
+    assert stored(w, "feeder.voltage.l2") == [240.0, 241.0]
+    stats = adapter.stats()
+    assert stats["switch_overs"] == 1 and stats["duplicates_dropped"] >= 1
+    latest = {n: w.latest(n) for n in names}
+    assert all(u is not None and u.quality is Quality.GOOD for u in latest.values()), latest
+    # after the GI's end, values flow as usual, also one equal to the last
+    b.set_value("feeder.voltage.l1", 231.0)
+    b.set_value("feeder.voltage.l3", 229.0)
+    await until(lambda: w.latest("feeder.voltage.l3", lambda u: u.value == 229.0), 3, "spontaneous from b")
+    assert stored(w, "feeder.voltage.l1") == [231.0, 231.0]
+    await adapter.command(CommandRequest("feeder.breaker.command", DoublePoint.OFF))
+    assert b.stats().commands >= 1
+
+    # both gone: down (stale) with the reason, then back on the first one when it returns
+    await b.close()
+    down = await until(lambda: next(iter(w.downs()), None), 5, "down when no outstation answers")
+    assert "switch-over to 127.0.0.1" in down.reason and "failed" in down.reason, down.reason
+    await running(base, a.port)
+    await until(lambda: adapter.link_state is LinkState.UP, 5, "reconnected to a")
+    assert adapter.endpoint[1] == a.port
+
+
+async def test_redundant_pair_switches_when_the_active_one_hangs_and_on_request(
+    base: LabConfig, running: Starter
+) -> None:
+    a: Iec104Outstation = await running(base)
+    b: Iec104Outstation = await running(base)
+    w: Watched = await running(adapter_for(redundant_config(base, a, b)))
+    adapter = w.adapter
+    assert isinstance(adapter, AsyncIec104Adapter)
+    await adapter.wait_connected(5)
+    await until(lambda: a.stats().interrogations == 1, 5, "GI on a")
+    hung_at = time.monotonic()
+    a.stall()  # alive for TCP, silent for IEC 104: t3 idle, TESTFR, t1
+    await until(lambda: adapter.endpoint[1] == b.port and adapter.link_state is LinkState.UP, 8, "switched to b")
+    took = time.monotonic() - hung_at
+    assert took < FAST["t3_s"] + FAST["t1_s"] + 1.5, took
+    assert "t1 = 2 s expired: no TESTFR con" in w.links[2].reason, w.links[2].reason
+    a.resume()
+    await until(lambda: b.stats().interrogations == 1, 5, "GI on b")
+    # planned: STOPDT on b, then over to a
+    await adapter.switch_over()
+    assert adapter.endpoint[1] == a.port and adapter.link_state is LinkState.UP
+    assert UFunction.STOPDT_ACT in u_frames_in(b)
+    await until(lambda: a.stats().interrogations == 2, 5, "GI on a after the planned switch")
+    assert adapter.stats()["switch_overs"] == 2 and not w.downs()
+
+
+async def test_switch_over_needs_a_redundant_outstation(base: LabConfig, running: Starter) -> None:
+    _, w = await connected(base, running)
+    adapter = w.adapter
+    assert isinstance(adapter, AsyncIec104Adapter)
+    with pytest.raises(LinkError, match="no redundant outstation configured"):
+        await adapter.switch_over()
+
+
+def test_redundant_hosts_config_errors(base: LabConfig, tmp_path: Path) -> None:
+    dev = base.devices[DEVICE]
+    with pytest.raises(ValueError, match="redundant_hosts needs iec104_engine: asyncio"):
+        base.with_device(DEVICE, iec104_engine="c104", redundant_hosts=[{"host": "127.0.0.1", "port": 2405}])
+    with pytest.raises(
+        ValueError, match=r"redundant_hosts\[0\] \(127\.0\.0\.1:2404\) is the same outstation as host/port"
+    ):
+        base.with_device(DEVICE, redundant_hosts=[{"host": dev.host, "port": dev.port}])
+    with pytest.raises(ValueError, match=r"redundant_hosts\[1\] .* same outstation as redundant_hosts\[0\]"):
+        base.with_device(DEVICE, redundant_hosts=[{"host": "127.0.0.1", "port": 2405}] * 2)
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"extends: {SIM_CONFIG}\ndevices:\n  ref615:\n    redundant_hosts:\n      - {{host: 127.0.0.1}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(lab)
+    [issue] = err.value.issues
+    assert (issue.line, issue.key) == (5, "devices.ref615.redundant_hosts[0].port"), issue
+    ok = base.with_device(DEVICE, redundant_hosts=[{"host": "127.0.0.2", "port": 2404}])
+    assert ok.devices[DEVICE].redundant_hosts[0].host == "127.0.0.2"

@@ -24,7 +24,11 @@ request, no freeze) after the GI on connect, periodically and on demand.
 
 Test command with time tag (C_TS_TA_1) on demand (:meth:`AsyncIec104Adapter.send_test_command`).
 
-Not done: STOPDT/redundancy groups, group interrogations, counter
+STOPDT/STARTDT on demand (``stop_data``/``start_data``) and redundancy: a device with
+``redundant_hosts`` is served by one outstation at a time and switched over at once on a
+loss (or on request, after STOPDT), GI after the switch, nothing stored twice.
+
+Not done: redundancy groups with standby connections kept open, group interrogations, counter
 freeze and group requests, SQ=1 command ASDUs, files.
 """
 
@@ -42,7 +46,7 @@ from typing import Any, Final
 
 from gateway.config import Device, Direction, Point, iec104_address
 from gateway.errors import CommandInvalid, CommandRejected, CommandTimeout, DeviceError, LinkError
-from gateway.points import CommandRequest, PointUpdate, Quality, now
+from gateway.points import CommandRequest, PointUpdate, Quality, UpdateCause, now
 from gateway.protocols.base import LinkState
 from gateway.protocols.iec104.codec import (
     MONITOR_TYPE_IDS,
@@ -111,6 +115,7 @@ log = logging.getLogger(__name__)
 
 _SEQ_MASK: Final = SEQ_MODULO - 1
 _STARTDT_ACT: Final = encode_frame(UFrame(UFunction.STARTDT_ACT))
+_STOPDT_ACT: Final = encode_frame(UFrame(UFunction.STOPDT_ACT))
 _TESTFR_ACT: Final = encode_frame(UFrame(UFunction.TESTFR_ACT))
 _TESTFR_CON: Final = encode_frame(UFrame(UFunction.TESTFR_CON))
 _GI_QOI: Final = 20
@@ -177,6 +182,9 @@ class _Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.started: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[str] = self._loop.create_future()
+        #: data transfer on (STARTDT confirmed, no STOPDT since): I-frames may go both ways
+        self.data_on = False
+        self._u_waiters: dict[UFunction, asyncio.Future[None]] = {}  # confirmation awaited -> waiter
         self._reason = ""
         self._got_bytes = False  # any octet from the device on this connection
         self._vs = 0  # our next send sequence number
@@ -213,6 +221,9 @@ class _Link(asyncio.Protocol):
             reason += self._incomplete()
         if not self.started.done():
             self.started.set_exception(LinkError(self._name, reason))
+        for waiter in self._u_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(LinkError(self._name, reason))
         if not self.closed.done():
             self.closed.set_result(reason)
 
@@ -268,9 +279,12 @@ class _Link(asyncio.Protocol):
                 self._first_unacked_at = self._last_rx
                 self._arm(self._last_rx + self._t2)
             self._unacked_in += n
-            if self._unacked_in >= self._w:
-                self._send_s()
-            self._adapter._on_asdus(asdus)
+            if self._unacked_in >= self._w or UFunction.STOPDT_CON in self._u_waiters:
+                self._send_s()  # (a device confirms STOPDT only once its I-frames are acknowledged)
+            if self.data_on:
+                self._adapter._on_asdus(asdus)
+            else:  # after STOPDT con: nothing may come, and a standby must not deliver values
+                self._adapter._anomaly("frames_while_stopped", "%d I-frame(s) after STOPDT ignored", n)
         if error is not None:
             counters["garbled_frames"] += 1
             self._fail(f"garbled frame: {error}", warn=True)
@@ -281,9 +295,13 @@ class _Link(asyncio.Protocol):
 
     def _on_u(self, fn: UFunction) -> None:
         self._counters["u_frames_in"] += 1
-        if fn is UFunction.STARTDT_CON:
+        if fn is UFunction.STARTDT_CON or (fn is UFunction.STOPDT_CON and fn in self._u_waiters):
+            self.data_on = fn is UFunction.STARTDT_CON
             if not self.started.done():
                 self.started.set_result(None)
+            waiter = self._u_waiters.pop(fn, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         elif fn is UFunction.TESTFR_ACT:
             self._write(_TESTFR_CON)
         elif fn is UFunction.TESTFR_CON:
@@ -311,6 +329,8 @@ class _Link(asyncio.Protocol):
         """Send now, or as soon as the device's acknowledgements open the k window."""
         if self.transport is None or self.transport.is_closing():
             raise LinkError(self._name, "link is down")
+        if not self.data_on:
+            raise LinkError(self._name, "data transfer stopped (STOPDT)")
         if self._waiting or not self._window_open():
             self._counters["k_window_waits"] += 1
             self._waiting.append(asdu)
@@ -335,6 +355,28 @@ class _Link(asyncio.Protocol):
     def send_u(self, frame: bytes) -> None:
         self._write(frame)
 
+    async def request_u(self, function: UFunction) -> None:
+        """STARTDT or STOPDT act, confirmed within t1; otherwise the link is closed (as any
+        unanswered U-frame) and :class:`LinkError` raised."""
+        con = UFunction.STARTDT_CON if function is UFunction.STARTDT_ACT else UFunction.STOPDT_CON
+        if self.transport is None or self.transport.is_closing():
+            raise LinkError(self._name, "link is down")
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._u_waiters[con] = waiter
+        if con is UFunction.STOPDT_CON and self._unacked_in:
+            self._send_s()  # acknowledge what came, so the device can confirm at once
+        self._write(encode_frame(UFrame(function)))
+        try:
+            async with asyncio.timeout(self._t1):
+                await waiter
+        except TimeoutError:
+            self._counters["t1_timeouts"] += 1
+            self._fail(f"t1 = {self._t1:g} s expired: no {con.name}", warn=True)
+            raise LinkError(self._name, f"no {con.name} within t1 = {self._t1:g} s") from None
+        finally:
+            if self._u_waiters.get(con) is waiter:
+                del self._u_waiters[con]
+
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -350,6 +392,10 @@ class _Link(asyncio.Protocol):
 
     def close(self) -> None:
         self._fail("closed")
+
+    def close_for(self, reason: str) -> None:
+        """Close on purpose; ``reason`` is what :attr:`closed` then says."""
+        self._fail(reason)
 
     def _incomplete(self) -> str:
         """The part of a close reason that says a frame was cut short.
@@ -443,6 +489,19 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         self._gi_task: asyncio.Task[None] | None = None
         self._clock_task: asyncio.Task[None] | None = None
         self._ci_task: asyncio.Task[None] | None = None
+        # redundancy: the outstations of the station, tried in turn; the active one's index
+        self._endpoints: tuple[tuple[str, int], ...] = (
+            (device.host, device.port),
+            *((e.host, e.port) for e in device.redundant_hosts),
+        )
+        self._active = 0
+        self._redundant = len(self._endpoints) > 1
+        self._switch_waiter: asyncio.Future[None] | None = None  # a switch_over() awaiting the new link
+        # nothing stored twice across a switch-over (see _once)
+        self._last_values: dict[str, tuple[object, Quality]] = {}
+        self._switch_window = False
+        self._switch_window_until = 0.0
+        self._gi_ended = False
         # test commands awaiting ACTCON: TSC -> future of the confirmation's receive time
         self._tests: dict[int, asyncio.Future[float]] = {}
         self._tsc = 0
@@ -560,6 +619,11 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 else:
                     append(PointUpdate(name, v, quality, ts, rcv, cause))
                 values += 1
+        if self._redundant:
+            updates = self._once(updates)
+            values = len(updates)
+            if self._switch_window and (self._gi_ended or time.monotonic() > self._switch_window_until):
+                self._switch_window = False  # the read that ended the GI is through: window closed
         if updates:
             self._counters["values"] += values
             assert self._buffer is not None
@@ -594,6 +658,7 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                         fut.set_result(ok)
             elif cot == COT_ACTTERM:
                 self._counters["interrogations_done"] += 1
+                self._gi_ended = True  # ends a switch-over's duplicate window (after this read)
         elif type_id in _COUNTER_TYPES:
             self._on_counters(raw)
         elif type_id == TypeId.C_CI_NA_1:
@@ -642,6 +707,33 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         else:
             self._anomaly("unknown_types", "ASDU type %d (cot %d) not handled; ignored", type_id, cot)
 
+    def _once(self, updates: list[Event]) -> list[Event]:
+        """Redundant devices: nothing stored twice across a switch-over.
+
+        The last value and quality of every point is kept; from a switch-over (the new
+        outstation's GI answering with what the old one had already sent) until that GI's
+        ACTTERM, an update equal to the last one of its point is dropped (counted
+        ``duplicates_dropped``). Answers to a read always go through. The window is only
+        opened when the switch went without a link-down (else the core marked every point
+        stale, and the GI must restore them all).
+        """
+        last = self._last_values
+        if not self._switch_window:
+            for u in updates:
+                assert isinstance(u, PointUpdate)
+                last[u.point] = (u.value, u.quality)
+            return updates
+        kept: list[Event] = []
+        for u in updates:
+            assert isinstance(u, PointUpdate)
+            key = (u.value, u.quality)
+            if u.cause is not UpdateCause.REQUESTED and last.get(u.point) == key:
+                self._counters["duplicates_dropped"] += 1
+                continue
+            last[u.point] = key
+            kept.append(u)
+        return kept
+
     def _on_counters(self, raw: bytes) -> None:
         """Integrated totals (M_IT_NA_1 / M_IT_TB_1): the counter reading as the value, IV as
         invalid and CY (carry: the counter ran over its range) as overflow; CA (adjusted since
@@ -682,6 +774,8 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 updates.append(PointUpdate(name, value, quality, rcv, rcv, cause, time_substituted=True))
             else:
                 updates.append(PointUpdate(name, value, quality, obj.time.timestamp(), rcv, cause))
+        if self._redundant:
+            updates = self._once(updates)
         if updates:
             self._counters["values"] += len(updates)
             assert self._buffer is not None
@@ -741,7 +835,12 @@ class AsyncIec104Adapter(Iec104AdapterBase):
 
     # ----------------------------------------------------------------- link supervision
 
-    async def _connect(self) -> _Link:
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """The outstation (host, port) the adapter talks to, or tries next."""
+        return self._endpoints[self._active]
+
+    async def _connect(self, host: str, port: int) -> _Link:
         """TCP (and TLS) within t0, then STARTDT confirmed within t1."""
         dev = self.device
         loop = asyncio.get_running_loop()
@@ -752,14 +851,14 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 if self._tls is not None:
                     await loop.create_connection(
                         lambda: link,
-                        dev.host,
-                        dev.port,
+                        host,
+                        port,
                         ssl=self._tls,
-                        server_hostname=dev.host,
+                        server_hostname=host,
                         ssl_handshake_timeout=t0,
                     )
                 else:
-                    await loop.create_connection(lambda: link, dev.host, dev.port)
+                    await loop.create_connection(lambda: link, host, port)
         except (OSError, TimeoutError) as exc:
             if self._tls is not None:
                 raise LinkError(dev.name, _tls_failure(exc)) from exc
@@ -780,26 +879,36 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         return link
 
     async def _supervise(self) -> None:
+        """Connect, run, and after a loss reconnect with backoff; with redundant outstations
+        switch to the next one at once instead (state ``connecting``, not ``down``, so the
+        core keeps the values), and only report ``down`` when that switch fails too."""
         dev = self.device
         attempt = 0
+        switching = ""  # why the next connect is an immediate switch-over ("" = it is not)
         while not self._closing:
-            self._set_state(LinkState.CONNECTING, f"attempt {attempt + 1} to {dev.host}:{dev.port}")
+            host, port = self._endpoints[self._active]
+            if not switching:
+                self._set_state(LinkState.CONNECTING, f"attempt {attempt + 1} to {host}:{port}")
             try:
-                link = await self._connect()
+                link = await self._connect(host, port)
             except LinkError as exc:
                 reason = str(exc).removeprefix(f"{dev.name}: ")
+                if switching:
+                    reason = f"switch-over to {host}:{port} failed: {reason} (after: {switching})"
             else:
                 self._link = link
                 self._counters["connects"] += 1
+                if switching:
+                    self._counters["switch_overs"] += 1
+                    self._switch_window, self._gi_ended = True, False  # until the GI below has ended
+                    self._switch_window_until = time.monotonic() + dev.command_timeout_s + 1
+                    log.warning("%s: switched over to %s:%d (%s)", dev.name, host, port, switching)
                 self._up.set()
-                self._set_state(LinkState.UP, f"{dev.host}:{dev.port}")
+                self._set_state(LinkState.UP, f"{host}:{port}")
                 up_at = time.monotonic()
-                with contextlib.suppress(LinkError):  # lost again already: link.closed says why
-                    if dev.clock_sync.on_connect:  # first, so the GI's values carry the set clock
-                        self._send_clock_sync(None)
-                    self._send_interrogation()  # as c104's Init.INTERROGATION: all values after connect
-                    if self._counter_points and dev.counter_interrogation.on_connect:
-                        self._send_counter_interrogation()  # totals are not in the GI
+                self._after_startdt()
+                if self._switch_waiter is not None and not self._switch_waiter.done():
+                    self._switch_waiter.set_result(None)
                 try:
                     reason = await asyncio.shield(link.closed)
                 finally:
@@ -809,13 +918,88 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                         link.close()
                 if time.monotonic() - up_at > max(5.0, dev.reconnect.initial_s * 4):
                     attempt = 0
+                if self._redundant and not self._closing:
+                    self._fail_pending(reason)
+                    self._active = (self._active + 1) % len(self._endpoints)
+                    switching = reason
+                    nhost, nport = self._endpoints[self._active]
+                    self._set_state(LinkState.CONNECTING, f"switching over to {nhost}:{nport} after: {reason}")
+                    continue
+            switching = ""
             self._fail_pending(reason)
+            if self._switch_waiter is not None and not self._switch_waiter.done():
+                self._switch_waiter.set_exception(LinkError(dev.name, reason))
             self._set_state(LinkState.DOWN, reason)
+            self._last_values.clear()  # the core marks every point stale: the next GI restores all
+            self._switch_window = False
+            if self._redundant:  # the next attempt goes to the next outstation
+                self._active = (self._active + 1) % len(self._endpoints)
             delay = backoff_delay(attempt, dev.reconnect.initial_s, dev.reconnect.max_s, self._rng)
             attempt += 1
             self._counters["reconnect_attempts"] += 1
             log.info("%s: reconnect in %.2f s", dev.name, delay)
             await asyncio.sleep(delay)
+
+    def _after_startdt(self) -> None:
+        """What follows data transfer coming on: clock, GI, counters (as configured)."""
+        dev = self.device
+        with contextlib.suppress(LinkError):  # lost again already: link.closed says why
+            if dev.clock_sync.on_connect:  # first, so the GI's values carry the set clock
+                self._send_clock_sync(None)
+            self._send_interrogation()  # as c104's Init.INTERROGATION: all values after connect
+            if self._counter_points and dev.counter_interrogation.on_connect:
+                self._send_counter_interrogation()  # totals are not in the GI
+
+    async def stop_data(self) -> None:
+        """STOPDT: the device stops sending (values, confirmations) but the connection stays,
+        supervised by TESTFR; commands and interrogations are refused until :meth:`start_data`.
+
+        Returns at the device's STOPDT con (it gives it once our acknowledgements caught up);
+        none within t1 closes the link (:class:`LinkError`). The link state stays ``up``.
+        """
+        link = self._require_link()
+        await link.request_u(UFunction.STOPDT_ACT)
+        self._counters["stopdt"] += 1
+        log.info("%s: data transfer stopped (STOPDT con)", self.device.name)
+
+    async def start_data(self) -> None:
+        """STARTDT after :meth:`stop_data`; then what follows every STARTDT (GI and, as
+        configured, clock synchronisation and counter interrogation). No-op when running."""
+        link = self._link
+        if link is None or not self._up.is_set():
+            raise LinkError(self.device.name, f"link is {self._state.value}")
+        if link.data_on:
+            return
+        await link.request_u(UFunction.STARTDT_ACT)
+        self._counters["startdt"] += 1
+        log.info("%s: data transfer started again (STARTDT con)", self.device.name)
+        self._after_startdt()
+
+    async def switch_over(self) -> None:
+        """Planned switch to the next redundant outstation: STOPDT on the active one (so it
+        knows it is standby and nothing is lost in flight), close, connect to the next, GI.
+
+        Returns once the new link is up (bounded by t0 + t1 + 1 s) or raises
+        :class:`LinkError` (also for a device without ``redundant_hosts``).
+        """
+        dev = self.device
+        if not self._redundant:
+            raise LinkError(dev.name, "no redundant outstation configured (redundant_hosts)")
+        link = self._require_link()
+        with contextlib.suppress(LinkError):  # the old one may refuse or die: we leave it anyway
+            await link.request_u(UFunction.STOPDT_ACT)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._switch_waiter = done
+        link.close_for("switched over on request")
+        bound = float(dev.timers.t0_s + dev.timers.t1_s) + 1.0
+        try:
+            async with asyncio.timeout(bound):
+                await done
+        except TimeoutError:
+            raise LinkError(dev.name, f"switch-over not done within {bound:g} s") from None
+        finally:
+            if self._switch_waiter is done:
+                self._switch_waiter = None
 
     def _fail_pending(self, reason: str) -> None:
         err = LinkError(self.device.name, f"link lost: {reason}")
@@ -854,6 +1038,8 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         link = self._link
         if link is None or not self._up.is_set():
             raise LinkError(self.device.name, f"link is {self._state.value}")
+        if not link.data_on:
+            raise LinkError(self.device.name, "data transfer stopped (STOPDT); start_data() resumes it")
         return link
 
     def _asdu(self, type_id: TypeId, cot: Cot, ioa: int, element: Element) -> bytes:
