@@ -131,14 +131,14 @@ async def test_a_frame_trickled_one_octet_per_0_3_s_is_used(
     w = await client(base, rogue, running)
     await until(lambda: w.latest("feeder.autoreclose.enabled"), 3, "single point from GI")
     started = time.monotonic()
-    await rogue.misbehave("trickle")  # 16 octets: ~4.8 s, longer than t3 and t1 together
-    assert time.monotonic() - started >= 4.5
+    await rogue.misbehave("trickle")  # 23 octets: ~6.9 s, longer than t3 and t1 together
+    assert time.monotonic() - started >= 6.5
     upd = await until(
         lambda: w.latest("feeder.autoreclose.enabled", lambda u: u.cause is UpdateCause.SPONTANEOUS), 2, "the value"
     )
     assert upd.value is True and upd.quality is Quality.GOOD
     stats = w.adapter.stats()
-    assert stats["reads"] >= 16  # one octet per TCP read, put together by the decoder
+    assert stats["reads"] >= 23  # one octet per TCP read, put together by the decoder
     assert not w.downs() and stats["connects"] == 1
     assert stats.get("garbled_frames", 0) == 0 and stats.get("t1_timeouts", 0) == 0
 
@@ -196,3 +196,15 @@ async def test_flood_of_unknown_addresses_keeps_memory_flat(
     assert w.adapter.stats()["unknown_points"] == n * (rounds + 1)
     assert not w.downs() and w.adapter.link_state is LinkState.UP
     assert w.latest(PROOF_POINT, lambda u: u.value == PROOF_VALUE) is not None
+
+
+async def test_an_idle_link_is_tested_every_t3_not_every_t1(
+    base: LabConfig, rogue: RogueOutstation, running: Starter
+) -> None:
+    # t3 restarts with the TESTFR con: with t1 = 2 s > t3 = 1 s, a timer left at the TESTFR's
+    # t1 deadline tested only every 2 s, and found a device that went silent up to 1 s late
+    w = await client(base, rogue, running)
+    before = w.adapter.stats().get("testfr_sent", 0)
+    await asyncio.sleep(3.5)
+    assert w.adapter.stats()["testfr_sent"] - before >= 3
+    assert not w.downs()

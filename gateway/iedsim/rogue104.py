@@ -113,7 +113,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             False,
             ("garbled_asdus", "unknown_types", "unknown_points"),
         ),
-        Scenario("trickle", "a valid 16-octet value APDU sent one octet per 0.3 s", False, ()),
+        Scenario("trickle", "a valid value APDU (23 octets, M_SP_TB_1) sent one octet per 0.3 s", False, ()),
         Scenario("stall", "silence: no TESTFR con, no S-frame, no STARTDT con, for stall_s", True, ("t1_timeouts",)),
         Scenario(
             "flood",
@@ -159,6 +159,10 @@ def _element(type_id: TypeId, value: float) -> Element | None:
     if name in ("M_ME_NC_1", "M_ME_TF_1"):
         return FloatInfo(value)
     return None
+
+
+#: what a general interrogation reports: breakers ON, single points off, measurands 230 + n
+_DEFAULTS: Final = {"M_DP": 2.0, "M_SP": 0.0}
 
 
 def _timed(type_id: TypeId) -> bool:
@@ -367,12 +371,22 @@ class RogueOutstation:
         for i, p in enumerate(self.points):
             if only is not None and p.ioa != only:
                 continue
-            v = value if value is not None else (2.0 if p.type_id.name.startswith("M_DP") else 230.0 + i)
+            v = value if value is not None else _DEFAULTS.get(p.type_id.name[:4], 230.0 + i)
             element = _element(p.type_id, v)
             assert element is not None  # monitor_points() keeps only encodable types
             obj = InfoObject(p.ioa, element, Cp56Time.from_timestamp(stamp) if _timed(p.type_id) else None)
             out.append(encode_asdu(Asdu(p.type_id, cot, self.common_address, (obj,))))
         return out
+
+    async def send_value(self, timeout_s: float = 2.0) -> bool:
+        """Send :data:`PROOF_VALUE` on the newest started connection, correctly numbered:
+        whether a client that did not close after a scenario still takes values."""
+        try:
+            s = await self.session(timeout_s)
+        except TimeoutError:
+            return False
+        s.send_i(self._proof())
+        return True
 
     def _proof(self) -> bytes:
         """A spontaneous value of the first measured point (:data:`PROOF_VALUE`)."""
@@ -454,8 +468,8 @@ class RogueOutstation:
         single = next((p for p in self.points if p.type_id.name.startswith("M_SP")), None)
         if single is None:
             raise ValueError("the rogue has no single point to trickle a value on")
-        obj = InfoObject(single.ioa, SinglePointInfo(True))
-        frame = s.i_frame(encode_asdu(Asdu(TypeId.M_SP_NA_1, Cot.SPONTANEOUS, self.common_address, (obj,))))
+        # in its configured type (c104 drops a value of another type: docs/protocol-notes.md)
+        frame = s.i_frame(self.values(Cot.SPONTANEOUS, only=single.ioa, value=1.0)[0])
         s.holding = True
         try:
             for octet in frame:

@@ -306,6 +306,7 @@ class _Link(asyncio.Protocol):
             self._write(_TESTFR_CON)
         elif fn is UFunction.TESTFR_CON:
             self._testfr_at = None
+            self._arm(self._last_rx + self._t3)  # t3 again from now: the timer was left at the TESTFR's t1
         else:  # counted: a device repeating them must not fill the log
             self._adapter._anomaly("unexpected_u_frames", "unexpected %s from the device ignored", fn.name)
 
