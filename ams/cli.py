@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ams.config import AmsConfig, load_ams_config
-from gateway.cli import report_config_error
+from gateway.cli import redis_url_arg, report_config_error
 from gateway.cliutil import add_version, quiet_on_broken_pipe
 from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.semantic import FlexibilityType
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", "-c", required=True, help="AMS config file (YAML)")
-        p.add_argument("--redis-url", help="Redis URL (overrides the config's redis.url)")
+        p.add_argument("--redis-url", type=redis_url_arg, help="Redis URL (overrides the config's redis.url)")
         p.add_argument(
             "--data-dir",
             metavar="DIR",

@@ -23,7 +23,7 @@ from gateway.errors import CommandInvalid, ConfigError, GatewayError
 if TYPE_CHECKING:
     from gateway.store import CommandRecord, RedisStore
 
-__all__ = ["main", "report_config_error"]
+__all__ = ["main", "redis_url_arg", "report_config_error"]
 
 DEFAULT_STATE_DIR = Path(".mgms")
 
@@ -46,9 +46,20 @@ def resolve_redis_url(args: argparse.Namespace, cfg: LabConfig) -> str | None:
     return None
 
 
+def redis_url_arg(value: str) -> str:
+    """argparse type of ``--redis-url``: checked as the config's ``redis.url`` is (redis-py's
+    ValueError came out of ``run`` as a traceback)."""
+    from gateway.config import check_redis_url
+
+    try:
+        return check_redis_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("--config", "-c", required=config_required, help="lab config file (YAML)")
-    p.add_argument("--redis-url", help="Redis URL (overrides the config's redis.url)")
+    p.add_argument("--redis-url", type=redis_url_arg, help="Redis URL (overrides the config's redis.url)")
     p.add_argument(
         "--data-dir",
         metavar="DIR",

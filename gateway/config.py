@@ -56,6 +56,7 @@ __all__ = [
     "Point",
     "RedisUrl",
     "check_host",
+    "check_redis_url",
     "file_problem",
     "iec104_address",
     "iec61850_address",
@@ -193,7 +194,7 @@ def check_host(v: str) -> str:
     return v
 
 
-def _check_redis_url(v: str) -> str:
+def check_redis_url(v: str) -> str:
     """A URL redis-py can connect with; a wrong one otherwise fails ``run`` with a traceback."""
     parts = urlsplit(v)
     if parts.scheme not in ("redis", "rediss", "unix"):
@@ -212,7 +213,7 @@ def _check_redis_url(v: str) -> str:
 
 
 #: A Redis URL, checked at load (the lab's and the AMS's ``redis.url``).
-RedisUrl = Annotated[str, AfterValidator(_check_redis_url)]
+RedisUrl = Annotated[str, AfterValidator(check_redis_url)]
 
 
 class _Frozen(BaseModel):

@@ -449,3 +449,11 @@ def test_ams_check_config_and_run_list_every_problem_before_redis(tmp_path: Path
         )
         assert f"{cfg}:6: messaging.transports.mqtt.ca_file: file not found: {tmp_path / 'pki' / 'ca.crt'}" in r.stderr
     assert not data.exists()
+
+
+@pytest.mark.parametrize("module", ["gateway.cli", "ams.cli"])
+def test_a_bad_redis_url_argument_is_a_usage_error(tmp_path: Path, module: str) -> None:
+    # redis-py's ValueError came out of `run` as a traceback
+    r = run_cli(module, "run", "-c", str(tmp_path / "any.yaml"), "--redis-url", "localhost:6379", env={}, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "argument --redis-url: 'localhost:6379': a Redis URL starts with redis://, rediss:// or unix://" in r.stderr
