@@ -27,6 +27,7 @@ from gateway.config import (
     LabConfig,
     MessagingSettings,
     Path_,
+    file_problem,
     load_config,
     transport_settings_model,
 )
@@ -45,7 +46,12 @@ def load_runnable_config(path: str | os.PathLike[str]) -> LabConfig:
 
 def check_lab(cfg: LabConfig, add: AddIssue) -> None:
     """Device secrets from the environment; the messaging keys, peers and transports."""
+    from gateway.protocols import device_problems
+
     for name, dev in cfg.devices.items():
+        if dev.tls.enabled and all(file_problem(path) is None for _, path in dev.tls.files()):
+            for sub, reason in device_problems(dev):  # missing files: reported by the loader
+                add(("devices", name, *sub), reason)
         if dev.protocol != "dlms":
             continue
         dlms = dev.dlms

@@ -222,6 +222,54 @@ def test_iec61850_tls_options_libiec61850_cannot_do_are_refused_at_load(tmp_path
     ]
 
 
+def ed25519_pair(directory: Path) -> tuple[Path, Path]:
+    """A self-signed Ed25519 certificate and key: OpenSSL takes them, mbedtls does not."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.x509.oid import NameOID
+
+    key = Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed25519 gateway")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, None)
+    )  # fmt: skip
+    cert_file, key_file = directory / "ed.crt", directory / "ed.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def test_iec61850_tls_files_mbedtls_cannot_load_are_named_by_check_config(tmp_path: Path) -> None:
+    # OpenSSL (the loader's parse) takes an Ed25519 pair; libiec61850's mbedtls refused it when
+    # the adapter started, after the embedded Redis
+    pki = make_lab_pki(tmp_path / "pki")
+    cert, key = ed25519_pair(tmp_path)
+    lab = tmp_path / "mms.yaml"
+    tls = f"{{enabled: true, ca_file: {pki.ca}, check_hostname: false, cert_file: {cert}, key_file: {key}}}"
+    lab.write_text(
+        "lab: {name: mms}\n"
+        "devices:\n"
+        "  ied: {protocol: iec61850, host: 127.0.0.1, port: 10102, ied_name: REF615,\n"
+        f"        tls: {tls}}}\n"
+        "points: []\n"
+    )
+    assert load_config(lab).devices["ied"].tls.cert_file == str(cert)
+    assert issues(lab) == [
+        ("devices.ied.tls.cert_file", 4, f"libiec61850 (mbedtls): cannot load certificate {cert} (PEM expected)"),
+    ]
+    lab.write_text(lab.read_text().replace(f"cert_file: {cert}, key_file: {key}", f"cert_file: {pki.client.cert},"
+                                           f" key_file: {pki.client.key}"))  # fmt: skip
+    assert load_runnable_config(lab).devices["ied"].tls.key_file == str(pki.client.key)
+
+
 # ------------------------------------------------------------------------ messaging
 
 

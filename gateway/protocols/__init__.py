@@ -10,7 +10,7 @@ from __future__ import annotations
 from gateway.config import Device, Point
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
 
-__all__ = ["Adapter", "LinkState", "LinkStateChange", "create_adapter"]
+__all__ = ["Adapter", "LinkState", "LinkStateChange", "create_adapter", "device_problems"]
 
 
 def create_adapter(device: Device, points: tuple[Point, ...]) -> Adapter:
@@ -33,3 +33,16 @@ def create_adapter(device: Device, points: tuple[Point, ...]) -> Adapter:
 
         return DlmsAdapter(device, points)
     raise ValueError(f"{device.name}: no adapter for protocol {device.protocol!r}")
+
+
+def device_problems(device: Device) -> list[tuple[tuple[str, ...], str]]:
+    """What only the protocol library can tell about a device config its adapter would refuse
+    at start: (key below ``devices.<name>``, reason). For ``check-config`` and ``run``
+    (``gateway.preflight``); the library is loaded only for a device that needs the look."""
+    tls = device.tls
+    if device.protocol == "iec61850" and tls.enabled and tls.ca_file is not None:
+        from gateway.protocols.iec61850.tls import client_file_problems
+
+        problems = client_file_problems(tls.ca_file, tls.cert_file, tls.key_file)
+        return [(("tls", key), reason) for key, reason in problems]
+    return []

@@ -19,11 +19,16 @@ What libiec61850 does and does not do, and how the gateway maps its config onto 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.protocols.iec61850.native import lib
 
-__all__ = ["TlsConfig", "TlsSetupError"]
+__all__ = ["TlsConfig", "TlsSetupError", "client_file_problems"]
 
 _TLS_1_2 = 6
 
@@ -85,6 +90,44 @@ class TlsConfig:
         handle, self.handle = self.handle, 0
         if handle:
             lib.TLSConfiguration_destroy(handle)
+
+
+def client_file_problems(ca: str, cert: str | None, key: str | None) -> list[tuple[str, str]]:
+    """(tls key, reason) for each client TLS file mbedtls cannot load, all of them.
+
+    For ``check-config`` and the start of ``run``: the loader parses the files with OpenSSL,
+    which takes some that mbedtls refuses (Ed25519 keys and certificates), and the adapter
+    would find out only when it starts, after the embedded Redis.
+    """
+    problems: list[tuple[str, str]] = []
+    pieces: list[tuple[str, str | None, str | None, str | None]] = [("ca_file", None, None, ca)]
+    if cert is not None and key is not None:
+        pieces.append(("cert_file", cert, key, None))
+    for field, own_cert, own_key, own_ca in pieces:
+        try:
+            with _c_output_silenced():  # libiec61850 prints its mbedtls errors
+                TlsConfig._make(own_cert, own_key, own_ca, client=True).close()
+        except TlsSetupError as exc:
+            problems.append(("key_file" if "private key" in str(exc) else field, f"libiec61850 (mbedtls): {exc}"))
+    return problems
+
+
+@contextlib.contextmanager
+def _c_output_silenced() -> Iterator[None]:
+    """Point fds 1 and 2 at /dev/null for a library call (C stdio flushed before restoring)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _path(p: str) -> bytes:
