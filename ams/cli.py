@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -145,36 +144,49 @@ async def _with_service(args: argparse.Namespace, cfg: AmsConfig, fn: Any) -> An
 
 
 async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
+    """The AMS until SIGINT/SIGTERM; a signal during start-up stops what was started.
+
+    As ``mgms run``: handlers first (gateway.lifecycle), the data dir locked before the
+    embedded Redis starts (a second run on it exits with 2; a second *worker* shares the
+    first one's Redis with ``--redis-url``).
+    """
     import redis.asyncio as aioredis
 
     from ams.service import AmsService
+    from gateway.lifecycle import StopSignals
     from gateway.messaging import build_messenger
-    from gateway.services import embedded_redis
+    from gateway.services import DataDirInUse, embedded_redis
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="ams") as url:
-        client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+    with StopSignals() as signals:
         try:
-            messenger = build_messenger(
-                cfg.messaging, client, prefix=f"ams:{cfg.participant}", probes=cfg.probes.enabled
+            async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="ams") as url:
+                client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+                try:
+                    messenger = build_messenger(
+                        cfg.messaging, client, prefix=f"ams:{cfg.participant}", probes=cfg.probes.enabled
+                    )
+                    async with messenger:
+                        log.info("AMS %s running (worker %s)", cfg.participant, args.worker)
+                        svc = AmsService(
+                            cfg.service_settings(),
+                            client,
+                            cfg.participant,
+                            messenger=messenger,
+                            worker=args.worker,
+                            probes=cfg.probes.enabled,
+                        )
+                        signals.started()
+                        await svc.run(signals.stop)
+                finally:
+                    await client.aclose()
+        except DataDirInUse as exc:
+            marker = _state_dir(args, cfg) / "redis.url"
+            print(
+                f"error: {exc}\n(a second worker of the same AMS: `ams run -c {args.config} "
+                f"--redis-url $(cat {marker})`)",
+                file=sys.stderr,
             )
-            async with messenger:
-                log.info("AMS %s running (worker %s)", cfg.participant, args.worker)
-                svc = AmsService(
-                    cfg.service_settings(),
-                    client,
-                    cfg.participant,
-                    messenger=messenger,
-                    worker=args.worker,
-                    probes=cfg.probes.enabled,
-                )
-                await svc.run(stop)
-        finally:
-            await client.aclose()
+            return 2
     return 0
 
 

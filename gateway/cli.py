@@ -184,17 +184,31 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    """The gateway until SIGINT/SIGTERM; a signal during start-up stops what was started.
+
+    The signal handlers come first, before the embedded Redis (gateway.lifecycle); the data
+    dir is locked before anything in it is touched, so a second run of the same lab is
+    refused with exit code 2 instead of sharing the first one's AOF.
+    """
+    from gateway.lifecycle import StopSignals
     from gateway.preflight import load_runnable_config
-    from gateway.runtime import Gateway, run_until_signal
-    from gateway.services import embedded_redis
+    from gateway.runtime import Gateway
+    from gateway.services import DataDirInUse, embedded_redis
     from gateway.store import RedisStore
 
-    cfg = load_runnable_config(args.config)  # refuses a config that cannot run before Redis starts
-    async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="mgms") as url:
-        store = RedisStore.from_url(cfg, url)
-        await store.write_meta(str(args.config))
-        await _warn_if_not_durable(store, url)
-        await run_until_signal(Gateway(cfg, store))
+    with StopSignals() as signals:
+        cfg = load_runnable_config(args.config)  # refuses a config that cannot run before Redis starts
+        try:
+            async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="mgms") as url:
+                store = RedisStore.from_url(cfg, url)
+                await store.write_meta(str(args.config))
+                await _warn_if_not_durable(store, url)
+                gateway = Gateway(cfg, store)
+                signals.started()  # Gateway.run honours a stop set at any point of its own start
+                await gateway.run(signals.stop)
+        except DataDirInUse as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -305,14 +305,3 @@ class Gateway:
             out[name] = {"link": adapter.link_state.value, **adapter.stats()}
         return out
 
-
-async def run_until_signal(gateway: Gateway) -> None:
-    """Run until SIGINT or SIGTERM, then shut down cleanly."""
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await gateway.run(stop)

@@ -9,32 +9,56 @@ to configure the server and how to tell that it is ready.
 Everything here is synchronous (it is process management, done once at start-up); the
 async context manager runs the blocking parts in a worker thread so an event loop is never
 stalled while a server boots.
+
+A server never outlives the process that started it, whichever way that process ends:
+
+- a stop (:meth:`_ServerProcess.stop`, the context managers, the finalizer at exit);
+- a cancelled start (:meth:`_ServerProcess.astart`): the start-up thread is told to give up,
+  stops the server it was starting, and the cancellation goes on only once it has;
+- SIGKILL or any other death of the starting process: the server is spawned with
+  ``PR_SET_PDEATHSIG`` = SIGTERM, so the kernel stops it. That signal fires when the *thread*
+  that forked the server ends, not the process; so every server is forked from one thread
+  kept for the life of the process (:data:`_FORK_THREAD`), never from the short-lived worker
+  thread that waits for it to answer.
+
+:func:`embedded_redis` adds a per-data-dir lock (:class:`DataDirLock`): a second service on
+the same data dir is refused before it touches the first one's AOF or url file.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
 import logging
 import os
 import pwd
+import queue
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from gateway.errors import GatewayError
 
 __all__ = [
+    "DataDirInUse",
+    "DataDirLock",
     "MosquittoServer",
     "MqttAcl",
     "MqttTls",
@@ -56,6 +80,122 @@ class ServiceError(GatewayError):
 
 class ServiceNotInstalled(ServiceError):
     """The server binary is not on PATH; the message says which package provides it."""
+
+
+class DataDirInUse(ServiceError):
+    """Another process holds the data dir's lock: a usage problem (exit code 2), not a fault."""
+
+    def __init__(self, message: str, *, data_dir: Path, pid: int | None) -> None:
+        super().__init__(message)
+        self.data_dir = data_dir
+        self.pid = pid
+
+
+_T = TypeVar("_T")
+
+_PopenFuture = concurrent.futures.Future[subprocess.Popen[bytes]]
+
+
+class _ForkThread:
+    """The one thread every server is forked from (PR_SET_PDEATHSIG follows the forking thread).
+
+    A daemon thread, started on the first spawn and never ended: it lasts exactly as long
+    as the process, so the kernel's "parent died" signal means what it should. A worker
+    thread of ``asyncio.to_thread`` would not do: it may end while the process goes on (and
+    the server with it), and a server forked from a thread that outlives nothing tells
+    nothing. Its loop runs for the life of the process by design; each job is one Popen.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], subprocess.Popen[bytes]], _PopenFuture]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def popen(self, spawn: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        with self._lock:
+            # not alive: never started, or we are a forked child that has no copy of it
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="server-fork", daemon=True)
+                self._thread.start()
+        if threading.current_thread() is self._thread:
+            return spawn()
+        done: _PopenFuture = concurrent.futures.Future()
+        self._jobs.put((spawn, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            spawn, done = self._jobs.get()
+            try:
+                done.set_result(spawn())
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                done.set_exception(exc)
+
+#: Process-wide by nature, as the process's children are (see :class:`_ForkThread`).
+_FORK_THREAD = _ForkThread()
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[[int, int, int, int, int], int] | None:
+    """libc's prctl, looked up once in the parent (a forked child should only call it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    prctl: Callable[[int, int, int, int, int], int] = fn
+    return prctl
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when its forking thread ends.
+
+    Runs in the child between fork and exec, so it does the least: one prctl and one
+    getppid. The getppid check closes the race where the parent died before the prctl (the
+    child would then wait for a signal that already had its chance).
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+async def _in_thread_to_the_end(fn: Callable[[], _T], on_cancel: Callable[[], None] | None = None) -> _T:
+    """``fn()`` in a worker thread, awaited to its end even when the caller is cancelled.
+
+    :func:`asyncio.to_thread` gives up at a cancellation while the thread goes on, so a
+    server being started would come up after its owner left and nobody would stop it. Here
+    a cancellation calls ``on_cancel`` (which tells ``fn`` to give up) and is raised only
+    once ``fn`` has returned; ``fn``'s own outcome is then dropped. ``fn`` is bounded by
+    itself (start and stop timeouts), so is the wait.
+    """
+    fut = asyncio.get_running_loop().run_in_executor(None, fn)
+    cancelled: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError as exc:
+            if cancelled is None and on_cancel is not None:
+                on_cancel()
+            cancelled = exc
+    if cancelled is not None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.debug("dropped after a cancellation: %r", fut.exception())
+        raise cancelled
+    return fut.result()
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -133,11 +273,14 @@ class _ServerProcess(abc.ABC):
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
         executable: str | None = None,
+        inherit_fds: Sequence[int] = (),
     ) -> None:
         self.host = host
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self._executable = executable
+        # e.g. a DataDirLock's descriptor: the lock then lasts as long as the server too
+        self._inherit_fds = tuple(inherit_fds)
         self._fixed_port = port
         self._port: int | None = port
         # Absolute once, here: the server runs with its cwd set to the data dir, where a
@@ -230,8 +373,12 @@ class _ServerProcess(abc.ABC):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the server and return once it answers; raise ServiceError if it does not."""
+    def start(self, abort: threading.Event | None = None) -> None:
+        """Start the server and return once it answers; raise ServiceError if it does not.
+
+        ``abort`` set meanwhile (from another thread) makes it stop the server it is starting
+        and raise :class:`StartAborted`.
+        """
         if self.running:
             return
         exe = self._find_executable()
@@ -243,7 +390,7 @@ class _ServerProcess(abc.ABC):
             port = self._port if self._port is not None else free_port(self.host)
             self._port = port
             try:
-                self._spawn(exe, data_dir, port)
+                self._spawn(exe, data_dir, port, abort)
                 return
             except _PortTaken:
                 log.info("%s: port %d taken (%d/%d)", self.binary, port, attempt, attempts)
@@ -256,28 +403,52 @@ class _ServerProcess(abc.ABC):
         )
         raise ServiceError(f"{self.binary}: {what}; log {self.log_file}:\n{self._log_tail()}")
 
-    def _spawn(self, exe: str, data_dir: Path, port: int) -> None:
+    def _spawn(self, exe: str, data_dir: Path, port: int, abort: threading.Event | None = None) -> None:
+        if abort is not None and abort.is_set():
+            raise StartAborted(f"{self.binary}: start-up abandoned before it began")
         cmd = self._command(exe, data_dir, port)
         log.debug("starting %s", " ".join(cmd))
         with open(self.log_file, "ab") as out:
             log_start = out.tell()
             out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
             out.flush()
-            proc = subprocess.Popen(
-                cmd,
-                cwd=data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C meant for the gateway must not kill it first
-            )
+            preexec = _die_with_parent()  # built here: the child should only call it
+
+            def spawn() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    cmd,
+                    cwd=data_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a Ctrl-C meant for the gateway must not kill it first
+                    pass_fds=self._inherit_fds,
+                    preexec_fn=preexec,
+                )
+
+            # from the fork thread, so PR_SET_PDEATHSIG means "when this process dies"
+            proc = _FORK_THREAD.popen(spawn)
         self._proc = proc
         self._finalizer = weakref.finalize(self, _kill_quietly, proc)
+        try:
+            self._await_ready(proc, port, log_start, abort)
+        except BaseException:
+            # whatever went wrong while waiting (abort, timeout, a bug), the process goes too
+            if self._proc is proc:
+                self._terminate(proc)
+                self._proc = None
+                self._finalizer.detach()
+            raise
+
+    def _await_ready(
+        self, proc: subprocess.Popen[bytes], port: int, log_start: int, abort: threading.Event | None
+    ) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if proc.poll() is not None:
                 self._proc = None
-                self._finalizer.detach()
+                if self._finalizer is not None:
+                    self._finalizer.detach()
                 tail = self._log_tail(since=log_start)
                 if self._port_in_use(tail):
                     raise _PortTaken
@@ -286,16 +457,19 @@ class _ServerProcess(abc.ABC):
                     f"log {self.log_file}:\n{tail}"
                 )
             if self._ready():
-                log.info("%s running on %s:%d (pid %d, data %s)", self.binary, self.host, port, proc.pid, data_dir)
+                log.info(
+                    "%s running on %s:%d (pid %d, data %s)", self.binary, self.host, port, proc.pid, self.data_dir
+                )
                 return
             if time.monotonic() > deadline:
-                self._terminate(proc)
-                self._proc = None
                 raise ServiceError(
                     f"{self.binary} did not answer within {self.start_timeout_s:g} s; "
                     f"log {self.log_file}:\n{self._log_tail(since=log_start)}"
                 )
-            time.sleep(0.02)
+            if abort is None:
+                time.sleep(0.02)
+            elif abort.wait(0.02):
+                raise StartAborted(f"{self.binary}: start-up abandoned (pid {proc.pid} stopped)")
 
     def _terminate(self, proc: subprocess.Popen[bytes], *, hard: bool = False) -> None:
         if proc.poll() is None:
@@ -355,8 +529,26 @@ class _ServerProcess(abc.ABC):
     ) -> None:
         self.close()
 
+    async def astart(self) -> None:
+        """:meth:`start` in a worker thread; cancelled, it stops what it was starting first.
+
+        The cancellation reaches the caller only once the server is stopped again, so an
+        owner cancelled at any point of start-up (a signal, a timeout) leaves no server.
+        """
+        abort = threading.Event()
+        try:
+            await _in_thread_to_the_end(functools.partial(self.start, abort), on_cancel=abort.set)
+        except asyncio.CancelledError:
+            # start() may have finished before it saw the abort
+            await _in_thread_to_the_end(self.stop)
+            raise
+
     async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
+        try:
+            await self.astart()
+        except BaseException:
+            await _in_thread_to_the_end(self.close)  # no __aexit__ follows a failed __aenter__
+            raise
         return self
 
     async def __aexit__(
@@ -365,7 +557,11 @@ class _ServerProcess(abc.ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await asyncio.to_thread(self.close)
+        await _in_thread_to_the_end(self.close)
+
+
+class StartAborted(ServiceError):
+    """The start was abandoned on request (its owner was cancelled); the server is stopped."""
 
 
 class _PortTaken(Exception):
@@ -396,6 +592,7 @@ class RedisServer(_ServerProcess):
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
         executable: str | None = None,
+        inherit_fds: Sequence[int] = (),
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
@@ -406,6 +603,7 @@ class RedisServer(_ServerProcess):
             start_timeout_s=start_timeout_s,
             stop_timeout_s=stop_timeout_s,
             executable=executable,
+            inherit_fds=inherit_fds,
         )
         self.appendfsync = appendfsync
         self.appendonly = appendonly
@@ -610,33 +808,133 @@ class MosquittoServer(_ServerProcess):
         return [executable, "-c", str(conf)]
 
 
+class DataDirLock:
+    """An exclusive ``flock`` on ``<dir>/run.lock``, held for as long as its owner lives.
+
+    The kernel drops a flock when the last descriptor of its open file goes, so no death of
+    the owner (SIGKILL included) leaves a stale lock behind, and there is nothing to clean
+    up. Given to a server through ``inherit_fds``, the lock lasts until that server is gone
+    too: a new run cannot start a second redis-server on an AOF the old one still writes.
+    The owner's pid and role are written into the file for the refusal message of the next
+    one; the file itself stays (removing a lock file races with the next locker).
+    """
+
+    file_name = "run.lock"
+
+    def __init__(self, directory: Path, *, who: str) -> None:
+        self.directory = directory
+        self.path = directory / self.file_name
+        self.who = who
+        self._fd: int | None = None
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ServiceError(f"{self.path} is not held")
+        return self._fd
+
+    def acquire(self) -> None:
+        """Take the lock at once or raise :class:`DataDirInUse` naming the holder's pid."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = self._holder(fd) if exc.errno in (errno.EWOULDBLOCK, errno.EACCES) else None
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise ServiceError(f"cannot lock {self.path}: {exc.strerror}") from exc
+            raise self._in_use(holder) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {self.who}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @staticmethod
+    def _holder(fd: int) -> tuple[int, str] | None:
+        """The holder's "pid role" line; it writes it just after it locked, so wait a moment."""
+        for _ in range(25):  # 0.5 s at most
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 200).decode("utf-8", errors="replace").strip()
+            pid_text, _, role = text.partition(" ")
+            if pid_text.isdigit():
+                return int(pid_text), role or "?"
+            time.sleep(0.02)
+        return None
+
+    def _in_use(self, holder: tuple[int, str] | None) -> DataDirInUse:
+        where = self.directory
+        if holder is None:
+            return DataDirInUse(
+                f"data dir {where} is in use by another process (its lock {self.path} is held); "
+                "stop it first, or give this one another --data-dir",
+                data_dir=where,
+                pid=None,
+            )
+        pid, role = holder
+        if _pid_alive(pid):
+            what = f"{role} (pid {pid})"
+        else:
+            what = f"a server that {role} (pid {pid}, gone) started and that is still stopping"
+        return DataDirInUse(
+            f"data dir {where} is in use by {what}: one {self.who} per data dir; "
+            "stop that one first, or give this one another --data-dir",
+            data_dir=where,
+            pid=pid,
+        )
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.asynccontextmanager
 async def embedded_redis(url: str | None, state_dir: Path, *, who: str) -> AsyncIterator[str]:
     """The Redis URL to use: ``url`` if given, else one of our own started for the duration.
 
     Our own keeps its AOF under ``state_dir/redis`` so a restarted service finds its state
     (pending requests, outbox, inbox) again, and writes its URL to ``state_dir/redis.url`` so
-    the CLI commands of the same service find it while it runs.
+    the CLI commands of the same service find it while it runs. ``state_dir`` is locked first
+    (:class:`DataDirLock`, :class:`DataDirInUse` if another service has it), before anything
+    in it is touched. Cancelled at any point (a signal during start-up), it stops the server
+    before the cancellation goes on.
     """
     if url is not None:
         yield url
         return
-    server = await asyncio.to_thread(_start_embedded_redis, state_dir)
-    logging.getLogger(who).info("embedded redis-server at %s (data in %s)", server.url, state_dir / "redis")
-    try:
-        yield server.url
-    finally:
-        await asyncio.to_thread(_stop_embedded_redis, server, state_dir)
-
-
-def _start_embedded_redis(state_dir: Path) -> RedisServer:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(data_dir=state_dir / "redis")
-    server.start()
-    (state_dir / "redis.url").write_text(server.url + "\n")
-    return server
-
-
-def _stop_embedded_redis(server: RedisServer, state_dir: Path) -> None:
-    (state_dir / "redis.url").unlink(missing_ok=True)
-    server.close()
+    with DataDirLock(state_dir, who=who) as lock:
+        server = RedisServer(data_dir=state_dir / "redis", inherit_fds=(lock.fileno(),))
+        marker = state_dir / "redis.url"
+        try:
+            await server.astart()
+            # whole or not at all: a reader (`mgms command`) polling for it must not see it empty
+            partial = marker.with_name(marker.name + ".new")
+            partial.write_text(server.url + "\n")
+            partial.replace(marker)
+            logging.getLogger(who).info("embedded redis-server at %s (data in %s)", server.url, server.data_dir)
+            yield server.url
+        finally:
+            # ours to remove even when start-up failed: we hold the lock, so any marker is stale
+            marker.unlink(missing_ok=True)
+            await _in_thread_to_the_end(server.close)

@@ -1,15 +1,32 @@
-"""The embedded redis-server: free port, AOF persistence across restarts, clear errors."""
+"""The embedded redis-server: free port, AOF persistence across restarts, clear errors; no
+server outlives its owner, one embedded Redis per data dir."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.services import RedisServer, ServiceError, ServiceNotInstalled, embedded_redis, free_port
+from gateway.services import (
+    DataDirInUse,
+    DataDirLock,
+    RedisServer,
+    ServiceError,
+    ServiceNotInstalled,
+    embedded_redis,
+    free_port,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -115,3 +132,181 @@ def test_relative_data_dir_is_fixed_at_construction(tmp_path: Path, monkeypatch:
     with server, redis.Redis.from_url(server.url) as c:
         assert c.ping()
     assert (tmp_path / "rel" / "redis" / "redis.conf").is_file()
+
+
+# -- no server outlives its owner (issue 17 item 10) ---------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, str, int] | None:
+    """(comm, state, ppid) of ``pid`` from /proc, None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+    return comm, rest[0], int(rest[1])
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (it has exited; whether its new parent reaps it is not ours to test)."""
+    stat = _proc_stat(pid)
+    return stat is None or stat[1] == "Z"
+
+
+def _servers_of(parent: int, comm: str) -> set[int]:
+    """Live ``comm`` processes whose parent is ``parent``."""
+    out = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = _proc_stat(int(entry.name))
+        if stat is not None and stat[0] == comm and stat[2] == parent and stat[1] != "Z":
+            out.add(int(entry.name))
+    return out
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait(probe: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not probe():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:g} s: {what}")
+        time.sleep(0.01)
+
+
+async def _until(probe: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``probe`` every 2 ms (the points of a start-up are milliseconds apart)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if probe():
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.002)
+
+
+def test_a_server_outlives_the_thread_that_started_it() -> None:
+    """PR_SET_PDEATHSIG fires when the forking *thread* ends: servers are forked from one
+    thread kept for the process's life, so a short-lived starter thread takes nothing along."""
+    server = RedisServer()
+    starter = threading.Thread(target=server.start)
+    starter.start()
+    starter.join(15)
+    try:
+        assert not starter.is_alive() and server.running
+        time.sleep(0.3)  # a death signal tied to the starter thread would have landed by now
+        assert server.running
+        with redis.Redis.from_url(server.url) as c:
+            assert c.ping()
+    finally:
+        server.close()
+
+
+_OWNER = """
+import asyncio, sys
+from pathlib import Path
+from gateway.services import MosquittoServer, embedded_redis
+
+async def main() -> None:
+    if sys.argv[1] == "redis":
+        async with embedded_redis(None, Path(sys.argv[2]), who="owner") as url:
+            print(url.rsplit(":", 1)[1].split("/")[0], flush=True)
+            await asyncio.sleep(60)
+    else:
+        async with MosquittoServer(data_dir=sys.argv[2]) as broker:
+            print(broker.port, flush=True)
+            await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kind", ["redis", "mosquitto"])
+def test_servers_stop_when_their_owner_is_killed(tmp_path: Path, kind: str) -> None:
+    """SIGKILL of the process that started a server (from asyncio's worker thread, as the
+    CLIs do): the server exits by itself, frees its port, and the data dir's lock is free."""
+    comm = {"redis": "redis-server", "mosquitto": "mosquitto"}[kind]
+    if shutil.which(comm) is None and shutil.which(comm, path="/usr/sbin") is None:
+        pytest.skip(f"{comm} not installed")
+    cmd = [sys.executable, "-c", _OWNER, kind, str(tmp_path)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as owner:
+        try:
+            assert owner.stdout is not None
+            port = int(owner.stdout.readline())
+            (server,) = _servers_of(owner.pid, comm)
+            owner.kill()
+            owner.wait(10)
+            _wait(lambda: _exited(server), 5, f"{comm} (pid {server}) exited after its owner's SIGKILL")
+            _wait(lambda: _port_free(port), 5, f"port {port} free")
+            if kind == "redis":
+                with DataDirLock(tmp_path, who="next"):
+                    pass  # the kernel released the lock with its last holder (the server had it too)
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait(10)
+
+
+@pytest.mark.parametrize("point", ["at-once", "forked", "url-written", "delay-30ms", "delay-80ms"])
+async def test_embedded_redis_cancelled_during_start_up_stops_its_server(tmp_path: Path, point: str) -> None:
+    """A cancellation at any point of the start-up (a signal, in the CLIs) leaves no
+    redis-server, no url marker and no lock behind."""
+    me = os.getpid()
+    before = _servers_of(me, "redis-server")
+    marker = tmp_path / "redis.url"
+    entered = asyncio.Event()
+
+    async def owner() -> None:
+        async with embedded_redis(None, tmp_path, who="test"):
+            entered.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(owner())
+    await asyncio.sleep(0)  # "at-once": the task has taken the lock and handed the start to a thread
+    if point == "forked":
+        await _until(lambda: bool(_servers_of(me, "redis-server") - before), 10, "redis-server forked")
+    elif point == "url-written":
+        await _until(marker.exists, 10, "redis.url written")
+    elif point.startswith("delay-"):
+        await asyncio.sleep(int(point[6:-2]) / 1000)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _servers_of(me, "redis-server") == before
+    assert not marker.exists()
+    with DataDirLock(tmp_path, who="next"):
+        pass
+    if point == "url-written":
+        assert entered.is_set()
+
+
+def test_data_dir_lock_names_its_holder(tmp_path: Path) -> None:
+    with DataDirLock(tmp_path, who="mgms"):
+        with pytest.raises(DataDirInUse) as refused:
+            DataDirLock(tmp_path, who="mgms").acquire()
+        assert refused.value.pid == os.getpid() and refused.value.data_dir == tmp_path
+        assert f"data dir {tmp_path} is in use by mgms (pid {os.getpid()})" in str(refused.value)
+    with DataDirLock(tmp_path, who="mgms"):  # released with its holder
+        pass
+
+
+async def test_second_embedded_redis_on_a_data_dir_is_refused(tmp_path: Path) -> None:
+    """The second one fails before it touches anything: the first keeps its url and answers."""
+    async with embedded_redis(None, tmp_path, who="mgms") as url:
+        with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}"):
+            async with embedded_redis(None, tmp_path, who="mgms"):
+                pytest.fail("a second embedded Redis started on the same data dir")
+        assert (tmp_path / "redis.url").read_text().strip() == url
+        c = aioredis.Redis.from_url(url)
+        try:
+            assert await c.ping()
+        finally:
+            await c.aclose()
+    async with embedded_redis(None, tmp_path, who="mgms") as url:  # free again once the first stopped
+        assert (tmp_path / "redis.url").read_text().strip() == url
