@@ -49,8 +49,9 @@ def check_lab(cfg: LabConfig, add: AddIssue) -> None:
     from gateway.protocols import device_problems
 
     for name, dev in cfg.devices.items():
-        if dev.tls.enabled and all(file_problem(path) is None for _, path in dev.tls.files()):
-            for sub, reason in device_problems(dev):  # missing files: reported by the loader
+        files_ok = not dev.tls.enabled or all(file_problem(path) is None for _, path in dev.tls.files())
+        if files_ok:  # a missing TLS file: reported by the loader
+            for sub, reason in device_problems(dev):
                 add(("devices", name, *sub), reason)
         if dev.protocol != "dlms":
             continue

@@ -170,6 +170,22 @@ def test_unset_meter_keys_are_both_named_by_check_config(tmp_path: Path, monkeyp
     assert load_runnable_config(lab).devices["meter"].dlms.secret("authentication_key") == "11" * 16
 
 
+def test_a_meter_without_the_optional_dlms_package_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # gurux-dlms is an optional extra: `mgms run` died on the adapter's ImportError after Redis
+    # started. A unit test: the package is installed here, so its absence is simulated.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gurux_dlms" else real(name, *a))
+    monkeypatch.setenv("TEST_METER_EK", "00" * 16)
+    monkeypatch.setenv("TEST_METER_AK", "11" * 16)
+    lab = tmp_path / "meter.yaml"
+    lab.write_text(METER)
+    assert issues(lab) == [
+        ("devices.meter.protocol", 5, "dlms needs the optional gurux-dlms package: pip install 'mgms-gateway[dlms]'"),
+    ]
+
+
 def test_device_tls_files_that_are_not_pem_are_refused_at_load(tmp_path: Path) -> None:
     pki = make_lab_pki(tmp_path / "pki")
     not_pem = tmp_path / "notes.txt"

@@ -7,6 +7,8 @@ libiec61850 or gurux types.
 
 from __future__ import annotations
 
+import importlib.util
+
 from gateway.config import Device, Point
 from gateway.protocols.base import Adapter, LinkState, LinkStateChange
 
@@ -39,6 +41,9 @@ def device_problems(device: Device) -> list[tuple[tuple[str, ...], str]]:
     """What only the protocol library can tell about a device config its adapter would refuse
     at start: (key below ``devices.<name>``, reason). For ``check-config`` and ``run``
     (``gateway.preflight``); the library is loaded only for a device that needs the look."""
+    if device.protocol == "dlms" and importlib.util.find_spec("gurux_dlms") is None:
+        # an optional extra (GPL-2.0-only, docs/dlms.md): the adapter's import failed in run
+        return [(("protocol",), "dlms needs the optional gurux-dlms package: pip install 'mgms-gateway[dlms]'")]
     tls = device.tls
     if device.protocol == "iec61850" and tls.enabled and tls.ca_file is not None:
         from gateway.protocols.iec61850.tls import client_file_problems
