@@ -69,6 +69,12 @@ async def test_fault_commands(outstation: Iec104Outstation, control: Line, raw_c
     assert await control.ask("refuse on") == "ok"
     assert outstation._refuse
     assert await control.ask("refuse off") == "ok"
+    assert await control.ask("refuse-clock on") == "ok"
+    assert outstation._refuse_clock
+    assert await control.ask("refuse-clock off") == "ok"
+    assert await control.ask("clock -90.5") == "ok -90.500000"
+    assert outstation.clock_error_s == -90.5
+    assert await control.ask("clock") == "ok -90.500000"  # without argument: what it is now
     assert await control.ask("travel 0.5") == "ok"
     assert outstation._breaker_travel_s == 0.5
     assert await control.ask("stall") == "ok"
@@ -91,6 +97,9 @@ async def test_stats_and_errors(control: Line) -> None:
     assert (await control.ask("set feeder.p abc")).startswith("err ")
     assert (await control.ask("refuse maybe")).startswith("err ")
     assert (await control.ask("travel -1")).startswith("err ")
+    assert (await control.ask("clock soon")).startswith("err ")
+    assert (await control.ask("clock nan")).startswith("err ")
+    assert "2000..2099" in await control.ask("clock 3e9")
     assert (await control.ask("explode")).startswith("err ")
     assert await control.ask("quit") == "ok bye"
     assert await control.reader.read() == b""

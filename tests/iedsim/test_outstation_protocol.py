@@ -189,12 +189,20 @@ async def test_broadcast_interrogation_answers_with_own_address(raw_client: Any)
     assert con.cot is Cot.ACTIVATION_CON and con.common_address == CA
 
 
-async def test_clock_sync_is_confirmed(raw_client: Any) -> None:
+async def test_clock_sync_is_confirmed(outstation: Iec104Outstation, raw_client: Any) -> None:
     t = Cp56Time.from_timestamp(1.8e9)
     raw_client.send_asdu(command(TypeId.C_CS_NA_1, 0, ClockSync(t)))
     con = await raw_client.recv_asdu()
     assert (con.type_id, con.cot, con.negative) == (TypeId.C_CS_NA_1, Cot.ACTIVATION_CON, False)
     assert con.objects[0].element == ClockSync(t)
+    [taken] = outstation.clock_syncs
+    assert taken.commanded == 1.8e9 and outstation.clock_error_s == pytest.approx(1.8e9 - taken.received_at)
+    # a clock set past 2099-12-30 would soon stamp years CP56Time2a cannot carry: refused
+    late = Cp56Time.from_timestamp(4102400000.0)  # 2099-12-31 11:33 UTC
+    raw_client.send_asdu(command(TypeId.C_CS_NA_1, 0, ClockSync(late)))
+    refused = await raw_client.recv_asdu()
+    assert (refused.cot, refused.negative) == (Cot.ACTIVATION_CON, True)
+    assert len(outstation.clock_syncs) == 1
 
 
 async def test_read_command(raw_client: Any) -> None:

@@ -116,6 +116,9 @@ _TIMED = frozenset(
 )
 _TOTALS = frozenset({TypeId.M_IT_NA_1, TypeId.M_IT_TB_1})
 _F32_MAX = 3.4028234663852886e38
+#: the latest time a client may set the clock to: a day before CP56Time2a's years end (2099)
+_LAST_SETTABLE = 4102358400.0  # 2099-12-31T00:00:00Z
+_FIRST_SETTABLE = 946684800.0  # 2000-01-01T00:00:00Z
 
 
 @dataclass(slots=True)
@@ -406,6 +409,9 @@ class Iec104Outstation:
 
     def set_clock_error(self, seconds: float) -> None:
         """Put the device's clock ``seconds`` off the host's (time tags and ACTCONs follow it)."""
+        clock = time.time() + seconds
+        if not (math.isfinite(clock) and _FIRST_SETTABLE <= clock <= _LAST_SETTABLE):
+            raise ValueError(f"clock error {seconds} s puts the clock outside CP56Time2a's 2000..2099")
         self._clock_error_s = seconds
 
     @property
@@ -615,7 +621,7 @@ class Iec104Outstation:
             self._command(session, reply, asdu)
 
     def _clock_sync(self, session: _Session, raw: bytes, asdu: Asdu) -> None:
-        """Set the clock to the commanded time; ACTCON carries the clock as now set.
+        """Set the clock to the commanded time; ACTCON carries the clock as set (at receipt).
 
         Error before/after are kept (:attr:`clock_syncs`) so a test sees what the client did.
         """
@@ -630,12 +636,16 @@ class Iec104Outstation:
             return
         received_at = time.time()
         commanded = element.time.timestamp()
+        if commanded > _LAST_SETTABLE:  # its time tags would soon leave CP56Time2a's years
+            _log.info("%s: clock synchronisation to %s refused (too late for CP56Time2a)", self.name, element.time.time)
+            self._reply(session, mirror(raw, Cot.ACTIVATION_CON, negative=True), negative=True)
+            return
         before = self._clock_error_s
         self._clock_error_s = commanded - received_at
         self._clock_syncs.append(ClockSyncRecord(received_at, commanded, before, self._clock_error_s))
         self._stats.clock_syncs += 1
         _log.info("%s: clock synchronised by %s (was %+.3f s off)", self.name, session.peer, before)
-        obj = InfoObject(asdu.objects[0].ioa, ClockSync(Cp56Time.from_timestamp(time.time() + self._clock_error_s)))
+        obj = InfoObject(asdu.objects[0].ioa, ClockSync(Cp56Time.from_timestamp(received_at + self._clock_error_s)))
         confirm = Asdu(
             TypeId.C_CS_NA_1,
             Cot.ACTIVATION_CON,
@@ -1326,8 +1336,11 @@ class ControlChannel(LineControlServer):
     """A line-based remote for fault injection, on loopback TCP.
 
     Commands (one per line, answers ``ok ...`` or ``err <reason>``): ``stall``, ``resume``,
-    ``drop``, ``refuse on|off``, ``set NAME VALUE [QDS]`` (answers ``ok <time.time() of the
-    write>``, of the first station), ``release NAME``, ``travel SECONDS``, ``stats`` (one
+    ``drop``, ``refuse on|off``, ``refuse-clock on|off`` (negative ACTCON to clock
+    synchronisations), ``clock [SECONDS]`` (put the device clock that far off; answers
+    ``ok <error now>`` of the first station, which after a synchronisation shows what the
+    client set), ``set NAME VALUE [QDS]`` (answers ``ok <time.time() of the write>``, of the
+    first station), ``release NAME``, ``travel SECONDS``, ``stats`` (one
     JSON object per station), ``quit`` (closes this control connection). Every command
     applies to every station given.
     """
@@ -1364,6 +1377,14 @@ class ControlChannel(LineControlServer):
             elif cmd == "release" and len(args) == 1:
                 for o in self._targets:
                     o.release(args[0])
+            elif cmd == "refuse-clock" and args in (["on"], ["off"]):
+                for o in self._targets:
+                    o.refuse_clock_sync(args[0] == "on")
+            elif cmd == "clock" and len(args) <= 1:
+                for o in self._targets:
+                    if args:
+                        o.set_clock_error(float(args[0]))
+                return f"ok {self._targets[0].clock_error_s:.6f}"
             elif cmd == "travel" and len(args) == 1:
                 for o in self._targets:
                     o.set_breaker_travel(float(args[0]))
