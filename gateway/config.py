@@ -18,6 +18,7 @@ import ipaddress
 import os
 import re
 import ssl
+import stat
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -1018,6 +1019,9 @@ Path_ = tuple[str | int, ...]
 
 #: Deeper than any lab file needs; below Python's recursion limit for the walk and pydantic.
 _MAX_DEPTH = 64
+#: Largest lab file read (a lab of a thousand points is some 150 kB). Why a limit at all:
+#: ``extends: /dev/zero`` (or any endless or huge file) read without one never returned.
+MAX_CONFIG_BYTES = 1 << 20
 #: Longer integer literals than this are refused before int() sees them (its limit is 4300 digits).
 _MAX_NUMBER_CHARS = 400
 
@@ -1116,9 +1120,14 @@ def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> tuple[Any, dict[Pa
     if path in seen:
         raise ConfigError([ConfigIssue(file, "extends", "circular 'extends' chain")])
     try:
-        raw = path.read_bytes()
+        if not stat.S_ISREG(path.stat().st_mode):  # before open(): a FIFO would block there
+            raise ConfigError([ConfigIssue(file, "", "cannot read file: not a regular file")])
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([ConfigIssue(file, "", f"cannot read file: {exc.strerror}")]) from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue(file, "", f"file larger than {MAX_CONFIG_BYTES} bytes: not a lab file")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -233,3 +233,43 @@ def test_sq1_asdu_whose_addresses_run_past_24_bits_is_an_asdu_error() -> None:
     with pytest.raises(AsduError, match="runs past"):
         decode_monitor(raw)
     assert [o.ioa for o in decode_asdu(H("01 82 03 00 01 00 FE FF FF 01 00")).objects] == [0xFFFFFE, 0xFFFFFF]
+
+
+# -- files that never end (found by hand while writing the config target's contract) -------
+
+
+def test_lab_file_extending_dev_zero_is_a_config_error_not_a_hang(tmp_path: Path) -> None:
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("extends: /dev/zero\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(lab)
+
+
+def test_lab_file_that_is_a_fifo_is_a_config_error_not_a_hang(tmp_path: Path) -> None:
+    import os
+
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+
+    fifo = tmp_path / "lab.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(fifo)
+
+
+def test_oversized_lab_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    from gateway.config import MAX_CONFIG_BYTES, load_config
+    from gateway.errors import ConfigError
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_bytes(b"# " + b"x" * MAX_CONFIG_BYTES + b"\n")
+    with pytest.raises(ConfigError, match=f"larger than {MAX_CONFIG_BYTES} bytes"):
+        load_config(lab)
+
+
+def test_scl_file_that_never_ends_is_an_scl_error() -> None:
+    with pytest.raises(SclError, match="not a regular file"):
+        load_scl("/dev/zero")

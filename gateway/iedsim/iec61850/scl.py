@@ -15,6 +15,7 @@ initial values and the LN0's ``DataSet`` and ``ReportControl``), and the
 
 from __future__ import annotations
 
+import stat
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -159,6 +160,11 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+#: Largest SCL file read: an SCD of a whole substation runs to tens of megabytes, an ICD of
+#: one relay (what the simulator serves) to a few hundred kilobytes.
+MAX_SCL_BYTES = 64 << 20
+
+
 def _parse(path: Path) -> tuple[ET.Element, dict[int, int]]:
     """Parse with expat into ``xml.etree`` elements; returns the root and id(element) -> line."""
     builder = ET.TreeBuilder()
@@ -173,9 +179,14 @@ def _parse(path: Path) -> tuple[ET.Element, dict[int, int]]:
     parser.EndElementHandler = lambda name: builder.end(_local(name))
     parser.CharacterDataHandler = builder.data
     try:
-        data = path.read_bytes()
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or /dev/zero never ends
+            raise SclError(path, None, "SCL", "cannot read: not a regular file")
+        with path.open("rb") as f:
+            data = f.read(MAX_SCL_BYTES + 1)
     except OSError as exc:
         raise SclError(path, None, "SCL", f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_SCL_BYTES:
+        raise SclError(path, None, "SCL", f"file larger than {MAX_SCL_BYTES} bytes")
     try:
         parser.Parse(data, True)
     except expat.ExpatError as exc:
