@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench.report import RouteSpec, build_report, table, write_outputs
+from gateway.bench.report import (
+    TARGET_RULE,
+    RouteSpec,
+    build_report,
+    console_table,
+    table,
+    verdict,
+    vs_heila,
+    write_outputs,
+)
 
 SPECS = (
     RouteSpec("a", "route A", "IEC 104", "monitoring", "floor_a", 483.0, measures="A's path"),
@@ -43,15 +52,39 @@ def test_report_routes_floors_targets() -> None:
     assert {"cpu", "cores", "python", "c104", "paho", "aiohttp", "redis_server", "mosquitto"} <= set(r["machine"])
 
 
-def test_table_has_heila_columns_and_verdicts() -> None:
+def test_table_has_heila_columns_and_verdicts_with_their_rule() -> None:
     text = table(build_report(SPECS, SERIES, {}))
     assert text.splitlines()[0] == (
         "| route | protocol | direction | n | mean ms | median ms | p95 ms | p99 ms | max ms | floor median ms "
-        "| HEILA ms | target |"
+        "| HEILA ms | vs HEILA | near-floor target |"
     )
-    row_a = "| route A | IEC 104 | monitoring | 5 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 0.20 | 483 |"
-    assert row_a + " FAIL (median > 0.76) |" in text
-    assert "| the loop |" in text and "FAIL (median > 10.00)" in text
+    row_a = "| route A | IEC 104 | monitoring | 5 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 0.20 | 483 | 483x faster |"
+    assert row_a + " missed: median 1.00 > 1.3 x 0.20 + 0.5 = 0.76; p99 <= 5 x median |" in text
+    assert "| the loop |" in text and "missed: median 12.00 > 10 ms (DSO loop); p99 <= 5 x median" in text
+    assert "FAIL" not in text
+
+
+def test_terminal_table_puts_the_rule_beside_each_verdict() -> None:
+    """A route 483x faster than HEILA that misses the near-floor target must not read as a bare
+    FAIL: the line says which rule, with the numbers, and what the target is not."""
+    text = console_table(build_report(SPECS, SERIES, {}))
+    lines = text.splitlines()
+    assert lines[0].split() == ["route", "protocol", "n", "median", "ms", "p99", "ms", "floor", "ms", "HEILA", "ms",
+                                "vs", "HEILA", "near-floor", "target"]  # fmt: skip
+    row_a = next(x for x in lines if x.startswith("route A"))
+    assert "483x faster" in row_a and row_a.endswith("missed: median 1.00 > 1.3 x 0.20 + 0.5 = 0.76; p99 <= 5 x median")
+    row_b = next(x for x in lines if x.startswith("route B"))
+    assert " - " in row_b and row_b.endswith("missed: median 3.00 > 1.3 x 0.70 + 0.5 = 1.41; p99 <= 5 x median")
+    assert TARGET_RULE + "." in text and "not HEILA's" in TARGET_RULE
+    assert "FAIL" not in text
+
+
+def test_vs_heila_and_verdict_words() -> None:
+    r = build_report(SPECS, {**SERIES, "a": [500.0] * 5, "floor_a": [400.0] * 3}, {})
+    a = next(x for x in r["routes"] if x["key"] == "a")
+    assert vs_heila(a) == "1.0x slower"
+    assert verdict(a) == "met: median 500.00 <= 1.3 x 400.00 + 0.5 = 520.50; p99 <= 5 x median"
+    assert vs_heila({**a, "median_ms": 48.3}) == "10x faster" and vs_heila({**a, "heila_ms": None}) == "-"
 
 
 def test_outputs_written_nan_as_null(tmp_path: Path) -> None:

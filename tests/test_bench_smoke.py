@@ -26,7 +26,9 @@ def test_bench_smoke_every_phase_writes_every_output(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=90, cwd=ROOT,
     )  # fmt: skip
     assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: a target missed (judged in the reference run)
-    assert "targets met:" in r.stdout and "| route | protocol | direction |" in r.stdout
+    assert "near-floor targets met:" in r.stdout and r.stdout.startswith("route  ")
+    assert "FAIL" not in r.stdout and "near-floor target (this project's own, not HEILA's)" in r.stdout
+    assert "HiGHS" not in r.stdout  # no solver banner
     assert "104 feeder voltage -> MGMS db (c104): 5/5 done" in r.stderr  # progress, one line per route
     data = json.loads((out / "report.json").read_text())
     routes = {x["key"]: x for x in data["routes"]}

@@ -28,6 +28,7 @@ from ams.vpp.report import (
     plot_plan,
 )
 from ams.vpp.services import balance_from_mapping, dayahead_from_mapping, service_from_mapping
+from gateway.cliutil import quiet_on_broken_pipe
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 2, 3
 WARM_START_ASSETS = 200
@@ -158,6 +159,7 @@ def add_vpp_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     sp.set_defaults(func=_guarded(_cmd_balance))
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ams.vpp", description="AMS virtual power plant")
     sub = parser.add_subparsers(dest="command", required=True)

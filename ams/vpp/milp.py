@@ -13,6 +13,9 @@ the first group whose removal makes the model feasible is named as the binding c
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -168,7 +171,7 @@ class Model:
         lp.a_matrix_.value_ = rv
         if integ.any() and not relax_integers:
             lp.integrality_ = [highspy.HighsVarType.kInteger if b else highspy.HighsVarType.kContinuous for b in integ]
-        h = highspy.Highs()  # type: ignore[no-untyped-call]
+        h = _quiet_highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("threads", 1)
         h.setOptionValue("mip_rel_gap", mip_rel_gap)
@@ -200,6 +203,29 @@ class Model:
         else:
             x, obj, gap = np.zeros(ncols), float("nan"), float("inf")
         return Solution(name, x, obj, gap, time.perf_counter() - t0)
+
+
+def _quiet_highs() -> highspy.Highs:
+    """A Highs instance without its banner on stdout.
+
+    HiGHS prints "Running HiGHS ... Copyright ..." from C++ when the first instance of a
+    process is built, before ``output_flag`` can be set; in ``ams coalition ... > out.txt`` or
+    a pipe it lands in the command's own output. File descriptor 1 points at /dev/null while
+    the instance is built, and C stdio is flushed before it is given back, so nothing
+    buffered leaks out later.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        h = highspy.Highs()  # type: ignore[no-untyped-call]
+        ctypes.CDLL(None).fflush(None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    return h
 
 
 def diagnose_infeasible(model: Model, candidates: list[str] | None = None) -> str | None:

@@ -7,12 +7,16 @@ without backend warnings.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ams.vpp.assets import AssetSchedule
 from ams.vpp.balancing import BalanceResult
 from ams.vpp.coalition import CoalitionResult, GapReport
 from ams.vpp.dayahead import DayAheadResult
@@ -36,15 +40,17 @@ def _f(x: float) -> str:
 def coalition_table(res: CoalitionResult) -> str:
     members = res.members
     shown = members[:MAX_COLS]
+    reactive = res.vpp_kvar is not None  # a reactive-power service: target and members in kvar
+    unit = "kvar" if reactive else "kW"
     headers = ["time (UTC)"]
     if res.target_kw is not None:
-        headers.append("target kW")
+        headers.append(f"target {unit}")
     headers.append("VPP kW")
-    if res.vpp_kvar is not None:
+    if reactive:
         headers.append("VPP kvar")
-    headers += [f"{s.name}@{s.microgrid}" for s in shown]
+    headers += [f"{s.name}@{s.microgrid} {unit}" for s in shown]
     if len(members) > MAX_COLS:
-        headers.append(f"{len(members) - MAX_COLS} others")
+        headers.append(f"{len(members) - MAX_COLS} others kW")
     rows = []
     for t, ts in enumerate(res.times):
         row = [f"{ts:%m-%d %H:%M}"]
@@ -158,54 +164,129 @@ def _x(n: int) -> FloatArray:
     return np.arange(n, dtype=np.float64)
 
 
+def _clock_axis(ax: Axes, times: Sequence[datetime], period_min: int) -> None:
+    """Ticks at the periods' clock times (UTC, HH:MM), at most ~12 labels; the date in the label."""
+    n = len(times)
+    if not n:
+        ax.set_xlabel(f"period ({period_min} min)")
+        return
+    step = max(1, -(-n // 12))
+    ticks = list(range(0, n, step))
+    ax.set_xticks([float(i) for i in ticks], [f"{times[i]:%H:%M}" for i in ticks])
+    days = sorted({f"{t:%Y-%m-%d}" for t in times})
+    ax.set_xlabel(f"period start, UTC ({' to '.join((days[0], days[-1])) if len(days) > 1 else days[0]}; "
+                  f"{period_min} min periods)")  # fmt: skip
+
+
+def _storage_panel(ax: Axes, schedules: Sequence[AssetSchedule]) -> bool:
+    """Each storage asset's state of charge (kWh, end of period); False when there is none."""
+    stores = [s for s in schedules if s.kind == "storage" and s.soc_kwh is not None]
+    for st in stores:
+        assert st.soc_kwh is not None
+        ax.plot(_x(len(st.soc_kwh)), st.soc_kwh, "o-", ms=3, label=f"{st.name}@{st.microgrid}")
+    if stores:
+        ax.set_ylabel("storage SoC, kWh")
+        ax.legend(fontsize="small", title="state of charge", title_fontsize="small")
+        ax.grid(alpha=0.3)
+    return bool(stores)
+
+
 def plot_coalition(res: CoalitionResult, path: Path) -> None:
-    fig = Figure(figsize=(10, 5), layout="constrained")
-    ax = fig.add_subplot()
+    _save(figure_coalition(res), path)
+
+
+def figure_coalition(res: CoalitionResult) -> Figure:
+    """Contribution per microgrid (stacked), the target, the margin over it, and storage SoC."""
+    members = res.members
+    has_storage = any(s.kind == "storage" and s.soc_kwh is not None for s in members)
+    rows = 1 + (res.target_kw is not None) + has_storage
+    fig = Figure(figsize=(10, 3 + 2.2 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0])
+    ax = axes[0]
     n = len(res.times)
     x = _x(n)
+    reactive = res.vpp_kvar is not None
+    unit = "kvar" if reactive else "kW"
     by_mg: dict[str, FloatArray] = {}
-    for s in res.members:
-        v = s.reactive_kvar if res.vpp_kvar is not None and s.reactive_kvar is not None else s.power_kw
+    for s in members:
+        v = s.reactive_kvar if reactive and s.reactive_kvar is not None else s.power_kw
         by_mg[s.microgrid] = by_mg.get(s.microgrid, np.zeros(n)) + v
     pos, neg = np.zeros(n), np.zeros(n)
     for mg, v in by_mg.items():
         vp, vn = np.maximum(v, 0), np.minimum(v, 0)
-        ax.bar(x, vp, bottom=pos, label=mg, width=0.8)
+        ax.bar(x, vp, bottom=pos, label=f"{mg} (stacked)", width=0.8)
         ax.bar(x, vn, bottom=neg, width=0.8, color=ax.patches[-1].get_facecolor())
         pos, neg = pos + vp, neg + vn
-    if res.target_kw is not None:
-        edges = np.append(x - 0.5, x[-1] + 0.5) if n else x
-        ax.stairs(res.target_kw, edges, baseline=None, color="k", linewidth=2, label="target")
-    ax.set_xlabel(f"period ({res.period_min} min) from {res.times[0]:%Y-%m-%d %H:%M} UTC" if res.times else "period")
-    ax.set_ylabel("kvar" if res.vpp_kvar is not None else "kW (injection / reduction)")
-    ax.set_title(f"{res.service} coalition ({res.method}), value {res.value_eur:,.2f} EUR")
+    total = res.vpp_kvar if reactive and res.vpp_kvar is not None else res.vpp_kw
+    ax.plot(x, total, "k.", label=f"VPP total {unit}")
+    if res.target_kw is not None and n:
+        edges = np.append(x - 0.5, x[-1] + 0.5)
+        ax.stairs(res.target_kw, edges, baseline=None, color="tab:red", linewidth=2, label=f"target {unit}")
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.set_ylabel("reactive power, kvar" if reactive else "power, kW (+ injection or reduction)")
+    ax.set_title(f"{res.service} coalition ({res.method}): value {res.value_eur:,.2f} EUR, {len(members)} members")
     ax.legend(fontsize="small")
-    _save(fig, path)
+    ax.grid(alpha=0.3, axis="y")
+    i = 1
+    if res.target_kw is not None:
+        margin = np.round(total - res.target_kw, 6) + 0.0  # solver noise (1e-14) is not a margin
+        m_ax = axes[i]
+        i += 1
+        m_ax.bar(x, margin, width=0.8, color=np.where(margin >= 0, "tab:green", "tab:red"))
+        m_ax.axhline(0, color="k", lw=0.8)
+        span = max(1.0, 0.05 * float(np.max(np.abs(res.target_kw), initial=0.0)), float(np.max(np.abs(margin))))
+        m_ax.set_ylim(-1.1 * span, 1.1 * span)
+        m_ax.set_ylabel(f"margin over target, {unit}")
+        m_ax.set_title("VPP total - target (green: met, red: short)", fontsize="small", loc="left")
+        m_ax.grid(alpha=0.3, axis="y")
+    if has_storage:
+        _storage_panel(axes[i], members)
+    _clock_axis(axes[-1], res.times, res.period_min)
+    return fig
 
 
 def plot_plan(res: DayAheadResult, path: Path) -> None:
-    fig = Figure(figsize=(10, 6), layout="constrained")
-    ax, ax2 = fig.subplots(2, 1, sharex=True)
+    _save(figure_plan(res), path)
+
+
+def figure_plan(res: DayAheadResult) -> Figure:
+    """Bids and generator schedules, the price, and storage SoC, on the periods' clock times."""
+    has_storage = any(s.kind == "storage" and s.soc_kwh is not None for s in res.schedules)
+    fig = Figure(figsize=(10, 6 + 2.2 * has_storage), layout="constrained")
+    axes = list(fig.subplots(2 + has_storage, 1, sharex=True, squeeze=False)[:, 0])
+    ax, ax2 = axes[0], axes[1]
     x = _x(len(res.times))
-    ax.bar(x, res.bid_kw, label="bid (+ sell / - buy)", color="tab:blue")
+    ax.bar(x, res.bid_kw, label="bid kW (+ sell / - buy)", color="tab:blue", alpha=0.7)
     for s in res.schedules:
         if s.kind == "generator":
-            ax.step(x, s.power_kw, where="mid", label=s.name)
-    ax.plot(x, res.reduction_kw, "o-", label="DR reduction")
-    ax.set_ylabel("kW")
+            ax.step(x, s.power_kw, where="mid", label=f"{s.name} output kW")
+    ax.plot(x, res.reduction_kw, "o-", ms=3, label="DR reduction kW")
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.set_ylabel("power, kW")
     ax.legend(fontsize="small")
-    ax.set_title(f"day-ahead plan, profit {res.profit_eur:,.2f} EUR")
-    ax2.step(x, res.price_eur_per_mwh, where="mid", color="tab:red")
-    ax2.set_ylabel("day-ahead price EUR/MWh")
-    ax2.set_xlabel(f"period ({res.period_min} min)")
-    _save(fig, path)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"day-ahead plan: profit {res.profit_eur:,.2f} EUR")
+    ax2.step(x, res.price_eur_per_mwh, where="mid", color="tab:red", label="day-ahead price")
+    ax2.set_ylabel("price, EUR/MWh")
+    ax2.legend(fontsize="small")
+    ax2.grid(alpha=0.3)
+    if has_storage:
+        _storage_panel(axes[2], res.schedules)
+    _clock_axis(axes[-1], res.times, res.period_min)
+    return fig
 
 
 def plot_balance(res: BalanceResult, path: Path) -> None:
-    fig = Figure(figsize=(10, 6), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
+    _save(figure_balance(res), path)
+
+
+def figure_balance(res: BalanceResult) -> Figure:
+    """How each case covers the imbalance (stacked), on the periods' clock times, and storage SoC."""
+    stores = [s for s in res.day_ahead.schedules if s.kind == "storage" and s.soc_kwh is not None]
+    fig = Figure(figsize=(10, 6 + 2.2 * bool(stores)), layout="constrained")
+    axes = list(fig.subplots(2 + bool(stores), 1, sharex=True, squeeze=False)[:, 0])
     x = _x(len(res.day_ahead.times))
-    for ax, case in zip(axes, (res.centralised, res.distributed), strict=True):
+    for ax, case in zip(axes, (res.centralised, res.distributed), strict=False):
         bottom_p, bottom_n = np.zeros(len(x)), np.zeros(len(x))
         for label, v in (
             ("thermal", case.thermal_adj_kw),
@@ -219,9 +300,14 @@ def plot_balance(res: BalanceResult, path: Path) -> None:
             ax.bar(x, vp, bottom=bottom_p, label=label)
             ax.bar(x, vn, bottom=bottom_n, color=ax.patches[-1].get_facecolor())
             bottom_p, bottom_n = bottom_p + vp, bottom_n + vn
-        ax.plot(x, case.need_kw, "k.-", label="imbalance")
-        ax.set_ylabel("kW")
-        ax.set_title(f"{case.name}: system cost {case.system_cost_eur:,.2f} EUR")
+        ax.plot(x, case.need_kw, "k.-", label="imbalance to cover")
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.set_ylabel("power, kW")
+        ax.set_title(f"{case.name}: system cost {case.system_cost_eur:,.2f} EUR", fontsize="small", loc="left")
         ax.legend(fontsize="small", ncols=4)
-    axes[1].set_xlabel(f"period ({res.day_ahead.period_min} min)")
-    _save(fig, path)
+        ax.grid(alpha=0.3, axis="y")
+    if stores:
+        _storage_panel(axes[2], stores)
+        axes[2].set_title("day-ahead state of charge", fontsize="small", loc="left")
+    _clock_axis(axes[-1], res.day_ahead.times, res.day_ahead.period_min)
+    return fig

@@ -34,7 +34,7 @@ from gateway.bench.clock import (
     estimate_offset_mqtt,
 )
 from gateway.bench.progress import Progress
-from gateway.bench.report import RouteSpec, apply_clock, build_report, table, write_outputs
+from gateway.bench.report import RouteSpec, apply_clock, build_report, console_table, write_outputs
 from gateway.bench.routes import (
     AMS,
     LOOP_HOPS,
@@ -351,11 +351,11 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(table(report))
+    print(console_table(report))
     if report.get("not_measured"):
         for key, why in report["not_measured"].items():
             print(f"not measured: {key}: {why}")
-    print(f"targets met: {report['targets_met']} of {report['targets_judged']}; outputs in {args.out}")
+    print(f"near-floor targets met: {report['targets_met']} of {report['targets_judged']}; outputs in {args.out}")
     if "clock" in report:
         c = report["clock"]
         applied = "applied to cross-host routes" if c.get("applied") else "not applied"
