@@ -24,8 +24,7 @@ from typing import Any, Literal, Self
 from gateway.config import FlexAction, FlexibilitySettings, FlexResource, MessagingSettings
 from gateway.iedsim.pki import LabPki, make_lab_pki
 from gateway.semantic import write_key_pair
-from gateway.services import MosquittoServer, MqttAcl, MqttTls, free_port
-from gateway.transport.base import TOPIC_ROOT
+from gateway.services import MosquittoServer, MqttAcl, MqttTls, free_port, participant_acl
 
 __all__ = ["DsoSandbox", "feeder_flexibility"]
 
@@ -64,11 +63,7 @@ class DsoSandbox:
     # ------------------------------------------------------------------ broker
 
     def acl(self) -> list[MqttAcl]:
-        rules: list[MqttAcl] = []
-        for name in [self.ams, *self.mgms]:
-            rules.append(MqttAcl(name, "write", f"{TOPIC_ROOT}/+/from/{name}/#"))
-            rules.append(MqttAcl(name, "read", f"{TOPIC_ROOT}/{name}/#"))
-        return rules
+        return [rule for name in [self.ams, *self.mgms] for rule in participant_acl(name)]
 
     def start(self) -> None:
         if self.start_broker and self.broker is None:

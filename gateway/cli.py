@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the lab on simulators: Redis, simulator, gateway, breaker operations")
     p.add_argument("--config", "-c", default=str(_default_sim_config()), help="simulator profile of the lab")
     p.add_argument("--operations", type=int, default=3, help="open/close cycles to time")
+    p.add_argument("--keep-running", action="store_true", help="after the steps, keep the lab running until Ctrl-C")
 
     from gateway.bench.args import add_arguments as add_bench_arguments
 
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="latency of the HEILA routes next to each protocol's floor: on simulators, or --lab on a running lab",
     )
     add_bench_arguments(p)
+    from gateway.labcli import add_lab_commands
+
+    add_lab_commands(sub)  # pki, peers, broker, lab up
     return ap
 
 
@@ -179,6 +183,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 2
     print(f"private key: {out / (args.participant + '.key')} (mode 0600, keep it secret)", file=sys.stderr)
     print(f"public key:  {out / (args.participant + '.pub')} (give this to the peers)", file=sys.stderr)
+    (out / "peers").mkdir(exist_ok=True)  # where the peers' .pub files go (`mgms peers add`)
     sys.stdout.write(ident.public.to_json())
     return 0
 
@@ -310,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "func", None) is not None:
+            return int(args.func(args))
         if args.cmd == "check-config":
             return cmd_check_config(args)
         if args.cmd == "run":
@@ -323,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "demo":
             from gateway.demo import run_demo
 
-            return asyncio.run(run_demo(Path(args.config), operations=args.operations))
+            return asyncio.run(run_demo(Path(args.config), operations=args.operations, keep_running=args.keep_running))
         if args.cmd == "bench":
             from gateway.bench.runner import run as run_bench
 

@@ -62,7 +62,32 @@ async def _wait_all_points(reader: RedisStore, cfg: LabConfig, timeout_s: float)
     raise RuntimeError("not every point reached Redis in time")
 
 
-async def run_demo(config_file: Path, *, operations: int = 3) -> int:
+async def _keep_running(config_file: Path, lab: LabConfig, redis_url: str, box: DsoSandbox) -> None:
+    """``--keep-running``: say how to reach the lab, then wait for Ctrl-C or SIGTERM."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ports = ", ".join(f"{name} {dev.host}:{dev.port}" for name, dev in lab.devices.items())
+    _say("")
+    _say(f"the lab keeps running (simulators {ports}; Redis {redis_url}); in another terminal:")
+    _say(f"  mgms watch --config {config_file} --redis-url {redis_url}")
+    _say(f"  mgms command feeder.breaker.command open --config {config_file} --redis-url {redis_url}")
+    if box.broker is not None:
+        _say(f"  (mosquitto at 127.0.0.1:{box.broker.port}, files in {box.directory})")
+    _say("Ctrl-C stops everything.")
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    _say("")
+
+
+async def run_demo(config_file: Path, *, operations: int = 3, keep_running: bool = False) -> int:
+    """Run the demo's steps; with ``keep_running`` leave the lab up until Ctrl-C before stopping it."""
     cfg = load_config(config_file)
     if not cfg.probes.enabled:
         # the demo reports latencies, which it reads from the hop timestamps
@@ -155,6 +180,8 @@ async def run_demo(config_file: Path, *, operations: int = 3) -> int:
                     f"store: {stats.get('updates_stored', 0)} updates written, "
                     f"{stats.get('updates_dropped', 0)} dropped; gateway: {gateway.stats()['updates']} values received"
                 )
+                if keep_running:
+                    await _keep_running(config_file, lab, redis.url, box)
             finally:
                 stop.set()
                 await asyncio.wait_for(task, 15)

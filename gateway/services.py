@@ -67,6 +67,7 @@ __all__ = [
     "ServiceNotInstalled",
     "embedded_redis",
     "free_port",
+    "participant_acl",
 ]
 
 log = logging.getLogger(__name__)
@@ -673,6 +674,19 @@ class MqttAcl:
     topic: str
 
 
+def participant_acl(user: str, participant: str | None = None) -> list[MqttAcl]:
+    """The two ACL lines of one messaging participant, following the topic layout.
+
+    It may write only what it sends (``heila/v1/to/+/from/<itself>/#``) and read only what is
+    addressed to it (``heila/v1/to/<itself>/#``); ``user`` is its broker user name, which is
+    usually the participant's name.
+    """
+    from gateway.transport.base import inbox_filter, outbox_filter
+
+    who = participant or user
+    return [MqttAcl(user, "write", outbox_filter(who)), MqttAcl(user, "read", inbox_filter(who))]
+
+
 @dataclass(frozen=True, slots=True)
 class MqttTls:
     """Broker TLS: its certificate and key, and the CA clients' certificates must come from.
@@ -751,6 +765,15 @@ class MosquittoServer(_ServerProcess):
         return path
 
     def _command(self, executable: str, data_dir: Path, port: int) -> list[str]:
+        return [executable, "-c", str(self.write_config(data_dir, port))]
+
+    def write_config(self, data_dir: Path, port: int) -> Path:
+        """Write ``mosquitto.conf`` (with its ``passwords`` and ``acl`` files) into ``data_dir``.
+
+        Public so ``mgms broker config`` writes a lab's broker with exactly the settings the
+        demo and the tests run theirs with; returns the path of ``mosquitto.conf``.
+        """
+        data_dir = Path(data_dir).absolute()
         lines = [
             "# written by gateway.services.MosquittoServer",
             "per_listener_settings false",
@@ -805,7 +828,7 @@ class MosquittoServer(_ServerProcess):
             ]
         conf = data_dir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return [executable, "-c", str(conf)]
+        return conf
 
 
 class DataDirLock:

@@ -1,9 +1,11 @@
 """``iedsim``: run IED simulators from a lab config.
 
-One subcommand per protocol (``iec104``, ``iec61850``; ``dlms`` joins the same table),
-so a lab starts exactly the devices its config describes. The process prints one
-ready line per station on stdout (scripts and HIL fixtures wait for it), logs to stderr,
-and stops cleanly on SIGINT/SIGTERM or after ``--duration-s``.
+One subcommand per protocol (``iec104``, ``iec61850``, ``dlms``), so a lab starts exactly
+the devices its config describes, and ``all``: every device of the config in one process
+(what ``mgms lab up`` runs; one terminal instead of one per simulator). The process prints
+one ready line per station on stdout (scripts and HIL fixtures wait for it; ``all`` ends
+with ``all N simulators ready``), logs to stderr, and stops cleanly on SIGINT/SIGTERM or
+after ``--duration-s``.
 """
 
 from __future__ import annotations
@@ -169,12 +171,102 @@ async def _run_dlms(args: argparse.Namespace, config: LabConfig, stop: asyncio.E
     return 0
 
 
+# -- all -----------------------------------------------------------------------------------
+
+SIMULATED = ("iec104", "iec61850", "dlms")
+ALL_READY = "simulators ready"
+
+
+def _add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("all", help="every device of the config, each on its configured host and port")
+    p.add_argument(
+        "--control-port-base",
+        type=int,
+        metavar="PORT",
+        help="control channels on 127.0.0.1:PORT, PORT+1, ... (IEC 104 and 61850 devices in config order; "
+        "0 = any free port each; default: none)",
+    )
+    p.set_defaults(run=_run_all)
+
+
+async def _run_all(args: argparse.Namespace, config: LabConfig, stop: asyncio.Event) -> int:
+    """Start every simulated device, print its ready line, serve until ``stop``, close all.
+
+    A device that fails to start stops the whole set (the ones already up are closed): a lab
+    missing one simulator is not the lab the config describes.
+    """
+    from gateway.iedsim.control import LineControlServer
+    from gateway.iedsim.dlms import DlmsMeter
+    from gateway.iedsim.iec104.server import ControlChannel, Iec104Outstation
+    from gateway.iedsim.iec61850.control import MmsControlChannel
+    from gateway.iedsim.iec61850.server import Iec61850Server
+
+    names = [n for n, d in config.devices.items() if d.protocol in SIMULATED]
+    if not names:
+        print(f"iedsim: no simulated device ({', '.join(SIMULATED)}) in {config.source}", file=sys.stderr)
+        return 2
+    closers: list[Callable[[], Awaitable[None]]] = []
+    lines: list[str] = []
+    next_control = args.control_port_base
+    try:
+        for name in names:
+            dev = config.devices[name]
+            control: LineControlServer | None = None
+            if dev.protocol == "iec104":
+                station = Iec104Outstation(config, name)
+                await station.start()
+                closers.append(station.close)
+                tls = ", TLS" if station.tls else ""
+                lines.append(
+                    f"iec104 simulator {station.name} listening on {station.host}:{station.port}"
+                    f" ({len(station.points)} points{tls})"
+                )
+                if next_control is not None:
+                    control = ControlChannel([station], port=next_control)
+            elif dev.protocol == "iec61850":
+                server = Iec61850Server(config, name)
+                await server.start()
+                closers.append(server.close)
+                lines.append(
+                    f"iec61850 simulator {server.name} ({server.ied_name}) listening on"
+                    f" {server.host}:{server.port} ({len(server.points)} points)"
+                )
+                if next_control is not None:
+                    control = MmsControlChannel(server, port=next_control)
+            else:
+                meter = DlmsMeter(config, name)
+                await meter.start()
+                closers.append(meter.close)
+                lines.append(
+                    f"dlms simulator {meter.name} listening on {meter.host}:{meter.port}"
+                    f" ({len(meter.points)} points, {dev.dlms.framing}, security {dev.dlms.security})"
+                )
+            if control is not None:
+                await control.start()
+                closers.append(control.close)
+                lines.append(f"control channel of {name} listening on 127.0.0.1:{control.port} (`help` lists commands)")
+                next_control = 0 if next_control == 0 else control.port + 1
+        for line in lines:
+            print(line)
+        print(f"all {len(names)} {ALL_READY}: {', '.join(names)}", flush=True)
+        await stop.wait()
+    finally:
+        for close in reversed(closers):
+            try:
+                async with asyncio.timeout(5):
+                    await close()
+            except Exception:  # one simulator failing to close must not keep the others open
+                _log.exception("closing a simulator failed")
+    return 0
+
+
 # -- entry point ---------------------------------------------------------------------------
 
 _PROTOCOLS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_iec104,
     _add_iec61850,
     _add_dlms,
+    _add_all,
 )
 
 

@@ -1,8 +1,10 @@
 """The line-based control channel every simulator offers for fault injection (loopback TCP).
 
 One command per line, one answer line (``ok ...`` or ``err <reason>``); ``quit`` closes the
-connection. The transport is the same for every protocol, so it lives here once; each
-simulator says only what its commands do (:meth:`LineControlServer.handle`).
+connection, ``help`` lists the commands (``help NAME`` says what one does). The transport is
+the same for every protocol, so it lives here once; each simulator says only what its
+commands do (:meth:`LineControlServer.handle`) and lists them in :attr:`COMMANDS`, which
+``help`` answers from - so the list a user sees cannot drift from a docstring.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+from typing import ClassVar
 
 __all__ = ["LineControlServer"]
 
@@ -18,7 +21,17 @@ _log = logging.getLogger(__name__)
 
 
 class LineControlServer(abc.ABC):
-    """A small TCP server that turns each line into a call of :meth:`handle`."""
+    """A small TCP server that turns each line into a call of :meth:`handle`.
+
+    :attr:`COMMANDS` is ``(usage, what it does)`` per command a subclass handles; ``help`` and
+    ``quit`` are answered here for every simulator.
+    """
+
+    COMMANDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+    BUILTIN: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("help [NAME]", "list the commands, or say what NAME does"),
+        ("quit", "close this control connection"),
+    )
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self._host = host
@@ -29,6 +42,18 @@ class LineControlServer(abc.ABC):
     @abc.abstractmethod
     async def handle(self, words: list[str]) -> str:
         """Run one command (already split, never empty); the answer without its newline."""
+
+    @classmethod
+    def help_text(cls, words: list[str]) -> str:
+        """The answer to ``help`` (one line: every usage, ``|``-separated) or ``help NAME``."""
+        every = (*cls.COMMANDS, *cls.BUILTIN)
+        if len(words) == 1:
+            return "ok commands: " + " | ".join(usage for usage, _ in every)
+        name = words[1].lower()
+        for usage, what in every:
+            if usage.split()[0] == name:
+                return f"ok {usage}: {what}"
+        return f"err no command {name!r}; `help` lists them"
 
     @property
     def port(self) -> int:
@@ -66,7 +91,8 @@ class LineControlServer(abc.ABC):
                 if words[0] == "quit":
                     writer.write(b"ok bye\n")
                     break
-                writer.write((await self.handle(words) + "\n").encode())
+                answer = self.help_text(words) if words[0].lower() == "help" else await self.handle(words)
+                writer.write((answer + "\n").encode())
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass

@@ -42,6 +42,7 @@ __all__ = [
     "MessageTransport",
     "Outgoing",
     "inbox_filter",
+    "outbox_filter",
     "received_clock",
     "topic_for",
 ]
@@ -57,6 +58,11 @@ def topic_for(recipient: str, sender: str, message_type: str) -> str:
 def inbox_filter(participant: str) -> str:
     """The MQTT topic filter that covers every message addressed to ``participant``."""
     return f"{TOPIC_ROOT}/{participant}/#"
+
+
+def outbox_filter(participant: str) -> str:
+    """The topic filter covering every message ``participant`` sends (what its ACL may write)."""
+    return f"{TOPIC_ROOT}/+/from/{participant}/#"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1335,15 +1335,26 @@ async def serve_many(
 class ControlChannel(LineControlServer):
     """A line-based remote for fault injection, on loopback TCP.
 
-    Commands (one per line, answers ``ok ...`` or ``err <reason>``): ``stall``, ``resume``,
-    ``drop``, ``refuse on|off``, ``refuse-clock on|off`` (negative ACTCON to clock
-    synchronisations), ``clock [SECONDS]`` (put the device clock that far off; answers
-    ``ok <error now>`` of the first station, which after a synchronisation shows what the
-    client set), ``set NAME VALUE [QDS]`` (answers ``ok <time.time() of the write>``, of the
-    first station), ``release NAME``, ``travel SECONDS``, ``stats`` (one
-    JSON object per station), ``quit`` (closes this control connection). Every command
-    applies to every station given.
+    Commands (one per line, answers ``ok ...`` or ``err <reason>``): :attr:`COMMANDS`, which
+    ``help`` lists. Every command applies to every station given.
     """
+
+    COMMANDS = (
+        ("stall", "stop reading, answering and sending; connections stay open (a hung device: only t1/t3 notice)"),
+        ("resume", "undo stall; frames sent meanwhile are processed now"),
+        ("drop", "close every client connection at once (RST); the listener stays open"),
+        ("refuse on|off", "answer every command with a negative confirmation (or stop doing so)"),
+        ("set NAME VALUE [QDS]", "force a point to VALUE (and quality QDS); answers ok <time.time() of the write>"),
+        ("release NAME", "let the feeder model drive NAME again after set"),
+        ("refuse-clock on|off", "answer clock synchronisations with a negative confirmation (or stop doing so)"),
+        (
+            "clock [SECONDS]",
+            "put the device clock SECONDS off; answers ok <error now> of the first station (after a "
+            "synchronisation: what the client set)",
+        ),
+        ("travel SECONDS", "breaker travel time through the intermediate position"),
+        ("stats", "the counters, one JSON object per station"),
+    )
 
     def __init__(self, outstations: Sequence[Iec104Outstation], *, host: str = "127.0.0.1", port: int = 0) -> None:
         if not outstations:

@@ -1,12 +1,7 @@
 """Line-based fault injection for a running ``iedsim iec61850`` (loopback TCP).
 
-Commands, one per line, each answered ``ok ...`` or ``err <reason>``: ``stop`` (clients see
-the link drop), ``start`` (serve again on the same port), ``drop`` (both at once: every
-client loses its association and may reconnect at once, like the 104 simulator's drop),
-``interlock on|off`` (operations refused with AddCause blocked-by-interlocking), ``set NAME
-VALUE`` (answers ``ok <time.time() of the update>``; the report leaves at once), ``release
-NAME``, ``quality NAME good|invalid``, ``travel SECONDS`` (breaker travel time), ``stats``
-(JSON), ``quit``."""
+Commands, one per line, each answered ``ok ...`` or ``err <reason>``: see
+:attr:`MmsControlChannel.COMMANDS` (what ``help`` answers)."""
 
 from __future__ import annotations
 
@@ -24,6 +19,18 @@ _log = logging.getLogger(__name__)
 
 class MmsControlChannel(LineControlServer):
     """Fault injection for one simulated IED, like the 104 simulator's control channel."""
+
+    COMMANDS = (
+        ("stop", "stop serving (clients see the link drop)"),
+        ("start", "serve again on the same port"),
+        ("drop", "stop and start at once: every client loses its association and may reconnect"),
+        ("interlock on|off", "refuse operations with AddCause blocked-by-interlocking (or stop doing so)"),
+        ("set NAME VALUE", "force a point; answers ok <time.time() of the update>; the report leaves at once"),
+        ("release NAME", "let the feeder model drive NAME again after set"),
+        ("quality NAME good|invalid", "set the quality of a point"),
+        ("travel SECONDS", "breaker travel time"),
+        ("stats", "JSON: operations, interlock, running, missing references"),
+    )
 
     def __init__(self, server: Iec61850Server, *, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__(host=host, port=port)
