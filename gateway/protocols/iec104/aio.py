@@ -38,6 +38,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import random
 import ssl
 import time
@@ -886,6 +887,10 @@ class AsyncIec104Adapter(Iec104AdapterBase):
         dev = self.device
         attempt = 0
         switching = ""  # why the next connect is an immediate switch-over ("" = it is not)
+        # a pair that accepts and drops at once must not be switched back and forth without
+        # pause: an unplanned switch within this long of the last one goes through the backoff
+        flap_s = max(5.0, dev.reconnect.initial_s * 4)
+        last_switch = -math.inf
         while not self._closing:
             host, port = self._endpoints[self._active]
             if not switching:
@@ -919,7 +924,9 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                         link.close()
                 if time.monotonic() - up_at > max(5.0, dev.reconnect.initial_s * 4):
                     attempt = 0
-                if self._redundant and not self._closing:
+                planned = self._switch_waiter is not None
+                if self._redundant and not self._closing and (planned or time.monotonic() - last_switch > flap_s):
+                    last_switch = time.monotonic()
                     self._fail_pending(reason)
                     self._active = (self._active + 1) % len(self._endpoints)
                     switching = reason
