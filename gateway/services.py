@@ -903,7 +903,7 @@ class DataDirLock:
         else:
             what = f"a server that {role} (pid {pid}, gone) started and that is still stopping"
         return DataDirInUse(
-            f"data dir {where} is in use by {what}: one {self.who} per data dir; "
+            f"data dir {where} is in use by {what}, whose embedded Redis keeps its data there: "
             "stop that one first, or give this one another --data-dir",
             data_dir=where,
             pid=pid,

@@ -30,7 +30,7 @@ from hilkit import SIM_CONFIG
 from ams.sandbox import DsoSandbox
 from gateway.services import DataDirLock
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # a few CLI runs per test, ~1-2 s each
 
 REPEATS = int(os.environ.get("MGMS_LIFECYCLE_REPEATS", "1"))
 
@@ -41,6 +41,8 @@ class Service:
 
     argv: list[str]
     state: Path
+    #: the port its HTTPS transport listens on, once its Redis is up
+    listen_port: int
 
     @property
     def url_file(self) -> Path:
@@ -55,15 +57,19 @@ MakeService = Callable[[Path], Service]
 
 @pytest.fixture(params=["mgms", "ams"])
 def make_service(request: pytest.FixtureRequest, tmp_path: Path) -> MakeService:
-    """``make_service(data_dir)``: `mgms run` of the simulator lab, or `ams run` on HTTPS."""
+    """``make_service(data_dir)``: `mgms run` of the simulator lab or `ams run`, both with
+    their messaging on HTTPS (a listener that can be made to fail after the Redis is up)."""
+    box = DsoSandbox(tmp_path / "dso", mgms=["mgms-x"], start_broker=False)
     if request.param == "mgms":
+        lab = tmp_path / "lab.yaml"
+        messaging = box.messaging("mgms-x", transport="https").model_dump(mode="json")
+        lab.write_text(yaml.safe_dump({"extends": str(SIM_CONFIG), "messaging": messaging}))
 
         def mgms(data_dir: Path) -> Service:
-            argv = [sys.executable, "-m", "gateway.cli", "run", "-c", str(SIM_CONFIG), "--data-dir", str(data_dir)]
-            return Service(argv, data_dir / "multipower")
+            argv = [sys.executable, "-m", "gateway.cli", "run", "-c", str(lab), "--data-dir", str(data_dir)]
+            return Service(argv, data_dir / "multipower", listen_port=box.https_ports["mgms-x"])
 
         return mgms
-    box = DsoSandbox(tmp_path / "dso", mgms=["mgms-x"], start_broker=False)
     cfg = tmp_path / "ams.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -76,7 +82,7 @@ def make_service(request: pytest.FixtureRequest, tmp_path: Path) -> MakeService:
 
     def ams(data_dir: Path) -> Service:
         argv = [sys.executable, "-m", "ams.cli", "run", "-c", str(cfg), "--data-dir", str(data_dir)]
-        return Service(argv, data_dir / "ams")
+        return Service(argv, data_dir / "ams", listen_port=box.https_ports["ams"])
 
     return ams
 
@@ -183,28 +189,34 @@ def stop(proc: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM) -> t
 # -- tests ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_at_any_point_of_start_up_stops_everything(
-    make_service: MakeService, tmp_path: Path, sig: signal.Signals
-) -> None:
+_POINTS: dict[str, Callable[[Service, subprocess.Popen[str]], object]] = {
+    "locked": lambda svc, proc: (svc.state / DataDirLock.file_name).exists(),
+    "forked": lambda svc, proc: redis_children(proc.pid),
+    "url written": lambda svc, proc: svc.url_file.exists(),
+}
+#: both signals where the race was (redis-server forked, not yet answering), one elsewhere
+_SIGNALLED_AT = [
+    ("locked", signal.SIGINT),
+    ("forked", signal.SIGTERM),
+    ("forked", signal.SIGINT),
+    ("url written", signal.SIGTERM),
+]
+
+
+def test_a_signal_at_any_point_of_start_up_stops_everything(make_service: MakeService, tmp_path: Path) -> None:
     """Signalled as soon as the data dir is locked, as soon as redis-server is forked, as soon
     as its url is written: exit 0, and nothing of the run is left."""
-    points = {
-        "locked": lambda svc, proc: (svc.state / DataDirLock.file_name).exists(),
-        "forked": lambda svc, proc: redis_children(proc.pid),
-        "url written": lambda svc, proc: svc.url_file.exists(),
-    }
     for n in range(REPEATS):
-        for name, reached in points.items():
-            svc = make_service(tmp_path / f"{name.replace(' ', '-')}-{n}")
+        for point, sig in _SIGNALLED_AT:
+            svc = make_service(tmp_path / f"{point.replace(' ', '-')}-{sig.name}-{n}")
             with svc.start() as proc:
                 try:
-                    until(lambda: reached(svc, proc), 30, name, proc)  # noqa: B023 (used at once)
+                    until(lambda: _POINTS[point](svc, proc), 30, point, proc)  # noqa: B023 (used at once)
                     code, err = stop(proc, sig)
                 finally:
                     if proc.poll() is None:
                         proc.kill()
-            assert code == 0, f"{sig.name} when {name}: exit {code}\n{err[-3000:]}"
+            assert code == 0, f"{sig.name} when {point}: exit {code}\n{err[-3000:]}"
             assert_nothing_left(svc)
 
 
@@ -262,3 +274,16 @@ def test_a_second_run_on_the_same_data_dir_is_refused(make_service: MakeService,
         finally:
             code, err = stop(third)
     assert code == 0, err
+
+
+def test_a_start_up_error_after_the_redis_stops_it(make_service: MakeService, tmp_path: Path) -> None:
+    """The HTTPS listener's port taken: the run fails after its Redis started, and stops it."""
+    svc = make_service(tmp_path / "state")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", svc.listen_port))
+        squatter.listen()
+        run = subprocess.run(svc.argv, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3 and "cannot listen on" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "embedded redis-server at" in run.stderr, "the Redis was up before the failure"
+    assert_nothing_left(svc)

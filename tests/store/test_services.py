@@ -286,6 +286,20 @@ async def test_embedded_redis_cancelled_during_start_up_stops_its_server(tmp_pat
         assert entered.is_set()
 
 
+async def test_embedded_redis_stops_its_server_when_its_user_fails(tmp_path: Path) -> None:
+    """An exception in the body (a start-up step after the Redis, e.g. a transport that fails)."""
+    me = os.getpid()
+    before = _servers_of(me, "redis-server")
+    with pytest.raises(RuntimeError, match="transport down"):
+        async with embedded_redis(None, tmp_path, who="test"):
+            assert _servers_of(me, "redis-server") - before
+            raise RuntimeError("transport down")
+    assert _servers_of(me, "redis-server") == before
+    assert not (tmp_path / "redis.url").exists()
+    with DataDirLock(tmp_path, who="next"):
+        pass
+
+
 def test_data_dir_lock_names_its_holder(tmp_path: Path) -> None:
     with DataDirLock(tmp_path, who="mgms"):
         with pytest.raises(DataDirInUse) as refused:
