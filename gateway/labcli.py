@@ -357,6 +357,7 @@ async def _wait_links_up(args: argparse.Namespace, deadline: float, procs: list[
 
 async def _lab_up(args: argparse.Namespace) -> int:
     from gateway.config import load_config
+    from gateway.services import _die_with_parent
 
     cfg = load_config(args.config)  # bad config: exit 2 before anything starts
     stop = asyncio.Event()
@@ -382,10 +383,13 @@ async def _lab_up(args: argparse.Namespace) -> int:
     for flag in ("redis_url", "data_dir"):
         if getattr(args, flag):
             run_cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    # a SIGKILLed `lab up` (no finally runs) must not leave its children: the kernel sends them
+    # SIGTERM when this thread (the main one, i.e. the process) ends - as for the embedded servers
+    orphan = _die_with_parent()
     procs: list[tuple[str, asyncio.subprocess.Process]] = []
     code = 0
     try:
-        sims = await asyncio.create_subprocess_exec(*sim_cmd, stdout=asyncio.subprocess.PIPE)
+        sims = await asyncio.create_subprocess_exec(*sim_cmd, stdout=asyncio.subprocess.PIPE, preexec_fn=orphan)
         procs.append(("simulators", sims))
         assert sims.stdout is not None
         deadline = time.monotonic() + args.ready_timeout_s
@@ -403,7 +407,7 @@ async def _lab_up(args: argparse.Namespace) -> int:
             print(line.rstrip(), flush=True)
             if ALL_READY in line:
                 break
-        gw = await asyncio.create_subprocess_exec(*run_cmd)
+        gw = await asyncio.create_subprocess_exec(*run_cmd, preexec_fn=orphan)
         procs.append(("gateway", gw))
         up = asyncio.create_task(_wait_links_up(args, deadline, [sims, gw]))
         stopped = asyncio.create_task(stop.wait())

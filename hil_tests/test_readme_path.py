@@ -199,7 +199,9 @@ def stop_services(clone: Clone) -> list[str]:
 
 
 def port_free(port: int) -> bool:
+    """Nobody listens on ``port`` (SO_REUSEADDR: closed connections in TIME_WAIT do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
