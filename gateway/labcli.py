@@ -146,20 +146,28 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
 
 
 def _messaging_of(config_file: str) -> MessagingSettings:
-    """The messaging block of a lab config or of an AMS config (whichever the file is)."""
+    """The messaging block of a lab config or of an AMS config (whichever the file is).
+
+    A lab config has ``lab``, ``devices`` or ``extends`` at its top level, an AMS config none
+    of them; telling them apart first means a broken AMS config gets its own errors, not a lab
+    loader's complaints about missing devices.
+    """
+    import yaml
+
     from gateway.config import load_config
+    from gateway.errors import ConfigIssue
 
     try:
-        cfg = load_config(config_file)
-    except ConfigError as lab_error:
+        top = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        top = None  # the loader says what is wrong, with the line
+    if isinstance(top, dict) and not {"lab", "devices", "extends"} & top.keys():
         from ams.config import load_ams_config
 
-        try:
-            return load_ams_config(config_file).messaging
-        except ConfigError:
-            raise lab_error from None
+        return load_ams_config(config_file).messaging
+    cfg = load_config(config_file)
     if cfg.messaging is None:
-        raise SystemExit(f"error: {config_file} has no messaging block")
+        raise ConfigError([ConfigIssue(config_file, "messaging", "missing: this command needs the messaging block")])
     return cfg.messaging
 
 
@@ -215,13 +223,14 @@ class BrokerParticipant:
 def broker_participants(config_files: list[str]) -> list[BrokerParticipant]:
     """Read the mqtt block of each config (a lab or an AMS config)."""
     from gateway.config import transport_settings_model
+    from gateway.errors import ConfigIssue
 
     out: list[BrokerParticipant] = []
     for file in config_files:
         m = _messaging_of(file)
         raw = m.transports.get("mqtt")
         if raw is None:
-            raise SystemExit(f"error: {file}: messaging.transports has no mqtt block")
+            raise ConfigError([ConfigIssue(file, "messaging.transports.mqtt", "missing: the broker needs it")])
         s = transport_settings_model("mqtt").model_validate({**raw, "participant": m.participant})
         out.append(
             BrokerParticipant(

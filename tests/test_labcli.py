@@ -247,3 +247,17 @@ def test_iedsim_all_refuses_a_config_without_simulated_devices(tmp_path: Path) -
         capture_output=True, text=True, timeout=20,
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
+
+
+def test_broker_config_names_a_config_without_messaging(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["broker", "config", "-c", str(LAB / "multipower-sim.yaml"), "-o", str(tmp_path / "b")]) == 2
+    assert "messaging: missing" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_peers_add_finds_the_peers_dir_in_a_lab_or_an_ams_config(dso_lab: Path) -> None:
+    keys = dso_lab / "keys"
+    assert main(["peers", "add", str(keys / "ams" / "ams.pub"), "-c", str(dso_lab / "multipower-dso-sim.yaml")]) == 0
+    assert main(["peers", "add", str(keys / "mgms" / "mgms-multipower.pub"), "-c", str(dso_lab / "ams.yaml")]) == 0
+    assert (keys / "mgms" / "peers" / "ams.pub").exists()
+    assert (keys / "ams" / "peers" / "mgms-multipower.pub").exists()
