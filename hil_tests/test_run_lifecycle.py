@@ -28,7 +28,7 @@ import yaml
 from hilkit import SIM_CONFIG
 
 from ams.sandbox import DsoSandbox
-from gateway.services import DataDirLock
+from gateway.services import DataDirInUse, DataDirLock
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # a few CLI runs per test, ~1-2 s each
 
@@ -140,6 +140,14 @@ def configured_port(state: Path) -> int | None:
     return next((int(line.split()[1]) for line in lines if line.startswith("port ")), None)
 
 
+def lock_free(state: Path) -> bool:
+    try:
+        with DataDirLock(state, who="probe"):
+            return True
+    except DataDirInUse:
+        return False
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -171,8 +179,8 @@ def assert_nothing_left(svc: Service, *, within_s: float = 0.0) -> None:
     if port is not None:
         until(lambda: port_free(port), max(within_s, 1.0), f"port {port} free")
     assert not svc.url_file.exists() or within_s, "redis.url left by a clean stop"
-    with DataDirLock(svc.state, who="test"):
-        pass
+    # after a kill the server's last threads may still be exiting after its main one did
+    until(lambda: lock_free(svc.state), max(within_s, 0.1), "the data dir's lock free")
 
 
 def stop(proc: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM) -> tuple[int, str]:
