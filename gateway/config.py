@@ -217,6 +217,12 @@ def check_redis_url(v: str) -> str:
 RedisUrl = Annotated[str, AfterValidator(check_redis_url)]
 
 
+def _suggest_unit(word: str) -> str:
+    """The unit meant when only the case is wrong ('KW' -> 'kW', not difflib's 'W'), else the closest."""
+    same = [u for u in KNOWN_UNITS if u.lower() == word.lower()]
+    return f" (did you mean {same[0]!r}?)" if len(same) == 1 else _suggest(word, KNOWN_UNITS)
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -249,10 +255,11 @@ class Iec104Timers(_Frozen):
 class TlsSettings(_Frozen):
     """Transport security toward a device (IEC 62351-3 style TLS); files are PEM paths.
 
-    Paths are taken as given (relative ones from the gateway's working directory) and must
-    exist when the config is loaded with ``enabled``. ``ca_file`` is the CA the device's
-    certificate must chain to (needed when ``verify``); ``cert_file``/``key_file`` are the
-    gateway's own certificate for mutual authentication. ``check_hostname`` also demands that
+    Relative paths are read from the directory of the lab file that names them (not the
+    gateway's working directory) and must exist when the config is loaded with ``enabled``.
+    ``ca_file`` is the CA the device's certificate must chain to (needed when ``verify``);
+    ``cert_file``/``key_file`` are the gateway's own certificate for mutual authentication.
+    ``check_hostname`` also demands that
     the device certificate names ``host`` (DNS or IP subjectAltName); field devices often carry
     certificates without their address, so it can be switched off while the chain is still
     verified. ``verify: false`` encrypts without authenticating the device: lab use only.
@@ -835,7 +842,7 @@ class Point(_Frozen):
     @classmethod
     def _known_unit(cls, v: str) -> str:
         if v not in KNOWN_UNITS:
-            raise ValueError(f"unknown unit {v!r}{_suggest(v, KNOWN_UNITS)}; known: {', '.join(sorted(KNOWN_UNITS))}")
+            raise ValueError(f"unknown unit {v!r}{_suggest_unit(v)}; known: {', '.join(sorted(KNOWN_UNITS))}")
         return v
 
     @field_validator("scale")
@@ -1147,7 +1154,17 @@ def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> tuple[Any, dict[Pa
         line = origins.get(("extends",))
         raise ConfigError([ConfigIssue(file, "extends", "must be a file path", line.line if line else None)])
     base_path = (path.parent / parent).resolve()
-    base, base_origins = _read_layered(base_path, (*seen, path))
+    try:
+        base, base_origins = _read_layered(base_path, (*seen, path))
+    except ConfigError as exc:
+        # a base that cannot be read at all is this file's mistake: name the line that points at it
+        where = origins.get(("extends",))
+        raise ConfigError([
+            ConfigIssue(file, "extends", f"{parent!r} ({i.file}): {i.reason}", where.line if where else None)
+            if i.file == str(base_path) and not i.key and i.line is None
+            else i
+            for i in exc.issues
+        ]) from exc
     merged = _merge(base, data, (), base_origins, origins)
     return merged, base_origins
 
