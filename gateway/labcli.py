@@ -410,6 +410,8 @@ async def _lab_up(args: argparse.Namespace) -> int:
             except TimeoutError:
                 print(f"error: the simulators were not ready within {args.ready_timeout_s:g} s", file=sys.stderr)
                 return 1
+            if not line and stop.is_set():  # Ctrl-C while they started (it reached them too)
+                return 130
             if not line:
                 print(f"error: the simulators exited (code {await sims.wait()})", file=sys.stderr)
                 return 1
@@ -421,7 +423,7 @@ async def _lab_up(args: argparse.Namespace) -> int:
         up = asyncio.create_task(_wait_links_up(args, deadline, [sims, gw]))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({up, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not up.done():
+        if stop.is_set():  # Ctrl-C before the lab was up (a child it reached may have ended first)
             up.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await up
@@ -444,8 +446,8 @@ async def _lab_up(args: argparse.Namespace) -> int:
         for t in (stopper, *waits):
             if t not in done:
                 t.cancel()
-        for t in done:
-            if t is not stopper:
+        if stopper not in done:  # a child ended by itself, not because of a Ctrl-C that reached it too
+            for t in done:
                 print(f"error: the {waits[t]} exited (code {t.result()}): stopping the lab", file=sys.stderr)
                 code = 1
     finally:

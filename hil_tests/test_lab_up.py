@@ -62,17 +62,18 @@ def port_free(port: int) -> bool:
     return True
 
 
-def lab_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, list[int], Path]:
+def lab_up(tmp_path: Path, *, wait: bool = True) -> tuple[subprocess.Popen[bytes], Path, list[int], Path]:
+    """``mgms lab up`` in a session of its own (as a terminal's foreground job: Ctrl-C = SIGINT to the group)."""
     lab, ports = profile(tmp_path)
     log = tmp_path / "lab-up.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "lab", "up", "--config", str(lab),
              "--data-dir", str(tmp_path / "state")],
-            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ},
+            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ}, start_new_session=True,
         )  # fmt: skip
     deadline = time.monotonic() + 40
-    while "lab up: " not in log.read_text(errors="replace"):
+    while wait and "lab up: " not in log.read_text(errors="replace"):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
         time.sleep(0.1)
     return proc, log, ports, tmp_path / "state" / "multipower"
@@ -95,6 +96,31 @@ def test_sigkill_of_lab_up_stops_the_gateway_its_redis_and_the_simulators(tmp_pa
     wait_for(lambda: not any(alive(k) for k in kids), 20, "a child of the killed `lab up` lives on")
     wait_for(lambda: all(port_free(p) for p in ports), 10, "a simulator port is still held")
     assert not (state / "redis.url").exists(), "the gateway did not stop its Redis"
+
+
+def test_ctrl_c_to_the_whole_group_is_a_clean_stop(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches lab up and both children at once: still exit 0, nothing left."""
+    proc, log, ports, state = lab_up(tmp_path)
+    kids = children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(30) == 0, log.read_text(errors="replace")[-3000:]
+    after = log.read_text(errors="replace").split("lab up: ", 1)[1]
+    assert "stopping the lab" not in after and "Traceback" not in after, after
+    assert not any(alive(k) for k in kids)
+    assert all(port_free(p) for p in ports) and not (state / "redis.url").exists()
+
+
+def test_ctrl_c_during_start_up_leaves_nothing(tmp_path: Path) -> None:
+    proc, log, ports, state = lab_up(tmp_path, wait=False)
+    deadline = time.monotonic() + 30
+    while not children(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kids = children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(30) == 130, log.read_text(errors="replace")[-3000:]
+    assert kids and not any(alive(k) for k in kids)
+    wait_for(lambda: all(port_free(p) for p in ports), 10, "a simulator port is still held")
+    assert not (state / "redis.url").exists()
 
 
 def test_a_child_that_dies_stops_the_lab_with_exit_1(tmp_path: Path) -> None:
