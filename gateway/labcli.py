@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.errors import ConfigError
+from gateway.services import MqttAcl
 
 if TYPE_CHECKING:
     from gateway.config import MessagingSettings
@@ -247,9 +248,19 @@ def broker_participants(config_files: list[str]) -> list[BrokerParticipant]:
     return out
 
 
+def _acl(p: BrokerParticipant) -> list[MqttAcl]:
+    """The participant's message topics, and the clock probe's (``mgms bench --lab --clock-mqtt``
+    measures the MGMS-AMS clock offset over the lab's own broker, on a root of its own)."""
+    from gateway.bench.clock import clock_acl
+    from gateway.services import participant_acl
+
+    clock = [MqttAcl(p.user, rule.access, rule.topic) for rule in clock_acl([p.participant])]
+    return participant_acl(p.user, p.participant) + clock
+
+
 def cmd_broker_config(args: argparse.Namespace) -> int:
     """Write the broker files; passwords from the variables the configs name, new ones otherwise."""
-    from gateway.services import MosquittoServer, MqttTls, ServiceNotInstalled, participant_acl
+    from gateway.services import MosquittoServer, MqttTls, ServiceNotInstalled
 
     parts = broker_participants(args.config)
     listeners = {(p.host, p.port) for p in parts}
@@ -297,7 +308,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         port=port,
         tls=tls,
         users=passwords,
-        acl=[rule for p in parts for rule in participant_acl(p.user, p.participant)],
+        acl=[rule for p in parts for rule in _acl(p)],
     )
     try:
         conf = server.write_config(out, port)

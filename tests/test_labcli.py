@@ -133,10 +133,14 @@ def test_broker_config_writes_users_acls_and_secrets(
     assert (out / "acl").read_text() == (
         "user mgms-multipower\n"
         "topic write heila/v1/to/+/from/mgms-multipower/#\n"
-        "topic read heila/v1/to/mgms-multipower/#\n\n"
+        "topic read heila/v1/to/mgms-multipower/#\n"
+        "topic write heila/v1/clock/to/+/from/mgms-multipower/#\n"  # mgms bench --lab --clock-mqtt
+        "topic read heila/v1/clock/to/mgms-multipower/#\n\n"
         "user ams\n"
         "topic write heila/v1/to/+/from/ams/#\n"
-        "topic read heila/v1/to/ams/#\n\n"
+        "topic read heila/v1/to/ams/#\n"
+        "topic write heila/v1/clock/to/+/from/ams/#\n"
+        "topic read heila/v1/clock/to/ams/#\n\n"
     )
     secrets_env = (out / "secrets.env").read_text()
     assert stat.S_IMODE((out / "secrets.env").stat().st_mode) == 0o600
