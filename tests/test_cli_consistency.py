@@ -82,7 +82,7 @@ def quoted_commands() -> list[tuple[str, str]]:
         for line in f.read_text().splitlines():
             if line.lstrip().startswith("#"):
                 found += [(f.name, m) for m in re.findall(r"`((?:mgms|ams|iedsim) [^`]+)`", line)]
-    return [(f, c) for f, c in found if re.search(r"(^| )(-c|--config|keys) ", c)]
+    return [(f, c) for f, c in found if re.search(r"(^| )(-c|--config|keys|check-config) ", c)]
 
 
 @pytest.mark.parametrize(("where", "command"), quoted_commands())
