@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ams.config import AmsConfig, load_ams_config
 from gateway.cli import redis_url_arg, report_config_error
-from gateway.cliutil import add_version, quiet_on_broken_pipe
+from gateway.cliutil import add_version, configure_logging, quiet_on_broken_pipe
 from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.semantic import FlexibilityType
 
@@ -425,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.config:
             ap.error("check-config: give the AMS config with --config/-c FILE")
     level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level)  # journal lines (priority, no timestamp) under systemd
     try:
         if getattr(args, "func", None) is not None:  # the VPP commands (ams.vpp.cli)
             return int(args.func(args))

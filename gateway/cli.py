@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.cliutil import add_version, did_you_mean, quiet_on_broken_pipe
+from gateway.cliutil import add_version, configure_logging, did_you_mean, quiet_on_broken_pipe
 from gateway.config import LabConfig, load_config
 from gateway.errors import CommandInvalid, ConfigError, GatewayError
 
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "check-config":
         args.file = _check_config_file(ap, args)
     level = args.log_level or ("INFO" if args.cmd == "run" else "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level)  # journal lines (priority, no timestamp) under systemd
     try:
         if getattr(args, "func", None) is not None:
             return int(args.func(args))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import logging
 import os
 import select
 import sys
@@ -19,7 +20,7 @@ from typing import ParamSpec
 
 from gateway import __version__
 
-__all__ = ["EXIT_BROKEN_PIPE", "add_version", "did_you_mean", "quiet_on_broken_pipe"]
+__all__ = ["EXIT_BROKEN_PIPE", "add_version", "configure_logging", "did_you_mean", "quiet_on_broken_pipe"]
 
 P = ParamSpec("P")
 
@@ -75,3 +76,43 @@ def quiet_on_broken_pipe(main: Callable[P, int]) -> Callable[P, int]:
             return EXIT_BROKEN_PIPE
 
     return guarded
+
+
+#: logging level -> syslog priority, for the ``<N>`` prefix journald reads on a stream line
+_SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JournalFormatter(logging.Formatter):
+    """``<4>gateway.runtime: message``: journald takes the priority from the prefix
+    (``journalctl -p warning`` works) and stamps the time itself, so none is written."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _SYSLOG_PRIORITY.get(record.levelno, 5 if record.levelno > logging.INFO else 7)
+        text = super().format(record)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd set up for this service.
+
+    systemd exports ``JOURNAL_STREAM=<device>:<inode>`` of that stream; a child whose stderr
+    was redirected elsewhere inherits the variable but not the stream, hence the comparison.
+    """
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return bool(stream) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def configure_logging(level: str | int) -> None:
+    """Root logging to stderr: timestamped lines on a terminal, journal lines under systemd."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter() if stderr_is_journal() else logging.Formatter(TERMINAL_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
