@@ -101,7 +101,10 @@ def add_lab_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     q.add_argument("--config", "-c", required=True, help="lab config file (YAML), a simulator profile")
     q.add_argument("--redis-url", help="Redis URL (overrides the config's redis.url)")
-    q.add_argument("--data-dir", help="where the embedded Redis keeps its data (default .mgms/<lab>)")
+    q.add_argument(
+        "--data-dir", metavar="DIR",
+        help="parent folder of the lab's state: the gateway's embedded Redis in DIR/<lab name> (default .mgms)",
+    )  # fmt: skip
     q.add_argument(
         "--control-port-base",
         type=int,

@@ -65,6 +65,15 @@ def test_config_is_dash_c_or_double_dash_config_wherever_a_command_takes_one(pro
                 assert "-c" in action.option_strings, f"{path}: --config without -c"
 
 
+@pytest.mark.parametrize("prog", sorted(PARSERS))
+def test_data_dir_says_the_state_is_one_level_below_it(prog: str) -> None:
+    """``--data-dir DIR`` puts a lab's state in DIR/<lab name> (so labs can share DIR); the help says so."""
+    for path, parser in walk(PARSERS[prog](), prog):
+        for action in parser._actions:
+            if "--data-dir" in action.option_strings:
+                assert action.metavar == "DIR" and "DIR/<" in str(action.help), f"{path}: {action.help}"
+
+
 def test_check_config_takes_dash_c_and_the_older_positional_form() -> None:
     ap = mgms_parser()
     assert ap.parse_args(["check-config", "-c", "x.yaml"]).config == "x.yaml"

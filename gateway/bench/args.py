@@ -42,7 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lab = p.add_argument_group("against a running lab (--lab): starts nothing, reads the stored probes")
     lab.add_argument("--lab", action="store_true", help="measure the running gateway of --config")
     lab.add_argument("--redis-url", help="the gateway's Redis (default: the config's redis.url or the embedded one)")
-    lab.add_argument("--data-dir", help="where an embedded gateway Redis keeps its url (default .mgms/<lab>)")
+    lab.add_argument(
+        "--data-dir", metavar="DIR",
+        help="the --data-dir of the gateway's run: its embedded Redis's url is in DIR/<lab name> (default .mgms)",
+    )  # fmt: skip
     lab.add_argument("--ams-redis", help="the AMS's Redis (read only): message routes and the DSO loop")
     lab.add_argument("--ams-participant", help="the AMS's participant name (default: flexibility.aggregator, else ams)")
     lab.add_argument("--window-s", type=float, default=60.0, help="how long to watch (default 60)")
