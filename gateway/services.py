@@ -101,10 +101,10 @@ class _ForkThread:
     """The one thread every server is forked from (PR_SET_PDEATHSIG follows the forking thread).
 
     A daemon thread, started on the first spawn and never ended: it lasts exactly as long
-    as the process, so the kernel's "parent died" signal means what it should. A worker
-    thread of ``asyncio.to_thread`` would not do: it may end while the process goes on (and
-    the server with it), and a server forked from a thread that outlives nothing tells
-    nothing. Its loop runs for the life of the process by design; each job is one Popen.
+    as the process, so the kernel's "parent died" signal comes when the process dies. A
+    worker thread of ``asyncio.to_thread`` would not do: it may end while the process goes
+    on, and take the server with it. Its loop runs for the life of the process by design;
+    each job is one Popen.
     """
 
     def __init__(self) -> None:
@@ -131,6 +131,7 @@ class _ForkThread:
                 done.set_result(spawn())
             except BaseException as exc:  # handed to the caller, which re-raises it
                 done.set_exception(exc)
+
 
 #: Process-wide by nature, as the process's children are (see :class:`_ForkThread`).
 _FORK_THREAD = _ForkThread()
