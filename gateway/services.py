@@ -65,6 +65,7 @@ __all__ = [
     "RedisServer",
     "ServiceError",
     "ServiceNotInstalled",
+    "die_with_parent",
     "embedded_redis",
     "free_port",
     "participant_acl",
@@ -154,9 +155,12 @@ def _prctl() -> Callable[[int, int, int, int, int], int] | None:
     return prctl
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get SIGTERM when its forking thread ends.
 
+    That thread must live as long as the process for this to mean "when we die": the main
+    thread (an event loop's ``create_subprocess_exec`` under ``asyncio.run``) or the servers'
+    fork thread here; never a worker thread. None where there is no prctl (not Linux).
     Runs in the child between fork and exec, so it does the least: one prctl and one
     getppid. The getppid check closes the race where the parent died before the prctl (the
     child would then wait for a signal that already had its chance).
@@ -173,6 +177,9 @@ def _die_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+_die_with_parent = die_with_parent  # the name gateway.labcli imports
 
 
 async def _in_thread_to_the_end(fn: Callable[[], _T], on_cancel: Callable[[], None] | None = None) -> _T:
@@ -414,7 +421,7 @@ class _ServerProcess(abc.ABC):
             log_start = out.tell()
             out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
             out.flush()
-            preexec = _die_with_parent()  # built here: the child should only call it
+            preexec = die_with_parent()  # built here: the child should only call it
 
             def spawn() -> subprocess.Popen[bytes]:
                 return subprocess.Popen(

@@ -51,7 +51,7 @@ from gateway.protocols.iec104.bare import BareC104, ioa_of
 from gateway.runtime import Gateway
 from gateway.semantic import ActivationNotification, Envelope, Flexibility, FlexibilityType
 from gateway.semantic.envelope import serialise
-from gateway.services import RedisServer, free_port
+from gateway.services import RedisServer, die_with_parent, free_port
 from gateway.store import RedisStore
 from gateway.transport.base import topic_for
 
@@ -619,9 +619,11 @@ class AmsProcess:
             )
         )
         with self.log_file.open("wb") as log_out:
+            # a killed bench must not leave its AMS running (the kernel sends it SIGTERM)
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ams.cli", "run", "-c", str(cfg), "--redis-url", self.redis_url,
                 "--worker", "bench", stdout=asyncio.subprocess.DEVNULL, stderr=log_out,
+                preexec_fn=die_with_parent(),
             )  # fmt: skip
         keys = AmsKeys(AMS)
         async with asyncio.timeout(timeout_s):

@@ -262,6 +262,36 @@ def test_servers_stop_when_their_owner_is_killed(tmp_path: Path, kind: str) -> N
                 owner.wait(10)
 
 
+_LOOP_OWNER = """
+import asyncio
+from gateway.services import die_with_parent
+
+async def main() -> None:
+    child = await asyncio.create_subprocess_exec("sleep", "60", preexec_fn=die_with_parent())
+    print(child.pid, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_die_with_parent_for_a_child_the_event_loop_starts() -> None:
+    """The bench's `ams run` child and `mgms lab up`'s children: forked by the loop (the
+    main thread), they get SIGTERM from the kernel when their parent is killed."""
+    with subprocess.Popen([sys.executable, "-c", _LOOP_OWNER], stdout=subprocess.PIPE, text=True) as owner:
+        try:
+            assert owner.stdout is not None
+            child = int(owner.stdout.readline())
+            assert not _exited(child)
+            owner.kill()
+            owner.wait(10)
+            _wait(lambda: _exited(child), 5, f"the child {child} exited after its parent's SIGKILL")
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait(10)
+
+
 @pytest.mark.parametrize("point", ["at-once", "forked", "url-written", "delay-30ms", "delay-80ms"])
 async def test_embedded_redis_cancelled_during_start_up_stops_its_server(tmp_path: Path, point: str) -> None:
     """A cancellation at any point of the start-up (a signal, in the CLIs) leaves no
