@@ -125,6 +125,8 @@ def make_clone(tmp: Path) -> Clone:
         f.write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MGMS_", "AMS_"))}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", ""), "/usr/sbin", "/sbin"])
+    for script in ("mgms", "ams"):  # the README's console scripts, from this interpreter's environment
+        assert (Path(sys.executable).parent / script).exists(), f"no {script} beside {sys.executable}: pip install -e ."
     return Clone(root, env, ports)
 
 
