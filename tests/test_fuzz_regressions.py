@@ -194,6 +194,41 @@ def test_profile_read_by_entry_with_non_integer_bounds_is_refused(tmp_path: Path
     assert app.handle(assoc, get) == bytes([0xC4, 0x01, 0xC1, 0x01, DAR_OTHER])  # type: ignore[attr-defined]
 
 
+def test_hls_aarq_with_a_calling_title_not_of_8_octets_is_refused(tmp_path: Path) -> None:
+    """The calling AP title is the first part of the GCM nonce (title + invocation counter):
+    a 1-octet title was accepted, and cryptography's ValueError ("Nonce must be between 8
+    and 128 bytes") came out of the next ciphered GET. Found by the 10-minute reference run."""
+    import os
+
+    from gateway.config import load_config
+    from gateway.iedsim.dlms.meter import DIAG_CALLING_AP_TITLE_NOT_RECOGNISED, Association
+    from gateway.iedsim.dlms.server import DlmsMeter
+
+    lab = tmp_path / "lab.yaml"
+    keys = f"block_cipher_key: {os.urandom(16).hex()}, authentication_key: {os.urandom(16).hex()}"
+    lab.write_text(
+        "lab: {name: t}\n"
+        "devices:\n"
+        f"  meter1: {{protocol: dlms, host: 127.0.0.1, port: 4059, dlms: {{security: high_gmac, {keys}}}}}\n"
+        "points:\n"
+        "  - {name: v, device: meter1, quantity: voltage, unit: V, address: {obis: 1.0.32.7.0.255}}\n",
+        encoding="utf-8",
+    )
+    app = DlmsMeter(load_config(lab), "meter1", port=0, seed=1).app
+    body = (
+        H("a109060760857405080103")
+        + H("a603 0401 4d")  # calling AP title: one octet
+        + H("8a020780 8b0760857405080205 ac128010")
+        + bytes(16)
+        + H("be10040e01000000065f1f0400401e5dffff")
+    )
+    aare = app.handle(Association(1), bytes([0x60, len(body)]) + body)
+    assert aare is not None and aare[0] == 0x61
+    assert H("a203020101") in aare  # result: rejected-permanent
+    assert bytes([0xA3, 0x05, 0xA1, 0x03, 0x02, 0x01, DIAG_CALLING_AP_TITLE_NOT_RECOGNISED]) in aare
+    assert app.counters["associations_refused"] == 1
+
+
 # -- IEC 61850 SCL --------------------------------------------------------------------------
 
 _SCL = (

@@ -249,7 +249,7 @@ def _worker(argv: list[str]) -> None:
     atheris.Fuzz()
 
 
-_STATUS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
+_STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 _EXECUTED = re.compile(r"^stat::number_of_executed_units: (\d+)")
 
 
@@ -288,8 +288,8 @@ def run_target(
                     log.write(line)
                     if m := _STATUS.match(line):
                         last_units = int(m[1])
-                        result.cov, result.ft, result.corpus = int(m[2]), int(m[3]), int(m[4])
-                        if " pulse " in line or " DONE " in line or " INITED " in line:
+                        result.cov, result.ft, result.corpus = int(m[3]), int(m[4]), int(m[5])
+                        if m[2] in ("pulse", "DONE", "INITED"):
                             echo(f"  {target.name}: {line.rstrip()}")
                     elif m := _EXECUTED.match(line):
                         last_units = int(m[1])

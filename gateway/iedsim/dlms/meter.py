@@ -79,6 +79,7 @@ DAR_OTHER = 250
 
 # AARE result-source-diagnostic (acse-service-user)
 DIAG_NULL = 0
+DIAG_CALLING_AP_TITLE_NOT_RECOGNISED = 3
 DIAG_MECHANISM_NOT_RECOGNISED = 11
 DIAG_MECHANISM_REQUIRED = 12
 DIAG_AUTHENTICATION_FAILURE = 13
@@ -306,6 +307,9 @@ class MeterApplication:
             self.counters["wrong_password"] += 1
             return self._aare(context, 1, DIAG_AUTHENTICATION_FAILURE)
         if wanted == 5:
+            if len(title) != 8:  # the GCM nonce is system title (8 octets) + invocation counter
+                self.counters["associations_refused"] += 1
+                return self._aare(context, 1, DIAG_CALLING_AP_TITLE_NOT_RECOGNISED)
             assoc.client_title = bytes(title)
             assoc.ctos = bytes(auth_value)
             assoc.ciphered = True
