@@ -83,7 +83,7 @@ class CommandOutcome:
     point: str
     value: float | int | bool
     requested_by: str
-    result: str = "pending"  # confirmed | rejected | timeout | invalid | failed
+    result: str = "pending"  # confirmed | rejected | timeout | invalid | failed | expired | interrupted
     reason: str = ""
     requested_ts: float = field(default_factory=now)
     sent_ts: float | None = None

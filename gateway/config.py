@@ -45,6 +45,7 @@ from gateway.errors import ConfigError, ConfigIssue
 __all__ = [
     "QUANTITY_UNITS",
     "ClockSyncSettings",
+    "CommandSettings",
     "CounterInterrogationSettings",
     "Device",
     "Direction",
@@ -876,6 +877,17 @@ class RedisSettings(_Frozen):
     batch_max: Annotated[int, Field(ge=1)] = 2_000
 
 
+class CommandSettings(_Frozen):
+    """How the gateway treats operator command requests (docs/redis-keys.md, Commands).
+
+    ``request_validity_s``: a request still waiting in ``P:cmd:requests`` after this long
+    (e.g. the gateway was down when it was made) is refused as ``expired`` instead of being
+    executed into a field that may have moved on since; ``null`` = no limit.
+    """
+
+    request_validity_s: Annotated[float, Field(gt=0, le=86_400)] | None = 30.0
+
+
 class LabInfo(_Frozen):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str = ""
@@ -972,6 +984,7 @@ class LabConfig(_Frozen):
     devices: dict[str, Device]
     points: tuple[Point, ...]
     redis: RedisSettings = RedisSettings()
+    commands: CommandSettings = CommandSettings()
     messaging: MessagingSettings | None = None
     flexibility: FlexibilitySettings | None = None
     probes: ProbeSettings = ProbeSettings()
@@ -1360,6 +1373,7 @@ def _known_fields(loc: Path_, data: Any) -> list[str]:
         "restore": FlexAction,
         "lab": LabInfo,
         "redis": RedisSettings,
+        "commands": CommandSettings,
         "timers": Iec104Timers,
         "tls": TlsSettings,
         "reconnect": ReconnectPolicy,

@@ -19,7 +19,17 @@ Why it works this way:
   stop sends the series in a Verification Notification.
 * **Restart-safe and once only.** Activation state lives in Redis (``P:flex:act:{id}``); a
   re-delivered or duplicated activation (same business id, new message id) does not switch
-  the breaker a second time; one interrupted by a restart resumes from its state.
+  the breaker a second time; one interrupted by a restart resumes from its state. The
+  baseline is persisted *before* the first command, and each command step (``steps``) after
+  it ran, under a request id of its own (``{activation}/activate:0``): a resumed activation
+  measures against the persisted baseline (never a re-measured one, which would see the load
+  already shed), skips the steps it has, and asks the gateway by request id for the others,
+  which answers with the outcome of a command cut by the crash (resolved from the device's
+  status by its intent) instead of executing it twice.
+* **Bookkeeping waits, the verdict does not.** Baseline and samples come from the gateway's
+  memory, not Redis; writes of the activation hash and the verification message are retried
+  through a Redis outage (bounded) instead of failing the activation. Only the commands wait
+  for Redis: their intent must be on disk before they go to the field.
 * **Probes only when asked.** The hop times an activation carries (``created_ns``,
   ``received_ns``, ``stored_ns``, ``handled_ns``, ``verified_ns``, the commands'
   ``sent_ts``/``confirm_ts``) are for latency measurement and nothing here decides with
@@ -34,8 +44,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
@@ -43,7 +55,8 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from gateway.commands import CommandOutcome
-from gateway.config import UNIT_SI_FACTORS, FlexibilitySettings, FlexResource, LabConfig
+from gateway.config import UNIT_SI_FACTORS, FlexAction, FlexibilitySettings, FlexResource, LabConfig
+from gateway.errors import StoreError
 from gateway.messaging import Messenger, Received
 from gateway.points import Quality
 from gateway.semantic import (
@@ -61,6 +74,8 @@ log = logging.getLogger(__name__)
 
 INBOX_GROUP = "mgms-flex"
 _BAD = Quality.INVALID | Quality.NOT_TOPICAL
+#: How long bookkeeping writes (activation hash, verification) are retried through a Redis outage.
+BOOKKEEPING_RETRY_S = 120.0
 
 
 class GatewayLike(Protocol):
@@ -71,7 +86,7 @@ class GatewayLike(Protocol):
     def latest_value(self, name: str) -> tuple[float | int | bool | None, int] | None: ...
 
     async def execute_logged(
-        self, point: str, value: str | float | int | bool, requested_by: str = "operator"
+        self, point: str, value: str | float | int | bool, requested_by: str = "operator", request_id: str = ""
     ) -> CommandOutcome: ...
 
 
@@ -90,6 +105,7 @@ class FlexAgent:
         self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._running_resource: dict[str, str] = {}  # activation id -> resource it switches
         self._plans: dict[str, OperationPlan] = {}
 
     # ------------------------------------------------------------------ keys
@@ -195,7 +211,9 @@ class FlexAgent:
         return sent
 
     def _busy_resources(self) -> set[str]:
-        return {name for name, task in self._running.items() if not task.done()}
+        # (keyed by resource: it was keyed by activation id, so a resource under activation
+        # was offered again, e.g. by a restarted gateway's first publish)
+        return {self._running_resource[a] for a, task in self._running.items() if not task.done()}
 
     # ------------------------------------------------------------------ notifications
 
@@ -243,9 +261,10 @@ class FlexAgent:
         # activation's critical path (docs/latency.md, the DSO loop)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hsetnx(key, "state", "received")
-        pipe.hget(key, "state")
+        pipe.hgetall(key)
         pipe.hgetall(self._offered_key)
-        created, state, offered = await pipe.execute()
+        created, earlier, offered = await pipe.execute()
+        state = cast(dict[str, str], earlier).get("state")
         if not created:
             if state in ("verified", "failed") or act.identifier in self._running:
                 self.counters["duplicate_activations"] += 1
@@ -267,17 +286,19 @@ class FlexAgent:
             }
         await self.redis.hset(key, mapping=record)
         self.counters["activations"] += 1
-        self._start(act, res)
+        self._start(act, res, None if created else cast(dict[str, str], earlier))
 
-    def _start(self, act: ActivationNotification, res: FlexResource, **resume: Any) -> None:
+    def _start(self, act: ActivationNotification, res: FlexResource, resumed: Mapping[str, str] | None = None) -> None:
         # Executed in the background: the inbox goes on (a second activation, a reserve)
         # while this one waits for its start and stop.
-        task = asyncio.create_task(self._execute(act, res, **resume), name=f"activation:{act.identifier}")
+        task = asyncio.create_task(self._execute(act, res, resumed), name=f"activation:{act.identifier}")
         self._running[act.identifier] = task
+        self._running_resource[act.identifier] = res.name
         task.add_done_callback(lambda _t: self._forget(act.identifier))
 
     def _forget(self, act_id: str) -> None:
         self._running.pop(act_id, None)
+        self._running_resource.pop(act_id, None)
 
     async def _resume_unfinished(self) -> None:
         """Take up activations a previous run left unfinished (the gateway stopped during one).
@@ -290,49 +311,52 @@ class FlexAgent:
         async for key in self.redis.scan_iter(match=self._act_key("*"), count=500):
             h = cast(dict[str, str], await self.redis.hgetall(key))
             state, doc, res = h.get("state"), h.get("doc"), by_name.get(h.get("resource", ""))
-            if state not in ("received", "active", "command_failed") or doc is None or res is None:
+            if state not in _UNFINISHED or doc is None or res is None:
                 continue
             act = ActivationNotification.model_validate_json(doc)
             if act.identifier in self._running:
                 continue
-            baseline = h.get("baseline_kw")
             self.counters["resumed"] += 1
             log.info("activation %s resumes after a restart (state %s)", act.identifier, state)
-            self._start(
-                act,
-                res,
-                resumed_state=state,
-                resumed_baseline=float(baseline) if baseline not in (None, "None") else None,
-            )
+            self._start(act, res, resumed=h)
 
     async def _execute(
-        self,
-        act: ActivationNotification,
-        res: FlexResource,
-        *,
-        resumed_state: str | None = None,
-        resumed_baseline: float | None = None,
+        self, act: ActivationNotification, res: FlexResource, resumed: Mapping[str, str] | None = None
     ) -> None:
+        """Baseline, activate, sample, restore, verify; from where ``resumed`` (the activation
+        hash a previous run left) says it got to."""
         key = self._act_key(act.identifier)
+        h = dict(resumed or {})
+        state = h.get("state")
+        steps: dict[str, dict[str, Any]] = json.loads(h.get("steps") or "{}")
         try:
-            if resumed_state in ("active", "command_failed"):
-                # the commands ran before the restart: never switch the field twice
-                baseline, ok = resumed_baseline, resumed_state == "active"
+            await self._sleep_until(act.start)
+            if "baseline_kw" in h:
+                baseline = _opt_float(h["baseline_kw"])
             else:
-                await self._sleep_until(act.start)
+                # measured and persisted before the first command: a resumed activation must
+                # not measure it again with the load already shed
                 baseline = self.power_kw(res)
-                outcomes = [await self._command(a.point, a.value, act.identifier) for a in res.activate]
+                await self._save(key, {"state": "executing", "baseline_kw": repr(baseline)})
+            if state in ("active", "command_failed") and not any(k.startswith("activate:") for k in steps):
+                # a hash from a run before step records: its commands ran, never switch twice
+                outcomes: list[CommandOutcome] | None = None
+                ok = state == "active"
+            else:
+                outcomes = [
+                    await self._step(act, key, steps, f"activate:{i}", a) for i, a in enumerate(res.activate)
+                ]
                 ok = all(o.ok for o in outcomes)
-                await self.redis.hset(
-                    key,
-                    mapping={
-                        "state": "active" if ok else "command_failed",
-                        "baseline_kw": repr(baseline),
-                        "commands": json.dumps([_outcome(o, self.probes) for o in outcomes]),
-                    },
-                )
-            series = await self._sample(act, res, baseline)
-            restored = [await self._command(a.point, a.value, act.identifier) for a in res.restore]
+            if state not in ("active", "command_failed", "restoring"):
+                mapping: dict[FieldT, EncodableT] = {"state": "active" if ok else "command_failed"}
+                if outcomes is not None:
+                    mapping["commands"] = json.dumps([_outcome(o, self.probes) for o in outcomes])
+                await self._save(key, mapping)
+            prior = [float(x) for x in json.loads(h.get("series_kw") or "[]")]
+            series = await self._sample(act, res, baseline, key, prior)
+            if state != "restoring":
+                await self._save(key, {"state": "restoring", "series_kw": json.dumps(series)})
+            restored = [await self._step(act, key, steps, f"restore:{i}", a) for i, a in enumerate(res.restore)]
             ver = VerificationNotification(
                 identifier=f"ver:{act.identifier}",
                 activation_ref=act.identifier,
@@ -341,7 +365,9 @@ class FlexAgent:
                 time_step_s=self._step_s(act),
                 power_series_kw=tuple(series),
             )
-            await self.messenger.send(ver, self.settings.aggregator)
+            await self._retry(
+                f"verification of {act.identifier}", lambda: self.messenger.send(ver, self.settings.aggregator)
+            )
             done: dict[FieldT, EncodableT] = {
                 "state": "verified" if ok else "failed",
                 "restore": json.dumps([_outcome(o, self.probes) for o in restored]),
@@ -349,7 +375,7 @@ class FlexAgent:
             }
             if self.probes:
                 done["verified_ns"] = str(time.time_ns())
-            await self.redis.hset(key, mapping=done)
+            await self._save(key, done)
             self.counters["verifications"] += 1
             log.info("activation %s done: delivered %s kW", act.identifier, series)
         except asyncio.CancelledError:
@@ -360,9 +386,60 @@ class FlexAgent:
             with contextlib.suppress(RedisError):
                 await self.redis.hset(key, mapping={"state": "failed", "reason": repr(exc)})
 
-    async def _command(self, point: str, value: str | float | int | bool, act_id: str) -> CommandOutcome:
-        outcome: CommandOutcome = await self.gateway.execute_logged(point, value, requested_by=f"ams:{act_id}")
+    async def _step(
+        self, act: ActivationNotification, key: str, steps: dict[str, dict[str, Any]], name: str, action: FlexAction
+    ) -> CommandOutcome:
+        """One command of the activation, at most once: from the step record if it ran,
+        else through the gateway under the step's own request id (which returns the outcome
+        of a command a crash cut short instead of sending it again)."""
+        rid = f"{act.identifier}/{name}"
+        done = steps.get(name)
+        if done is not None:
+            return CommandOutcome(
+                rid, str(done.get("point", action.point)), done.get("value", ""), f"ams:{act.identifier}",
+                result=str(done.get("result", "failed")), reason=str(done.get("reason", "")),
+            )  # fmt: skip
+        outcome: CommandOutcome = await self.gateway.execute_logged(
+            action.point, action.value, requested_by=f"ams:{act.identifier}", request_id=rid
+        )
+        if outcome.result == "interrupted" and datetime.now(UTC) < act.stop:
+            # Cut by a crash and, by the device's status after the restart, not carried out
+            # (killed between its intent and the send). The activation is ours to decide and
+            # still under way: one new command, under its own id and log entry; not a resend
+            # of the request, whose outcome stays logged as it was found.
+            log.warning("activation %s: %s was not carried out (%s); issuing it again", act.identifier, name,
+                        outcome.reason)  # fmt: skip
+            rid = f"{rid}#2"
+            outcome = await self.gateway.execute_logged(
+                action.point, action.value, requested_by=f"ams:{act.identifier}", request_id=rid
+            )
+        steps[name] = {"request_id": rid, **_outcome(outcome, self.probes)}
+        await self._save(key, {"steps": json.dumps(steps)})
         return outcome
+
+    async def _save(self, key: str, mapping: Mapping[FieldT, EncodableT]) -> None:
+        """HSET the activation hash, retried through a Redis outage: bookkeeping may be late,
+        it must not fail the activation (whose verdict comes from measurements)."""
+        with contextlib.suppress(StoreError):
+            await self._retry(f"activation record {key}", lambda: self.redis.hset(key, mapping=dict(mapping)))
+
+    async def _retry(self, what: str, op: Any) -> Any:
+        """``await op()``, retrying Redis (and outbox) errors with backoff for
+        :data:`BOOKKEEPING_RETRY_S`; then StoreError, logged."""
+        deadline = time.monotonic() + BOOKKEEPING_RETRY_S
+        attempt = 0
+        while True:
+            try:
+                return await op()
+            except (RedisError, StoreError, OSError) as exc:
+                attempt += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("%s not written: %s (gave up after %g s)", what, exc, BOOKKEEPING_RETRY_S)
+                    raise StoreError(f"{what}: {exc}") from exc
+                if attempt == 1:
+                    log.warning("%s: %s; retrying", what, exc)
+                await asyncio.sleep(min(left, random.uniform(0.05, min(2.0, 0.1 * 2**attempt))))
 
     def _step_s(self, act: ActivationNotification) -> int:
         """The configured step if it divides the window, else the largest divisor below it."""
@@ -372,12 +449,22 @@ class FlexAgent:
             step -= 1
         return max(1, step) if span >= 1 else 1
 
-    async def _sample(self, act: ActivationNotification, res: FlexResource, baseline: float | None) -> list[float]:
+    async def _sample(
+        self,
+        act: ActivationNotification,
+        res: FlexResource,
+        baseline: float | None,
+        key: str = "",
+        prior: list[float] | None = None,
+    ) -> list[float]:
+        """The delivered power at each step, against ``baseline``; ``prior`` = steps a
+        previous run measured already. Each step is kept in the hash as it is taken (best
+        effort: a Redis outage must not make the next step late)."""
         step = self._step_s(act)
         n = max(1, int((act.stop - act.start).total_seconds()) // step)
         sign = 1.0 if res.flexibility_type == "upward" else -1.0
-        series: list[float] = []
-        for i in range(n):
+        series: list[float] = list(prior or [])[:n]
+        for i in range(len(series), n):
             due = act.start + timedelta(seconds=(i + 1) * step)
             await self._sleep_until(due)
             measured = self.power_kw(res)
@@ -387,6 +474,10 @@ class FlexAgent:
                 series.append(0.0)
             else:
                 series.append(round(sign * (abs(baseline) - abs(measured)), 3))
+            if key:
+                with contextlib.suppress(RedisError, OSError):
+                    async with asyncio.timeout(0.5):
+                        await self.redis.hset(key, "series_kw", json.dumps(series))
         return series
 
     @staticmethod
@@ -394,6 +485,14 @@ class FlexAgent:
         delay = (t - datetime.now(UTC)).total_seconds()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+#: activation states a restarted gateway takes up
+_UNFINISHED = ("received", "executing", "active", "command_failed", "restoring")
+
+
+def _opt_float(text: str | None) -> float | None:
+    return None if text in (None, "", "None") else float(text)
 
 
 def _outcome(o: CommandOutcome, probes: bool) -> dict[str, Any]:

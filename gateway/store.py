@@ -13,6 +13,11 @@ Why it is shaped like this:
 * Operator commands go through a stream with a consumer group and are acknowledged only
   after their outcome is logged, so a gateway that dies mid-command handles the request
   again on restart instead of forgetting it.
+* Exactly once across a crash: before a command goes to the field its *intent* is written
+  (and, with ``appendfsync always``, on disk) in ``P:cmd:intents``; the outcome removes it
+  in the same MULTI as the log entry, the reply and the XACK. An intent found at start-up is
+  a command cut by a crash: the core resolves it from the device's status and logs it, and
+  never sends it again (``gateway.runtime``, docs/redis-keys.md).
 
 Key layout (``P`` = ``{redis.key_prefix}:{lab.name}``), see :class:`StoreKeys`::
 
@@ -23,6 +28,8 @@ Key layout (``P`` = ``{redis.key_prefix}:{lab.name}``), see :class:`StoreKeys`::
     P:cmd:requests       STREAM  operator command requests, consumer group "mgms"
     P:cmd:log            STREAM  one entry per finished command
     P:cmd:reply:{id}     LIST    the JSON outcome of one request (expires after 300 s)
+    P:cmd:intents        HASH    request id -> JSON intent of a command on its way to the field
+    P:cmd:done:{id}      STRING  the JSON outcome of a finished command (expires after a day)
     P:stats              HASH    counters
     P:meta               HASH    started_at, config, version, pid of the running gateway
 """
@@ -44,7 +51,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -61,7 +68,9 @@ from gateway.points import DoublePoint, PointUpdate, Quality, now
 
 __all__ = [
     "COMMAND_GROUP",
+    "DONE_TTL_S",
     "REPLY_TTL_S",
+    "CommandIntent",
     "CommandOutcomeLike",
     "CommandRecord",
     "CommandRequestEntry",
@@ -71,6 +80,7 @@ __all__ = [
     "RedisStore",
     "StoreKeys",
     "StoredValue",
+    "encode_value",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +90,10 @@ _INVALID = int(Quality.INVALID)
 COMMAND_GROUP = "mgms"
 #: Seconds a command reply list lives, so a CLI that gave up does not leave it forever.
 REPLY_TTL_S = 300
+#: Seconds the outcome of a finished command stays readable by its request id
+#: (``P:cmd:done:{id}``): what lets a caller that re-asks after a crash (a resumed activation)
+#: get the outcome instead of a second execution.
+DONE_TTL_S = 86_400
 #: Default consumer name; one gateway per lab, so a stable name finds its own pending entries.
 DEFAULT_CONSUMER = "gateway"
 
@@ -155,6 +169,13 @@ class StoreKeys:
     @property
     def cmd_log(self) -> str:
         return f"{self.prefix}:cmd:log"
+
+    @property
+    def cmd_intents(self) -> str:
+        return f"{self.prefix}:cmd:intents"
+
+    def cmd_done(self, request_id: str) -> str:
+        return f"{self.prefix}:cmd:done:{request_id}"
 
     @property
     def stats(self) -> str:
@@ -247,6 +268,7 @@ def _s(x: Any) -> str:
 
 
 def _enc_value(v: float | int | bool | None) -> str:
+    """A value as the store writes it: "" for none, bools as 1/0, ints plain, floats by repr."""
     if v is None:
         return ""
     if isinstance(v, bool):
@@ -254,6 +276,9 @@ def _enc_value(v: float | int | bool | None) -> str:
     if isinstance(v, int):
         return str(int(v))  # int() strips IntEnum names
     return repr(float(v))
+
+
+encode_value = _enc_value
 
 
 def _enc_ts(t: float | None) -> str:
@@ -437,6 +462,85 @@ class CommandResult(enum.StrEnum):
     TIMEOUT = "timeout"
     INVALID = "invalid"
     FAILED = "failed"
+    #: refused unsent: the request waited longer than ``commands.request_validity_s``
+    EXPIRED = "expired"
+    #: cut by a gateway crash and not confirmed by the device's status afterwards; not re-sent
+    INTERRUPTED = "interrupted"
+
+
+#: Version of the intent record; a reader refuses none (unknown keys are kept in ``extra``).
+INTENT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CommandIntent:
+    """A command on its way to the field: written and acknowledged by Redis before the
+    adapter sends anything, removed with the outcome (``P:cmd:intents``, one JSON per
+    request id).
+
+    It holds what a restarted gateway needs to find out what happened without sending again:
+    the request (id, control point, engineering value as text, who asked, the request stream
+    entry to acknowledge), the status point that confirms it and that point's value and
+    quality just before (a status already at the requested value proves nothing), and when
+    it was requested and written. ``extra`` carries keys of later versions (e.g. a request's
+    signature and role) through a reader that does not know them.
+    """
+
+    request_id: str
+    point: str
+    value: str
+    requested_by: str
+    status_point: str
+    status_value: str = ""  # as in P:point:{name} ``value``; "" = not known
+    status_quality: int | None = None
+    stream_id: str = ""  # "" = not from P:cmd:requests (e.g. a flexibility activation)
+    requested_ts: float | None = None
+    written_ts: float = field(default_factory=now)
+    version: int = INTENT_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {
+            "v": self.version,
+            "id": self.request_id,
+            "point": self.point,
+            "value": self.value,
+            "by": self.requested_by,
+            "status_point": self.status_point,
+            "status_value": self.status_value,
+            "status_quality": self.status_quality,
+            "stream_id": self.stream_id,
+            "requested_ts": self.requested_ts,
+            "written_ts": self.written_ts,
+        }
+        return json.dumps({**self.extra, **d}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CommandIntent:
+        d = dict(json.loads(text))
+        known = {
+            "v", "id", "point", "value", "by", "status_point", "status_value", "status_quality",
+            "stream_id", "requested_ts", "written_ts",
+        }  # fmt: skip
+        q = d.get("status_quality")
+        return cls(
+            request_id=str(d["id"]),
+            point=str(d.get("point", "")),
+            value=str(d.get("value", "")),
+            requested_by=str(d.get("by", "")),
+            status_point=str(d.get("status_point", "")),
+            status_value=str(d.get("status_value", "")),
+            status_quality=int(q) if q is not None else None,
+            stream_id=str(d.get("stream_id", "")),
+            requested_ts=_opt_float(d.get("requested_ts")),
+            written_ts=_opt_float(d.get("written_ts")) or 0.0,
+            version=int(d.get("v", INTENT_VERSION)),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1549,18 +1653,73 @@ class RedisStore:
         if not f:  # entry trimmed or deleted while pending: nothing left to do
             await self.redis.xack(self.keys.cmd_requests, COMMAND_GROUP, sid)
             return None
-        reason = ""
+        reason, result = "", CommandResult.INVALID
         if not req.point:
             reason = "request has no 'point' field"
         elif "value" not in f:
             reason = "request has no 'value' field"
         elif max_age_s is not None and now() - req.requested_ts > max_age_s:
-            reason = f"request is {now() - req.requested_ts:.0f} s old (limit {max_age_s:g} s)"
+            # The field may have moved on since (someone else operated the breaker): a request
+            # that waited longer than its validity, e.g. while the gateway was down, is not sent.
+            reason = f"request is {now() - req.requested_ts:.1f} s old (valid for {max_age_s:g} s); not sent"
+            result = CommandResult.EXPIRED
         if not reason:
             return req
         log.warning("command request %s refused: %s", req.request_id, reason)
-        await self.log_command(CommandRecord.for_request(req, CommandResult.INVALID, reason=reason), req)
+        await self.log_command(CommandRecord.for_request(req, result, reason=reason), req)
         return None
+
+    async def write_intent(self, intent: CommandIntent, *, timeout_s: float = 5.0) -> None:
+        """Write a command's intent and return only once Redis acknowledged it.
+
+        Called right before the command goes to the field: with ``appendfsync always`` an
+        acknowledged HSET is on disk, so a gateway killed from here on finds it at restart.
+        Transient outages are retried for ``timeout_s`` (HSET of the same record is
+        idempotent); then StoreError, and the caller must not send.
+        """
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        doc = intent.to_json()
+        while True:
+            reraise_lost_cancel()
+            try:
+                await self.redis.hset(self.keys.cmd_intents, intent.request_id, doc)
+                return
+            except _TRANSIENT as exc:
+                attempt += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreError(
+                        f"cannot write the intent of {intent.request_id}: Redis unavailable ({exc})"
+                    ) from exc
+                await asyncio.sleep(min(_backoff(attempt), left))
+            except RedisError as exc:
+                raise StoreError(f"cannot write the intent of {intent.request_id}: {exc}") from exc
+
+    async def pending_intents(self) -> list[CommandIntent]:
+        """Intents without an outcome: commands a crashed run had on their way to the field.
+
+        An entry that cannot be read is logged and skipped (left in Redis for a person).
+        """
+        try:
+            raw = cast(dict[str, str], await self.redis.hgetall(self.keys.cmd_intents))
+        except _ANY_REDIS as exc:
+            raise StoreError(f"cannot read {self.keys.cmd_intents}: {exc}") from exc
+        out: list[CommandIntent] = []
+        for rid, doc in raw.items():
+            try:
+                out.append(CommandIntent.from_json(doc))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("intent %s in %s unreadable (%s); left for a person", rid, self.keys.cmd_intents, exc)
+        return sorted(out, key=lambda i: i.written_ts)
+
+    async def finished_command(self, request_id: str) -> CommandRecord | None:
+        """The logged outcome of ``request_id`` if it finished within :data:`DONE_TTL_S`."""
+        try:
+            doc = await self.redis.get(self.keys.cmd_done(request_id))
+        except _ANY_REDIS as exc:
+            raise StoreError(f"cannot read the outcome of {request_id}: {exc}") from exc
+        return None if doc is None else CommandRecord.from_json(doc)
 
     async def log_command(
         self,
@@ -1572,7 +1731,9 @@ class RedisStore:
         """Log a finished command, push its reply, and acknowledge its request: atomically.
 
         One MULTI/EXEC, so a request is never acknowledged without its log entry (which
-        would lose it) nor logged twice by a clean run. Redis outages are retried for up to
+        would lose it) nor logged twice by a clean run. The same transaction removes the
+        command's intent (``P:cmd:intents``; a no-op for one that never had one) and keeps the
+        outcome by request id for :data:`DONE_TTL_S` (``P:cmd:done:{id}``). Redis outages are retried for up to
         ``timeout_s``; then StoreError, and the request stays pending for the next run.
         ``request`` is the entry from :meth:`command_requests` (or its stream id); without
         it nothing is acknowledged (a command that did not come from the stream). Returns
@@ -1589,8 +1750,11 @@ class RedisStore:
             try:
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.xadd(keys.cmd_log, _fields(record.to_fields()))
-                pipe.rpush(reply_key, record.to_json())
+                doc = record.to_json()
+                pipe.rpush(reply_key, doc)
                 pipe.expire(reply_key, REPLY_TTL_S)
+                pipe.set(keys.cmd_done(record.request_id), doc, ex=DONE_TTL_S)
+                pipe.hdel(keys.cmd_intents, record.request_id)
                 if stream_id:
                     pipe.xack(keys.cmd_requests, COMMAND_GROUP, stream_id)
                 results = await pipe.execute()

@@ -145,7 +145,7 @@ class Feeder:
         return (0.0 if self.open else 40.0), int(Quality.GOOD)
 
     async def execute_logged(
-        self, point: str, value: str | float | int | bool, requested_by: str = "operator"
+        self, point: str, value: str | float | int | bool, requested_by: str = "operator", request_id: str = ""
     ) -> CommandOutcome:
         sent = now()
         self.open = value == "open"

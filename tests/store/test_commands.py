@@ -15,7 +15,9 @@ from gateway.points import now
 from gateway.services import RedisServer
 from gateway.store import (
     COMMAND_GROUP,
+    DONE_TTL_S,
     REPLY_TTL_S,
+    CommandIntent,
     CommandRecord,
     CommandRequestEntry,
     CommandResult,
@@ -181,9 +183,11 @@ async def test_malformed_and_stale_requests_are_logged_invalid(
     assert req.request_id == good
     log = {r.request_id: r for r in await store.command_log()}
     assert set(log) == {"stale", "no-point", "no-value"}
-    for record in log.values():
-        assert record.result is CommandResult.INVALID and record.reason
-    assert "old" in log["stale"].reason
+    for rid in ("no-point", "no-value"):
+        assert log[rid].result is CommandResult.INVALID and log[rid].reason
+    # too old: refused as expired (a documented result of its own), not sent
+    assert log["stale"].result is CommandResult.EXPIRED
+    assert "old" in log["stale"].reason and "not sent" in log["stale"].reason
     assert await pending_count(client) == 1  # only the yielded one is left
 
 
@@ -264,3 +268,34 @@ async def test_stop_event_ends_the_stream(store: RedisStore) -> None:
     stop.set()
     await asyncio.wait_for(task, 2)
     assert [r.request_id for r in got] == [rid]
+
+
+async def test_intent_is_written_then_removed_with_the_log_entry(store: RedisStore, client: aioredis.Redis) -> None:
+    """The write-ahead intent: readable back as written, gone in the MULTI that logs, replies
+    and acknowledges; the outcome stays readable by request id (a caller asking again)."""
+    rid = await store.submit_command(POINT, 1, by="alice")
+    async with contextlib.aclosing(store.command_requests()) as requests:
+        req = await next_request(requests)
+    intent = CommandIntent(
+        request_id=rid, point=POINT, value="1", requested_by="alice", status_point="feeder.breaker.position",
+        status_value="2", status_quality=0, stream_id=req.stream_id, requested_ts=req.requested_ts,
+        extra={"signature": "later-version-field"},
+    )  # fmt: skip
+    await store.write_intent(intent)
+    [back] = await store.pending_intents()
+    assert back == intent and back.extra == {"signature": "later-version-field"}
+    assert await store.finished_command(rid) is None
+
+    record = CommandRecord.for_request(req, CommandResult.CONFIRMED, sent_ts=now())
+    await store.log_command(record, req)
+    assert await store.pending_intents() == []
+    assert await pending_count(client) == 0
+    assert await store.finished_command(rid) == record
+    assert DONE_TTL_S - 5 < await client.ttl(K.cmd_done(rid)) <= DONE_TTL_S
+
+
+async def test_unreadable_intent_is_skipped_and_left(store: RedisStore, client: aioredis.Redis) -> None:
+    await client.hset(K.cmd_intents, "broken", "{not json")
+    await store.write_intent(CommandIntent("ok", POINT, "2", "bob", "feeder.breaker.position"))
+    assert [i.request_id for i in await store.pending_intents()] == ["ok"]
+    assert await client.hexists(K.cmd_intents, "broken")
