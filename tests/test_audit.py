@@ -1,0 +1,235 @@
+"""The audit trail on a real redis-server: chain, checkpoints, tampering found, export, outage."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.audit import (
+    GENESIS,
+    AuditEntry,
+    AuditKind,
+    AuditLog,
+    audit_key,
+    entry_digest,
+    parse_since,
+    read_export,
+    read_stream,
+    render,
+    verify,
+)
+from gateway.semantic.security import PrivateIdentity
+from gateway.services import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+PREFIX = "mgms:testlab"
+KEY = audit_key(PREFIX)
+
+
+@pytest.fixture(scope="module")
+def identity() -> PrivateIdentity:
+    return PrivateIdentity.generate("mgms-testlab")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(redis_server.url)
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+async def _filled(client: aioredis.Redis, identity: PrivateIdentity, n: int = 20) -> list[AuditEntry]:
+    """n command records with a checkpoint every 8 and at close, read back from the stream."""
+    audit = AuditLog(client, prefix=PREFIX, identity=identity, checkpoint_every=8)
+    await audit.start()
+    for i in range(n):
+        audit.record(AuditKind.COMMAND_REQUEST, "alice", request_id=f"r{i}", point="feeder.breaker.command")
+        await asyncio.sleep(0)
+    await audit.close()
+    return await read_stream(client, KEY)
+
+
+async def test_entries_form_one_verified_chain_with_signed_checkpoints(
+    client: aioredis.Redis, identity: PrivateIdentity
+) -> None:
+    entries = await _filled(client, identity)
+    assert [e.seq for e in entries] == list(range(len(entries)))
+    assert entries[0].prev == GENESIS
+    assert all(b.prev == a.digest for a, b in itertools.pairwise(entries))
+    checkpoints = [e for e in entries if e.kind == "checkpoint"]
+    assert len(checkpoints) >= 3  # 20 records, every 8, and at close
+    assert entries[-1].kind == "checkpoint"
+    assert len([e for e in entries if e.kind == "command.request"]) == 20
+    rep = verify(entries, identity.public)
+    assert rep.ok, rep.problems
+    assert rep.checkpoints_ok == len(checkpoints)
+    assert rep.unsigned_tail == 0
+
+
+async def test_a_restarted_writer_continues_the_same_chain(client: aioredis.Redis, identity: PrivateIdentity) -> None:
+    await _filled(client, identity, 5)
+    entries = await _filled(client, identity, 5)
+    assert [e.seq for e in entries] == list(range(len(entries)))
+    assert verify(entries, identity.public).ok
+
+
+async def test_concurrent_appends_stay_one_chain(client: aioredis.Redis, identity: PrivateIdentity) -> None:
+    """Two writers on one stream (two processes' worth), many coroutines each: one linear chain."""
+    logs = [AuditLog(client, prefix=PREFIX, identity=identity, checkpoint_every=50, batch_max=16) for _ in range(2)]
+    for a in logs:
+        await a.start()
+
+    async def burst(a: AuditLog, who: str) -> None:
+        for i in range(50):
+            a.record(AuditKind.COMMAND_OUTCOME, who, n=i)
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as tg:
+        for k in range(8):
+            tg.create_task(burst(logs[k % 2], f"op{k}"))
+    for a in logs:
+        await a.close()
+    entries = await read_stream(client, KEY)
+    outcomes = [e for e in entries if e.kind == "command.outcome"]
+    assert len(outcomes) == 400
+    assert [e.seq for e in entries] == list(range(len(entries)))
+    rep = verify(entries, identity.public)
+    assert rep.ok, rep.problems
+
+
+# --- tampering with an exported copy --------------------------------------------------------
+
+
+async def test_a_deleted_entry_is_named(client: aioredis.Redis, identity: PrivateIdentity) -> None:
+    entries = await _filled(client, identity)
+    gone = entries.pop(5)
+    rep = verify(entries, identity.public)
+    assert [(p.what, p.seq) for p in rep.problems] == [("deleted", gone.seq + 1)]
+    assert f"seq {gone.seq} missing" in str(rep.problems[0])
+    assert entries[5].id in str(rep.problems[0])
+
+
+async def test_two_swapped_entries_are_named(client: aioredis.Redis, identity: PrivateIdentity) -> None:
+    entries = await _filled(client, identity)
+    entries[6], entries[7] = entries[7], entries[6]
+    rep = verify(entries, identity.public)
+    assert [(p.what, p.index, p.seq) for p in rep.problems] == [("reordered", 7, 6)]
+    assert "seq 6 comes after seq 7" in str(rep.problems[0])
+
+
+async def test_an_edited_field_is_named(client: aioredis.Redis, identity: PrivateIdentity) -> None:
+    entries = await _filled(client, identity)
+    entries[3] = dataclasses.replace(entries[3], actor="mallory")
+    rep = verify(entries, identity.public)
+    assert [(p.what, p.index, p.seq, p.id) for p in rep.problems] == [("changed", 3, 3, entries[3].id)]
+
+
+async def test_an_edit_with_its_digest_recomputed_breaks_the_chain_there(
+    client: aioredis.Redis, identity: PrivateIdentity
+) -> None:
+    entries = await _filled(client, identity)
+    forged = dataclasses.replace(entries[3], data={**entries[3].data, "point": "other.breaker"})
+    entries[3] = dataclasses.replace(forged, digest=entry_digest(forged.content()))
+    rep = verify(entries, identity.public)
+    assert [(p.what, p.seq) for p in rep.problems] == [("chain", 4)]
+    assert "seq 3" in rep.problems[0].detail
+
+
+async def test_a_forged_checkpoint_signature_is_found(client: aioredis.Redis, identity: PrivateIdentity) -> None:
+    entries = await _filled(client, identity)
+    i = next(i for i, e in enumerate(entries) if e.kind == "checkpoint")
+    cp = entries[i]
+    # a whole forged history, re-signed with another key and every digest recomputed
+    other = PrivateIdentity.generate(identity.participant)
+    from gateway.audit import _checkpoint_input
+    from gateway.semantic.security import b64encode
+
+    sig = b64encode(other.sign_key.sign(_checkpoint_input(cp.actor, cp.seq - 1, cp.prev)))
+    forged = dataclasses.replace(cp, data={**cp.data, "sig": sig})
+    entries[i] = dataclasses.replace(forged, digest=entry_digest(forged.content()))
+    rep = verify(entries, identity.public)
+    kinds = [(p.what, p.seq) for p in rep.problems]
+    assert ("signature", cp.seq) in kinds
+    assert "does not verify" in str(next(p for p in rep.problems if p.what == "signature"))
+    # and with the wrong public key every checkpoint fails
+    assert all(p.what == "signature" for p in verify(await read_stream(client, KEY), other.public).problems)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+async def test_export_round_trips(client: aioredis.Redis, identity: PrivateIdentity, tmp_path: Path, fmt: str) -> None:
+    entries = await _filled(client, identity)
+    f = tmp_path / f"audit.{fmt}"
+    f.write_text(render(entries, fmt))  # type: ignore[arg-type]
+    back = read_export(f)
+    assert back == entries
+    assert verify(back, identity.public).ok
+    lines = f.read_text().splitlines()
+    if fmt == "jsonl":  # the same edit in the file is found
+        doc = json.loads(lines[2])
+        doc["data"]["point"] = "x"
+        lines[2] = json.dumps(doc)
+        f.write_text("\n".join(lines) + "\n")
+        assert [(p.what, p.index) for p in verify(read_export(f), identity.public).problems] == [("changed", 2)]
+
+
+async def test_export_since_starts_later_and_still_verifies(client: aioredis.Redis, identity: PrivateIdentity) -> None:
+    await _filled(client, identity, 4)
+    await asyncio.sleep(0.01)
+    cut = time.time()
+    await asyncio.sleep(0.01)
+    await _filled(client, identity, 4)
+    later = await read_stream(client, KEY, since=cut)
+    assert later and later[0].seq > 0
+    rep = verify(later, identity.public)
+    assert rep.ok and any("starts at seq" in n for n in rep.notes)
+    assert parse_since("2h", now=10_000.0) == 10_000.0 - 7200
+    with pytest.raises(ValueError, match="--since"):
+        parse_since("yesterday")
+
+
+async def test_redis_outage_buffers_bounded_and_records_the_loss(
+    redis_server: RedisServer, identity: PrivateIdentity
+) -> None:
+    c = aioredis.Redis.from_url(redis_server.url)
+    try:
+        audit = AuditLog(c, prefix=PREFIX, identity=identity, buffer_max=50)
+        await audit.start()
+        audit.record(AuditKind.CONFIG_LOAD, "mgms", file="lab.yaml")
+        assert await audit.flush(5)
+        await asyncio.to_thread(redis_server.stop)
+        t0 = time.perf_counter()
+        for i in range(200):
+            audit.record(AuditKind.COMMAND_REQUEST, "bob", n=i)  # never blocks, never raises
+        assert time.perf_counter() - t0 < 0.1
+        await asyncio.sleep(0.2)
+        assert audit.stats()["buffered"] <= 50 + audit.batch_max
+        assert audit.counters["dropped"] >= 150
+        await asyncio.to_thread(redis_server.start)
+        assert await audit.flush(20)
+        await audit.close()
+        entries = await read_stream(c, KEY)
+    finally:
+        await c.aclose()
+    lost = [e for e in entries if e.kind == "audit.lost"]
+    assert len(lost) == 1 and lost[0].data["records"] == audit.counters["dropped"]
+    assert verify(entries, identity.public).ok
+    kept = [e.data["n"] for e in entries if e.kind == "command.request"]
+    assert kept == sorted(kept) and kept[-1] == 199  # the newest kept, the oldest dropped
