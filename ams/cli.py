@@ -42,15 +42,15 @@ def _state_dir(args: argparse.Namespace, cfg: AmsConfig) -> Path:
     return (base / cfg.participant).absolute()
 
 
-def _redis_url(args: argparse.Namespace, cfg: AmsConfig) -> str:
-    if getattr(args, "redis_url", None):
-        return str(args.redis_url)
-    if cfg.redis.url:
-        return cfg.redis.url
-    marker = _state_dir(args, cfg) / "redis.url"
-    if marker.exists():
-        return marker.read_text().strip()
-    raise StoreError(f"no Redis: give --redis-url, set redis.url, or start `ams run -c {args.config}` first")
+def _redis_url(args: argparse.Namespace, cfg: AmsConfig, *, user: str = "ams") -> str:
+    """The AMS's Redis as ``user`` (``ams``: the worker; ``viewer``: read only), with its
+    credentials (:mod:`gateway.redisauth`); never print it."""
+    from gateway.redisauth import client_url
+
+    url = client_url(args, cfg.redis, _state_dir(args, cfg), user=user)
+    if url is None:
+        raise StoreError(f"no Redis: give --redis-url, set redis.url, or start `ams run -c {args.config}` first")
+    return url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, user: str = "ams") -> None:
+        from gateway.redisauth import add_redis_user_arguments
+
         p.add_argument("--config", "-c", required=True, help="AMS config file (YAML)")
         p.add_argument("--redis-url", type=redis_url_arg, help="Redis URL (overrides the config's redis.url)")
+        add_redis_user_arguments(p, user=user)
         p.add_argument(
             "--data-dir",
             metavar="DIR",
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--time-limit", type=float, default=60.0, help="HiGHS time limit in seconds")
     p = sub.add_parser("status", help="microgrids, open offers, activations and settlements")
-    common(p)
+    common(p, user="viewer")
     p.add_argument("--json", action="store_true", help="print it as JSON (numbers and booleans typed)")
     p.add_argument("--last", type=int, default=20, help="activations and settlements shown (default 20, newest)")
     with contextlib.suppress(ImportError):
@@ -130,13 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-async def _with_service(args: argparse.Namespace, cfg: AmsConfig, fn: Any) -> Any:
-    """Run ``fn(service)`` against the AMS state in Redis (no transports started)."""
+async def _with_service(args: argparse.Namespace, cfg: AmsConfig, fn: Any, *, user: str = "ams") -> Any:
+    """Run ``fn(service)`` against the AMS state in Redis (no transports started), as ``user``."""
     import redis.asyncio as aioredis
 
     from ams.service import AmsService
 
-    client: aioredis.Redis = aioredis.Redis.from_url(_redis_url(args, cfg), decode_responses=True)
+    client: aioredis.Redis = aioredis.Redis.from_url(_redis_url(args, cfg, user=user), decode_responses=True)
     try:
         return await fn(AmsService(cfg.service_settings(), client, cfg.participant))
     finally:
@@ -155,11 +158,17 @@ async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
     from ams.service import AmsService
     from gateway.lifecycle import StopSignals
     from gateway.messaging import build_messenger
-    from gateway.services import DataDirInUse, embedded_redis
+    from gateway.redisauth import service_url, warn_if_open
+    from gateway.services import DataDirInUse, ams_redis_users, embedded_redis
 
     with StopSignals() as signals:
         try:
-            async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="ams") as url:
+            external = service_url(args, cfg.redis, _state_dir(args, cfg), user="ams")
+            async with embedded_redis(
+                external, _state_dir(args, cfg), who="ams", users=ams_redis_users(f"ams:{cfg.participant}")
+            ) as url:
+                if external is not None:
+                    await warn_if_open(url, "ams")
                 client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
                 try:
                     messenger = build_messenger(
@@ -248,7 +257,7 @@ async def _status(args: argparse.Namespace, cfg: AmsConfig) -> int:
             "settlements": settlements,
         }
 
-    data = await _with_service(args, cfg, collect)
+    data = await _with_service(args, cfg, collect, user="viewer")
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

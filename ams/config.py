@@ -19,7 +19,7 @@ from gateway.config import (
     MessagingSettings,
     Path_,
     ProbeSettings,
-    RedisUrl,
+    RedisAuth,
     check_messaging,
     load_yaml_model,
 )
@@ -28,12 +28,10 @@ from gateway.errors import ConfigError
 __all__ = ["AmsConfig", "AmsRedis", "load_ams_config"]
 
 
-class AmsRedis(BaseModel):
-    """The AMS's own Redis. No ``url``: ``ams run`` starts an embedded redis-server."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    url: RedisUrl | None = None
+class AmsRedis(RedisAuth):
+    """The AMS's own Redis. No ``url``: ``ams run`` starts an embedded redis-server (with its
+    ``ams`` and ``viewer`` users); with one, ``user`` and ``password_file``/``password_env``
+    say who the AMS is on it (:class:`~gateway.config.RedisAuth`)."""
 
 
 class AmsConfig(BaseModel):
@@ -94,7 +92,9 @@ def load_ams_config(path: str | os.PathLike[str], *, runnable: bool = False) -> 
         ]
         check(m, microgrids, add)
 
-    cfg, add, issues = load_yaml_model(path, AmsConfig, path_sections=("messaging",), on_invalid=check_valid_parts)
+    cfg, add, issues = load_yaml_model(
+        path, AmsConfig, path_sections=("messaging", "redis"), on_invalid=check_valid_parts
+    )
     seen: set[str] = set()
     for i, mg in enumerate(cfg.microgrids):
         if mg.participant in seen:
@@ -104,6 +104,9 @@ def load_ams_config(path: str | os.PathLike[str], *, runnable: bool = False) -> 
         (("microgrids", i, "participant"), mg.participant) for i, mg in enumerate(cfg.microgrids)
     ]
     check(cfg.messaging, microgrids, add)
+    if runnable:
+        for key, reason in cfg.redis.problems():
+            add(("redis", key), reason)
     if issues:
         raise ConfigError(issues)
     return cfg.model_copy(update={"source": str(path)})

@@ -228,7 +228,7 @@ async def ingest(stations: int, duration_s: float, period_s: float, redis: Redis
     cfg, path = scale_config(load_config(SIM_CONFIG), stations, base_port, period_s, tmp)
     sim = SimProcess(path, "st000", base_port, free_port(), stations=stations)
     await sim.start(30)
-    store = RedisStore.from_url(cfg, redis.url)
+    store = RedisStore.from_url(cfg, redis.client_url())
     gateway = Gateway(cfg, store)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
@@ -315,8 +315,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await asyncio.to_thread(bare.stop)
             # Phase 2, the gateway alone on the same simulator, in the same run.
-            store = RedisStore.from_url(cfg, redis.url)
-            reader = RedisStore.from_url(cfg, redis.url)
+            store = RedisStore.from_url(cfg, redis.client_url())
+            reader = RedisStore.from_url(cfg, redis.client_url())
             gateway = Gateway(cfg, store)
             stop = asyncio.Event()
             task = asyncio.create_task(gateway.run(stop))

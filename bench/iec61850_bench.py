@@ -95,8 +95,8 @@ async def through_gateway(cfg: LabConfig, sim: Iec61850Server, samples: int) -> 
     with tempfile.TemporaryDirectory(prefix="mgms-bench61850-") as tmp:
         redis = RedisServer(data_dir=Path(tmp) / "redis")
         await asyncio.to_thread(redis.start)
-        store = RedisStore.from_url(lab, redis.url)
-        reader = RedisStore.from_url(lab, redis.url)
+        store = RedisStore.from_url(lab, redis.client_url())
+        reader = RedisStore.from_url(lab, redis.client_url())
         gw = Gateway(lab, store)
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop))

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with RedisServer(appendfsync=args.fsync) as server:
         print(f"embedded redis-server {server.url}, AOF appendfsync {args.fsync}", file=sys.stderr)
-        asyncio.run(main_async(server.url, args.messages, args.rounds))
+        asyncio.run(main_async(server.client_url(), args.messages, args.rounds))
     return 0
 
 

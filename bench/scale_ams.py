@@ -325,7 +325,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         for rate in args.rate:
                             print(f"{n} microgrids, {workers} worker(s), {rate:,.0f}/s", file=sys.stderr, flush=True)
                             row = await one_run(
-                                box, names[:n], workers, rate, args.seconds, redis.url, tmp, args.ams_inflight
+                                box, names[:n], workers, rate, args.seconds, redis.client_url(), tmp, args.ams_inflight
                             )
                             print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
                             results["runs"].append(row)

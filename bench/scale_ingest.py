@@ -245,7 +245,7 @@ async def one_run(
     per_station = measured_per_station(probe)
     cyclic_s = per_station * stations / rate
     capacity = int(rate * (seconds + 20) * 1.5) + 100_000
-    flush = aioredis.Redis.from_url(redis.url)
+    flush = aioredis.Redis.from_url(redis.client_url())
     await flush.flushdb()
     await flush.aclose()
     for attempt in range(5):  # a port taken between our check and the simulator's bind
@@ -258,7 +258,7 @@ async def one_run(
         except RuntimeError:
             if attempt == 4:
                 raise
-    store = RedisStore.from_url(cfg, redis.url)
+    store = RedisStore.from_url(cfg, redis.client_url())
     gateway = Gateway(cfg, store, stats_period_s=3600)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
@@ -307,7 +307,7 @@ async def one_run(
         gw_dropped = store.stats().get("updates_dropped", 0) + sum(
             a.stats().get("events_dropped", 0) for a in gateway.adapters.values()
         )
-        lat = await latency_samples(redis.url, cfg, t0_wall, t1_wall)
+        lat = await latency_samples(redis.client_url(), cfg, t0_wall, t1_wall)
     finally:
         if gc_threshold is not None:
             gc.set_threshold(*gc_before)

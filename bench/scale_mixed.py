@@ -253,7 +253,7 @@ async def one_run(
     seconds: float, redis: RedisServer, tmp: Path, engine: str = "c104",
 ) -> dict[str, Any]:
     counts = split(devices, mix)
-    flush = aioredis.Redis.from_url(redis.url)
+    flush = aioredis.Redis.from_url(redis.client_url())
     await flush.flushdb()
     await flush.aclose()
     capacity = int((rate + 400 * devices) * (seconds + 30) * 1.5) + 100_000
@@ -276,7 +276,7 @@ async def one_run(
             if attempt == 4:
                 raise
     assert sim is not None and fleet is not None
-    store = RedisStore.from_url(cfg, redis.url)
+    store = RedisStore.from_url(cfg, redis.client_url())
     gateway = Gateway(cfg, store, stats_period_s=3600)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
@@ -313,7 +313,7 @@ async def one_run(
         await asyncio.wait_for(task, 60)
         await sim.stop()
         await fleet.stop()
-    feed = await feed_scan(redis.url, cfg, t0_wall, t1_wall)
+    feed = await feed_scan(redis.client_url(), cfg, t0_wall, t1_wall)
     written104 = sum(r["objects_out"] for r in final104)
     sent104 = sum(r["objects_out"] for r in s104_1) - sum(r["objects_out"] for r in s104_0)
     mms_written = sum(f1["iec61850_written"].values()) - sum(f0["iec61850_written"].values())

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with RedisServer(appendfsync=args.fsync) as server:
         print(f"embedded redis-server {server.url}, AOF appendfsync {args.fsync}", file=sys.stderr)
-        asyncio.run(run(server.url, args.updates, args.points, args.batch, args.buffer, probes, own_server=True))
+        url = server.client_url()
+        asyncio.run(run(url, args.updates, args.points, args.batch, args.buffer, probes, own_server=True))
     return 0
 
 

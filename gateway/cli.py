@@ -34,16 +34,23 @@ def _state_dir(args: argparse.Namespace, cfg: LabConfig) -> Path:
     return (base / cfg.lab.name).absolute()
 
 
-def resolve_redis_url(args: argparse.Namespace, cfg: LabConfig) -> str | None:
-    """--redis-url, else the config's url, else the url a running embedded gateway wrote down."""
-    if getattr(args, "redis_url", None):
-        return str(args.redis_url)
-    if cfg.redis.url:
-        return cfg.redis.url
-    marker = _state_dir(args, cfg) / "redis.url"
-    if marker.exists():
-        return marker.read_text().strip()
-    return None
+def resolve_redis_url(args: argparse.Namespace, cfg: LabConfig, *, user: str = "viewer") -> str | None:
+    """The Redis to talk to as ``user``, with its credentials (never print it; :func:`display_url`).
+
+    --redis-url (and --redis-user/--redis-secret-file), else the config's url and user, else
+    the url a running embedded gateway wrote down with the secret file of ``user``
+    (:mod:`gateway.redisauth`).
+    """
+    from gateway.redisauth import client_url
+
+    return client_url(args, cfg.redis, _state_dir(args, cfg), user=user)
+
+
+def service_redis_url(args: argparse.Namespace, cfg: LabConfig) -> str | None:
+    """The lab's own Redis for ``mgms run`` (with the gateway's credentials); None: start one."""
+    from gateway.redisauth import service_url
+
+    return service_url(args, cfg.redis, _state_dir(args, cfg), user="gateway")
 
 
 def redis_url_arg(value: str) -> str:
@@ -57,9 +64,12 @@ def redis_url_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, config_required: bool = True, *, user: str = "gateway") -> None:
+    from gateway.redisauth import add_redis_user_arguments
+
     p.add_argument("--config", "-c", required=config_required, help="lab config file (YAML)")
     p.add_argument("--redis-url", type=redis_url_arg, help="Redis URL (overrides the config's redis.url)")
+    add_redis_user_arguments(p, user=user)
     p.add_argument(
         "--data-dir",
         metavar="DIR",
@@ -86,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("command", help="operate a control point through the running gateway")
-    _add_common(p)
+    _add_common(p, user="operator")
     p.add_argument("point", help="control point name, as in the config (e.g. feeder.breaker.command)")
     p.add_argument("value", help="open/close, on/off, or a number in the point's unit")
     p.add_argument("--by", default="cli", help="who asks (goes into the command log)")
@@ -94,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole command record as JSON (for scripts)")
 
     p = sub.add_parser("watch", help="show the live points from Redis in the terminal")
-    _add_common(p)
+    _add_common(p, user="viewer")
     p.add_argument("--once", action="store_true", help="print the table once and exit")
 
     p = sub.add_parser("keys", help="create a participant's key pair for signed/encrypted AMS messages")
@@ -148,7 +158,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         )
         for p in ctl:
             print(f"    {p.name} -> confirmed by {p.status_point}{' (SBO)' if p.select_before_operate else ''}")
-    print(f"  redis: {cfg.redis.url or 'embedded (started by the gateway)'}")
+    if cfg.redis.url is None:
+        print("  redis: embedded (started by the gateway, ACL users and secrets in its data dir)")
+    else:
+        from gateway.services import display_url
+
+        who = f" as {cfg.redis.user}" if cfg.redis.user else ""
+        print(f"  redis: {display_url(cfg.redis.url)}{who}")
     if cfg.messaging is not None:
         m = cfg.messaging
         routes = (
@@ -197,17 +213,23 @@ async def _run(args: argparse.Namespace) -> int:
     """
     from gateway.lifecycle import StopSignals
     from gateway.preflight import load_runnable_config
+    from gateway.redisauth import warn_if_open
     from gateway.runtime import Gateway
-    from gateway.services import DataDirInUse, embedded_redis
-    from gateway.store import RedisStore
+    from gateway.services import DataDirInUse, embedded_redis, lab_redis_users
+    from gateway.store import RedisStore, StoreKeys
 
     with StopSignals() as signals:
         cfg = load_runnable_config(args.config)  # refuses a config that cannot run before Redis starts
+        external = service_redis_url(args, cfg)
         try:
-            async with embedded_redis(args.redis_url or cfg.redis.url, _state_dir(args, cfg), who="mgms") as url:
+            async with embedded_redis(
+                external, _state_dir(args, cfg), who="mgms", users=lab_redis_users(StoreKeys.for_lab(cfg).prefix)
+            ) as url:
                 store = RedisStore.from_url(cfg, url)
                 await store.write_meta(str(args.config))
                 await _warn_if_not_durable(store, url)
+                if external is not None:
+                    await warn_if_open(url, "mgms")
                 gateway = Gateway(cfg, store)
                 signals.started()  # Gateway.run honours a stop set at any point of its own start
                 await gateway.run(signals.stop)
@@ -218,18 +240,24 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _warn_if_not_durable(store: RedisStore, url: str) -> None:
-    """A lab's own Redis without AOF loses acknowledged values on a restart: say so once."""
+    """A lab's own Redis without AOF loses acknowledged values on a restart: say so once.
+
+    Asked with ``INFO persistence``, not ``CONFIG GET``: the gateway's Redis user has no
+    CONFIG (docs/security.md), and INFO says what the server really does.
+    """
     from redis.exceptions import RedisError
 
+    from gateway.services import display_url
+
     try:
-        conf = await store.redis.config_get("appendonly")
-    except RedisError:  # CONFIG may be renamed or forbidden on a managed Redis
+        info = await store.redis.info("persistence")
+    except RedisError:  # INFO may be renamed or forbidden on a managed Redis
         return
-    if conf.get("appendonly") != "yes":
+    if str(info.get("aof_enabled")) != "1":
         logging.getLogger("mgms").warning(
             "Redis at %s runs without AOF (appendonly no): a Redis restart can lose values and "
             "command log entries the gateway already counted as stored",
-            url,
+            display_url(url),
         )
 
 
@@ -250,7 +278,7 @@ async def _command(args: argparse.Namespace) -> int:
         print(_control_points_text(controls), file=sys.stderr)
         return 2
     parse_command_value(point, args.value)
-    url = resolve_redis_url(args, cfg)
+    url = resolve_redis_url(args, cfg, user="operator")
     if url is None:
         print("error: no Redis to talk to: is `mgms run` running? (or give --redis-url)", file=sys.stderr)
         return 3
@@ -286,7 +314,7 @@ async def _watch(args: argparse.Namespace) -> int:
     from gateway.watch import watch
 
     cfg = load_config(args.config)
-    url = resolve_redis_url(args, cfg)
+    url = resolve_redis_url(args, cfg, user="viewer")
     if url is None:
         print("error: no Redis to watch: is `mgms run` running? (or give --redis-url)", file=sys.stderr)
         return 3

@@ -56,6 +56,7 @@ __all__ = [
     "Iec61850Address",
     "LabConfig",
     "Point",
+    "RedisAuth",
     "RedisUrl",
     "check_host",
     "check_redis_url",
@@ -866,10 +867,70 @@ class Point(_Frozen):
 # Lab
 
 
-class RedisSettings(_Frozen):
-    """Where live state goes. No ``url``: the gateway starts its own redis-server."""
+class RedisAuth(_Frozen):
+    """Who we are on a Redis we did not start: its ``url``, the ``user`` and its secret.
+
+    The secret comes from ``password_file`` (one line; relative to the file naming it; not
+    readable by group or others) or from the environment variable ``password_env``, never
+    from the config itself or the URL. Without ``url`` the service starts its own Redis with
+    its own users and secrets (docs/security.md), so none of these keys may be given.
+    """
 
     url: RedisUrl | None = None
+    user: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] | None = None
+    password_file: str | None = None
+    password_env: str | None = None
+
+    @model_validator(mode="after")
+    def _auth_needs_url(self) -> RedisAuth:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give password_file or password_env, not both")
+        given = [k for k in ("user", "password_file", "password_env") if getattr(self, k) is not None]
+        if given and self.url is None:
+            raise ValueError(
+                f"{', '.join(given)}: only with url (without url the service starts its own Redis "
+                "with its own users and secrets, docs/security.md)"
+            )
+        return self
+
+    def password(self) -> str | None:
+        """The secret, read now from ``password_file`` or ``password_env``; None if neither.
+
+        Raises LookupError (unset variable) or OSError/ValueError (unreadable or empty file).
+        """
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise LookupError(f"environment variable {self.password_env} is not set")
+            return value
+        if self.password_file is None:
+            return None
+        text = Path(self.password_file).read_text(encoding="utf-8").strip()
+        if not text:
+            raise ValueError(f"{self.password_file} is empty")
+        return text
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, reason) for what would keep a service from authenticating (check-config, run)."""
+        if self.password_env is not None and os.environ.get(self.password_env) is None:
+            return [("password_env", f"environment variable {self.password_env} is not set")]
+        if self.password_file is None:
+            return []
+        problem = file_problem(self.password_file)
+        if problem is not None:
+            return [("password_file", problem)]
+        mode = stat.S_IMODE(os.stat(self.password_file).st_mode)
+        if mode & 0o077:
+            return [("password_file", f"{self.password_file} is readable by others (mode {mode:04o}): chmod 600 it")]
+        try:
+            self.password()
+        except (OSError, ValueError) as exc:
+            return [("password_file", str(exc))]
+        return []
+
+
+class RedisSettings(RedisAuth):
+    """Where live state goes. No ``url``: the gateway starts its own redis-server."""
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] = "mgms"
     history_maxlen: Annotated[int, Field(ge=10)] = 10_000
     changes_maxlen: Annotated[int, Field(ge=10)] = 100_000
@@ -1318,8 +1379,9 @@ def _resolve_files(data: Any, origins: dict[Path_, _Origin]) -> None:
     A lab file is moved around with its certificates; where ``mgms`` is started from must
     not change which key it loads.
     """
-    if isinstance(data, dict) and isinstance(data.get("messaging"), dict):
-        _resolve_paths_in(data["messaging"], ("messaging",), origins)
+    for section in ("messaging", "redis"):
+        if isinstance(data, dict) and isinstance(data.get(section), dict):
+            _resolve_paths_in(data[section], (section,), origins)
     devices = data.get("devices") if isinstance(data, dict) else None
     if not isinstance(devices, dict):
         return

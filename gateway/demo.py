@@ -29,8 +29,8 @@ from gateway.iedsim.dlms import DlmsMeter
 from gateway.iedsim.iec61850 import Iec61850Server
 from gateway.iedsim.launch import SimProcess
 from gateway.runtime import Gateway
-from gateway.services import RedisServer, free_port
-from gateway.store import RedisStore
+from gateway.services import RedisServer, ams_redis_users, free_port, lab_redis_users
+from gateway.store import RedisStore, StoreKeys
 from gateway.watch import render
 
 __all__ = ["run_demo"]
@@ -62,8 +62,11 @@ async def _wait_all_points(reader: RedisStore, cfg: LabConfig, timeout_s: float)
     raise RuntimeError("not every point reached Redis in time")
 
 
-async def _keep_running(config_file: Path, lab: LabConfig, redis_url: str, box: DsoSandbox) -> None:
-    """``--keep-running``: say how to reach the lab, then wait for Ctrl-C or SIGTERM."""
+async def _keep_running(config_file: Path, lab: LabConfig, redis: RedisServer, box: DsoSandbox) -> None:
+    """``--keep-running``: say how to reach the lab, then wait for Ctrl-C or SIGTERM.
+
+    The commands it prints name each user's secret file, never the secret (docs/security.md).
+    """
     import signal
 
     stop = asyncio.Event()
@@ -72,9 +75,16 @@ async def _keep_running(config_file: Path, lab: LabConfig, redis_url: str, box: 
         loop.add_signal_handler(sig, stop.set)
     ports = ", ".join(f"{name} {dev.host}:{dev.port}" for name, dev in lab.devices.items())
     _say("")
-    _say(f"the lab keeps running (simulators {ports}; Redis {redis_url}); in another terminal:")
-    _say(f"  mgms watch --config {config_file} --redis-url {redis_url}")
-    _say(f"  mgms command feeder.breaker.command open --config {config_file} --redis-url {redis_url}")
+    url = redis.url
+    _say(f"the lab keeps running (simulators {ports}; Redis {url}); in another terminal:")
+    _say(
+        f"  mgms watch --config {config_file} --redis-url {url} "
+        f"--redis-user viewer --redis-secret-file {redis.secret_file('viewer')}"
+    )
+    _say(
+        f"  mgms command feeder.breaker.command open --config {config_file} --redis-url {url} "
+        f"--redis-user operator --redis-secret-file {redis.secret_file('operator')}"
+    )
     if box.broker is not None:
         _say(f"  (mosquitto at 127.0.0.1:{box.broker.port}, files in {box.directory})")
     _say("Ctrl-C stops everything.")
@@ -103,9 +113,12 @@ async def run_demo(config_file: Path, *, operations: int = 3, keep_running: bool
     _say(f"config: {config_file}")
     _say("")
     with tempfile.TemporaryDirectory(prefix="mgms-demo-") as tmp, contextlib.ExitStack() as stack:
-        redis = RedisServer(data_dir=Path(tmp) / "redis")
+        redis = RedisServer(data_dir=Path(tmp) / "redis", users=lab_redis_users(StoreKeys.for_lab(cfg).prefix))
         await asyncio.to_thread(redis.start)
-        _say(f"[{clock.ms()}] redis-server started at {redis.url} (AOF on, data in a temp dir)")
+        _say(
+            f"[{clock.ms()}] redis-server started at {redis.url} "
+            f"(AOF on, ACL users {', '.join(redis.users)}, data in a temp dir)"
+        )
         sim = SimProcess(config_file, device, free_port(), free_port())
         mms_sims: list[Iec61850Server] = []
         meters: list[DlmsMeter] = []
@@ -145,8 +158,8 @@ async def run_demo(config_file: Path, *, operations: int = 3, keep_running: bool
                         "flexibility": feeder_flexibility(window_s=2, step_s=1),
                     }
                 )
-            store = RedisStore.from_url(lab, redis.url)
-            reader = RedisStore.from_url(lab, redis.url)  # what an operator's client sees
+            store = RedisStore.from_url(lab, redis.client_url("gateway"))
+            reader = RedisStore.from_url(lab, redis.client_url("operator"))  # what an operator's client sees
             gateway = Gateway(lab, store)
             stop = asyncio.Event()
             task = asyncio.create_task(gateway.run(stop), name="gateway")
@@ -181,7 +194,7 @@ async def run_demo(config_file: Path, *, operations: int = 3, keep_running: bool
                     f"{stats.get('updates_dropped', 0)} dropped; gateway: {gateway.stats()['updates']} values received"
                 )
                 if keep_running:
-                    await _keep_running(config_file, lab, redis.url, box)
+                    await _keep_running(config_file, lab, redis, box)
             finally:
                 stop.set()
                 await asyncio.wait_for(task, 15)
@@ -277,9 +290,9 @@ async def _dso_flow(gateway: Gateway, box: DsoSandbox, tmp: Path, clock: _Clock)
 
     _say("")
     _say("DSO flexibility use case (HEILA): MGMS -> AMS over HTTPS, AMS -> MGMS over MQTT, encrypted")
-    ams_redis = RedisServer(data_dir=tmp / "ams-redis")
+    ams_redis = RedisServer(data_dir=tmp / "ams-redis", users=ams_redis_users("ams:ams"))
     await asyncio.to_thread(ams_redis.start)
-    client = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
+    client: aioredis.Redis = ams_redis.client("ams")
     messenger = build_messenger(box.messaging("ams", transport="both", security="encrypted"), client, prefix="ams:ams")
     stop = asyncio.Event()
     failures = 0

@@ -363,7 +363,7 @@ async def _wait_links_up(args: argparse.Namespace, deadline: float, procs: list[
     while time.monotonic() < deadline:
         if any(p.returncode is not None for p in procs):
             raise RuntimeError("a child process exited during start-up")
-        url = url or resolve_redis_url(args, cfg)
+        url = url or resolve_redis_url(args, cfg, user="viewer")
         if url is not None:
             store = RedisStore.from_url(cfg, url)
             try:
@@ -443,13 +443,16 @@ async def _lab_up(args: argparse.Namespace) -> int:
                 await up
             return 130
         stopped.cancel()
+        from gateway.services import display_url
+
         try:
             url = up.result()
         except (TimeoutError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(
-            f"{LAB_UP_READY}: lab {cfg.lab.name!r}, {len(cfg.devices)} simulator(s) and the gateway, Redis at {url};"
+            f"{LAB_UP_READY}: lab {cfg.lab.name!r}, {len(cfg.devices)} simulator(s) and the gateway, "
+            f"Redis at {display_url(url)};"
             " Ctrl-C stops everything",
             flush=True,
         )

@@ -64,6 +64,8 @@ def check_lab(cfg: LabConfig, add: AddIssue) -> None:
                 add(loc, f"environment variable {getattr(dlms, f'{key}_env')} is not set")
             except ValueError as exc:  # set, but not 16 octets of hex
                 add(loc, str(exc))
+    for key, reason in cfg.redis.problems():
+        add(("redis", key), reason)
     if cfg.messaging is not None:
         flex = cfg.flexibility
         aggregator: list[tuple[Path_, str]] = [] if flex is None else [(("flexibility", "aggregator"), flex.aggregator)]

@@ -35,10 +35,12 @@ import ctypes
 import errno
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import pwd
 import queue
+import secrets
 import shutil
 import signal
 import socket
@@ -48,13 +50,17 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 __all__ = [
     "DataDirInUse",
@@ -65,10 +71,16 @@ __all__ = [
     "RedisServer",
     "ServiceError",
     "ServiceNotInstalled",
+    "ams_redis_users",
     "die_with_parent",
+    "display_url",
     "embedded_redis",
     "free_port",
+    "lab_redis_users",
     "participant_acl",
+    "read_redis_secret",
+    "redis_secret_path",
+    "url_with_credentials",
 ]
 
 log = logging.getLogger(__name__)
@@ -577,13 +589,133 @@ class _PortTaken(Exception):
     """Internal: the server exited because its port was taken meanwhile."""
 
 
+#: What every client of ours sends on connecting (redis-py: AUTH; PING as
+#: health check); granted to every user so a refused connection handshake never hides a
+#: refused command.
+_CONNECTION_RULES = "+ping +hello +echo +client|setname +client|getname +client|id"
+
+#: A service user: everything on its own keys except what would let it change the server or
+#: erase what others rely on. ``-@dangerous`` takes CONFIG, FLUSH*, DEBUG, ACL, SHUTDOWN,
+#: KEYS, MONITOR, CLIENT and INFO; INFO comes back (the gateway checks persistence with
+#: ``INFO persistence``), XGROUP DESTROY goes (it would silently drop the pending commands).
+_SERVICE_RULES = (
+    "+@all -@dangerous +info " + _CONNECTION_RULES + " -xgroup|destroy -config -flushall -flushdb -debug "
+    "-acl -shutdown -monitor"
+)
+
+#: Read-only users: read commands on their keys, minus KEYS (it blocks the server on a large
+#: key space) and minus every write; TIME (the bench reads the server clock).
+_READ_RULES = "-@all +@read -keys +time " + _CONNECTION_RULES
+
+
+def _keys(prefix: str | None, suffix: str = "*") -> str:
+    """A key pattern under ``prefix`` (``None``: any key, as the tests' shared servers need)."""
+    return "*" if prefix is None and suffix == "*" else f"{prefix or '*'}:{suffix}"
+
+
+def lab_redis_users(prefix: str | None) -> dict[str, str]:
+    """The ACL users of a gateway's Redis (name -> ACL rules, without the password).
+
+    ``prefix`` is the lab's key prefix (``mgms:<lab>``, docs/redis-keys.md); ``None`` allows
+    any key prefix (a shared test server). See docs/security.md for what each may do:
+
+    - ``gateway``: the service; all it needs on ``P:*`` (state, commands, messaging), nothing
+      that changes the server (CONFIG, ACL, SHUTDOWN, DEBUG), erases it (FLUSH*) or drops the
+      command group (XGROUP DESTROY);
+    - ``operator``: reads ``P:*``, appends to ``P:cmd:requests`` and pops its replies
+      ``P:cmd:reply:*`` (BLPOP), nothing else;
+    - ``viewer``: reads ``P:*``;
+    - ``auditor``: reads the audit stream ``P:audit`` only.
+    """
+    everything = _keys(prefix)
+    return {
+        "gateway": f"resetkeys ~{everything} resetchannels &* {_SERVICE_RULES}",
+        "operator": (
+            f"resetkeys %R~{everything} %W~{_keys(prefix, 'cmd:requests')} %RW~{_keys(prefix, 'cmd:reply:*')} "
+            f"resetchannels {_READ_RULES} +xadd +blpop"
+        ),
+        "viewer": f"resetkeys %R~{everything} resetchannels {_READ_RULES}",
+        "auditor": f"resetkeys %R~{_keys(prefix, 'audit')} resetchannels {_READ_RULES}",
+    }
+
+
+def ams_redis_users(prefix: str | None) -> dict[str, str]:
+    """The ACL users of an AMS's Redis: the ``ams`` worker (its prefix ``ams:<participant>``)
+    and a ``viewer`` (``ams status``); as :func:`lab_redis_users`."""
+    everything = _keys(prefix)
+    return {
+        "ams": f"resetkeys ~{everything} resetchannels &* {_SERVICE_RULES}",
+        "viewer": f"resetkeys %R~{everything} resetchannels {_READ_RULES}",
+    }
+
+
+def redis_secret_path(secrets_dir: Path, user: str) -> Path:
+    """Where the secret of ``user`` of an embedded Redis is kept (mode 0600)."""
+    return secrets_dir / f"redis-{user}.secret"
+
+
+def read_redis_secret(path: Path) -> str:
+    """The secret in ``path`` (one line); ServiceError naming the file when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ServiceError(f"cannot read the Redis secret {path}: {exc.strerror}") from None
+    if not text:
+        raise ServiceError(f"the Redis secret file {path} is empty")
+    return text
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the first byte on (never readable by others)."""
+    partial = path.with_name(path.name + ".new")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    partial.replace(path)
+
+
+def display_url(url: str) -> str:
+    """``url`` without its password, for logs and output (``redis://user@host:port/0``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@" if parts.username else ""
+    netloc += f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def url_with_credentials(url: str, user: str, secret: str) -> str:
+    """``url`` carrying ``user`` and ``secret`` (for a client; never print or log it)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{quote(user, safe='')}:{quote(secret, safe='')}@" + (f"[{host}]" if ":" in host else host)
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 class RedisServer(_ServerProcess):
-    """An embedded ``redis-server`` with AOF persistence, for the demo and the tests.
+    """An embedded ``redis-server`` with AOF persistence and ACL users, for the gateway, the
+    AMS, the demo and the tests.
 
     AOF with ``appendfsync always`` (the default) means every write Redis acknowledged is on
     disk before the reply, so :meth:`restart` - even ``restart(hard=True)`` - brings back
     everything the gateway was told was stored. RDB snapshots are off (``save ""``): AOF is
     the single source of durability and there is no fork pause.
+
+    Authentication: nobody can be ``default`` (see :meth:`_command` for why it is on with a
+    secret nobody holds rather than off), and each user of ``users`` (name -> ACL rules, see
+    :func:`lab_redis_users`; default: the lab users and the ``ams`` worker on any key) gets a
+    secret generated at the first start (``secrets.token_urlsafe``), kept for restarts of this
+    object and written to ``secrets_dir`` (default ``data_dir/secrets``, mode 0700) as
+    ``redis-<user>.secret`` (mode 0600). The config file holds only their SHA-256. :attr:`url`
+    carries no credential (show it, log it, write it down); :meth:`client_url` and
+    :meth:`client` do (give them to a client, never print them). The first user is the
+    service user, which the readiness probe authenticates as.
     """
 
     binary = "redis-server"
@@ -598,6 +730,8 @@ class RedisServer(_ServerProcess):
         appendfsync: str = "always",
         appendonly: bool = True,
         extra_config: dict[str, str] | None = None,
+        users: Mapping[str, str] | None = None,
+        secrets_dir: str | os.PathLike[str] | None = None,
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
         executable: str | None = None,
@@ -617,20 +751,73 @@ class RedisServer(_ServerProcess):
         self.appendfsync = appendfsync
         self.appendonly = appendonly
         self.extra_config = dict(extra_config or {})
+        self.users: dict[str, str] = (
+            dict(users) if users is not None else {**lab_redis_users(None), "ams": ams_redis_users(None)["ams"]}
+        )
+        if not self.users:
+            raise ValueError("a RedisServer needs at least one user (default is off)")
+        if "default" in self.users:
+            raise ValueError("the default user stays off; give the users names")
+        self._secrets_dir = Path(secrets_dir).absolute() if secrets_dir is not None else None
+        self._secrets: dict[str, str] = {}
+
+    @property
+    def service_user(self) -> str:
+        """The first user: the service itself (the gateway, the AMS worker)."""
+        return next(iter(self.users))
 
     @property
     def url(self) -> str:
+        """Where the server listens, without credentials: safe to print, log and write down."""
         return f"redis://{self.host}:{self.port}/0"
 
+    @property
+    def secrets_dir(self) -> Path:
+        return self._secrets_dir if self._secrets_dir is not None else self.data_dir / "secrets"
+
+    def secret(self, user: str | None = None) -> str:
+        """The secret of ``user`` (default: the service user); generated at the first start."""
+        name = user or self.service_user
+        if name not in self.users:
+            raise ServiceError(f"redis-server has no user {name!r} (users: {', '.join(self.users)})")
+        if name not in self._secrets:
+            raise ServiceError(f"{self.binary} has not been started yet: no secret for {name!r}")
+        return self._secrets[name]
+
+    def secret_file(self, user: str | None = None) -> Path:
+        return redis_secret_path(self.secrets_dir, user or self.service_user)
+
+    def client_url(self, user: str | None = None) -> str:
+        """:attr:`url` with ``user``'s credentials (default the service user). Never print it."""
+        name = user or self.service_user
+        return url_with_credentials(self.url, name, self.secret(name))
+
+    def client(self, user: str | None = None, **kwargs: Any) -> aioredis.Redis:
+        """An asyncio client authenticated as ``user`` (``decode_responses=True`` by default)."""
+        import redis.asyncio as aioredis
+
+        kwargs.setdefault("decode_responses", True)
+        return aioredis.Redis.from_url(self.client_url(user), **kwargs)
+
+    def _ensure_secrets(self) -> None:
+        """Generate the users' secrets once per object and write them 0600 (kept for restart)."""
+        if set(self._secrets) != set(self.users):
+            self._secrets = {name: secrets.token_urlsafe(32) for name in self.users}
+        self.secrets_dir.mkdir(parents=True, exist_ok=True)
+        self.secrets_dir.chmod(0o700)
+        for name, secret in self._secrets.items():
+            _write_private(redis_secret_path(self.secrets_dir, name), secret + "\n")
+
     def _command(self, executable: str, data_dir: Path, port: int) -> list[str]:
+        self._ensure_secrets()
         conf = data_dir / "redis.conf"
         settings = {
             "bind": self.host,
             "port": str(port),
             "dir": str(data_dir),
             "daemonize": "no",
-            # loopback only, no password: protected mode would only get in the way
-            "protected-mode": "no",
+            # loopback, and no client without a user and its secret (default is off below)
+            "protected-mode": "yes",
             "appendonly": "yes" if self.appendonly else "no",
             "appendfsync": self.appendfsync,
             "save": '""',
@@ -638,10 +825,22 @@ class RedisServer(_ServerProcess):
             "databases": "16",
             **self.extra_config,
         }
-        conf.write_text(
-            "# written by gateway.services.RedisServer\n"
-            + "".join(f"{k} {v}\n" for k, v in settings.items()),
-            encoding="utf-8",
+        # ``default`` is on with a secret nobody holds (made here, kept nowhere): no client can
+        # be it - a connection without AUTH is refused with NOAUTH - but the AOF loader, which
+        # runs as ``default``, may replay everything. With ``default off`` Redis up to 7.2
+        # (and valkey) silently drops every MULTI/EXEC of the AOF at a restart (EXEC re-checks
+        # the ACL: redis/redis#14541, fixed by #14545; valkey-io/valkey#3983): the store's
+        # batches, i.e. acknowledged values (tests/store/test_outage.py found it).
+        unknowable = hashlib.sha256(secrets.token_bytes(32)).hexdigest()
+        users = [f"user default reset on #{unknowable} ~* &* +@all"] + [
+            f"user {name} reset on #{hashlib.sha256(self._secrets[name].encode()).hexdigest()} {rules}"
+            for name, rules in self.users.items()
+        ]
+        _write_private(
+            conf,
+            "# written by gateway.services.RedisServer (passwords only as SHA-256)\n"
+            + "".join(f"{k} {v}\n" for k, v in settings.items())
+            + "".join(f"{line}\n" for line in users),
         )
         return [executable, str(conf)]
 
@@ -649,28 +848,38 @@ class RedisServer(_ServerProcess):
         """Our redis-server (by pid) answers PING with +PONG, i.e. it has loaded its AOF.
 
         While it replays the AOF Redis answers -LOADING; the pid check makes sure we are not
-        talking to another server that held the port first.
+        talking to another server that held the port first. It authenticates as the service
+        user (nothing answers without).
         """
         if self._proc is None:
             return False
+        user = self.service_user
+        auth = _resp(b"AUTH", user.encode(), self._secrets[user].encode())
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                 s.settimeout(1.0)
-                s.sendall(b"PING\r\nINFO server\r\n")
+                s.sendall(auth + b"PING\r\nINFO server\r\n")
                 data = b""
                 while b"process_id:" not in data or not data.endswith(b"\r\n"):
                     chunk = s.recv(65536)
                     if not chunk:
                         return False
                     data += chunk
+                    if data.startswith(b"-") and data.endswith(b"\r\n"):
+                        return False  # refused (another server on the port): no INFO follows
         except OSError:
             return False
-        if not data.startswith(b"+PONG"):
+        if not data.startswith(b"+OK\r\n+PONG"):
             return False
         for line in data.split(b"\r\n"):
             if line.startswith(b"process_id:"):
                 return int(line.split(b":", 1)[1]) == self._proc.pid
         return False
+
+
+def _resp(*parts: bytes) -> bytes:
+    """One command as a RESP array (a secret may hold any character: no inline command)."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -941,21 +1150,31 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def embedded_redis(url: str | None, state_dir: Path, *, who: str) -> AsyncIterator[str]:
+async def embedded_redis(
+    url: str | None, state_dir: Path, *, who: str, users: Mapping[str, str] | None = None
+) -> AsyncIterator[str]:
     """The Redis URL to use: ``url`` if given, else one of our own started for the duration.
 
     Our own keeps its AOF under ``state_dir/redis`` so a restarted service finds its state
-    (pending requests, outbox, inbox) again, and writes its URL to ``state_dir/redis.url`` so
-    the CLI commands of the same service find it while it runs. ``state_dir`` is locked first
-    (:class:`DataDirLock`, :class:`DataDirInUse` if another service has it), before anything
-    in it is touched. Cancelled at any point (a signal during start-up), it stops the server
-    before the cancellation goes on.
+    (pending requests, outbox, inbox) again, and writes its URL - without credentials - to
+    ``state_dir/redis.url`` so the CLI commands of the same service find it while it runs;
+    they authenticate with the secret files in ``state_dir/secrets`` (one per user of
+    ``users``, the first being the service; new secrets at every start, docs/security.md).
+    The URL yielded carries the service user's credentials: hand it to a client, never log it.
+    ``state_dir`` is locked first (:class:`DataDirLock`, :class:`DataDirInUse` if another
+    service has it), before anything in it is touched. Cancelled at any point (a signal
+    during start-up), it stops the server before the cancellation goes on.
     """
     if url is not None:
         yield url
         return
     with DataDirLock(state_dir, who=who) as lock:
-        server = RedisServer(data_dir=state_dir / "redis", inherit_fds=(lock.fileno(),))
+        server = RedisServer(
+            data_dir=state_dir / "redis",
+            users=users,
+            secrets_dir=state_dir / "secrets",
+            inherit_fds=(lock.fileno(),),
+        )
         marker = state_dir / "redis.url"
         try:
             await server.astart()
@@ -963,8 +1182,14 @@ async def embedded_redis(url: str | None, state_dir: Path, *, who: str) -> Async
             partial = marker.with_name(marker.name + ".new")
             partial.write_text(server.url + "\n")
             partial.replace(marker)
-            logging.getLogger(who).info("embedded redis-server at %s (data in %s)", server.url, server.data_dir)
-            yield server.url
+            logging.getLogger(who).info(
+                "embedded redis-server at %s as user %s (data in %s, secrets in %s)",
+                server.url,
+                server.service_user,
+                server.data_dir,
+                server.secrets_dir,
+            )
+            yield server.client_url()
         finally:
             # ours to remove even when start-up failed: we hold the lock, so any marker is stale
             marker.unlink(missing_ok=True)

@@ -1510,12 +1510,13 @@ class RedisStore:
         """Ask the gateway to operate ``point``; returns the request id for :meth:`wait_reply`.
 
         Numbers are sent as text (bools as 1/0), exactly as an operator would type them into
-        ``redis-cli XADD``.
+        ``redis-cli XADD``. Only the XADD: the gateway creates its consumer group at id 0 (so a
+        request added before it ever ran is still read), and the operator's Redis user may
+        append to the request stream but not create groups (docs/security.md).
         """
         rid = request_id or uuid.uuid4().hex
         text = value if isinstance(value, str) else _enc_value(value)
         try:
-            await self._ensure_group()
             await self.redis.xadd(
                 self.keys.cmd_requests,
                 _fields({"point": point, "value": text, "by": by, "id": rid}),

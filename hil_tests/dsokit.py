@@ -43,7 +43,7 @@ class Ams:
 async def start_ams(
     box: DsoSandbox, redis: RedisServer, transport: str, security: str, *, register: bool = True
 ) -> Ams:
-    client = aioredis.Redis.from_url(redis.url, decode_responses=True)
+    client = redis.client("ams")
     messenger = build_messenger(box.messaging("ams", transport=transport, security=security), client, prefix="ams:ams")  # type: ignore[arg-type]
     await messenger.start()
     service = AmsService(

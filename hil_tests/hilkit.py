@@ -76,7 +76,7 @@ class Lab:
     config: LabConfig
     gateway: Gateway
     store: RedisStore
-    reader: RedisStore  # a second client, as an operator would have
+    reader: RedisStore  # a second client, as an operator would have (Redis user operator)
     redis: RedisServer
     sim: Iec104Outstation | None
     task: asyncio.Task[None]
@@ -97,9 +97,10 @@ async def start_lab(
                                **device_changes)
     elif device_changes:
         cfg = cfg.with_device(DEVICE, **device_changes)
-    store = RedisStore.from_url(cfg, redis.url)
+    store = RedisStore.from_url(cfg, redis.client_url())
     gw = Gateway(cfg, store, stats_period_s=0.2)
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run(stop), name="gateway")
     await gw.wait_connected(10)
-    return Lab(cfg, gw, store, RedisStore.from_url(cfg, redis.url), redis, sim, task, stop)
+    reader = RedisStore.from_url(cfg, redis.client_url("operator"))  # what `mgms command` is on Redis
+    return Lab(cfg, gw, store, reader, redis, sim, task, stop)

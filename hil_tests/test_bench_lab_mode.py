@@ -28,7 +28,7 @@ ROUTE_KEYS = {"name", "protocol", "direction", "n", "mean_ms", "median_ms", "p95
               "floor_median_ms", "heila_ms", "cross_host", "offset_applied_ms", "offset_uncertainty_ms"}  # fmt: skip
 
 
-def lab_file(tmp_path: Path, port: int, redis_url: str, *, read_only: bool = False) -> Path:
+def lab_file(tmp_path: Path, port: int, redis: RedisServer, *, read_only: bool = False) -> Path:
     """The simulator lab reduced to its IEC 104 relay, on this simulator's port and this Redis."""
     cfg = load_config(SIM_CONFIG).only(DEVICE)
     devices = {n: d.model_dump(mode="json", exclude={"name"}) for n, d in cfg.devices.items()}
@@ -37,7 +37,12 @@ def lab_file(tmp_path: Path, port: int, redis_url: str, *, read_only: bool = Fal
         "lab": cfg.lab.model_dump(),
         "devices": devices,
         "points": [p.model_dump(mode="json", exclude_defaults=True) for p in cfg.points],
-        "redis": {**cfg.redis.model_dump(mode="json"), "url": redis_url},
+        "redis": {
+            **cfg.redis.model_dump(mode="json"),
+            "url": redis.url,
+            "user": "gateway",
+            "password_file": str(redis.secret_file("gateway")),
+        },
     }
     path = tmp_path / ("lab-ro.yaml" if read_only else "lab.yaml")
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -73,8 +78,8 @@ async def running_lab(tmp_path: Path, redis_server: RedisServer) -> AsyncIterato
     port = free_port()
     sim = SimProcess(SIM_CONFIG, DEVICE, port, free_port())
     await sim.start()
-    path = lab_file(tmp_path, port, redis_server.url)
-    reader = RedisStore.from_url(load_config(path), redis_server.url)
+    path = lab_file(tmp_path, port, redis_server)
+    reader = RedisStore.from_url(load_config(path), redis_server.client_url())
     run = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "run", "--config", str(path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -150,10 +155,10 @@ async def test_lab_mode_times_commands_only_when_allowed(tmp_path: Path, running
 async def test_lab_mode_refuses_commands_on_a_read_only_device(tmp_path: Path, redis_server: RedisServer) -> None:
     if REAL_CONFIG:
         pytest.skip("uses the simulator lab file")
-    path = lab_file(tmp_path, free_port(), redis_server.url, read_only=True)
+    path = lab_file(tmp_path, free_port(), redis_server, read_only=True)
     code, _, stderr = await bench("--config", str(path), "--allow-commands", "--out", str(tmp_path / "o"))
     assert code == 2 and "read-only" in stderr
-    reader = RedisStore.from_url(load_config(path), redis_server.url)
+    reader = RedisStore.from_url(load_config(path), redis_server.client_url())
     try:
         assert await reader.redis.exists(reader.keys.cmd_requests) == 0
     finally:

@@ -103,11 +103,11 @@ async def start(redis_server: RedisServer) -> AsyncIterator[Any]:
         meter = DlmsMeter(meter_cfg, DEVICE, host="127.0.0.1", port=0, seed=3)
         await meter.start()
         cfg = (gateway_cfg or meter_cfg).with_device(DEVICE, port=meter.port)
-        store = RedisStore.from_url(cfg, redis_server.url)
+        store = RedisStore.from_url(cfg, redis_server.client_url())
         gw = Gateway(cfg, store)
         stop = asyncio.Event()
         task = asyncio.create_task(gw.run(stop), name="gateway")
-        lab = MeterLab(cfg, meter, gw, RedisStore.from_url(cfg, redis_server.url), task, stop)
+        lab = MeterLab(cfg, meter, gw, RedisStore.from_url(cfg, redis_server.client_url()), task, stop)
         running.append(lab)
         await gw.wait_ready()
         if connect:

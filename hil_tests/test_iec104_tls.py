@@ -98,8 +98,8 @@ async def test_untrusted_client_certificate_keeps_the_link_down_with_a_reason(
         reconnect={"initial_s": 0.1, "max_s": 0.3},
         tls=gateway_tls(pki, rogue=True),
     )
-    store = RedisStore.from_url(cfg, redis_server.url)
-    reader = RedisStore.from_url(cfg, redis_server.url)
+    store = RedisStore.from_url(cfg, redis_server.client_url())
+    reader = RedisStore.from_url(cfg, redis_server.client_url())
     gw = Gateway(cfg, store)
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run(stop), name="gateway")

@@ -46,8 +46,8 @@ class MmsLab:
     def __init__(self, config: LabConfig, redis: RedisServer, sim: Iec61850Server | int) -> None:
         port = sim if isinstance(sim, int) else sim.port
         self.config = config.with_device(MMS, port=port, **FAST)
-        self.store = RedisStore.from_url(self.config, redis.url)
-        self.reader = RedisStore.from_url(self.config, redis.url)
+        self.store = RedisStore.from_url(self.config, redis.client_url())
+        self.reader = RedisStore.from_url(self.config, redis.client_url())
         self.gateway = Gateway(self.config, self.store)
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None

@@ -51,13 +51,18 @@ def only_104_lab(tmp_path: Path) -> Path:
     return base
 
 
-def profile(tmp_path: Path, port: int, redis_url: str | None) -> Path:
-    """A profile on top of the 104-only lab: this simulator's port, this Redis (None: embedded)."""
+def profile(tmp_path: Path, port: int, redis: RedisServer | None) -> Path:
+    """A profile on top of the 104-only lab: this simulator's port, this Redis (None: embedded),
+    named as a lab file names its own Redis: url, the gateway's user and its secret file."""
     p = tmp_path / "lab.yaml"
     p.write_text(
         f"extends: {only_104_lab(tmp_path)}\n"
         f"devices:\n  {DEVICE}:\n    port: {port}\n    timers: {{t1_s: 2, t2_s: 1, t3_s: 1}}\n"
-        + (f"redis:\n  url: {redis_url}\n" if redis_url else "")
+        + (
+            f"redis:\n  url: {redis.url}\n  user: gateway\n  password_file: {redis.secret_file('gateway')}\n"
+            if redis is not None
+            else ""
+        )
     )
     return p
 
@@ -66,9 +71,9 @@ async def test_run_command_watch_and_sigterm(tmp_path: Path, redis_server: Redis
                                             sim: Iec104Outstation | None) -> None:
     if sim is None:
         pytest.skip("needs the simulator")
-    lab_file = profile(tmp_path, sim.port, redis_server.url)
+    lab_file = profile(tmp_path, sim.port, redis_server)
     cfg: LabConfig = load_config(lab_file)
-    reader = RedisStore.from_url(cfg, redis_server.url)
+    reader = RedisStore.from_url(cfg, redis_server.client_url())
     run = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "run", "--config", str(lab_file),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -117,8 +122,8 @@ async def test_sigint_stops_run_cleanly(tmp_path: Path, redis_server: RedisServe
                                         sim: Iec104Outstation | None) -> None:
     if sim is None:
         pytest.skip("needs the simulator")
-    lab_file = profile(tmp_path, sim.port, redis_server.url)
-    reader = RedisStore.from_url(load_config(lab_file), redis_server.url)
+    lab_file = profile(tmp_path, sim.port, redis_server)
+    reader = RedisStore.from_url(load_config(lab_file), redis_server.client_url())
     run = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "run", "--config", str(lab_file),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -187,7 +192,11 @@ async def test_run_from_another_cwd_with_default_or_relative_data_dir(tmp_path: 
             return marker.exists()
 
         await eventually(started, 20, "embedded redis url written")
-        client = aioredis.Redis.from_url(marker.read_text().strip())
+        url = marker.read_text().strip()
+        assert "@" not in url  # the marker holds no credential; the secrets are files of mode 0600
+        secret_file = marker.parent / "secrets" / "redis-viewer.secret"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        client = aioredis.Redis.from_url(url, username="viewer", password=secret_file.read_text().strip())
         try:
             assert await client.ping()
         finally:

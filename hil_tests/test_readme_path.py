@@ -263,13 +263,14 @@ def test_demo_keep_running_leaves_the_lab_up_until_ctrl_c(tmp_path: Path) -> Non
         deadline = time.monotonic() + 60
         url = None
         while url is None and time.monotonic() < deadline and proc.poll() is None:
-            m = re.search(r"mgms watch --config (\S+) --redis-url (\S+)", log.read_text(errors="replace"))
-            url = m.groups() if m else None
+            m = re.search(r"(mgms watch --config \S+ --redis-url .+)$", log.read_text(errors="replace"), re.M)
+            url = m.group(1) if m else None
             time.sleep(0.2)
         assert url is not None, log.read_text(errors="replace")[-3000:]
-        config, redis_url = url
+        # the command as the demo prints it: a credential-free url and the viewer's secret file
+        assert "@" not in url and "--redis-secret-file" in url, url
         watch = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "watch", "--once", "--config", config, "--redis-url", redis_url],
+            [sys.executable, "-m", "gateway.cli", "watch", "--once", *url.split()[2:]],
             capture_output=True, text=True, timeout=30, env=env,
         )  # fmt: skip
         assert watch.returncode == 0 and "device ref615: link up" in watch.stdout, watch.stdout + watch.stderr

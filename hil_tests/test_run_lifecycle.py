@@ -270,7 +270,8 @@ def test_a_second_run_on_the_same_data_dir_is_refused(make_service: MakeService,
             assert time.monotonic() - t0 < 15
             assert first.poll() is None, "the first run survived the second"
             assert svc.url_file.read_text().strip() == url
-            with redis.Redis.from_url(url) as c:
+            secret = (svc.state / "secrets" / "redis-viewer.secret").read_text().strip()
+            with redis.Redis.from_url(url, username="viewer", password=secret) as c:
                 assert c.ping()
         finally:
             code, err = stop(first)

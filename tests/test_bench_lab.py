@@ -56,7 +56,8 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
             "lab": cfg.lab.model_dump(),
             "devices": {n: d.model_dump(mode="json", exclude={"name"}) for n, d in cfg.devices.items()},
             "points": [p.model_dump(mode="json", exclude_defaults=True) for p in cfg.points],
-            "redis": {"url": mr.url},
+            # the lab's own Redis, as a lab file names one: url, user, secret file (docs/security.md)
+            "redis": {"url": mr.url, "user": "gateway", "password_file": str(mr.secret_file("gateway"))},
             "messaging": box.messaging(MGMS, transport="https").model_dump(mode="json"),
         }
         lab = tmp_path / "lab.yaml"
@@ -66,7 +67,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
-            yield Setup(lab, mr.url, ar.url, f"http://127.0.0.1:{port}/clock")
+            yield Setup(lab, mr.client_url(), ar.client_url("ams"), f"http://127.0.0.1:{port}/clock")
         finally:
             await runner.cleanup()
 
@@ -173,7 +174,8 @@ def mqtt_lab(tmp_path: Path) -> Iterator[MqttLab]:
             "lab": cfg.lab.model_dump(),
             "devices": {n: d.model_dump(mode="json", exclude={"name"}) for n, d in cfg.devices.items()},
             "points": [p.model_dump(mode="json", exclude_defaults=True) for p in cfg.points],
-            "redis": {"url": mr.url},
+            # the lab's own Redis, as a lab file names one: url, user, secret file (docs/security.md)
+            "redis": {"url": mr.url, "user": "gateway", "password_file": str(mr.secret_file("gateway"))},
             "messaging": box.messaging(MGMS, transport="mqtt").model_dump(mode="json"),
         }
         lab = tmp_path / "lab.yaml"
@@ -182,7 +184,7 @@ def mqtt_lab(tmp_path: Path) -> Iterator[MqttLab]:
         ams_config.write_text(
             yaml.safe_dump({"messaging": box.messaging(AMS, transport="mqtt").model_dump(mode="json")})
         )
-        yield MqttLab(box, lab, ams_config, mr.url, ar.url)
+        yield MqttLab(box, lab, ams_config, mr.client_url(), ar.client_url("ams"))
 
 
 async def test_clock_over_the_lab_broker_and_the_mqtt_floor(mqtt_lab: MqttLab, tmp_path: Path) -> None:

@@ -521,3 +521,40 @@ def test_a_bad_redis_url_argument_is_a_usage_error(tmp_path: Path, module: str) 
     r = run_cli(module, "run", "-c", str(tmp_path / "any.yaml"), "--redis-url", "localhost:6379", env={}, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "argument --redis-url: 'localhost:6379': a Redis URL starts with redis://, rediss:// or unix://" in r.stderr
+
+
+# ------------------------------------------------------------------- redis user
+
+
+def test_redis_user_and_secret_need_a_url(tmp_path: Path) -> None:
+    p = relay_lab(tmp_path, "127.0.0.1")
+    p.write_text(p.read_text() + "redis: {user: gateway, password_env: X}\n")
+    [(key, _, reason)] = issues(p, runnable=False)
+    assert key == "redis" and reason.startswith("user, password_env: only with url")
+
+
+def test_redis_secret_from_file_or_env_is_checked_by_check_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The secret's variable unset, its file readable by others: named, as run would fail on them."""
+    monkeypatch.delenv("TEST_REDIS_SECRET", raising=False)
+    p = relay_lab(tmp_path, "127.0.0.1")
+    base = p.read_text()
+    p.write_text(base + "redis: {url: 'redis://127.0.0.1:6379/0', user: gateway, password_env: TEST_REDIS_SECRET}\n")
+    unset = ("redis.password_env", "environment variable TEST_REDIS_SECRET is not set")
+    assert [(k, r) for k, _, r in issues(p)] == [unset]
+    monkeypatch.setenv("TEST_REDIS_SECRET", "s3cret")
+    assert load_runnable_config(p).redis.password() == "s3cret"
+
+    secret = tmp_path / "gw.secret"  # relative to the lab file, as the TLS files are
+    secret.write_text("from-file\n")
+    secret.chmod(0o644)
+    p.write_text(base + "redis: {url: 'redis://127.0.0.1:6379/0', user: gateway, password_file: gw.secret}\n")
+    [(key, _, reason)] = issues(p)
+    assert key == "redis.password_file" and "readable by others (mode 0644)" in reason
+    secret.chmod(0o600)
+    cfg = load_runnable_config(p)
+    assert cfg.redis.password_file == str(secret) and cfg.redis.password() == "from-file"
+    both = "redis: {url: 'redis://127.0.0.1:6379/0', password_env: A, password_file: gw.secret}\n"
+    p.write_text(base + both)
+    assert [r for _, _, r in issues(p, runnable=False)] == ["give password_file or password_env, not both"]

@@ -46,7 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", metavar="DIR",
         help="the --data-dir of the gateway's run: its embedded Redis's url is in DIR/<lab name> (default .mgms)",
     )  # fmt: skip
+    lab.add_argument("--redis-user", metavar="USER", help="Redis user (default: operator of the embedded Redis)")
+    lab.add_argument(
+        "--redis-secret-file", metavar="FILE", help="that user's secret (default: DIR/<lab name>/secrets/)"
+    )
     lab.add_argument("--ams-redis", help="the AMS's Redis (read only): message routes and the DSO loop")
+    lab.add_argument(
+        "--ams-redis-secret-file", metavar="FILE",
+        help="secret of the AMS Redis's viewer (its data dir's secrets/redis-viewer.secret), "
+        "unless --ams-redis has one",
+    )  # fmt: skip
     lab.add_argument("--ams-participant", help="the AMS's participant name (default: flexibility.aggregator, else ams)")
     lab.add_argument("--window-s", type=float, default=60.0, help="how long to watch (default 60)")
     lab.add_argument(

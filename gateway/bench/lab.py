@@ -119,7 +119,7 @@ def plan(args: argparse.Namespace) -> LabPlan:
             f"{args.config} has probes: false, so the running lab stores no hop timestamps to measure; "
             "set probes: true and restart mgms run"
         )
-    url = resolve_redis_url(args, cfg)
+    url = resolve_redis_url(args, cfg, user="operator")  # it commands the breaker and reads
     if url is None:
         raise BenchError("no Redis to read: is `mgms run` running? (or give --redis-url)")
     floors = tuple(f.strip() for f in args.floors.split(",") if f.strip())
@@ -566,7 +566,12 @@ async def run_lab(args: argparse.Namespace) -> dict[str, Any]:
         except RedisError as exc:
             raise StoreError(f"no Redis at {_redacted(p.url)}: {exc}") from exc
         if args.ams_redis:
-            ams = aioredis.Redis.from_url(args.ams_redis, decode_responses=True)
+            ams_url = str(args.ams_redis)
+            if getattr(args, "ams_redis_secret_file", None):
+                from gateway.services import read_redis_secret, url_with_credentials
+
+                ams_url = url_with_credentials(ams_url, "viewer", read_redis_secret(Path(args.ams_redis_secret_file)))
+            ams = aioredis.Redis.from_url(ams_url, decode_responses=True)
             try:
                 await ams.ping()
             except RedisError as exc:

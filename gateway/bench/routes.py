@@ -216,8 +216,8 @@ async def _iec104_gateway_routes(
 @contextlib.asynccontextmanager
 async def _gateway(cfg: LabConfig, redis: RedisServer) -> AsyncIterator[tuple[Gateway, RedisStore]]:
     """A running gateway on ``cfg`` and a second store client reading as an operator would."""
-    store = RedisStore.from_url(cfg, redis.url)
-    reader = RedisStore.from_url(cfg, redis.url)
+    store = RedisStore.from_url(cfg, redis.client_url("gateway"))
+    reader = RedisStore.from_url(cfg, redis.client_url("operator"))
     gw = Gateway(cfg, store, stats_period_s=1.0)
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run(stop), name="bench-gateway")
@@ -393,8 +393,8 @@ async def _pair(
     transport: Literal["mqtt", "https"],
     security: Security,
 ) -> _Pair:
-    mc = aioredis.Redis.from_url(mgms_redis.url, decode_responses=True)
-    ac = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
+    mc = mgms_redis.client("gateway")
+    ac = ams_redis.client("ams")
     tag = secrets.token_hex(3)  # fresh keys per pair: no inbox or consumer group left from the last
     mgms = build_messenger(
         box.messaging(MGMS, transport=transport, security=security, mqtt={"unique_id": True}),
@@ -493,8 +493,8 @@ async def _durable_reference(
     Not a floor the targets use (those are the bare transports), but the cost of durability
     and security on this machine, so the report can tell it from the Messenger's own.
     """
-    mc = aioredis.Redis.from_url(mgms_redis.url, decode_responses=True)
-    ac = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
+    mc = mgms_redis.client("gateway")
+    ac = ams_redis.client("ams")
     sender = build_messenger(box.messaging(MGMS, transport="https", security=security), mc, prefix="mgms:durable")
     receiver = build_messenger(box.messaging(AMS, transport="https", security=security), ac, prefix="ams:durable")
     topic = topic_for(AMS, MGMS, "Flexibility")
@@ -597,9 +597,9 @@ class AmsProcess:
     AMS's settlement stream and notes the moment the entry arrives.
     """
 
-    def __init__(self, box: DsoSandbox, redis_url: str, transport: str, security: Security) -> None:
+    def __init__(self, box: DsoSandbox, redis: RedisServer, transport: str, security: Security) -> None:
         self.box = box
-        self.redis_url = redis_url
+        self.redis = redis  # its url and the ams user's secret file go on the command line, not the secret
         self.transport = transport
         self.security = security
         self.log_file = box.directory / f"ams-loop-{security}.log"
@@ -621,7 +621,8 @@ class AmsProcess:
         with self.log_file.open("wb") as log_out:
             # a killed bench must not leave its AMS running (the kernel sends it SIGTERM)
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ams.cli", "run", "-c", str(cfg), "--redis-url", self.redis_url,
+                sys.executable, "-m", "ams.cli", "run", "-c", str(cfg), "--redis-url", self.redis.url,
+                "--redis-user", "ams", "--redis-secret-file", str(self.redis.secret_file("ams")),
                 "--worker", "bench", stdout=asyncio.subprocess.DEVNULL, stderr=log_out,
                 preexec_fn=die_with_parent(),
             )  # fmt: skip
@@ -686,9 +687,9 @@ async def loop_phase(
     loop_key = f"dso_loop{suffix}"
     hop = {h: f"loop_hop_{h}{suffix}" for h in LOOP_HOPS}
     out: Series = {k: [] for k in (loop_key, *hop.values())}
-    ac = aioredis.Redis.from_url(ams_redis.url, decode_responses=True)
+    ac = ams_redis.client("ams")
     keys = AmsKeys(AMS)
-    ams = AmsProcess(box, ams_redis.url, transport, security)
+    ams = AmsProcess(box, ams_redis, transport, security)
     label = f"DSO loop ({transport.upper()}, {security}, travel 0, window excluded)"
     try:
         await ams.start(ac)

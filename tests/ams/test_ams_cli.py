@@ -129,7 +129,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def test_register_request_and_status_against_redis(lab_dir: Path, redis_server: RedisServer) -> None:
-    cfg = ["-c", str(lab_dir / "ams.yaml"), "--redis-url", redis_server.url]
+    cfg = ["-c", str(lab_dir / "ams.yaml"), "--redis-url", redis_server.client_url("ams")]
     env = {"AMS_MQTT_PASSWORD": "x"}
     r = ams("register", *cfg, "mgms-other", "FI-Oulu/feeder-1", env=env)
     assert r.returncode == 0, r.stderr

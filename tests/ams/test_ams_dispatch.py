@@ -64,7 +64,7 @@ async def world(
     sandbox: tuple[DsoSandbox, RedisServer],
 ) -> AsyncIterator[tuple[AmsService, dict[str, list[ActivationNotification]]]]:
     box, rs = sandbox
-    client = aioredis.Redis.from_url(rs.url, decode_responses=True)
+    client = aioredis.Redis.from_url(rs.client_url("ams"), decode_responses=True)
     messengers = {
         name: build_messenger(box.messaging(name), client, prefix=f"t:{name}")
         for name in ("ams", "multipower", "campus", "harbour")
@@ -155,7 +155,7 @@ async def test_ams_dispatch_refuses_unregistered_microgrids_then_status_shows_ac
     box, rs = sandbox
     cfg_file = tmp_path / "ams.yaml"
     cfg_file.write_text(yaml.safe_dump({"messaging": box.messaging("ams").model_dump(mode="json")}))
-    cli = ["-c", str(cfg_file), "--redis-url", rs.url]
+    cli = ["-c", str(cfg_file), "--redis-url", rs.client_url("ams")]
     request = str(VPP / "request-capacity.yaml")
     deadline = asyncio.get_running_loop().time() + 10
     while await svc.redis.hlen(svc.keys.microgrids) < 2:  # the worker registers its configured microgrids

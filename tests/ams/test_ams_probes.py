@@ -31,7 +31,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def svc(redis_server: RedisServer) -> AsyncIterator[AmsService]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    client = aioredis.Redis.from_url(redis_server.client_url("ams"), decode_responses=True)
     yield AmsService(AmsSettings(market=MarketSettings(auto_clear=False)), client, "ams", probes=False)
     await client.aclose()
 

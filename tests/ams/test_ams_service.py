@@ -31,7 +31,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def svc(redis_server: RedisServer) -> AsyncIterator[AmsService]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    client = aioredis.Redis.from_url(redis_server.client_url("ams"), decode_responses=True)
     # no auto clearing and no messenger: the decisions are inspected without sending anything
     yield AmsService(AmsSettings(market=MarketSettings(auto_clear=False)), client, "ams")
     await client.aclose()
@@ -107,7 +107,7 @@ async def test_auto_clear_queues_reserve_and_activation_and_records_them_once(
 ) -> None:
     """The auto-clear path writes its outcome in one transaction after queueing both
     notifications; a redelivered flexibility sends nothing again and records nothing twice."""
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    client = aioredis.Redis.from_url(redis_server.client_url("ams"), decode_responses=True)
     box = DsoSandbox(tmp_path / "dso", mgms=["mg-a"], start_broker=False)
     with box:
         messenger = build_messenger(box.messaging("ams", transport="https"), client, prefix="t:ams")  # not started

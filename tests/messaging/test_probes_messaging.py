@@ -55,8 +55,8 @@ def box(tmp_path: Path) -> Iterator[DsoSandbox]:
 @pytest.fixture
 async def pair(box: DsoSandbox, probes: bool) -> AsyncIterator[Pair]:
     with RedisServer() as mgms_server, RedisServer() as ams_server:
-        mgms_redis = aioredis.Redis.from_url(mgms_server.url, decode_responses=True)
-        ams_redis = aioredis.Redis.from_url(ams_server.url, decode_responses=True)
+        mgms_redis = aioredis.Redis.from_url(mgms_server.client_url(), decode_responses=True)
+        ams_redis = aioredis.Redis.from_url(ams_server.client_url("ams"), decode_responses=True)
         # "both": MGMS -> AMS over HTTPS, AMS -> MGMS over MQTT
         mgms = build_messenger(box.messaging(MGMS, transport="both"), mgms_redis, prefix=MGMS_PREFIX, probes=probes)
         ams = build_messenger(box.messaging(AMS, transport="both"), ams_redis, prefix=AMS_PREFIX, probes=probes)

@@ -320,7 +320,7 @@ async def test_memory_nonce_store_forgets_after_ttl_and_stays_bounded() -> None:
 @pytest.fixture
 async def redis_client() -> AsyncIterator[aioredis.Redis]:
     with RedisServer(appendonly=False) as server:
-        client = aioredis.Redis.from_url(server.url)
+        client = aioredis.Redis.from_url(server.client_url())
         try:
             yield client
         finally:

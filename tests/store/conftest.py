@@ -58,7 +58,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     """A plain client to look at what the store wrote, independent of the store's own."""
-    c = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    c = aioredis.Redis.from_url(redis_server.client_url(), decode_responses=True)
     try:
         yield c
     finally:
@@ -67,7 +67,7 @@ async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 async def store(lab: LabConfig, redis_server: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore(lab, url=redis_server.url)
+    s = RedisStore(lab, url=redis_server.client_url())
     await s.start()
     try:
         yield s

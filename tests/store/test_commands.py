@@ -114,7 +114,7 @@ async def test_log_command_takes_an_outcome_object_and_a_stream_id(
 async def test_unfinished_request_is_delivered_again_after_restart(
     lab: LabConfig, redis_server: RedisServer, client: aioredis.Redis
 ) -> None:
-    first = RedisStore(lab, url=redis_server.url)
+    first = RedisStore(lab, url=redis_server.client_url())
     rid = await first.submit_command(POINT, 1, by="bob")
     async with contextlib.aclosing(first.command_requests()) as requests:
         req = await next_request(requests)
@@ -124,7 +124,7 @@ async def test_unfinished_request_is_delivered_again_after_restart(
     # Redis restarts too (SIGKILL): the pending entry is in the AOF
     await asyncio.to_thread(redis_server.restart, hard=True)
 
-    second = RedisStore(lab, url=redis_server.url)
+    second = RedisStore(lab, url=redis_server.client_url())
     try:
         async with contextlib.aclosing(second.command_requests()) as requests:
             again = await next_request(requests)
@@ -143,13 +143,13 @@ async def test_unfinished_request_is_delivered_again_after_restart(
 async def test_pending_request_of_another_consumer_is_taken_over(
     lab: LabConfig, redis_server: RedisServer
 ) -> None:
-    old = RedisStore(lab, url=redis_server.url)
+    old = RedisStore(lab, url=redis_server.client_url())
     rid = await old.submit_command(POINT, 2)
     async with contextlib.aclosing(old.command_requests(consumer="old-host")) as requests:
         await next_request(requests)
     await old.close()
 
-    new = RedisStore(lab, url=redis_server.url)
+    new = RedisStore(lab, url=redis_server.client_url())
     try:
         async with contextlib.aclosing(new.command_requests(consumer="new-host")) as requests:
             again = await next_request(requests)
@@ -215,7 +215,7 @@ async def test_request_stream_survives_a_redis_restart(
 async def test_commands_with_a_client_that_does_not_decode(
     lab: LabConfig, redis_server: RedisServer
 ) -> None:
-    raw = aioredis.Redis.from_url(redis_server.url)  # bytes replies
+    raw = aioredis.Redis.from_url(redis_server.client_url())  # bytes replies
     try:
         store = RedisStore(lab, raw)
         rid = await store.submit_command(POINT, 2, by="carol")

@@ -32,7 +32,7 @@ async def _xlen(url: str, key: str) -> int:
 async def test_redis_down_mid_stream_loses_nothing(
     redis_server: RedisServer, lab: LabConfig, hard: bool
 ) -> None:
-    async with RedisStore(lab, url=redis_server.url) as store:
+    async with RedisStore(lab, url=redis_server.client_url()) as store:
         for i in range(1000):
             store.put(PointUpdate("feeder.p", float(i)))
         await store.flush(10)  # acknowledged by Redis (and fsynced: appendfsync always)
@@ -53,9 +53,9 @@ async def test_redis_down_mid_stream_loses_nothing(
         assert stats["reconnects"] >= 1
         assert stats.get("updates_dropped", 0) == 0
 
-    values = [e.value for e in await _history(redis_server.url, lab)]
+    values = [e.value for e in await _history(redis_server.client_url(), lab)]
     assert values == [float(i) for i in range(3000)]
-    assert await _xlen(redis_server.url, K.changes) == 3000
+    assert await _xlen(redis_server.client_url(), K.changes) == 3000
 
 
 async def _history(url: str, lab: LabConfig) -> list:  # type: ignore[type-arg]
@@ -67,7 +67,7 @@ async def test_outage_longer_than_the_buffer_keeps_the_newest(
     redis_server: RedisServer, make_lab: Callable[..., LabConfig]
 ) -> None:
     lab = make_lab(buffer_max=500, batch_max=100)
-    async with RedisStore(lab, url=redis_server.url) as store:
+    async with RedisStore(lab, url=redis_server.client_url()) as store:
         store.put(PointUpdate("feeder.p", -1.0))
         await store.flush(5)
         await asyncio.to_thread(redis_server.stop)
@@ -81,7 +81,7 @@ async def test_outage_longer_than_the_buffer_keeps_the_newest(
         assert store.stats()["updates_dropped"] == 1500
         stats = await store.read_stats()
         assert stats["updates_dropped"] == 1500 and stats["updates_stored"] == 501
-    values = [e.value for e in await _history(redis_server.url, lab)]
+    values = [e.value for e in await _history(redis_server.client_url(), lab)]
     # The newest survive. A batch already on its way to Redis when the buffer overflowed is
     # not taken back, so up to batch_max older values may be among the 500 instead.
     assert len(values) == 501 and values[0] == -1.0
@@ -93,7 +93,7 @@ async def test_store_starts_while_redis_is_down(lab: LabConfig) -> None:
     server = RedisServer()
     try:
         server.start()
-        url = server.url
+        url = server.client_url()
         server.stop()
         async with RedisStore(lab, url=url) as store:
             store.put(PointUpdate("feeder.p", 1.0))
@@ -112,7 +112,7 @@ async def test_store_starts_while_redis_is_down(lab: LabConfig) -> None:
 
 async def test_put_stays_cheap_while_redis_is_down(redis_server: RedisServer, lab: LabConfig) -> None:
     """put() is called on the event loop for every value: it must not wait for Redis."""
-    async with RedisStore(lab, url=redis_server.url) as store:
+    async with RedisStore(lab, url=redis_server.client_url()) as store:
         await asyncio.to_thread(redis_server.stop)
         t0 = time.perf_counter()
         for i in range(10_000):

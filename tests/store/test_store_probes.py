@@ -28,7 +28,7 @@ def probes(request: pytest.FixtureRequest) -> bool:
 @pytest.fixture
 async def probed_store(lab: LabConfig, probes: bool, redis_server: RedisServer) -> AsyncIterator[RedisStore]:
     cfg = lab.model_copy(update={"probes": ProbeSettings(enabled=probes)})
-    s = RedisStore(cfg, url=redis_server.url)
+    s = RedisStore(cfg, url=redis_server.client_url())
     await s.start()
     try:
         yield s
@@ -106,7 +106,7 @@ async def test_substituted_source_time_is_marked_with_and_without_hops(
 
 async def test_double_point_text_and_deadband_without_probes(lab: LabConfig, redis_server: RedisServer) -> None:
     cfg = lab.model_copy(update={"probes": ProbeSettings(enabled=False)})
-    async with RedisStore(cfg, url=redis_server.url) as store:
+    async with RedisStore(cfg, url=redis_server.client_url()) as store:
         store.put(PointUpdate("feeder.breaker.position", 1, Quality.GOOD))
         store.put(PointUpdate("feeder.voltage.l1", 230.0, Quality.GOOD))
         store.put(PointUpdate("feeder.voltage.l1", 230.2, Quality.GOOD))  # inside the 0.5 V deadband

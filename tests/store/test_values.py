@@ -123,7 +123,7 @@ async def test_history_and_change_feed_are_capped(
     redis_server: RedisServer, client: aioredis.Redis, make_lab: Callable[..., LabConfig]
 ) -> None:
     lab = make_lab(history_maxlen=10, changes_maxlen=50)
-    async with RedisStore(lab, url=redis_server.url) as store:
+    async with RedisStore(lab, url=redis_server.client_url()) as store:
         for i in range(3000):
             store.put(PointUpdate("feeder.p", float(i)))
         await store.flush(10)
@@ -214,7 +214,7 @@ async def test_buffer_overflow_drops_oldest_and_counts(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture, make_lab: Callable[..., LabConfig]
 ) -> None:
     lab = make_lab(buffer_max=100)
-    store = RedisStore(lab, url=redis_server.url)
+    store = RedisStore(lab, url=redis_server.client_url())
     try:
         for i in range(150):  # writer not started yet: everything stays in the buffer
             store.put(PointUpdate("feeder.p", float(i)))
@@ -279,7 +279,7 @@ async def test_store_takes_a_client_that_does_not_decode(
     lab: LabConfig, redis_server: RedisServer
 ) -> None:
     """Dependency injection: whatever client the caller configured, bytes replies included."""
-    raw = aioredis.Redis.from_url(redis_server.url)  # decode_responses=False
+    raw = aioredis.Redis.from_url(redis_server.client_url())  # decode_responses=False
     try:
         async with RedisStore(lab, raw) as store:
             store.put(PointUpdate("feeder.breaker.position", DoublePoint.ON))
@@ -344,7 +344,7 @@ async def test_a_backlog_is_written_in_catch_up_batches(
     redis_server: RedisServer, make_lab: Callable[..., LabConfig], client: aioredis.Redis
 ) -> None:
     """More than two batches waiting: up to 4 x batch_max per transaction, all of it stored."""
-    async with RedisStore(make_lab(batch_max=100), url=redis_server.url) as store:
+    async with RedisStore(make_lab(batch_max=100), url=redis_server.client_url()) as store:
         sizes: list[int] = []
         write = store._write_batch
 
