@@ -77,9 +77,9 @@ async def test_kill9_mid_operator_command_executes_once_and_logs_once(
 ) -> None:
     sim = need_sim(sim)
     sim.set_breaker_travel(0.3)  # the kill lands while the breaker travels
-    lab_file = profile(tmp_path, sim.port, redis_server.url)
+    lab_file = profile(tmp_path, sim.port, redis_server)
     cfg = load_config(lab_file)
-    reader = RedisStore.from_url(cfg, redis_server.url)
+    reader = RedisStore.from_url(cfg, redis_server.client_url("operator"))
     # a request made 60 s ago (the gateway was down then): older than its validity (30 s)
     await reader.redis.xadd(
         reader.keys.cmd_requests, {"point": BREAKER, "value": "1", "by": "old", "id": "stale"},
@@ -154,13 +154,13 @@ async def test_kill9_mid_activation_executes_each_step_once_and_settles(
     0 kW), closes at the stop and verifies; the AMS settles it as delivered."""
     sim = need_sim(sim)
     sim.set_breaker_travel(0.3)
-    lab_file = profile(tmp_path, sim.port, redis_server.url)
+    lab_file = profile(tmp_path, sim.port, redis_server)
     flex = feeder_flexibility(window_s=12, step_s=6).model_copy(update={"period_s": 3600.0})
     with lab_file.open("a") as f:  # JSON is YAML: the blocks as the sandbox builds them
         f.write(f"messaging: {box.messaging(MGMS, transport='mqtt').model_dump_json()}\n")
         f.write(f"flexibility: {flex.model_dump_json()}\n")
     cfg = load_config(lab_file)
-    reader = RedisStore.from_url(cfg, redis_server.url)
+    reader = RedisStore.from_url(cfg, redis_server.client_url("operator"))
     ams = await start_ams(box, ams_redis, "mqtt", "encrypted")
     run = await start_run(lab_file)
     try:
