@@ -48,7 +48,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(redis_server.url)
+    c = aioredis.Redis.from_url(redis_server.client_url())
     try:
         yield c
     finally:
@@ -208,7 +208,7 @@ async def test_export_since_starts_later_and_still_verifies(client: aioredis.Red
 async def test_redis_outage_buffers_bounded_and_records_the_loss(
     redis_server: RedisServer, identity: PrivateIdentity
 ) -> None:
-    c = aioredis.Redis.from_url(redis_server.url)
+    c = aioredis.Redis.from_url(redis_server.client_url())
     try:
         audit = AuditLog(c, prefix=PREFIX, identity=identity, buffer_max=50)
         await audit.start()
