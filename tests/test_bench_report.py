@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 
 from gateway.bench.report import (
+    DURABLE_RULE,
     TARGET_RULE,
     RouteSpec,
     build_report,
     console_table,
+    defect_line,
+    durable_verdict,
+    markdown,
     table,
     verdict,
     vs_heila,
@@ -102,3 +106,46 @@ def test_outputs_written_nan_as_null(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "![median_vs_floor.png](median_vs_floor.png)" in md and "| floor_a | 3 |" in md
     assert (tmp_path / "median_vs_floor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_message_route_judged_against_its_durable_floor_too() -> None:
+    specs = (RouteSpec("m", "msg route", "MQTT", "MGMS -> AMS", "floor_t", 52.0, durable_floor="floor_t_durable"),)
+    series = {"m": [1.0] * 5, "floor_t": [0.2] * 5, "floor_t_durable": [0.5] * 5}
+    r = build_report(specs, series, {})
+    m = r["routes"][0]
+    assert m["durable_floor"] == "floor_t_durable" and m["durable_floor_median_ms"] == pytest.approx(0.5)
+    assert m["target"]["passed"] is False  # 1.0 > 1.3 x 0.2 + 0.5
+    assert m["durable_target"]["passed"] is True and m["durable_target"]["median_limit_ms"] == pytest.approx(1.15)
+    assert (r["durable_targets_met"], r["durable_targets_judged"]) == (1, 1)
+    assert durable_verdict(m) == "met: median 1.00 <= 1.3 x 0.50 + 0.5 = 1.15; p99 <= 5 x median"
+    text = console_table(r)
+    assert DURABLE_RULE + "." in text and "against the durable floor" in text
+    row = "| msg route | MQTT | 5 | 1.00 | 1.00 | 0.20 | 0.50 | met: median 1.00 <= 1.3 x 0.50 + 0.5 = 1.15"
+    assert row in markdown(r, [])
+    a = next(x for x in build_report(SPECS, SERIES, {})["routes"] if x["key"] == "a")
+    assert "durable_floor" not in a and durable_verdict(a) == "-"  # routes without one are unchanged
+
+
+def test_a_floor_slower_than_its_route_is_flagged_as_a_bench_defect(tmp_path: Path) -> None:
+    specs = (
+        RouteSpec("v", "value route", "IEC 61850 MMS", "monitoring", "floor_slow"),
+        RouteSpec("m", "msg route", "MQTT", "x", "floor_t", durable_floor="floor_d"),
+        RouteSpec("ok", "fine route", "IEC 104", "monitoring", "floor_t"),
+    )
+    series = {"v": [0.64] * 5, "floor_slow": [1.11] * 5, "m": [0.4] * 3, "floor_t": [0.1] * 3, "floor_d": [0.6] * 3,
+              "ok": [0.3] * 3}  # fmt: skip
+    r = build_report(specs, series, {})
+    assert [(d["route"], d["kind"], d["floor"]) for d in r["bench_defects"]] == [
+        ("v", "floor", "floor_slow"),
+        ("m", "durable_floor", "floor_d"),
+    ]
+    assert r["bench_defects"][0]["floor_median_ms"] == pytest.approx(1.11)
+    line = defect_line(r["bench_defects"][0])
+    assert line == (
+        "bench defect: floor floor_slow (1.11 ms) is slower than route v (0.64 ms): a floor must bound its route"
+    )
+    assert line in console_table(r)
+    write_outputs(r, series, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["bench_defects"][1]["kind"] == "durable_floor"
+    assert "## Bench defects" in (tmp_path / "report.md").read_text()
+    assert build_report(SPECS, SERIES, {})["bench_defects"] == []  # floors below their routes: none

@@ -46,8 +46,16 @@ def test_bench_smoke_every_phase_writes_every_output(tmp_path: Path) -> None:
         assert route["heila_ms"] == HEILA.get(heila), key
         assert route["target"]["passed"] in (True, False), key
     floors = {"floor_c104_value", "floor_c104_command", "floor_iec61850_report", "floor_gurux_read", "floor_mqtt",
-              "floor_https", "ref_mqtt_paho_threaded", "ref_durable_signed", "ref_durable_encrypted"}  # fmt: skip
+              "floor_https", "ref_mqtt_paho_threaded", "ref_durable_signed", "ref_durable_encrypted",
+              "floor_raw104_value", "ref_iec61850_report_library_thread", "floor_mqtt_durable",
+              "floor_https_durable"}  # fmt: skip
     assert set(data["floors"]) == floors
+    assert all(f["n"] == 5 and f["median_ms"] > 0 for f in data["floors"].values()), data["floors"]
+    assert routes["iec104_voltage_aio"]["floor"] == "floor_raw104_value"  # the asyncio engine's own floor
+    for key in ("flex_https_signed", "flex_mqtt_encrypted", "activation_mqtt_signed"):
+        assert routes[key]["durable_floor"] == f"floor_{routes[key]['protocol'].lower()}_durable", key
+        assert routes[key]["durable_target"]["passed"] in (True, False), key
+    assert isinstance(data["bench_defects"], list) and "durable-floor targets met:" in r.stdout
     assert len(data["message_hops"]) == 12  # created -> received -> stored, per message route
     assert len(data["loop_hops"]) == 14  # both loops (signed, encrypted)
     m = data["machine"]

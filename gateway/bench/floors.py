@@ -6,12 +6,21 @@ ours in between, so "median vs floor" is the gateway's own cost:
 
 * c104: a bare ``c104.Client`` on the 104 simulator; value change -> ``on_receive`` callback,
   and the SBO breaker command -> position callback (travel time 0).
-* libiec61850: the adapter's own report handling without the gateway (simulator update ->
-  decoded report event), as ``bench/iec61850_bench.py`` measures it.
+* raw-socket IEC 104 (the asyncio engine's floor): an asyncio reader on the bench's event loop,
+  STARTDT, the project's codec; value change -> the frame decoded
+  (:mod:`gateway.protocols.iec104.bare_raw`).
+* libiec61850: simulator update -> report callback of the adapter's connection without the
+  gateway, its receive path ticked when the socket is readable instead of by libiec61850's
+  thread, which sleeps 10 ms whenever it finds nothing (:mod:`gateway.protocols.iec61850.bare`).
 * gurux: one register GET through a bare gurux session (no adapter queue, no store).
 * mosquitto: bare paho clients (their own network threads) over TLS, QoS 1, publish ->
   subscriber's ``on_message``.
 * aiohttp: a bare TLS POST (mutual TLS, keep-alive) to a bare aiohttp handler.
+* durable floors (``durable=``): the same bare transports, and the receiver makes the payload
+  durable before it acknowledges: one ``XADD`` to a Redis with ``appendfsync always``, inside
+  paho's ``on_message`` (paho sends the PUBACK after it returns) or the aiohttp handler
+  (before the 200). The sample ends when the XADD has returned. A message route that must
+  not lose what it acknowledged cannot be faster than this (plus its seal and open).
 """
 
 # No ``from __future__ import annotations`` here: c104 checks a callback's signature by its
@@ -21,7 +30,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import paho.mqtt.client as mqtt
 from aiohttp import ClientSession, TCPConnector, web
@@ -44,6 +53,7 @@ def paho_floor(
     step: Callable[[int], None],
     *,
     threaded: bool = False,
+    durable: Callable[[bytes], object] | None = None,
 ) -> list[float]:
     """Bare paho over TLS, QoS 1: publish -> subscriber ``on_message`` (ms). Blocking.
 
@@ -51,6 +61,7 @@ def paho_floor(
     so the figure is broker + TLS + paho's parsing with no thread hand-off. ``threaded``
     True: paho as usually used, each client with its network thread (``loop_start()``);
     on a loaded machine every hand-off between threads waits for the scheduler and the GIL.
+    ``durable``: called with the payload in ``on_message``, before the PUBACK (the durable floor).
     """
     (pub_user, pub_pw), (sub_user, sub_pw) = users
     arrived: queue.Queue[int] = queue.Queue()
@@ -78,7 +89,13 @@ def paho_floor(
     sub = client(sub_user, sub_pw, f"floor-sub-{time.time_ns()}")
     subscribed = threading.Event()
     sub.on_subscribe = lambda cl, u, mid, rcs, p: subscribed.set()
-    sub.on_message = lambda cl, u, m: arrived.put(time.perf_counter_ns())
+
+    def on_message(_cl: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        if durable is not None:
+            durable(bytes(m.payload))
+        arrived.put(time.perf_counter_ns())
+
+    sub.on_message = on_message
     sub.subscribe(inbox_filter(sub_user), qos=1)
     deadline = time.monotonic() + 5
     while not subscribed.is_set() and time.monotonic() < deadline:
@@ -116,12 +133,19 @@ def paho_floor(
 
 
 async def aiohttp_floor(
-    pki: LabPki, client_cert: tuple[str, str], n: int, body: bytes, step: Callable[[int], None]
+    pki: LabPki,
+    client_cert: tuple[str, str],
+    n: int,
+    body: bytes,
+    step: Callable[[int], None],
+    *,
+    durable: Callable[[bytes], Awaitable[object]] | None = None,
 ) -> list[float]:
     """Bare aiohttp over mutual TLS, keep-alive: POST sent -> body read in the handler (ms).
 
     One way, like the routes (they end where the receiver stored the message), not the
-    round trip; requests go one at a time."""
+    round trip; requests go one at a time. ``durable``: awaited with the body in the handler
+    before it answers (the durable floor); the sample then ends when it has returned."""
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
     server_tls.load_cert_chain(str(pki.server.cert), str(pki.server.key))
     server_tls.verify_mode = ssl.CERT_REQUIRED
@@ -131,7 +155,9 @@ async def aiohttp_floor(
     got: list[int] = []
 
     async def take(request: web.Request) -> web.Response:
-        await request.read()
+        data = await request.read()
+        if durable is not None:
+            await durable(data)
         got.append(time.perf_counter_ns())
         return web.Response(status=200)
 

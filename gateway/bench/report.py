@@ -34,13 +34,18 @@ from gateway.bench.stats import (
 )
 
 __all__ = [
+    "DURABLE_RULE",
     "TARGET_RULE",
     "RouteResult",
     "RouteSpec",
     "apply_clock",
     "build_report",
     "console_table",
+    "defect_line",
+    "durable_verdict",
+    "floor_defects",
     "machine",
+    "markdown",
     "table",
     "verdict",
     "vs_heila",
@@ -67,6 +72,9 @@ class RouteSpec:
     measures: str = ""
     start_host: Host = "mgms"
     end_host: Host = "mgms"
+    #: a second floor the route is also judged against: for a message route, the bare transport
+    #: plus one fsync'd write before the acknowledgement (what durability costs at minimum)
+    durable_floor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +84,11 @@ class RouteResult:
     floor_median_ms: float | None
     target: TargetResult
     correction: Correction
+    durable_floor_median_ms: float | None = None
+    durable_target: TargetResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.spec.name,
             "key": self.spec.key,
             "protocol": self.spec.protocol,
@@ -91,16 +101,53 @@ class RouteResult:
             **self.correction.as_dict(),
             "target": self.target.as_dict(),
         }
+        if self.spec.durable_floor is not None:
+            out["durable_floor"] = self.spec.durable_floor
+            out["durable_floor_median_ms"] = self.durable_floor_median_ms
+            out["durable_target"] = None if self.durable_target is None else self.durable_target.as_dict()
+        return out
 
 
-def _floor_median(spec: RouteSpec, series: Mapping[str, Sequence[float]]) -> float | None:
-    if spec.floor is None:
+def _floor_median(floor: str | None, series: Mapping[str, Sequence[float]]) -> float | None:
+    """The median of floor series ``floor``, or the sum of medians of a "+"-joined list."""
+    if floor is None:
         return None
-    parts = spec.floor.split("+")
+    parts = floor.split("+")
     medians = [summarise(series.get(p, [])).median_ms for p in parts]
     if any(math.isnan(m) for m in medians):
         return None
     return sum(medians)
+
+
+def floor_defects(routes: Sequence[RouteResult]) -> list[dict[str, Any]]:
+    """Every floor whose median is above the median of the route it bounds: a bench defect.
+
+    Why a check: a floor is what the bare stack does at the very least on the route's path; a
+    route that beats it means the floor measures something else (another rhythm, a sleep the
+    route does not have, a slower library than the route's), so "median vs floor" is then no
+    measure of the gateway's cost. Printed under the table and kept in report.json.
+    """
+    out: list[dict[str, Any]] = []
+    for r in routes:
+        route_ms = r.summary.median_ms
+        if r.summary.n == 0 or math.isnan(route_ms):
+            continue
+        for kind, key, floor_ms in (
+            ("floor", r.spec.floor, r.floor_median_ms),
+            ("durable_floor", r.spec.durable_floor, r.durable_floor_median_ms),
+        ):
+            if key is not None and floor_ms is not None and floor_ms > route_ms:
+                out.append({"route": r.spec.key, "kind": kind, "floor": key, "route_median_ms": route_ms,
+                            "floor_median_ms": floor_ms})  # fmt: skip
+    return out
+
+
+def defect_line(d: Mapping[str, Any]) -> str:
+    """``bench defect: floor floor_x (1.11 ms) is slower than route y (0.64 ms)``."""
+    return (
+        f"bench defect: {d['kind'].replace('_', ' ')} {d['floor']} ({_f(d['floor_median_ms'])} ms) is slower than "
+        f"route {d['route']} ({_f(d['route_median_ms'])} ms): a floor must bound its route"
+    )
 
 
 def apply_clock(
@@ -144,14 +191,19 @@ def build_report(
         if spec.key not in series:
             continue
         s = summarise(series[spec.key])
-        floor = _floor_median(spec, series)
+        floor = _floor_median(spec.floor, series)
         corr = corrections.get(spec.key) or correction(spec.start_host, spec.end_host, None, ams_remote=False)
-        routes.append(RouteResult(spec, s, floor, evaluate(s, floor, loop=spec.loop), corr))
+        durable = _floor_median(spec.durable_floor, series)
+        durable_target = None if spec.durable_floor is None else evaluate(s, durable)
+        routes.append(RouteResult(spec, s, floor, evaluate(s, floor, loop=spec.loop), corr, durable, durable_target))
     # floor_*: the floors routes are judged against; ref_*: the same stack used differently, for comparison
     floors = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith(("floor_", "ref_"))}
     hops = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("loop_hop_")}
     message_hops = {k: summarise(v).as_dict() for k, v in series.items() if k.startswith("hop_")}
     judged = [r.target.passed for r in routes if r.target.passed is not None]
+    durable_judged = [
+        r.durable_target.passed for r in routes if r.durable_target is not None and r.durable_target.passed is not None
+    ]
     hop_clock = {k: c.as_dict() for k, c in corrections.items() if c.cross_host and k in {**hops, **message_hops}}
     return {
         "routes": [r.as_dict() for r in routes],
@@ -161,6 +213,9 @@ def build_report(
         "hop_clock_corrections": hop_clock,
         "targets_met": sum(1 for p in judged if p),
         "targets_judged": len(judged),
+        "durable_targets_met": sum(1 for p in durable_judged if p),
+        "durable_targets_judged": len(durable_judged),
+        "bench_defects": floor_defects(routes),
         "machine": machine(),
         **extra,
     }
@@ -221,6 +276,23 @@ TARGET_RULE = (
     f"near-floor target (this project's own, not HEILA's): median <= {MEDIAN_FACTOR:g} x floor median + "
     f"{MEDIAN_SLACK_MS:g} ms and p99 <= {P99_FACTOR:g} x median; DSO loop: median <= {LOOP_MEDIAN_MS:g} ms"
 )
+
+
+#: the durable floor and how a message route is judged against it
+DURABLE_RULE = (
+    "durable floor: the bare transport plus one fsync'd XADD (Redis appendfsync always) at the receiver before "
+    "the acknowledgement, same run, same payload size - what a message that is durable before it is acknowledged "
+    "costs at minimum; a message route is judged against it by the same rule: median <= "
+    f"{MEDIAN_FACTOR:g} x durable floor median + {MEDIAN_SLACK_MS:g} ms and p99 <= {P99_FACTOR:g} x median"
+)
+
+
+def durable_verdict(r: Mapping[str, Any]) -> str:
+    """The verdict of a message route against its durable floor, with the rule and numbers."""
+    t = r.get("durable_target")
+    if t is None:
+        return "-"
+    return verdict({**r, "target": t, "floor_median_ms": r.get("durable_floor_median_ms")})
 
 
 def verdict(r: Mapping[str, Any]) -> str:
@@ -294,7 +366,40 @@ def console_table(report: Mapping[str, Any]) -> str:
         return "  ".join(out).rstrip()
 
     body = [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]
-    return "\n".join(body) + f"\n\n{TARGET_RULE}.\nfloor: the bare protocol stack measured in the same run.\n"
+    text = "\n".join(body) + f"\n\n{TARGET_RULE}.\nfloor: the bare protocol stack measured in the same run.\n"
+    durable = [r for r in report["routes"] if r.get("durable_floor")]
+    if durable:
+        dhead = ["route", "protocol", "median ms", "durable floor ms", "against the durable floor"]
+        drows = [[r["name"], r["protocol"], _f(r["median_ms"]), _f(r.get("durable_floor_median_ms")),
+                  durable_verdict(r)] for r in durable]  # fmt: skip
+        dw = [max(len(h), *(len(row[i]) for row in drows)) for i, h in enumerate(dhead)]
+
+        def dline(cells: Sequence[str]) -> str:
+            out = [c.rjust(w) if i in (2, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, dw, strict=True))]
+            return "  ".join(out).rstrip()
+
+        text += "\n" + "\n".join([dline(dhead), dline(["-" * w for w in dw]), *(dline(r) for r in drows)])
+        text += f"\n\n{DURABLE_RULE}.\n"
+    for d in report.get("bench_defects", []):
+        text += f"{defect_line(d)}\n"
+    return text
+
+
+def durable_table(report: Mapping[str, Any]) -> str:
+    """Markdown: each message route against its durable floor, with the verdict and its rule."""
+    rows = [
+        f"| {r['name']} | {r['protocol']} | {r['n']} | {_f(r['median_ms'])} | {_f(r['p99_ms'])} "
+        f"| {_f(r['floor_median_ms'])} | {_f(r.get('durable_floor_median_ms'))} | {durable_verdict(r)} |"
+        for r in report["routes"]
+        if r.get("durable_floor")
+    ]
+    if not rows:
+        return ""
+    head = (
+        "| route | protocol | n | median ms | p99 ms | transport floor ms | durable floor ms "
+        "| against the durable floor |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    return head + "\n".join(rows) + "\n"
 
 
 def _stats_table(title: str, rows: Mapping[str, Mapping[str, Any]]) -> str:
@@ -371,6 +476,17 @@ def markdown(report: Mapping[str, Any], plots: Sequence[str]) -> str:
         f"\nNear-floor targets met: {report['targets_met']} of {report['targets_judged']} judged routes "
         f"({TARGET_RULE}). The target says how close a route comes to its bare protocol stack; "
         "the vs HEILA column compares the median with HEILA's published mean.\n",
+    ]
+    if durable_table(report):
+        parts += [
+            "\n## Message routes against their durable floor\n",
+            durable_table(report),
+            f"\nDurable-floor targets met: {report.get('durable_targets_met', 0)} of "
+            f"{report.get('durable_targets_judged', 0)} ({DURABLE_RULE}).\n",
+        ]
+    if report.get("bench_defects"):
+        parts.append("\n## Bench defects\n\n" + "".join(f"- {defect_line(d)}\n" for d in report["bench_defects"]))
+    parts += [
         "\n## What each route measures\n",
         *[f"- **{r['name']}**: {r['measures']}\n" for r in report["routes"] if r.get("measures")],
     ]
