@@ -60,6 +60,16 @@ LOCATION = "FI-Vaasa/feeder-4"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+async def _clear(client: aioredis.Redis) -> None:
+    """What FLUSHDB did, for a user that may not run it (docs/security.md): unlink every key."""
+    async with client.pipeline(transaction=False) as pipe:
+        async for key in client.scan_iter(count=1000):
+            pipe.unlink(key)
+            if len(pipe) >= 1000:
+                await pipe.execute()
+        await pipe.execute()
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "n": len(values),
@@ -183,7 +193,7 @@ async def one_run(
     ams_inflight: int = 1000,
 ) -> dict[str, Any]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    await client.flushdb()
+    await _clear(client)
     # register every microgrid (what `ams register` does), before the workers start
     service = AmsService(AmsSettings(), client, AMS)
     for n in names:

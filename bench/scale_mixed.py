@@ -63,6 +63,16 @@ TEMPLATES = {"iec104": "ref615", "iec61850": "ref615_mms", "dlms": "meter1"}
 PREFIX = {"iec104": "st", "iec61850": "ied", "dlms": "mtr"}
 
 
+async def _clear(client: aioredis.Redis) -> None:
+    """What FLUSHDB did, for a user that may not run it (docs/security.md): unlink every key."""
+    async with client.pipeline(transaction=False) as pipe:
+        async for key in client.scan_iter(count=1000):
+            pipe.unlink(key)
+            if len(pipe) >= 1000:
+                await pipe.execute()
+        await pipe.execute()
+
+
 def split(devices: int, mix: tuple[float, float, float]) -> dict[str, int]:
     """Devices per protocol; every protocol keeps at least one device."""
     n61850 = max(1, round(devices * mix[1]))
@@ -254,7 +264,7 @@ async def one_run(
 ) -> dict[str, Any]:
     counts = split(devices, mix)
     flush = aioredis.Redis.from_url(redis.client_url())
-    await flush.flushdb()
+    await _clear(flush)
     await flush.aclose()
     capacity = int((rate + 400 * devices) * (seconds + 30) * 1.5) + 100_000
     sim: SimProcess | None = None

@@ -30,6 +30,16 @@ from gateway.services import RedisServer
 from gateway.store import RedisStore, StoreKeys
 
 
+async def _clear(client: aioredis.Redis) -> None:
+    """What FLUSHDB did, for a user that may not run it (docs/security.md): unlink every key."""
+    async with client.pipeline(transaction=False) as pipe:
+        async for key in client.scan_iter(count=1000):
+            pipe.unlink(key)
+            if len(pipe) >= 1000:
+                await pipe.execute()
+        await pipe.execute()
+
+
 def bench_lab(points: int, updates: int, batch: int, buffer: int, probes: bool = True) -> LabConfig:
     dev = Device(name="relay", protocol="iec104", host="127.0.0.1", port=2404)
     pts = tuple(
@@ -69,10 +79,7 @@ async def run(
     lab = bench_lab(points, updates, batch, buffer, probes)
     keys = StoreKeys.for_lab(lab)
     check = aioredis.Redis.from_url(url, decode_responses=True)
-    await check.flushdb()
-    if own_server:
-        # an AOF rewrite mid-run would shrink the file and hide what the run appended
-        await check.config_set("auto-aof-rewrite-percentage", 0)
+    await _clear(check)
     aof0, mem0 = await _redis_bytes(check)
     names = [p.name for p in lab.points]
     high_water = buffer // 2
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         asyncio.run(run(args.url, args.updates, args.points, args.batch, args.buffer, probes))
         return 0
-    with RedisServer(appendfsync=args.fsync) as server:
+    # an AOF rewrite mid-run would shrink the file and hide what the run appended
+    with RedisServer(appendfsync=args.fsync, extra_config={"auto-aof-rewrite-percentage": "0"}) as server:
         print(f"embedded redis-server {server.url}, AOF appendfsync {args.fsync}", file=sys.stderr)
         url = server.client_url()
         asyncio.run(run(url, args.updates, args.points, args.batch, args.buffer, probes, own_server=True))
