@@ -202,12 +202,13 @@ async def one_run(
     stop_file.unlink(missing_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     outs: list[Path] = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the url carries the worker's secret: through the environment, not the command line (ps)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SCALE_AMS_REDIS_URL": redis_url}
     for w in range(workers):
         name = f"w{w + 1}"
         settings = write_worker_settings(box, tmp, name, share=workers > 1, inflight=ams_inflight)
         outs.append(tmp / f"result-{len(names)}-{workers}-{name}.json")
-        cmd = [sys.executable, __file__, "worker", str(settings), redis_url, name, str(stop_file), str(outs[-1])]
+        cmd = [sys.executable, __file__, "worker", str(settings), name, str(stop_file), str(outs[-1])]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env))  # noqa: ASYNC220 - before timing
     senders: list[Sender] = []
     try:
@@ -347,7 +348,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        settings, url, name, stop, out = sys.argv[2:7]
+        settings, name, stop, out = sys.argv[2:6]
+        url = os.environ["SCALE_AMS_REDIS_URL"]
         asyncio.run(worker_main(Path(settings), url, name, Path(stop), Path(out)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

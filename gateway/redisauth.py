@@ -104,6 +104,11 @@ def client_url(args: argparse.Namespace, settings: RedisAuth, state_dir: Path, *
             return _with_secret_file(url, name, redis_secret_path(state_dir / "secrets", name))
         return url
     if settings.url is not None:
+        if getattr(args, "redis_user", None) and not secret_file:
+            raise ServiceError(
+                "--redis-user with the config's redis.url needs --redis-secret-file (the config's secret is "
+                f"{settings.user or 'its'} user's)"
+            )
         if secret_file:
             return _with_secret_file(
                 settings.url, getattr(args, "redis_user", None) or settings.user or name, Path(secret_file)
