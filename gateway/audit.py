@@ -46,6 +46,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ from gateway.semantic.security import PrivateIdentity, PublicIdentity, b64decode
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+
+    from gateway.commands import CommandOutcome
+    from gateway.store import CommandRequestEntry
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +211,16 @@ class _Record:
 _CHECKPOINT_MARK = _Record("", AuditKind.CHECKPOINT.value, "", {})
 
 
+def _os_user() -> str:
+    """The account the process runs as (who started ``mgms run``)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid:{os.getuid()}"
+
+
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds")
 
@@ -286,6 +300,104 @@ class AuditLog:
         if self.identity is not None:
             self._buffer.append(_CHECKPOINT_MARK)
             self._wake.set()
+
+    # -------------------------------------------------------------- the command path
+    # One call per step of Gateway.execute, so the hooks there stay one line each.
+
+    def command_request(self, outcome: CommandOutcome, *, via: str) -> None:
+        """A command asked for (``via``: ``stream`` for the Redis request stream, ``internal``
+        for the gateway's own, e.g. an activation step); ``actor`` is who asked."""
+        self.record(
+            AuditKind.COMMAND_REQUEST,
+            outcome.requested_by,
+            request_id=outcome.request_id,
+            point=outcome.point,
+            value=outcome.value,
+            via=via,
+        )
+
+    def request_refused(self, request: CommandRequestEntry, result: str, reason: str) -> None:
+        """A stream request the store refused before execution (malformed, expired)."""
+        self.record(
+            AuditKind.COMMAND_REQUEST,
+            request.requested_by,
+            request_id=request.request_id,
+            point=request.point,
+            value=request.value,
+            via="stream",
+            stream_id=request.stream_id,
+        )
+        self.record(
+            AuditKind.COMMAND_DECISION,
+            request.requested_by,
+            request_id=request.request_id,
+            point=request.point,
+            decision="refused",
+            reason=f"{result}: {reason}",
+        )
+
+    def command_decision(
+        self, outcome: CommandOutcome, decision: Literal["authorised", "refused"], reason: str
+    ) -> None:
+        self.record(
+            AuditKind.COMMAND_DECISION,
+            outcome.requested_by,
+            request_id=outcome.request_id,
+            point=outcome.point,
+            decision=decision,
+            reason=reason,
+        )
+
+    def command_sent(self, outcome: CommandOutcome) -> None:
+        """What goes to the device (the engineering value; the adapter converts it to raw)."""
+        self.record(
+            AuditKind.COMMAND_SENT,
+            outcome.requested_by,
+            request_id=outcome.request_id,
+            point=outcome.point,
+            value=outcome.value,
+            sent_ts=outcome.sent_ts,
+        )
+
+    def command_end(self, outcome: CommandOutcome) -> None:
+        """The device's answer (if it was sent) and the outcome, as the command log has them."""
+        if outcome.sent_ts is not None:
+            if outcome.ack_ts is not None:
+                ack = "positive"
+            elif outcome.result == "rejected":
+                ack = "negative"
+            else:
+                ack = "none"
+            self.record(
+                AuditKind.COMMAND_ACK,
+                outcome.requested_by,
+                request_id=outcome.request_id,
+                point=outcome.point,
+                actcon=ack,
+                ack_ts=outcome.ack_ts,
+                reason=outcome.reason if ack == "negative" else "",
+            )
+        self.record(
+            AuditKind.COMMAND_OUTCOME,
+            outcome.requested_by,
+            request_id=outcome.request_id,
+            point=outcome.point,
+            value=outcome.value,
+            result=outcome.result,
+            reason=outcome.reason,
+            requested_ts=outcome.requested_ts,
+            sent_ts=outcome.sent_ts,
+            ack_ts=outcome.ack_ts,
+            confirm_ts=outcome.confirm_ts,
+        )
+
+    def config_load(self, source: str | Path | None, *, who: str, **data: Any) -> None:
+        """A process loaded its config: the file, its SHA-256 (a later edit shows) and who ran it."""
+        digest = ""
+        if source:
+            with contextlib.suppress(OSError):
+                digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+        self.record(AuditKind.CONFIG_LOAD, _os_user(), program=who, file=str(source or ""), sha256=digest, **data)
 
     # -------------------------------------------------------------- life cycle
 

@@ -21,6 +21,7 @@ from gateway.config import LabConfig, load_config
 from gateway.errors import CommandInvalid, ConfigError, GatewayError
 
 if TYPE_CHECKING:
+    from gateway.auditcli import AuditTarget
     from gateway.store import CommandRecord, RedisStore
 
 __all__ = ["main", "redis_url_arg", "report_config_error"]
@@ -127,7 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.labcli import add_lab_commands
 
     add_lab_commands(sub)  # pki, peers, broker, lab up
+    from gateway.auditcli import add_audit_command
+
+    add_audit_command(sub, lambda p: _add_common(p, config_required=False, user="auditor"), _audit_target)
     return ap
+
+
+def _audit_target(args: argparse.Namespace) -> AuditTarget:
+    """The lab's audit stream (``mgms audit``): its key prefix, Redis, and signer's public key."""
+    from gateway.auditcli import AuditTarget, public_key_near
+    from gateway.store import StoreKeys
+
+    cfg = load_config(args.config)
+    identity = cfg.messaging.identity_file if cfg.messaging is not None else None
+    url = resolve_redis_url(args, cfg, user="auditor")
+    return AuditTarget(StoreKeys.for_lab(cfg).prefix, url, public_key_near(identity))
 
 
 def _default_sim_config() -> Path:

@@ -54,6 +54,7 @@ from typing import Any, Protocol, cast
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from gateway.audit import AuditKind, AuditLog
 from gateway.commands import CommandOutcome
 from gateway.config import UNIT_SI_FACTORS, FlexAction, FlexibilitySettings, FlexResource, LabConfig
 from gateway.errors import StoreError
@@ -94,9 +95,16 @@ class FlexAgent:
     """Publishes Flexibility periodically and serves Reserve/Activation Notifications."""
 
     def __init__(
-        self, gateway: GatewayLike, messenger: Messenger, settings: FlexibilitySettings, *, prefix: str
+        self,
+        gateway: GatewayLike,
+        messenger: Messenger,
+        settings: FlexibilitySettings,
+        *,
+        prefix: str,
+        audit: AuditLog | None = None,
     ) -> None:
         self.gateway = gateway
+        self.audit = audit
         self.messenger = messenger
         self.settings = settings
         self.prefix = prefix
@@ -286,6 +294,8 @@ class FlexAgent:
             }
         await self.redis.hset(key, mapping=record)
         self.counters["activations"] += 1
+        self._audit(act, "received" if created else "resumed", item.envelope.sender, resource=res.name,
+                    message=item.envelope.id, power_kw=act.power_kw)  # fmt: skip
         self._start(act, res, None if created else cast(dict[str, str], earlier))
 
     def _start(self, act: ActivationNotification, res: FlexResource, resumed: Mapping[str, str] | None = None) -> None:
@@ -377,14 +387,23 @@ class FlexAgent:
                 done["verified_ns"] = str(time.time_ns())
             await self._save(key, done)
             self.counters["verifications"] += 1
+            self._audit(act, "verified" if ok else "failed", self.settings.aggregator, resource=res.name,
+                        series_kw=series, verification=ver.identifier)  # fmt: skip
             log.info("activation %s done: delivered %s kW", act.identifier, series)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.counters["activation_errors"] += 1
             log.exception("activation %s failed", act.identifier)
+            self._audit(act, "failed", self.settings.aggregator, resource=res.name, reason=repr(exc))
             with contextlib.suppress(RedisError):
                 await self.redis.hset(key, mapping={"state": "failed", "reason": repr(exc)})
+
+    def _audit(self, act: ActivationNotification, phase: str, actor: str, **data: Any) -> None:
+        """An activation's step into the audit trail (``actor``: the aggregator it serves)."""
+        if self.audit is not None:
+            self.audit.record(AuditKind.ACTIVATION, actor, activation=act.identifier, phase=phase,
+                              start=act.start.isoformat(), stop=act.stop.isoformat(), **data)  # fmt: skip
 
     async def _step(
         self, act: ActivationNotification, key: str, steps: dict[str, dict[str, Any]], name: str, action: FlexAction

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from math import isfinite
 from typing import TYPE_CHECKING, Any
 
+from gateway.audit import AuditLog
 from gateway.commands import (
     CommandOutcome,
     StatusWatcher,
@@ -108,12 +109,17 @@ class Gateway:
         self._intents_resolved = asyncio.Event()
         self.messenger: Messenger | None = None
         self.flex_agent: FlexAgent | None = None
+        # the audit trail (P:audit); its checkpoints are signed once the messaging identity is loaded
+        self.audit = AuditLog(store.redis, prefix=store.keys.prefix)
+        store.on_refused = self.audit.request_refused
 
     # ----------------------------------------------------------------- running
 
     async def run(self, stop: asyncio.Event) -> None:
         self._run_started = now()
         await self.store.start()
+        await self.audit.start()
+        self.audit.config_load(self.config.source, who="mgms run", lab=self.config.lab.name)
         messenger: Messenger | None = None
         agent_stop = asyncio.Event()
         try:
@@ -132,11 +138,14 @@ class Gateway:
                 )
                 await messenger.start()
                 self.messenger = messenger
+                self.audit.identity = messenger.sealer.keystore.own
             async with asyncio.TaskGroup() as tg:
                 if messenger is not None and self.config.flexibility is not None:
                     from gateway.flexibility import FlexAgent
 
-                    self.flex_agent = FlexAgent(self, messenger, self.config.flexibility, prefix=self.store.keys.prefix)
+                    self.flex_agent = FlexAgent(
+                        self, messenger, self.config.flexibility, prefix=self.store.keys.prefix, audit=self.audit
+                    )
                     tg.create_task(self.flex_agent.run(agent_stop), name="flexibility")
                 for name, adapter in self.adapters.items():
                     tg.create_task(self._pump(adapter), name=f"pump:{name}")
@@ -163,6 +172,7 @@ class Gateway:
             agent_stop.set()
             if messenger is not None:
                 await messenger.close()
+            await self.audit.close()  # before the store: it closes the client they share
             await self.store.close()
 
     async def wait_ready(self) -> None:
@@ -272,6 +282,7 @@ class Gateway:
         self.counters["commands"] += 1
         rid = request_id or (request.request_id if request is not None else "") or CommandOutcome.new_id()
         outcome = CommandOutcome(rid, point, value, requested_by)  # type: ignore[arg-type]
+        self.audit.command_request(outcome, via="stream" if request is not None else "internal")
         if request is not None:
             outcome.requested_ts = request.requested_ts
         elif request_id:
@@ -287,7 +298,9 @@ class Gateway:
         except CommandInvalid as exc:
             outcome.result, outcome.reason = exc.result, exc.reason
             log.info("command %s %s=%r by %s: invalid: %s", rid, point, value, requested_by, exc.reason)
+            self.audit.command_decision(outcome, "refused", f"{exc.result}: {exc.reason}")
             return await self._finish(outcome, request)
+        self.audit.command_decision(outcome, "authorised", "point, value and device checked against the lab config")
         adapter = self.adapters[control.device]
         if adapter.link_state is not LinkState.UP:
             # e.g. a request left pending by the previous run, taken while connecting:
@@ -318,6 +331,7 @@ class Gateway:
             log.warning("command %s %s: %s", rid, point, outcome.reason)
             return await self._finish(outcome, request)
         outcome.sent_ts = now()
+        self.audit.command_sent(outcome)
         send = asyncio.ensure_future(adapter.command(req))
         await confirm(
             self._watcher,
@@ -348,6 +362,7 @@ class Gateway:
         pending: the next run resolves the command from the device's status and logs it then,
         so the execution is in the log once either way.
         """
+        self.audit.command_end(outcome)
         try:
             await self.store.log_command(outcome, request)
         except StoreError as exc:
@@ -470,6 +485,7 @@ class Gateway:
                 )
         self.counters["commands_resolved"] += 1
         self._resolved[intent.request_id] = outcome
+        self.audit.command_end(outcome)
         log.warning("command %s %s=%s by %s: %s: %s", intent.request_id, intent.point, intent.value,
                     intent.requested_by, outcome.result, outcome.reason)  # fmt: skip
         try:

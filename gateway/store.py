@@ -48,7 +48,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Any, Protocol, Self, cast
@@ -907,6 +907,8 @@ class RedisStore:
 
         self._group_ready = False
         self._cmd_inflight: set[str] = set()
+        # told of each request refused here, before execution (the gateway's audit trail)
+        self.on_refused: Callable[[CommandRequestEntry, str, str], None] | None = None
 
     @classmethod
     def from_url(cls, config: LabConfig, url: str) -> RedisStore:
@@ -1667,6 +1669,8 @@ class RedisStore:
         if not reason:
             return req
         log.warning("command request %s refused: %s", req.request_id, reason)
+        if self.on_refused is not None:
+            self.on_refused(req, result.value, reason)
         await self.log_command(CommandRecord.for_request(req, result, reason=reason), req)
         return None
 

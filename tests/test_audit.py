@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(60)
 
 PREFIX = "mgms:testlab"
 KEY = audit_key(PREFIX)
+SIM_CONFIG = Path(__file__).resolve().parents[1] / "lab_configs" / "multipower-sim.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +234,54 @@ async def test_redis_outage_buffers_bounded_and_records_the_loss(
     assert verify(entries, identity.public).ok
     kept = [e.data["n"] for e in entries if e.kind == "command.request"]
     assert kept == sorted(kept) and kept[-1] == 199  # the newest kept, the oldest dropped
+
+
+# --- the CLI: mgms audit export / verify ----------------------------------------------------
+
+
+async def test_mgms_audit_export_and_verify(
+    redis_server: RedisServer, client: aioredis.Redis, identity: PrivateIdentity, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from gateway.cli import main
+    from gateway.config import load_config
+    from gateway.store import StoreKeys
+
+    sim = SIM_CONFIG
+    prefix = StoreKeys.for_lab(load_config(sim)).prefix
+    audit = AuditLog(client, prefix=prefix, identity=identity, checkpoint_every=4)
+    await audit.start()
+    for i in range(10):
+        audit.record(AuditKind.COMMAND_REQUEST, "alice", request_id=f"r{i}")
+    await audit.close()
+    pub = tmp_path / "mgms.pub"
+    pub.write_text(identity.public.to_json())
+    from gateway.services import redis_secret_path
+
+    secret = redis_secret_path(redis_server.secrets_dir, "auditor")  # the auditor may read P:audit only
+    common = ["-c", str(sim), "--redis-url", redis_server.url, "--redis-user", "auditor"]
+    common += ["--redis-secret-file", str(secret)]
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(list(argv))
+        return code, capsys.readouterr().out
+
+    # main() runs its own event loop: in a thread, as a shell would run it beside this one
+    for fmt in ("jsonl", "csv"):
+        out = tmp_path / f"a.{fmt}"
+        code, _ = await asyncio.to_thread(run, "audit", "export", *common, "--format", fmt, "-o", str(out))
+        assert code == 0
+        code, text = await asyncio.to_thread(run, "audit", "verify", str(out), "--public-key", str(pub))
+        assert code == 0 and text.rstrip().endswith(": OK"), text
+        assert "3 checkpoint(s) verified by mgms-testlab" in text
+    code, text = await asyncio.to_thread(run, "audit", "verify", *common, "--public-key", str(pub))
+    assert code == 0 and f"{prefix}:audit: 13 entries (seq 0..12)" in text, text
+
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    del lines[4]
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines) + "\n")
+    code, text = await asyncio.to_thread(run, "audit", "verify", str(cut), "--public-key", str(pub))
+    assert code == 1
+    assert "entry #4 (seq 5, id " in text and "deleted: seq 4 missing before it" in text, text
+    assert await asyncio.to_thread(run, "audit", "verify", str(cut)) == (2, "")
