@@ -228,11 +228,16 @@ def _typed(record: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+#: the worker's messaging counters ``ams status`` shows next to the outbox (from ``A:stats``)
+_MESSAGING_COUNTERS = ("receipted", "resent", "unreceipted", "duplicates", "receipts_sent")
+
 #: activations read per ``ams status`` at most (SCAN is bounded so a long-lived AMS answers fast)
 _ACTIVATIONS_SCANNED = 5000
 
 
 async def _status(args: argparse.Namespace, cfg: AmsConfig) -> int:
+    from gateway.messaging import MessagingKeys, outbox_status
+
     async def collect(svc: Any) -> dict[str, Any]:
         r = svc.redis
         open_offers = await svc.open_offers()
@@ -250,11 +255,16 @@ async def _status(args: argparse.Namespace, cfg: AmsConfig) -> int:
                 break
         activations.sort(key=lambda a: (str(a.get("start", "")), a["activation"]))
         settlements = [_typed(f) for _, f in await r.xrevrange(svc.keys.settlements, count=args.last)]
+        # the outbox as Redis holds it now (no Messenger needed), and the worker's counters
+        outbox = await outbox_status(r, MessagingKeys(svc.keys.prefix), list(cfg.messaging.transports))
+        stats = await r.hgetall(svc.keys.stats)
+        counted = {k: int(stats.get(k, 0) or 0) for k in _MESSAGING_COUNTERS}
         return {
             "microgrids": mgs,
             "open_offers": offers,
             "activations": activations[-args.last:] if args.last > 0 else [],
             "settlements": settlements,
+            "messaging": {**asdict(outbox), **counted},
         }
 
     data = await _with_service(args, cfg, collect, user="viewer")
@@ -279,6 +289,12 @@ async def _status(args: argparse.Namespace, cfg: AmsConfig) -> int:
             f"  {a['activation']:40s} {a.get('microgrid', '?'):18s} {a.get('state', '?'):9s}"
             f" {float(a.get('power_kw', 0)):8.1f} kW  {_clock(a.get('start'))}-{_clock(a.get('stop'))}"
         )
+    m = data["messaging"]
+    print(
+        f"outbox: {m['unsent']} unsent (oldest {m['oldest_unsent_age_s']:.1f} s), {m['awaiting_receipt']} awaiting"
+        f" a receipt (oldest {m['oldest_awaiting_age_s']:.1f} s); receipted {m['receipted']}, resent {m['resent']},"
+        f" given up {m['unreceipted']}"
+    )
     print("last settlements:")
     for st in data["settlements"]:
         print(

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
-from gateway.config import FlexAction, FlexibilitySettings, FlexResource, MessagingSettings
+from gateway.config import FlexAction, FlexibilitySettings, FlexResource, MessagingSettings, ReceiptSettings
 from gateway.iedsim.pki import LabPki, make_lab_pki
 from gateway.semantic import write_key_pair
 from gateway.services import MosquittoServer, MqttAcl, MqttTls, free_port, participant_acl
@@ -133,9 +133,11 @@ class DsoSandbox:
         transport: Transport = "mqtt",
         security: Literal["encrypted", "signed"] = "encrypted",
         mqtt: dict[str, Any] | None = None,
+        receipts: ReceiptSettings | None = None,
     ) -> MessagingSettings:
         """The ``messaging`` block for ``participant``; ``both`` routes MGMS -> AMS over HTTPS
-        and AMS -> MGMS over MQTT (each direction on the transport HEILA measured it on)."""
+        and AMS -> MGMS over MQTT (each direction on the transport HEILA measured it on).
+        ``receipts``: the end-to-end receipt settings (default: the config's defaults)."""
         transports: dict[str, dict[str, Any]] = {}
         if transport in ("mqtt", "both"):
             transports["mqtt"] = self.mqtt_block(participant, **(mqtt or {}))
@@ -151,6 +153,7 @@ class DsoSandbox:
             transports=transports,
             default_transport="https" if transport == "both" and participant != self.ams else next(iter(transports)),
             routes={},
+            receipts=receipts or ReceiptSettings(),
         )
 
 

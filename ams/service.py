@@ -17,6 +17,7 @@ Key layout (``A`` = ``ams:{participant}``)::
     A:offers:{location}   ZSET    open offers of a location by risk-adjusted price (merit order)
     A:dso:requests        STREAM  DSO requests to clear (``ams request``), consumer group
     A:activation:{act}    HASH    activation: offer, owner, kW, price, window, sent ns, state
+                                  (ActivationState: activated, settled, failed, undelivered)
     A:settlement:{act}    HASH    verdict and payment of one activation
     A:settlements         STREAM  every settlement, in order
     A:events              STREAM  audit trail: what the AMS did and why (capped)
@@ -27,6 +28,15 @@ each chosen asset's block becomes an offer (owner = the asset's microgrid), acce
 construction, so it is reserved and activated at once; its verification settles it and
 updates the asset's reliability, which the next coalition reads back
 (:func:`ams.dispatch.portfolio_with_reliability`).
+
+Delivery is proved by the microgrid's signed receipt, not by the broker's PUBACK
+(:mod:`gateway.messaging`): an Activation Notification is sent with a deadline (its start,
+or ``market.activation_receipt_grace_s`` after sending if that is later) and its activation
+id as subject. One whose receipt has not come by then is given up by the Messenger and
+reported on its ``unreceipted`` stream; this worker settles it ``undelivered`` (no payment,
+the microgrid's reliability untouched: the fault may be the network's) instead of leaving
+it ``activated`` forever. A verification that still comes for it (the activation reached the
+microgrid, only its receipt was lost) settles it as usual.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
@@ -57,7 +68,7 @@ from ams.market import (
     verify_delivery,
 )
 from gateway.errors import GatewayError, StoreError
-from gateway.messaging import Messenger, Received
+from gateway.messaging import Messenger, Received, Unreceipted
 from gateway.semantic import (
     ActivationNotification,
     Flexibility,
@@ -72,7 +83,16 @@ from gateway.store import reraise_lost_cancel, stream_entries
 if TYPE_CHECKING:
     from ams.vpp.offers import OfferLine
 
-__all__ = ["AmsKeys", "AmsService", "AmsSettings", "MarketSettings", "MicrogridEntry", "NotRegistered"]
+__all__ = [
+    "ActivationState",
+    "AmsKeys",
+    "AmsService",
+    "AmsSettings",
+    "MarketSettings",
+    "MicrogridEntry",
+    "NotRegistered",
+    "OfferState",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +130,44 @@ return {fresh_flex, fresh_offer}
 """
 
 
+class OfferState(StrEnum):
+    """An offer's life: open in the merit order, reserved, activated, then as its activation ends."""
+
+    OPEN = "open"
+    RESERVED = "reserved"
+    ACTIVATED = "activated"
+    SETTLED = "settled"
+    FAILED = "failed"
+    UNDELIVERED = "undelivered"
+
+
+class ActivationState(StrEnum):
+    """An activation's state in ``A:activation:{act}``.
+
+    ``activated``: the notification is queued (sent, or on its way). ``settled`` / ``failed``:
+    its verification came and was judged. ``undelivered``: no receipt from the microgrid by
+    the deadline (its start, or the grace after sending): settled without payment, as the
+    AMS cannot know that the microgrid ever had it. The last three are final, except that a
+    verification for an ``undelivered`` one (its receipt was lost, not the activation)
+    settles it as usual.
+    """
+
+    ACTIVATED = "activated"
+    SETTLED = "settled"
+    FAILED = "failed"
+    UNDELIVERED = "undelivered"
+
+
+# An undelivered activation in one step, only if it is still "activated" (a verification
+# that came first wins). KEYS: activation, offer; ARGV: state, reason, deadline
+_UNDELIVERED_LUA = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'activated' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'undelivered_reason', ARGV[2], 'deadline', ARGV[3])
+redis.call('HSET', KEYS[2], 'state', ARGV[1])
+return 1
+"""
+
+
 class NotRegistered(GatewayError):
     """A message came from a participant the AMS holds keys for but never registered."""
 
@@ -133,6 +191,9 @@ class MarketSettings(BaseModel):
     price_cap_eur_per_mwh: float = 500.0
     divisible: bool = True
     activate_on_reserve: bool = True
+    activation_receipt_grace_s: float = Field(default=10.0, gt=0, le=3600)
+    """An activation whose receipt has not come by its start, or by this long after it was
+    sent when that is later (an activation sent at or after its start), is ``undelivered``."""
 
 
 class AmsSettings(BaseModel):
@@ -229,6 +290,7 @@ class AmsService:
         self.worker = worker
         self.counters: Counter[str] = Counter()
         self._flex_offer_script = redis.register_script(_FLEX_OFFER_LUA)
+        self._undelivered_script = redis.register_script(_UNDELIVERED_LUA)
 
     async def _flex_offer(self, keys: list[str], args: list[str | int]) -> tuple[bool, bool]:
         fresh_flex, fresh_offer = await self._flex_offer_script(keys=keys, args=[*args, EVENTS_MAXLEN])
@@ -266,6 +328,7 @@ class AmsService:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.messenger.serve(WORKER_GROUP, self.worker, self.handle, stop), name="ams-inbox")
             tg.create_task(self._serve_requests(stop), name="ams-dso-requests")
+            tg.create_task(self._serve_unreceipted(stop), name="ams-unreceipted")
             tg.create_task(self._report(stop), name="ams-stats")
 
     async def _report(self, stop: asyncio.Event) -> None:
@@ -273,8 +336,9 @@ class AmsService:
             reraise_lost_cancel()
             try:
                 stats = {**self.messenger.stats(), **{f"ams_{k}": v for k, v in self.counters.items()}}
-                if stats:
-                    await self.redis.hset(self.keys.stats, mapping={k: str(v) for k, v in stats.items()})
+                gauges = (await self.messenger.outbox_status()).gauges()
+                mapping = {**{k: str(v) for k, v in stats.items()}, **gauges}
+                await self.redis.hset(self.keys.stats, mapping=cast(Any, mapping))
             except RedisError as exc:
                 log.debug("stats not written: %s", exc)
             try:
@@ -366,7 +430,7 @@ class AmsService:
         for loc in locations:
             for offer_id in cast(list[str], await self.redis.zrange(self.keys.offers(loc), 0, -1)):
                 h = await self._hash(self.keys.offer(offer_id))
-                if h.get("state") == "open":
+                if h.get("state") == OfferState.OPEN:
                     out.append(_offer_record(offer_id, h))
         return out
 
@@ -466,7 +530,7 @@ class AmsService:
         )
         try:
             for offer, kw in result.taken:
-                await self.reserve(offer, kw, request, pipe=pipe, state="open" if fresh else None)
+                await self.reserve(offer, kw, request, pipe=pipe, state=OfferState.OPEN if fresh else None)
         finally:
             await pipe.execute()
 
@@ -486,7 +550,7 @@ class AmsService:
         if state is None:
             state = cast(str | None, await self.redis.hget(offer_key, "state"))
         known: dict[str, str] | None = None
-        if state == "open":
+        if state == OfferState.OPEN:
             await self.messenger.send(
                 ReserveNotification(
                     identifier=reserve_id,
@@ -499,11 +563,14 @@ class AmsService:
                 ),
                 offer.microgrid,
             )
-            pipe.hset(offer_key, mapping={"state": "reserved", "reserved_kw": repr(kw), "request": request.request_id})
+            pipe.hset(
+                offer_key,
+                mapping={"state": OfferState.RESERVED, "reserved_kw": repr(kw), "request": request.request_id},
+            )
             pipe.zrem(self.keys.offers(offer.location), offer.offer_id)
             self._event_in(pipe, "reserved", offer=offer.offer_id, power_kw=kw)
             self.counters["reserves"] += 1
-            state = "reserved"
+            state = OfferState.RESERVED
             known = {
                 "state": state,
                 "microgrid": offer.microgrid,
@@ -514,7 +581,7 @@ class AmsService:
                 "reserved_kw": repr(kw),
             }
         try:
-            if state == "reserved" and self.settings.market.activate_on_reserve:
+            if state == OfferState.RESERVED and self.settings.market.activate_on_reserve:
                 await self.activate(offer.offer_id, pipe=pipe, known=known)
         finally:
             if own:
@@ -528,21 +595,30 @@ class AmsService:
         """
         offer_key = self.keys.offer(offer_id)
         h = dict(known) if known is not None else await self._hash(offer_key)
-        if h.get("state") != "reserved":
+        if h.get("state") != OfferState.RESERVED:
             raise ValueError(f"offer {offer_id} is {h.get('state', 'unknown')}, not reserved")
         act_id = f"act:{offer_id}"
         kw = float(h.get("reserved_kw", h.get("power_kw", "0")))
         hops: dict[FieldT, EncodableT] = {"sent_ns": str(time.time_ns())} if self.probes else {}
+        start = datetime.fromisoformat(h["start"])
+        now = datetime.now(UTC)
+        deadline = max(start, now + timedelta(seconds=self.settings.market.activation_receipt_grace_s))
+        # the envelope expires a second after the deadline: an activation written off as
+        # undelivered is refused by the microgrid if the broker hands it over later
+        ttl_s = min(self.messenger.ttl_s, (deadline - now).total_seconds() + 1.0)
         envelope = await self.messenger.send(
             ActivationNotification(
                 identifier=act_id,
                 reserve_ref=f"res:{offer_id}",
                 flexibility_type=FlexibilityType(h["type"]),
                 power_kw=kw,
-                start=datetime.fromisoformat(h["start"]),
+                start=start,
                 stop=datetime.fromisoformat(h["stop"]),
             ),
             h["microgrid"],
+            ttl_s=ttl_s,
+            deadline=deadline,
+            subject=act_id,
         )
         own = pipe is None
         if own:
@@ -558,10 +634,10 @@ class AmsService:
                 "stop": h["stop"],
                 "message": envelope.id,
                 **hops,
-                "state": "activated",
+                "state": ActivationState.ACTIVATED,
             },
         )
-        pipe.hset(offer_key, "state", "activated")
+        pipe.hset(offer_key, "state", OfferState.ACTIVATED)
         self._event_in(pipe, "activated", activation=act_id, microgrid=h["microgrid"], power_kw=kw)
         if own:
             await pipe.execute()
@@ -591,7 +667,7 @@ class AmsService:
             offer_id = f"offer:{line.microgrid}:{dispatch_id}:{line.asset}:{line.start:%Y%m%dT%H%M%SZ}"
             location = str(mg["location"])
             rank = self.settings.cost_model.rank_key(line.price_eur_per_mwh, float(mg.get("reliability", 1.0)))
-            if await self.redis.hsetnx(self.keys.offer(offer_id), "state", "open"):
+            if await self.redis.hsetnx(self.keys.offer(offer_id), "state", OfferState.OPEN):
                 await self.redis.hset(
                     self.keys.offer(offer_id),
                     mapping={
@@ -619,9 +695,9 @@ class AmsService:
                 start=line.start,
                 stop=line.stop,
             )
-            if await self.redis.hget(self.keys.offer(offer_id), "state") == "open":
+            if await self.redis.hget(self.keys.offer(offer_id), "state") == OfferState.OPEN:
                 await self.reserve(record, line.power_kw, request)
-            if await self.redis.hget(self.keys.offer(offer_id), "state") == "reserved":
+            if await self.redis.hget(self.keys.offer(offer_id), "state") == OfferState.RESERVED:
                 await self.activate(offer_id)  # accepted by construction: activate even without activate_on_reserve
             acts.append(f"act:{offer_id}")
         await self._event("dispatched", dispatch=dispatch_id, lines=len(lines))
@@ -642,8 +718,9 @@ class AmsService:
             raise ValueError(
                 f"verification for {act_id} from {item.envelope.sender}, activation belongs to {act['microgrid']}"
             )
-        if act.get("state") in ("settled", "failed"):
+        if act.get("state") in (ActivationState.SETTLED, ActivationState.FAILED):
             return  # a duplicate (new message id, same business id): already settled
+        late = act.get("state") == ActivationState.UNDELIVERED
         verdict = verify_delivery(
             float(act["power_kw"]),
             float(act["price"]),
@@ -651,7 +728,7 @@ class AmsService:
             ver.time_step_s,
             self.settings.verification,
         )
-        state = "settled" if verdict.delivered else "failed"
+        state = ActivationState.SETTLED if verdict.delivered else ActivationState.FAILED
         record = {
             "activation": act_id,
             "microgrid": act["microgrid"],
@@ -680,8 +757,9 @@ class AmsService:
         pipe.hset(self.keys.offer(act["offer"]), "state", state)
         pipe.hset(self.keys.microgrids, act["microgrid"], json.dumps(mg))
         self._event_in(
-            pipe, "settled", activation=act_id, state=state, payment_eur=verdict.payment_eur, reason=verdict.reason
-        )
+            pipe, "settled", activation=act_id, state=state, payment_eur=verdict.payment_eur, reason=verdict.reason,
+            **({"was": ActivationState.UNDELIVERED} if late else {}),
+        )  # fmt: skip
         asset = await self.redis.hget(self.keys.offer(act["offer"]), "asset")
         if asset:
             # the VPP's per-asset record (eDREAM risk): share of the requested power delivered
@@ -691,7 +769,75 @@ class AmsService:
             pipe.hset(self.keys.asset_reliability, asset, repr(round(new, 6)))
         await pipe.execute()
         self.counters["settlements"] += 1
+        if late:
+            self.counters["late_verifications"] += 1
 
+    # ----------------------------------------------------------------- no receipt -> undelivered
+
+    async def _serve_unreceipted(self, stop: asyncio.Event) -> None:
+        """Act on messages the Messenger gave up without a receipt (at least once, idempotent)."""
+        while not stop.is_set():
+            reraise_lost_cancel()
+            try:
+                batch = await self.messenger.read_unreceipted(WORKER_GROUP, self.worker, block_ms=200)
+            except (RedisError, StoreError) as exc:
+                log.warning("unreceipted messages: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for item in batch:
+                try:
+                    await self.on_unreceipted(item)
+                except (RedisError, StoreError) as exc:  # left pending: taken again
+                    log.warning("unreceipted %s: %s; retrying", item.message_id, exc)
+                    await asyncio.sleep(0.5)
+                    break
+                except Exception:  # a bug must not stop the worker; the message is dead-lettered already
+                    log.exception("unreceipted %s not handled", item.message_id)
+                    self.counters["unreceipted_errors"] += 1
+                with contextlib.suppress(RedisError):
+                    await self.messenger.ack_unreceipted(WORKER_GROUP, item.entry_id)
+
+    async def on_unreceipted(self, item: Unreceipted) -> None:
+        """An activation without receipt by its deadline is settled ``undelivered``; anything
+        else given up is recorded in the audit trail."""
+        self.counters["unreceipted"] += 1
+        act_key = self.keys.activation(item.subject)
+        act = await self._hash(act_key) if item.subject and item.type == "ActivationNotification" else {}
+        if not act or act.get("message") != item.message_id:
+            await self._event("unreceipted", message=item.message_id, type=item.type, recipient=item.recipient,
+                              subject=item.subject, reason=item.reason, detail=item.detail)  # fmt: skip
+            return
+        reason = (
+            f"no receipt from {act.get('microgrid', item.recipient)}: {item.reason}: {item.detail} ({item.sends} sends)"
+        )
+        deadline = item.deadline.isoformat() if item.deadline else ""
+        changed = await self._undelivered_script(
+            keys=[act_key, self.keys.offer(act.get("offer", ""))], args=[ActivationState.UNDELIVERED, reason, deadline]
+        )
+        if not int(changed):
+            return  # settled by its verification meanwhile, or already undelivered
+        record = {
+            "activation": item.subject,
+            "microgrid": act.get("microgrid", item.recipient),
+            "verification": "",
+            "state": ActivationState.UNDELIVERED,
+            "delivered": "False",
+            "mean_kw": "0.0",
+            "payment_eur": "0.0",
+            "reason": reason,
+        }
+        mg_name = act.get("microgrid", item.recipient)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.settlement(item.subject), mapping=cast(Any, record))
+        pipe.xadd(self.keys.settlements, cast(Any, record), maxlen=100_000, approximate=True)
+        raw = await self.redis.hget(self.keys.microgrids, mg_name)
+        if raw:
+            mg = json.loads(raw)
+            mg["undelivered"] = int(mg.get("undelivered", 0)) + 1
+            pipe.hset(self.keys.microgrids, mg_name, json.dumps(mg))
+        self._event_in(pipe, "undelivered", activation=item.subject, microgrid=mg_name, reason=reason)
+        await pipe.execute()
+        self.counters["undelivered"] += 1
 
     async def settlement(self, act_id: str) -> dict[str, str]:
         return dict(await self._hash(self.keys.settlement(act_id)))

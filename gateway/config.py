@@ -955,6 +955,24 @@ class LabInfo(_Frozen):
     site: str = ""
 
 
+class ReceiptSettings(_Frozen):
+    """End-to-end receipts (docs/transports.md, "Receipts"): a sent message stays the sender's
+    until the receiver's signed Receipt comes back, resent meanwhile.
+
+    Why a setting at all: a peer built elsewhere that sends no receipts would have every
+    message resent until ``max_age_s`` and dead-lettered; ``enabled: false`` goes back to
+    "done at the next hop's acknowledgement" for such a peer. ``max_age_s`` None is 0.9 x the
+    shorter of ``ttl_s`` and ``replay_window_s``: a resend later than that would be refused
+    as expired anyway.
+    """
+
+    enabled: bool = True
+    resend_initial_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    resend_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_attempts: Annotated[int, Field(ge=1, le=10_000)] = 50
+    max_age_s: Annotated[float, Field(gt=0, le=86_400)] | None = None
+
+
 class MessagingSettings(_Frozen):
     """How this participant talks to the aggregator: identity, keys, security, transports.
 
@@ -976,6 +994,7 @@ class MessagingSettings(_Frozen):
     transports: dict[str, dict[str, Any]]
     routes: dict[str, str] = {}
     default_transport: str | None = None
+    receipts: ReceiptSettings = ReceiptSettings()
 
 
 class FlexAction(_Frozen):

@@ -24,7 +24,7 @@ from pydantic_core import PydanticSerializationError
 
 from gateway.semantic.errors import Malformed, UnsupportedVersion
 from gateway.semantic.jsonld import CONTEXT_IRI, SCHEMA_VERSION
-from gateway.semantic.messages import MESSAGE_TYPES, Name, Payload, UtcDatetime
+from gateway.semantic.messages import MESSAGE_TYPES, MessageRef, Name, Payload, UtcDatetime
 
 __all__ = [
     "HEADER_FIELDS",
@@ -45,7 +45,7 @@ MAX_MESSAGE_BYTES = 1 << 20
 
 HEADER_FIELDS = ("id", "type", "version", "sender", "recipient", "created", "expires", "topic")
 
-MessageId = Annotated[str, Field(pattern=r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+MessageId = MessageRef
 Topic = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s#+]+$")]
 
 

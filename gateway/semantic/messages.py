@@ -41,6 +41,7 @@ __all__ = [
     "OperationPlan",
     "Payload",
     "Reading",
+    "Receipt",
     "ReserveNotification",
     "VerificationNotification",
     "WeatherForecast",
@@ -56,6 +57,12 @@ UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$")]
 """An identifier or name: non-empty, bounded, no leading/trailing blanks."""
+
+MessageRef = Annotated[str, Field(pattern=r"^urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+"""A message id (the envelope's ``id``, a UUID URN): what a :class:`Receipt` refers to."""
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+"""A SHA-256 digest as 64 lower-case hex digits."""
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -309,6 +316,30 @@ class VerificationNotification(_Interval):
         return self
 
 
+# --- Delivery ---------------------------------------------------------------------------------
+
+
+class Receipt(Payload):
+    """The receiver's proof that it stored a message: which one, which bytes, when.
+
+    Not one of HEILA's Table 2 objects: it exists because a transport's acknowledgement
+    (MQTT PUBACK, HTTP 202) only says that the *next hop* took the bytes, and a broker can
+    acknowledge and then lose them (mosquitto writes its store after the PUBACK). The
+    receiver sends a Receipt after its inbox holds the message, signed like every message, and
+    the sender keeps resending the message until one comes back (``gateway.messaging``).
+
+    ``digest_sha256`` is the SHA-256 of the sealed bytes exactly as received, so the sender can
+    tell that the receiver stored *this* copy; ``stored_at`` is when the receiver first stored
+    it (a duplicate is answered with the first time). A Receipt is never itself receipted.
+    """
+
+    message_type: ClassVar[str] = "Receipt"
+
+    message_ref: MessageRef
+    digest_sha256: Sha256Hex
+    stored_at: UtcDatetime
+
+
 MESSAGE_TYPES: Mapping[str, type[Payload]] = MappingProxyType(
     {
         cls.message_type: cls
@@ -325,6 +356,7 @@ MESSAGE_TYPES: Mapping[str, type[Payload]] = MappingProxyType(
             ActivationNotification,
             VerificationNotification,
             FlexibilityMarketPriceForecast,
+            Receipt,
         )
     }
 )

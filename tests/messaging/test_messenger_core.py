@@ -133,7 +133,9 @@ async def test_round_trip_reaches_inbox_with_probe_hops(keys: dict[str, Keystore
         assert r.created_ns <= r.received_ns <= r.stored_ns + 1_000_000  # Redis clock, same host
         await ams.ack("svc", r.entry_id)
         assert await rc.xlen(ams.keys.inbox) == 0
-        assert await mgms.outbox_length() == 0
+        # done only when the receipt is back: neither unsent nor awaiting it
+        await wait_for(lambda: _eq(mgms.outbox_length(), 0))
+        await wait_for(lambda: _eq(mgms.awaiting_length(), 0))
         assert await rc.ttl(ams.keys.seen(sent.id)) > 0
 
 

@@ -1,4 +1,4 @@
-"""Sample payloads, one per HEILA information object, and keystores for three participants."""
+"""Sample payloads, one per HEILA information object (and the Receipt), and keystores for three participants."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from gateway.semantic import (
     OperationPlan,
     Payload,
     Reading,
+    Receipt,
     ReserveNotification,
     VerificationNotification,
     WeatherForecast,
@@ -77,6 +78,8 @@ def make_samples() -> dict[str, Payload]:
                                  time_step_s=1200, power_series_kw=(39.5, 40.25, 41.0)),
         FlexibilityMarketPriceForecast(location="FI", start=T0, stop=T0 + 3 * H, time_step_s=3600,
                                        price_series_eur_per_mwh=(40.0, -5.5, 120.0)),
+        Receipt(message_ref="urn:uuid:3f1b2c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d", digest_sha256="ab" * 32,
+                stored_at=T0 + timedelta(milliseconds=3)),
     ]  # fmt: skip
     return {p.message_type: p for p in samples}
 

@@ -46,8 +46,10 @@ def doc_of(payload: Payload) -> dict[str, object]:
     return result
 
 
-def test_all_twelve_table2_information_objects_have_a_model_and_a_sample(samples: dict[str, Payload]) -> None:
-    assert len(MESSAGE_TYPES) == 12
+def test_all_twelve_table2_information_objects_and_the_receipt_have_a_model_and_a_sample(
+    samples: dict[str, Payload],
+) -> None:
+    assert len(MESSAGE_TYPES) == 13  # HEILA's twelve and the delivery Receipt
     assert set(samples) == set(MESSAGE_TYPES)
 
 
