@@ -55,7 +55,7 @@ def sandbox(tmp_path: Path) -> Iterator[tuple[DsoSandbox, RedisServer]]:
 @pytest.fixture
 async def world(sandbox: tuple[DsoSandbox, RedisServer]) -> AsyncIterator[AmsService]:
     box, rs = sandbox
-    client = aioredis.Redis.from_url(rs.url, decode_responses=True)
+    client = aioredis.Redis.from_url(rs.client_url("ams"), decode_responses=True)
     ams = build_messenger(box.messaging("ams", receipts=FAST), client, prefix="ams:ams")
     mp = build_messenger(box.messaging("multipower", receipts=FAST), client, prefix="t:multipower")
     await ams.start()

@@ -99,7 +99,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 async def rc(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    c = aioredis.Redis.from_url(redis_server.client_url(), decode_responses=True)
     yield c
     await c.aclose()
 
