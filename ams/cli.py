@@ -28,7 +28,13 @@ from gateway.errors import ConfigError, GatewayError, StoreError
 from gateway.semantic import FlexibilityType
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     import redis.asyncio as aioredis
+
+    from gateway.audit import AuditLog
+    from gateway.auditcli import AuditTarget
+    from gateway.semantic.security import PrivateIdentity
 
 __all__ = ["main"]
 
@@ -126,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, user="viewer")
     p.add_argument("--json", action="store_true", help="print it as JSON (numbers and booleans typed)")
     p.add_argument("--last", type=int, default=20, help="activations and settlements shown (default 20, newest)")
+    from gateway.auditcli import add_audit_command
+
+    add_audit_command(sub, lambda p: common(p, user="viewer"), _audit_target)
     with contextlib.suppress(ImportError):
         from ams.vpp.cli import add_vpp_commands
 
@@ -141,9 +150,42 @@ async def _with_service(args: argparse.Namespace, cfg: AmsConfig, fn: Any, *, us
 
     client: aioredis.Redis = aioredis.Redis.from_url(_redis_url(args, cfg, user=user), decode_responses=True)
     try:
-        return await fn(AmsService(cfg.service_settings(), client, cfg.participant))
+        if user == "viewer":  # a read-only look: nothing to record
+            return await fn(AmsService(cfg.service_settings(), client, cfg.participant))
+        async with _audit_log(client, cfg, None) as audit:  # e.g. `ams register`: recorded
+            return await fn(AmsService(cfg.service_settings(), client, cfg.participant, audit=audit))
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _audit_log(
+    client: aioredis.Redis, cfg: AmsConfig, identity: PrivateIdentity | None
+) -> AsyncIterator[AuditLog]:
+    """The AMS's audit trail (``ams:<participant>:audit``), closed (last checkpoint) on the way out.
+
+    ``identity`` None (a one-shot CLI command): the messaging key signs if this account may read it."""
+    from gateway.audit import AuditLog
+    from gateway.semantic.security import load_private_identity
+
+    if identity is None:
+        with contextlib.suppress(ConfigError):
+            identity = load_private_identity(cfg.messaging.identity_file)
+    audit = AuditLog(client, prefix=f"ams:{cfg.participant}", identity=identity)
+    await audit.start()
+    try:
+        yield audit
+    finally:
+        await audit.close()
+
+
+def _audit_target(args: argparse.Namespace) -> AuditTarget:
+    """The AMS's audit stream (``ams audit``), read as its viewer user."""
+    from gateway.auditcli import AuditTarget, public_key_near
+
+    cfg = load_ams_config(args.config)
+    url = _redis_url(args, cfg, user="viewer") if not getattr(args, "file", None) else None
+    return AuditTarget(f"ams:{cfg.participant}", url, public_key_near(cfg.messaging.identity_file))
 
 
 async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
@@ -174,7 +216,8 @@ async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
                     messenger = build_messenger(
                         cfg.messaging, client, prefix=f"ams:{cfg.participant}", probes=cfg.probes.enabled
                     )
-                    async with messenger:
+                    async with messenger, _audit_log(client, cfg, messenger.sealer.keystore.own) as audit:
+                        audit.config_load(args.config, who="ams run", worker=args.worker)
                         log.info("AMS %s running (worker %s)", cfg.participant, args.worker)
                         svc = AmsService(
                             cfg.service_settings(),
@@ -183,6 +226,7 @@ async def _run(args: argparse.Namespace, cfg: AmsConfig) -> int:
                             messenger=messenger,
                             worker=args.worker,
                             probes=cfg.probes.enabled,
+                            audit=audit,
                         )
                         signals.started()
                         await svc.run(signals.stop)

@@ -67,6 +67,7 @@ from ams.market import (
     clear,
     verify_delivery,
 )
+from gateway.audit import AuditKind, AuditLog, os_user
 from gateway.errors import GatewayError, StoreError
 from gateway.messaging import Messenger, Received, Unreceipted
 from gateway.semantic import (
@@ -272,6 +273,7 @@ class AmsService:
         messenger: Messenger | None = None,
         worker: str = "w1",
         probes: bool = True,
+        audit: AuditLog | None = None,
     ) -> None:
         """``messenger`` None: an offline view (CLI status, register, request) that never sends.
 
@@ -289,6 +291,7 @@ class AmsService:
         self.keys = AmsKeys(participant)
         self.worker = worker
         self.counters: Counter[str] = Counter()
+        self.audit = audit  # the AMS's audit trail (ams:<participant>:audit), None: not recorded
         self._flex_offer_script = redis.register_script(_FLEX_OFFER_LUA)
         self._undelivered_script = redis.register_script(_UNDELIVERED_LUA)
 
@@ -311,6 +314,7 @@ class AmsService:
         record.update(location=location, registered_at=record.get("registered_at") or _iso(datetime.now(UTC)))
         await self.redis.hset(self.keys.microgrids, participant, json.dumps(record))
         await self._event("registered", participant=participant, location=location)
+        self._audit(AuditKind.REGISTRATION, os_user(), microgrid=participant, location=location)
 
     async def microgrid(self, participant: str) -> dict[str, Any]:
         raw = await self.redis.hget(self.keys.microgrids, participant)
@@ -642,6 +646,8 @@ class AmsService:
         if own:
             await pipe.execute()
         self.counters["activations"] += 1
+        self._audit(AuditKind.ACTIVATION, self.participant, activation=act_id, phase="sent", microgrid=h["microgrid"],
+                    offer=offer_id, power_kw=kw, start=h["start"], stop=h["stop"], message=envelope.id)  # fmt: skip
         return act_id
 
     async def submit_dispatch(self, lines: Sequence[OfferLine], dispatch_id: str) -> str:
@@ -771,6 +777,8 @@ class AmsService:
         self.counters["settlements"] += 1
         if late:
             self.counters["late_verifications"] += 1
+        self._audit(AuditKind.SETTLEMENT, item.envelope.sender, activation=act_id, verification=ver.identifier,
+                    state=state, payment_eur=verdict.payment_eur, reason=verdict.reason)  # fmt: skip
 
     # ----------------------------------------------------------------- no receipt -> undelivered
 
@@ -838,6 +846,8 @@ class AmsService:
         self._event_in(pipe, "undelivered", activation=item.subject, microgrid=mg_name, reason=reason)
         await pipe.execute()
         self.counters["undelivered"] += 1
+        self._audit(AuditKind.SETTLEMENT, self.participant, activation=item.subject, verification="",
+                    state=ActivationState.UNDELIVERED.value, payment_eur=0.0, reason=reason)  # fmt: skip
 
     async def settlement(self, act_id: str) -> dict[str, str]:
         return dict(await self._hash(self.keys.settlement(act_id)))
@@ -847,6 +857,11 @@ class AmsService:
     async def _hash(self, key: str) -> dict[str, str]:
         """HGETALL on a ``decode_responses`` client: str keys and values."""
         return cast(dict[str, str], await self.redis.hgetall(key))
+
+    def _audit(self, kind: AuditKind, actor: str, **data: Any) -> None:
+        """Into the tamper-evident trail (gateway/audit.py), once the state change is stored."""
+        if self.audit is not None:
+            self.audit.record(kind, actor, worker=self.worker, **data)
 
     async def _event(self, event: str, **fields: Any) -> None:
         pipe = self.redis.pipeline(transaction=False)

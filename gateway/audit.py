@@ -78,6 +78,7 @@ __all__ = [
     "VerifyReport",
     "audit_key",
     "entry_digest",
+    "os_user",
     "parse_since",
     "read_export",
     "read_stream",
@@ -211,7 +212,7 @@ class _Record:
 _CHECKPOINT_MARK = _Record("", AuditKind.CHECKPOINT.value, "", {})
 
 
-def _os_user() -> str:
+def os_user() -> str:
     """The account the process runs as (who started ``mgms run``)."""
     import pwd
 
@@ -397,7 +398,7 @@ class AuditLog:
         if source:
             with contextlib.suppress(OSError):
                 digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
-        self.record(AuditKind.CONFIG_LOAD, _os_user(), program=who, file=str(source or ""), sha256=digest, **data)
+        self.record(AuditKind.CONFIG_LOAD, os_user(), program=who, file=str(source or ""), sha256=digest, **data)
 
     # -------------------------------------------------------------- life cycle
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 from ams.market import DsoRequest
 from ams.sandbox import DsoSandbox
 from ams.service import AmsService, AmsSettings, MarketSettings, NotRegistered
+from gateway.audit import AuditLog, audit_key, read_stream, render, verify
 from gateway.messaging import Received, build_messenger
 from gateway.semantic import Envelope, Flexibility, FlexibilityType, Payload, VerificationNotification
 from gateway.services import RedisServer
@@ -130,3 +132,61 @@ async def test_auto_clear_queues_reserve_and_activation_and_records_them_once(
         finally:
             await messenger.close()
             await client.aclose()
+
+
+async def test_registration_activation_and_settlement_are_in_a_verified_trail(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.client_url("ams"), decode_responses=True)
+    box = DsoSandbox(tmp_path / "dso", mgms=["mg-a"], start_broker=False)
+    with box:
+        settings = box.messaging("ams", transport="https")
+        messenger = build_messenger(settings, client, prefix="ams:ams")  # not started
+        cfg_file = tmp_path / "ams.yaml"
+        doc = {"messaging": settings.model_dump(mode="json"), "microgrids": [{"participant": "mg-a", "location": "L"}]}
+        cfg_file.write_text(json.dumps(doc))  # YAML is a superset of JSON
+        identity = messenger.sealer.keystore.own
+        audit = AuditLog(client, prefix="ams:ams", identity=identity)
+        await audit.start()
+        svc = AmsService(AmsSettings(), client, "ams", messenger=messenger, audit=audit)
+        try:
+            await svc.register("mg-a", "north")
+            await svc.handle(item(flex("f1", 10), "mg-a"))  # auto-cleared: reserved and activated
+            act_id = "act:offer:mg-a:f1"
+            ver = VerificationNotification(identifier="v1", activation_ref=act_id, start=T0,
+                                           stop=T0 + timedelta(seconds=4), time_step_s=1,
+                                           power_series_kw=(10.0, 10.2, 9.9, 10.0))  # fmt: skip
+            await svc.handle(item(ver, "mg-a"))
+            await audit.close()
+            entries = await read_stream(client, audit_key("ams:ams"))
+        finally:
+            await messenger.close()
+            await client.aclose()
+    kinds = [(e.kind, e.actor) for e in entries if e.kind != "checkpoint"]
+    assert kinds[1:] == [("activation", "ams"), ("settlement", "mg-a")]
+    assert kinds[0][0] == "registration" and entries[0].data["microgrid"] == "mg-a"
+    assert entries[1].data["activation"] == act_id and entries[1].data["phase"] == "sent"
+    assert entries[2].data["state"] == "settled"
+    assert entries[-1].kind == "checkpoint"
+    assert verify(entries, identity.public).ok
+
+    # the same through the CLI, on the live stream and on an export
+    from ams.cli import main
+
+    export = tmp_path / "ams-audit.csv"
+    export.write_text(render(entries, "csv"))
+    common = ["-c", str(cfg_file), "--redis-url", redis_server.url, "--redis-user", "viewer"]
+    common += ["--redis-secret-file", str(redis_server.secrets_dir / "redis-viewer.secret")]
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(list(argv))
+        return code, capsys.readouterr().out
+
+    # the public key: ams.pub next to the config's identity file (as `mgms keys` writes them)
+    code, text = await asyncio.to_thread(run, "audit", "verify", *common)
+    assert code == 0 and "ams:ams:audit: 4 entries (seq 0..3), 1 checkpoint(s) verified by ams" in text, text
+    lines = export.read_text().splitlines()
+    lines[2] = lines[2].replace("ams", "mallory", 1)  # the activation's actor
+    export.write_text("\n".join(lines) + "\n")
+    code, text = await asyncio.to_thread(run, "audit", "verify", str(export), *common)
+    assert code == 1 and "entry #1 (seq 1" in text and "changed" in text, text
