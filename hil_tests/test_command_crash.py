@@ -201,3 +201,38 @@ async def test_kill9_mid_activation_executes_each_step_once_and_settles(
         await stop(run)
         await ams.shutdown()
         await reader.aclose()
+
+
+async def test_redis_kill9_at_the_execute_moment_executes_once_and_logs_once(
+    tmp_path: Path, redis_server: RedisServer, sim: Iec104Outstation | None
+) -> None:
+    """The gateway's redis-server SIGKILLed the moment the intent is written, and the moment
+    the breaker received the command, for a 1.8 s outage: the command goes once, its log
+    entry comes once Redis is back."""
+    sim = need_sim(sim)
+    sim.set_breaker_travel(0.3)
+    lab_file = profile(tmp_path, sim.port, redis_server.url)
+    reader = RedisStore.from_url(load_config(lab_file), redis_server.url)
+    run = await start_run(lab_file)
+    try:
+        await up(reader, run)
+        for word, moment in (("open", "intent"), ("close", "sent")):
+            n0 = executes(sim)
+            rid = await reader.submit_command(BREAKER, word, by="bob")
+            deadline = time.monotonic() + 10
+            while not (await reader.redis.hexists(reader.keys.cmd_intents, rid) if moment == "intent"
+                       else executes(sim) > n0):  # fmt: skip
+                assert time.monotonic() < deadline, f"no {moment} within 10 s"
+                await asyncio.sleep(0.001)
+            await asyncio.to_thread(redis_server.stop, hard=True)
+            await asyncio.sleep(1.8)
+            await asyncio.to_thread(redis_server.restart)
+            rec = await reader.wait_reply(rid, 40)
+            assert rec is not None and rec.result is CommandResult.CONFIRMED, rec
+            assert executes(sim) - n0 == 1, f"{moment}: {executes(sim) - n0} operations"
+        log = [r for r in await reader.command_log(50) if r.requested_by == "bob"]
+        assert len(log) == 2, log
+        assert run.returncode is None  # the gateway rode the outages out
+    finally:
+        await stop(run)
+        await reader.aclose()
