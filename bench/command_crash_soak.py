@@ -106,13 +106,14 @@ async def until(probe: Callable[[], Awaitable[Any]], timeout_s: float, what: str
         await asyncio.sleep(poll_s)
 
 
-def write_lab(tmp: Path, port: int, redis_url: str, extra: dict[str, Any]) -> Path:
+def write_lab(tmp: Path, port: int, redis: RedisServer, extra: dict[str, Any]) -> Path:
     cfg = load_config(SIM_CONFIG).only(DEVICE)
     doc: dict[str, Any] = {
         "lab": cfg.lab.model_dump(),
         "devices": {n: d.model_dump(mode="json", exclude={"name"}) for n, d in cfg.devices.items()},
         "points": [p.model_dump(mode="json", exclude_defaults=True) for p in cfg.points],
-        "redis": {**cfg.redis.model_dump(mode="json"), "url": redis_url},
+        # the lab's own Redis, named as a lab file names it: url, the gateway's user, its secret
+        "redis": {"url": redis.url, "user": "gateway", "password_file": str(redis.secret_file("gateway"))},
     }
     doc["devices"][DEVICE] |= {"port": port, "timers": {"t1_s": 2, "t2_s": 1, "t3_s": 1}}
     doc |= extra
@@ -175,8 +176,8 @@ async def moment_reached(moment: str, reader: RedisStore, sim: Iec104Outstation,
 
 
 async def operator_drill(n: int, tmp: Path, redis: RedisServer, sim: Iec104Outstation) -> list[Round]:
-    lab = write_lab(tmp, sim.port, redis.url, {})
-    reader = RedisStore.from_url(load_config(lab), redis.url)
+    lab = write_lab(tmp, sim.port, redis, {})
+    reader = RedisStore.from_url(load_config(lab), redis.client_url("operator"))
     run = Run(lab, reader)
     rounds: list[Round] = []
     try:
@@ -201,8 +202,8 @@ async def operator_drill(n: int, tmp: Path, redis: RedisServer, sim: Iec104Outst
 
 
 async def redis_drill(n: int, outage_s: float, tmp: Path, redis: RedisServer, sim: Iec104Outstation) -> list[Round]:
-    lab = write_lab(tmp, sim.port, redis.url, {})
-    reader = RedisStore.from_url(load_config(lab), redis.url)
+    lab = write_lab(tmp, sim.port, redis, {})
+    reader = RedisStore.from_url(load_config(lab), redis.client_url("operator"))
     run = Run(lab, reader)
     rounds: list[Round] = []
     try:
@@ -230,7 +231,7 @@ async def redis_drill(n: int, outage_s: float, tmp: Path, redis: RedisServer, si
 
 @contextlib.asynccontextmanager
 async def ams_running(box: DsoSandbox, redis: RedisServer) -> AsyncIterator[AmsService]:
-    client = aioredis.Redis.from_url(redis.url, decode_responses=True)
+    client = redis.client("ams")
     messenger: Messenger = build_messenger(box.messaging("ams", transport="mqtt"), client, prefix="ams:ams")  # type: ignore[arg-type]
     await messenger.start()
     service = AmsService(
@@ -256,11 +257,11 @@ async def activation_drill(
     rounds: list[Round] = []
     with DsoSandbox(tmp / f"dso-{drill}", mgms=[MGMS]) as box, RedisServer(data_dir=tmp / f"ams-{drill}") as ams_redis:
         flex = feeder_flexibility(window_s=12, step_s=6).model_copy(update={"period_s": 3600.0})
-        lab = write_lab(tmp, sim.port, redis.url, {
+        lab = write_lab(tmp, sim.port, redis, {
             "messaging": json.loads(box.messaging(MGMS, transport="mqtt").model_dump_json()),
             "flexibility": json.loads(flex.model_dump_json()),
         })  # fmt: skip
-        reader = RedisStore.from_url(load_config(lab), redis.url)
+        reader = RedisStore.from_url(load_config(lab), redis.client_url("operator"))
         act_prefix = f"{reader.keys.prefix}:flex:act:"
         run = Run(lab, reader)
         try:

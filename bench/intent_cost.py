@@ -34,7 +34,7 @@ def q(xs: list[float], p: float) -> float:
 
 async def main(n: int) -> None:
     with tempfile.TemporaryDirectory() as d, RedisServer(data_dir=Path(d)) as redis:
-        store = RedisStore.from_url(load_config(SIM_CONFIG), redis.url)
+        store = RedisStore.from_url(load_config(SIM_CONFIG), redis.client_url())
         hset: list[float] = []
         multi_old: list[float] = []
         multi_new: list[float] = []

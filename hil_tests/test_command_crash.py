@@ -211,8 +211,8 @@ async def test_redis_kill9_at_the_execute_moment_executes_once_and_logs_once(
     entry comes once Redis is back."""
     sim = need_sim(sim)
     sim.set_breaker_travel(0.3)
-    lab_file = profile(tmp_path, sim.port, redis_server.url)
-    reader = RedisStore.from_url(load_config(lab_file), redis_server.url)
+    lab_file = profile(tmp_path, sim.port, redis_server)
+    reader = RedisStore.from_url(load_config(lab_file), redis_server.client_url("operator"))
     run = await start_run(lab_file)
     try:
         await up(reader, run)
