@@ -46,10 +46,15 @@ def test_c104_engine_meets_the_rogue_in_a_child_process(tmp_path: Path) -> None:
     runs = bench(tmp_path, *args, timeout_s=110)
     assert [r["scenario"] for r in runs] == scenarios
     for r in runs:
-        # c104 is recorded, not required to follow the standard, except where it always did:
-        # a receive sequence gap closes its link and an unknown type leaves it (50 of 50 runs each)
-        if r["linked"] and not r["crashed"] and r["scenario"] in ("ns_gap", "unknown_type"):
-            assert r["as_standard"], r
+        # c104 is recorded, not held to the standard (docs/protocol-notes.md has its figures),
+        # except where it never failed in the bench: once linked, a receive sequence gap closes
+        # its link and an unknown type id leaves it up, taking the next value
+        if not r["linked"] or r["crashed"]:  # c104 sometimes never reports the link up; a crash is recorded
+            continue
+        if r["scenario"] == "ns_gap":
+            assert r["closed"], r
+        if r["scenario"] == "unknown_type":
+            assert r["value_used"] and not r["closed"], r
 
 
 @pytest.mark.slow
