@@ -128,7 +128,8 @@ class Run:
     stats: dict[str, int] = field(default_factory=dict)
     last_down: str = ""
     stderr_tail: str = ""
-    started_at: float = 0.0  # wall-clock time the scenario began (0: it never did)
+    started_at: float = 0.0  # wall-clock time the (last) scenario began (0: it never did)
+    rounds_done: int = 0  # scenarios sent to this child and watched to the end (--rounds)
     states: list[str] = field(default_factory=list)  # the child's link states, with seconds since the scenario
 
 
@@ -288,6 +289,26 @@ async def _drive(run: Run, child: Child, rogue: RogueOutstation, closes: bool, a
     if died("connect") or up is None or gi is None:
         return
     run.linked = True
+    for n in range(args.rounds):
+        if n:  # the next round on the next (or the same) connection, in the same child
+            last = next((ev for ev in reversed(child.events) if ev.get("ev") == "state"), None)
+            if (last is None or last["state"] != "up") and await child.wait_for(
+                _is_state("up"), 10, since=len(child.events) - 1
+            ) is None:
+                break
+        await _round(run, child, rogue, closes, args)
+        if died("scenario"):
+            return
+        run.rounds_done = n + 1
+
+
+async def _round(run: Run, child: Child, rogue: RogueOutstation, closes: bool, args: argparse.Namespace) -> None:
+    def died(phase: str) -> bool:
+        if child.task.done() or child.proc.returncode is not None:
+            run.crashed, run.crash_phase = True, run.crash_phase or phase
+            return True
+        return False
+
     await asyncio.sleep(args.delay_s)  # garbage some time after STARTDT, as in the drill that found the crashes
     mark = len(child.events)
     started = run.started_at = time.time()
@@ -407,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-s", type=float, default=6.0)
     parser.add_argument("--flood-n", type=int, default=30_000)
     parser.add_argument("--delay-s", type=float, default=1.0, help="link up -> scenario")
+    parser.add_argument("--rounds", type=int, default=1, help="scenarios per child (one connection each)")
     parser.add_argument("--close-window-s", type=float, default=12.0, help="how long to wait for a late close")
     parser.add_argument("--inject-crash", action="store_true", help="(self-test) the child SIGSEGVs itself")
     parser.add_argument("--json", type=Path, help="write every run here")
