@@ -23,6 +23,10 @@ A server never outlives the process that started it, whichever way that process 
 
 :func:`embedded_redis` adds a per-data-dir lock (:class:`DataDirLock`): a second service on
 the same data dir is refused before it touches the first one's AOF or url file.
+
+The embedded Redis takes no client without a user and its secret (:class:`RedisServer`,
+:func:`lab_redis_users`, docs/security.md): a local process that reaches its port must not be
+able to open a breaker with one XADD (issue 14).
 """
 
 from __future__ import annotations
