@@ -607,9 +607,9 @@ class AmsService:
         start = datetime.fromisoformat(h["start"])
         now = datetime.now(UTC)
         deadline = max(start, now + timedelta(seconds=self.settings.market.activation_receipt_grace_s))
-        # the envelope expires a second after the deadline: an activation written off as
-        # undelivered is refused by the microgrid if the broker hands it over later
-        ttl_s = min(self.messenger.ttl_s, (deadline - now).total_seconds() + 1.0)
+        # the envelope expires at the deadline: an activation written off as undelivered is
+        # refused by the microgrid if a broker hands it over later
+        ttl_s = min(self.messenger.ttl_s, max(1.0, (deadline - now).total_seconds()))
         envelope = await self.messenger.send(
             ActivationNotification(
                 identifier=act_id,

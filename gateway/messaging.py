@@ -527,8 +527,11 @@ class Messenger:
         transport = self.transport_for(recipient)
         key = self.keys.outbox(transport)
         queued_ms = int(envelope.created.timestamp() * 1000)
-        # resends stop a little before the envelope expires (one arriving later is refused)
+        # resends stop a little before the envelope expires (one arriving later is refused);
+        # a message with a deadline is given up at the deadline, however long its envelope lives
         give_up_ms = queued_ms + int(min(self.max_age_s, max(0.5 * ttl, ttl - 1.0)) * 1000)
+        if deadline is not None:
+            give_up_ms = min(queued_ms + int(self.max_age_s * 1000), int(deadline.timestamp() * 1000))
         args: list[str | bytes | int] = [
             self.outbox_max,
             "id",
