@@ -70,6 +70,7 @@ from gateway.protocols.iec104.common import (
     Iec104AdapterBase,
     backoff_delay,
     command_value,
+    monitor_asdu_refusal,
     parse_command_reply,
     parse_confirmation,
 )
@@ -344,6 +345,11 @@ class Iec104Adapter(Iec104AdapterBase):
             point: c104.Point, previous_info: c104.Information, message: c104.IncomingMessage
         ) -> c104.ResponseState:
             rcv = now()
+            c = message.cot
+            refusal = monitor_asdu_refusal(int(c.value), message.is_negative, message.is_test)
+            if refusal is not None:
+                self._refuse_asdu(refusal, message.type.value, int(c.value), message.is_negative, message.is_test)
+                return none
             raw = point.value
             value: float | int | bool
             if kind == "measured":
@@ -360,7 +366,6 @@ class Iec104Adapter(Iec104AdapterBase):
                 cached = qualities.get(bits)  # (not `or`: GOOD is 0, falsy)
                 quality = cached if cached is not None else qualities.setdefault(bits, Quality(bits))
             rec = point.recorded_at
-            c = message.cot
             cause = causes.get(c)
             if cause is None:
                 cause = causes[c] = _cause_of(c.name)
@@ -373,6 +378,16 @@ class Iec104Adapter(Iec104AdapterBase):
             return none
 
         return on_value
+
+    def _refuse_asdu(self, counter: str, type_id: int, cot: int, negative: bool, test: bool) -> None:
+        """A value whose ASDU no monitor value may have (T=1, P/N=1, a non-monitor cause):
+        counted and logged (the first few), never stored (c104's thread)."""
+        self._counters[counter] += 1
+        if self._counters[counter] <= _WARN_FIRST:
+            log.warning(
+                "%s: ASDU type %d with cot %d%s%s refused", self.device.name, type_id, cot,
+                " P/N=1" if negative else "", " T=1" if test else "",
+            )  # fmt: skip
 
     def _make_state_callback(self) -> Callable[..., None]:
         def on_state(connection: c104.Connection, state: c104.ConnectionState) -> None:
@@ -422,6 +437,13 @@ class Iec104Adapter(Iec104AdapterBase):
         except ValueError:
             return  # c104 judges the frame itself; nothing here to add to that
         if m.common_address != self.device.common_address:
+            return
+        refusal = monitor_asdu_refusal(m.cot, m.negative, m.test)
+        if refusal is not None:
+            # c104's point callback refuses (and counts) values of the configured type; the
+            # ones c104 drops as another type are counted here
+            if any((info := self._raw_monitor.get(ioa)) is not None and info[2] != type_id for ioa, *_ in m.objects):
+                self._refuse_asdu(refusal, type_id, m.cot, m.negative, m.test)
             return
         sent_kind = KIND_OF_TYPE[type_id]
         monitor = self._raw_monitor

@@ -95,6 +95,7 @@ from gateway.protocols.iec104.common import (
     backoff_delay,
     command_reply,
     command_value,
+    monitor_asdu_refusal,
 )
 from gateway.protocols.iec104.kinds import KIND_OF_TYPE, ValueKind, kind_of
 from gateway.protocols.iec104.tls import TLS_CLOSED_AT_ONCE as _TLS_CLOSED_AT_ONCE
@@ -582,6 +583,13 @@ class AsyncIec104Adapter(Iec104AdapterBase):
                 m = decode_monitor(raw)
             except ValueError as exc:  # AsduError, or a CP56Time2a year the codec refuses
                 self._anomaly("garbled_asdus", "garbled ASDU %s: %s", raw[:24].hex(" "), exc)
+                continue
+            refusal = monitor_asdu_refusal(m.cot, m.negative, m.test)
+            if refusal is not None:
+                self._anomaly(
+                    refusal, "ASDU type %d with cot %d%s%s refused: %s", m.type_id, m.cot,
+                    " P/N=1" if m.negative else "", " T=1" if m.test else "", raw[:24].hex(" "),
+                )  # fmt: skip
                 continue
             cause = causes[m.cot]
             ca = m.common_address

@@ -34,6 +34,7 @@ __all__ = [
     "COT_ACTCON",
     "COT_ACTTERM",
     "COT_UNKNOWN",
+    "MONITOR_COTS",
     "CommandKind",
     "Confirmation",
     "Event",
@@ -42,6 +43,7 @@ __all__ = [
     "backoff_delay",
     "command_reply",
     "command_value",
+    "monitor_asdu_refusal",
     "parse_command_reply",
     "parse_confirmation",
 ]
@@ -71,6 +73,27 @@ def _cause_table() -> tuple[UpdateCause, ...]:
 
 #: the update cause of each 6-bit cause of transmission, for values decoded from raw ASDUs
 CAUSE_OF_COT = _cause_table()
+
+#: causes of transmission a monitor-direction value may carry (IEC 60870-5-101 7.2.3 and the
+#: type/cause table): periodic, background, spontaneous, requested, return information
+#: (remote/local command), interrogated (general, groups 1-16) and counter interrogated.
+#: 0 is "not used", 4 (initialised) only for M_EI_NA_1, 6-10 and 44-47 are command causes.
+MONITOR_COTS: frozenset[int] = frozenset({1, 2, 3, 5, 11, 12, *range(20, 42)})
+
+
+def monitor_asdu_refusal(cot: int, negative: bool, test: bool) -> str | None:
+    """The counter under which a monitor ASDU is refused, or None when its values may be used.
+
+    A test transmission (T = 1) is the device checking the link, not a measurement, so it
+    never becomes live state (``test_values``). The P/N bit is for confirmations; on a value
+    it, and a cause no monitor value can have (0, 63, the command causes), make the ASDU
+    meaningless (``bad_cot``): refused and counted rather than stored as good.
+    """
+    if test:
+        return "test_values"
+    if negative or cot not in MONITOR_COTS:
+        return "bad_cot"
+    return None
 
 # Command type ids -> length of the value in front of the qualifier octet (S/E bit there).
 COMMAND_VALUE_LEN = {45: 0, 46: 0, 58: 0, 59: 0, 48: 2, 49: 2, 50: 4, 61: 2, 62: 2, 63: 4}
