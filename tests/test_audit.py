@@ -285,3 +285,20 @@ async def test_mgms_audit_export_and_verify(
     assert code == 1
     assert "entry #4 (seq 5, id " in text and "deleted: seq 4 missing before it" in text, text
     assert await asyncio.to_thread(run, "audit", "verify", str(cut)) == (2, "")
+
+
+@pytest.mark.timeout(60)
+def test_the_audit_microbench_runs_short(tmp_path: Path) -> None:
+    """bench/audit_record.py (docs/security.md's figures), a few hundred calls: it runs and its chain verifies."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "audit.json"
+    r = subprocess.run(
+        [sys.executable, "bench/audit_record.py", "--n", "500", "--commands", "50", "--json", str(out)],
+        capture_output=True, text=True, timeout=50, cwd=SIM_CONFIG.parents[1],
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["chain_verified"] == 1.0 and res["entries"] > 500 + 5 * 50
+    assert res["record_us_median"] < 100  # a bound no machine misses: the figures are in docs/security.md
