@@ -1155,6 +1155,12 @@ def _compose(text: str, file: str) -> tuple[Any, dict[Path_, _Origin]]:
             too_big.append(ConfigIssue(file, _key_text(path, None), reason, n.start_mark.line + 1))
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
+                if not isinstance(k, yaml.ScalarNode):  # `? [a, b]: x` or `{[1]: 2}`: unhashable
+                    kind = "list" if isinstance(k, yaml.SequenceNode) else "mapping"
+                    raise ConfigError(
+                        [ConfigIssue(file, _key_text(path, None), f"a key must be text, not a {kind}",
+                                     k.start_mark.line + 1)]
+                    )
                 key = k.value
                 origins[(*path, key)] = _Origin(file, k.start_mark.line + 1)
                 walk(v, (*path, key), depth + 1)

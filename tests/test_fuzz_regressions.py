@@ -308,3 +308,23 @@ def test_oversized_lab_file_is_refused_before_parsing(tmp_path: Path) -> None:
 def test_scl_file_that_never_ends_is_an_scl_error() -> None:
     with pytest.raises(SclError, match="not a regular file"):
         load_scl("/dev/zero")
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "line"),
+    [
+        pytest.param("lab: {name: x}\ndevices: {[1, 2]: {protocol: iec104}}\n", "list", 2, id="flow-list-key"),
+        pytest.param("lab:\n  ? {a: 1}\n  : x\n", "mapping", 2, id="complex-mapping-key"),
+    ],
+)
+def test_lab_file_with_a_collection_as_key_is_a_config_error(tmp_path: Path, text: str, kind: str, line: int) -> None:
+    """The composer's walk used the key node's value as a dict key: a list there was a
+    TypeError (unhashable). Found by the config target's 10-minute run."""
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"a key must be text, not a {kind}") as err:
+        load_config(lab)
+    assert err.value.issues[0].line == line
