@@ -142,9 +142,11 @@ def test_register_request_and_status_against_redis(lab_dir: Path, redis_server: 
     data = json.loads(r.stdout)
     assert data["microgrids"]["mgms-other"]["location"] == "FI-Oulu/feeder-1"
     assert data["microgrids"]["mgms-other"]["reliability"] == 1.0 and data["activations"] == []
+    assert data["messaging"]["unsent"] == 0 and data["messaging"]["awaiting_receipt"] == 0  # the outbox, visible
     r = ams("status", *cfg, env=env)
     assert "mgms-other" in r.stdout and "open offers (merit order): 0" in r.stdout
     assert "activations (newest 0):" in r.stdout
+    assert "outbox: 0 unsent (oldest 0.0 s), 0 awaiting a receipt" in r.stdout
 
 
 def test_check_config_takes_the_file_as_every_other_command_does(lab_dir: Path) -> None:
