@@ -85,3 +85,30 @@ async def test_test_bit_p_n_bit_and_non_monitor_causes_are_refused_and_counted(
         stats = w.adapter.stats()
         assert {k: stats.get(k, 0) for k in expected} == expected, stats
         assert not w.downs()  # the application's business: the link stays
+
+
+async def test_an_unsolicited_startdt_con_does_not_undo_our_stopdt(base: LabConfig, running: Starter) -> None:
+    # Found by the rogue outstation: a STARTDT con nobody asked for turned data transfer back
+    # on after stop_data(), so a standby would deliver values again. Now it is counted as an
+    # unexpected U-frame and data transfer stays off until start_data().
+    from gateway.errors import LinkError
+    from gateway.points import CommandRequest
+    from gateway.protocols.iec104.aio import AsyncIec104Adapter
+    from gateway.protocols.iec104.codec import UFrame, UFunction, encode_frame
+
+    ca = base.devices[DEVICE].common_address
+    async with RogueOutstation(monitor_points(base.points_of(DEVICE)), common_address=ca, seed=3) as rogue:
+        cfg = base.with_device(DEVICE, port=rogue.port, timers=FAST, gi_period_s=0, iec104_engine="asyncio")
+        w: Watched = await running(create_adapter(cfg.devices[DEVICE], cfg.points_of(DEVICE)))
+        adapter = w.adapter
+        assert isinstance(adapter, AsyncIec104Adapter)
+        await adapter.wait_connected(5)
+        session = await rogue.session()
+        await adapter.stop_data()
+        before = adapter.stats().get("unexpected_u_frames", 0)
+        session.write(encode_frame(UFrame(UFunction.STARTDT_CON)))
+        await until(lambda: adapter.stats().get("unexpected_u_frames", 0) > before, 3, "the con counted")
+        with pytest.raises(LinkError, match="data transfer stopped"):
+            await adapter.command(CommandRequest("feeder.autoreclose.command", True))
+        await adapter.start_data()  # ours: confirmed, and on again
+        await adapter.command(CommandRequest("feeder.autoreclose.command", True))

@@ -297,7 +297,10 @@ class _Link(asyncio.Protocol):
 
     def _on_u(self, fn: UFunction) -> None:
         self._counters["u_frames_in"] += 1
-        if fn is UFunction.STARTDT_CON or (fn is UFunction.STOPDT_CON and fn in self._u_waiters):
+        # a con counts only when we asked for it: an unsolicited STARTDT con must not turn data
+        # transfer back on after our STOPDT (the device would then deliver as a standby)
+        awaited = fn in self._u_waiters or (fn is UFunction.STARTDT_CON and not self.started.done())
+        if fn in (UFunction.STARTDT_CON, UFunction.STOPDT_CON) and awaited:
             self.data_on = fn is UFunction.STARTDT_CON
             if not self.started.done():
                 self.started.set_result(None)
