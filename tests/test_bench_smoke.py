@@ -50,7 +50,13 @@ def test_bench_smoke_every_phase_writes_every_output(tmp_path: Path) -> None:
               "floor_raw104_value", "ref_iec61850_report_library_thread", "floor_mqtt_durable",
               "floor_https_durable"}  # fmt: skip
     assert set(data["floors"]) == floors
-    assert all(f["n"] == 5 and f["median_ms"] > 0 for f in data["floors"].values()), data["floors"]
+    # A floor is a bare library (c104, paho, libiec61850 ...) and may lose a sample on a loaded
+    # machine (bare c104 loses a command's wake-up now and then: docs/latency.md); a lost sample
+    # is counted by its absence and named in the progress line ("k/5 done"). Our routes lose none.
+    short = {k: f["n"] for k, f in data["floors"].items() if f["n"] != 5}
+    assert all(f["n"] >= 1 and f["median_ms"] > 0 for f in data["floors"].values()), data["floors"]
+    assert sum(5 - n for n in short.values()) <= 2, short
+    assert all(f"{n}/5 done" in r.stderr for n in short.values()), (short, r.stderr[-2000:])
     assert routes["iec104_voltage_aio"]["floor"] == "floor_raw104_value"  # the asyncio engine's own floor
     for key in ("flex_https_signed", "flex_mqtt_encrypted", "activation_mqtt_signed"):
         assert routes[key]["durable_floor"] == f"floor_{routes[key]['protocol'].lower()}_durable", key
