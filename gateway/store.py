@@ -48,10 +48,10 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar, cast
+from typing import Any, Protocol, Self, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -84,7 +84,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 _INVALID = int(Quality.INVALID)
 
 #: Consumer group that reads ``P:cmd:requests``.
@@ -1683,31 +1682,24 @@ class RedisStore:
         Transient outages are retried for ``timeout_s`` (HSET of the same record is
         idempotent); then StoreError, and the caller must not send.
         """
-        doc = intent.to_json()
-
-        async def write() -> None:
-            await self.redis.hset(self.keys.cmd_intents, intent.request_id, doc)
-
-        await self._retrying(f"write the intent of {intent.request_id}", timeout_s, write)
-
-    async def _retrying(self, what: str, timeout_s: float, op: Callable[[], Awaitable[_T]]) -> _T:
-        """``op()`` until it succeeds, transient Redis outages ridden out with backoff for up
-        to ``timeout_s``; then StoreError "cannot <what>". ``op`` must be safe to repeat (a
-        lost reply may mean it was done)."""
         deadline = time.monotonic() + timeout_s
         attempt = 0
+        doc = intent.to_json()
         while True:
             reraise_lost_cancel()
             try:
-                return await op()
+                await self.redis.hset(self.keys.cmd_intents, intent.request_id, doc)
+                return
             except _TRANSIENT as exc:
                 attempt += 1
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise StoreError(f"cannot {what}: Redis unavailable ({exc})") from exc
+                    raise StoreError(
+                        f"cannot write the intent of {intent.request_id}: Redis unavailable ({exc})"
+                    ) from exc
                 await asyncio.sleep(min(_backoff(attempt), left))
             except RedisError as exc:
-                raise StoreError(f"cannot {what}: {exc}") from exc
+                raise StoreError(f"cannot write the intent of {intent.request_id}: {exc}") from exc
 
     async def pending_intents(self) -> list[CommandIntent]:
         """Intents without an outcome: commands a crashed run had on their way to the field.
@@ -1756,20 +1748,32 @@ class RedisStore:
         stream_id = request.stream_id if isinstance(request, CommandRequestEntry) else request
         keys = self.keys
         reply_key = keys.cmd_reply(record.request_id)
-        doc = record.to_json()
-
-        async def write() -> list[Any]:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.xadd(keys.cmd_log, _fields(record.to_fields()))
-            pipe.rpush(reply_key, doc)
-            pipe.expire(reply_key, REPLY_TTL_S)
-            pipe.set(keys.cmd_done(record.request_id), doc, ex=DONE_TTL_S)
-            pipe.hdel(keys.cmd_intents, record.request_id)
-            if stream_id:
-                pipe.xack(keys.cmd_requests, COMMAND_GROUP, stream_id)
-            return list(await pipe.execute())
-
-        results = await self._retrying(f"log command {record.request_id}", timeout_s, write)
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            reraise_lost_cancel()
+            try:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.xadd(keys.cmd_log, _fields(record.to_fields()))
+                doc = record.to_json()
+                pipe.rpush(reply_key, doc)
+                pipe.expire(reply_key, REPLY_TTL_S)
+                pipe.set(keys.cmd_done(record.request_id), doc, ex=DONE_TTL_S)
+                pipe.hdel(keys.cmd_intents, record.request_id)
+                if stream_id:
+                    pipe.xack(keys.cmd_requests, COMMAND_GROUP, stream_id)
+                results = await pipe.execute()
+                break
+            except _TRANSIENT as exc:
+                attempt += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreError(
+                        f"cannot log command {record.request_id}: Redis unavailable ({exc})"
+                    ) from exc
+                await asyncio.sleep(min(_backoff(attempt), left))
+            except RedisError as exc:
+                raise StoreError(f"cannot log command {record.request_id}: {exc}") from exc
         if stream_id:
             self._cmd_inflight.discard(stream_id)
         return _s(results[0])
